@@ -1,0 +1,1565 @@
+"""A miniature PyTorch: automatic differentiation (autograd) in numpy.
+
+Chapters 03 and 05 each needed a backward pass derived and written by hand, a page of
+calculus per network. This chapter writes, once, the machine that derives them: a
+`Tensor` that remembers every operation it takes part in (the computational graph)
+and a `.backward()` that walks that graph in reverse, applying the chain rule, so
+that every weight ends up holding its gradient. It is the idea at the heart of
+PyTorch, JAX and TensorFlow, in a few hundred lines you can read.
+
+What you build:
+
+* `Tensor(data, requires_grad=False)` with `.data`, `.grad`, `.backward()` and
+  `.zero_grad()`; the operators `+ - * / ** @` and unary minus, with numpy
+  broadcasting whose gradients are summed back to each input's shape; `sum`, `mean`,
+  `max`, `reshape`, `transpose` / `.T`, indexing and slicing, `relu`, `tanh`,
+  `sigmoid`, `exp`, `log`, `softmax`, `log_softmax`, and `cross_entropy`;
+* a backward pass that orders the graph without recursion, so a graph of 100,000
+  nodes (a recurrent network unrolled over 17,000 days) works;
+* `show_graph`, a text view of a graph: its nodes, shapes and gradients;
+* the optimisers SGD (with momentum) and Adam;
+* chapter 03's dense network and chapter 05's recurrent network rebuilt on the
+  engine: the same weights give the same gradients as the hand-written backward
+  passes, and training reaches the same figures.
+
+New since chapter 05: no backward pass is written by hand any more. The hand-written
+networks of chapters 03 and 05 are carried unchanged, as the reference the engine
+must match. Chapter 07 swaps this engine for PyTorch's, which works the same way.
+
+Run it with `python 06_autograd.py` (about a minute on a 2-core CPU) or
+`python 06_autograd.py --quick` (a few seconds). `python 06_autograd.py --bench`
+times a training step with the engine, by hand and with PyTorch (a few seconds; set
+`OMP_NUM_THREADS=1` for steadier timings). `--data PATH` reads a local copy of the
+weather table; `--help` lists every flag.
+"""
+
+# %%
+import argparse
+import csv
+import hashlib
+import json
+import os
+import sys
+import time
+import urllib.request
+
+import numpy as np
+
+CHAPTER = "06_autograd"
+
+
+# %% [markdown]
+# ## The weather table
+#
+# Every weather chapter (01-08) reads the same table: one row a day, from
+# 1970-01-01 to 2022-11-26, with the day's highest temperature (`tmax`, °F), lowest
+# temperature (`tmin`, °F), rainfall (`rain`, inches) and the next day's highest
+# temperature (`tmax_tomorrow`), the number we learn to predict.
+#
+# The loader below is carried unchanged from chapter to chapter. It downloads the
+# table once into `data/`, checks it against a recorded SHA-256 digest (so a
+# truncated or tampered download is never used), and writes it to a temporary file
+# that is renamed into place only when complete, so an interrupted download never
+# leaves half a file behind. Without a network it generates a stand-in table of the
+# same shape, so the chapter still runs; it says so in one line.
+
+# %%
+WEATHER_URL = ("https://raw.githubusercontent.com/VikParuchuri/zero_to_gpt/"
+               "master/data/clean_weather.csv")
+WEATHER_SHA256 = "70d75ac02ccf0c0f45aed0077919fee302c6428b9f3c3401aadf090b0f6dfc8c"
+WEATHER_COLUMNS = ["tmax", "tmin", "rain", "tmax_tomorrow"]
+FEATURES = ["tmax", "tmin", "rain"]     # what the models see
+TARGET = "tmax_tomorrow"                # what they predict
+
+
+class DataError(Exception):
+    """A problem with the learner's input (a file, a flag). `main` reports it in one
+    sentence and exits with code 2 instead of showing a traceback."""
+
+
+def sha256_of(path):
+    """The SHA-256 digest of a file, read in 1 MiB pieces so big files fit in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for piece in iter(lambda: file.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def download(url, path, sha256, timeout=20):
+    """Fetch `url` into `path` unless a verified copy is already there.
+
+    The bytes go to `path + ".part"` first and are renamed into place only after the
+    digest matches, so `path` is either absent or complete and correct. Returns True
+    when `path` holds the verified file, False when the download failed (no network,
+    a wrong digest); the caller then falls back to generated data."""
+    if os.path.exists(path) and sha256_of(path) == sha256:
+        return True
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    partial = path + ".part"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as file:
+            total = int(response.headers.get("Content-Length") or 0)
+            done = 0
+            while piece := response.read(1 << 16):
+                file.write(piece)
+                done += len(piece)
+                if total:
+                    print(f"\rdownloading {os.path.basename(path)}: {100 * done // total}%",
+                          end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+        if sha256_of(partial) != sha256:
+            os.remove(partial)
+            print(f"download of {url} did not match its recorded SHA-256; not using it",
+                  file=sys.stderr)
+            return False
+        os.replace(partial, path)
+        return True
+    except (OSError, ValueError):  # no network, refused, timed out, disk full
+        if os.path.exists(partial):
+            os.remove(partial)
+        return False
+
+
+def read_weather_csv(path):
+    """Read the weather CSV at `path` into a float array of shape (days, 4) whose
+    columns are WEATHER_COLUMNS, and the list of dates from its first column.
+
+    A missing cell means the station recorded nothing that day; we fill it with the
+    previous day's value ("forward fill"), the usual choice for slowly changing
+    measurements. Any other problem is the learner's to fix, so it raises DataError
+    with a sentence that names the file, the line and what to do."""
+    if not os.path.isfile(path):
+        raise DataError(f"weather file {path} does not exist; pass --data with the path "
+                        f"of a CSV with columns {', '.join(WEATHER_COLUMNS)}")
+    try:
+        with open(path, newline="", encoding="utf-8") as file:
+            rows = list(csv.reader(file))
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"weather file {path} is not a readable CSV text file ({error})")
+    if not rows or not any(cell.strip() for cell in rows[0]):
+        raise DataError(f"weather file {path} is empty; it needs a header line and one "
+                        f"row per day")
+    header = [cell.strip() for cell in rows[0]]
+    missing = [name for name in WEATHER_COLUMNS if name not in header]
+    if missing:
+        raise DataError(f"weather file {path} has no column {', '.join(missing)}; the header "
+                        f"must name {', '.join(WEATHER_COLUMNS)} (it has {', '.join(header)})")
+    where = [header.index(name) for name in WEATHER_COLUMNS]
+    dates, table = [], []
+    for line_number, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue  # a blank line, e.g. at the end of the file
+        values = []
+        for column, name in zip(where, WEATHER_COLUMNS):
+            cell = row[column].strip() if column < len(row) else ""
+            try:
+                values.append(float(cell) if cell else np.nan)
+            except ValueError:
+                raise DataError(f"weather file {path}, line {line_number}: {name} is "
+                                f"{cell!r}, not a number")
+        dates.append(row[0].strip())
+        table.append(values)
+    if not table:
+        raise DataError(f"weather file {path} has a header but no rows of data")
+    table = np.array(table)
+    for column in range(table.shape[1]):  # forward fill, then back fill a leading gap
+        values = table[:, column]
+        known = np.where(~np.isnan(values), np.arange(len(values)), 0)
+        np.maximum.accumulate(known, out=known)
+        values[:] = values[known]
+        if np.isnan(values).all():
+            raise DataError(f"weather file {path}: column {WEATHER_COLUMNS[column]} has no values")
+        values[np.isnan(values)] = values[~np.isnan(values)][0]
+    return dates, table
+
+
+def generate_weather(seed=0, days=13509):
+    """A stand-in for the real table, used when it cannot be downloaded.
+
+    It has the real table's columns and its main features, so every model in the
+    course has something genuine to learn: a yearly seasonal cycle (about 66 °F on
+    average, ±7 °F over the year), day-to-day persistence (today's weather is
+    yesterday's plus a random step, pulled back towards the season), tmin about 16 °F
+    below tmax, and rain on about 17% of days, which cools the day a little.
+    Deterministic from `seed`."""
+    rng = np.random.default_rng(seed)
+    day_of_year = np.arange(days) % 365.25
+    season = 66 + 7 * np.sin(2 * np.pi * (day_of_year - 110) / 365.25)
+    anomaly = np.zeros(days)  # how far each day is from its season: an AR(1) process
+    steps = rng.normal(0, 4.0, days)
+    for day in range(1, days):
+        anomaly[day] = 0.7 * anomaly[day - 1] + steps[day]
+    rainy = rng.random(days) < 0.17
+    rain = np.where(rainy, np.round(rng.exponential(0.27, days), 2), 0.0)
+    tmax = np.round(season + anomaly - 4 * rainy)
+    tmin = np.round(tmax - 16 + 4 * np.sin(2 * np.pi * day_of_year / 365.25)
+                    + rng.normal(0, 3.5, days))
+    tmax_tomorrow = np.append(tmax[1:], tmax[-1])
+    start = np.datetime64("1970-01-01")
+    dates = [str(start + day) for day in range(days)]
+    return dates, np.stack([tmax, tmin, rain, tmax_tomorrow], axis=1)
+
+
+def load_weather(path=None, seed=0):
+    """The weather table as (dates, table, source). `path` (from --data) wins; then the
+    downloaded copy in data/; then generated data, announced in one line."""
+    if path:
+        return (*read_weather_csv(path), path)
+    cached = os.path.join("data", "clean_weather.csv")
+    if download(WEATHER_URL, cached, WEATHER_SHA256):
+        return (*read_weather_csv(cached), cached)
+    print("note: could not download the weather table (offline?); using generated "
+          "weather of the same shape instead", file=sys.stderr)
+    return (*generate_weather(seed), "generated")
+
+
+def split_data(inputs, targets, train_fraction=0.7, valid_fraction=0.15):
+    """Split rows in time order into train, validation and test sets.
+
+    Weather is a time series: shuffling before splitting would let the model peek at
+    tomorrow while training on today, and its test score would flatter it. So the
+    first 70% of days train, the next 15% tune choices, the last 15% are the test."""
+    rows = len(inputs)
+    train_end = int(rows * train_fraction)
+    valid_end = int(rows * (train_fraction + valid_fraction))
+    return ((inputs[:train_end], targets[:train_end]),
+            (inputs[train_end:valid_end], targets[train_end:valid_end]),
+            (inputs[valid_end:], targets[valid_end:]))
+
+
+# %% [markdown]
+# ## Carried from chapter 03: the dense network, by hand
+#
+# The losses, the scaling of inputs and the dense network of chapter 03, unchanged:
+# `mse` and `mae` measure errors, `mse_grad` is the MSE's gradient
+# `2 (p - t) / n`, `standardise` scales features with the training set's mean and
+# spread, `init_dense` draws He-initialised weights, `fresh_model` builds a network
+# that starts from the mean target, and `dense_forward` / `dense_backward` are the
+# forward pass and the backward pass derived by hand. They are the reference the
+# engine must match.
+
+# %%
+def mse(predictions, targets):
+    """Mean squared error: the average of (prediction - target)^2."""
+    return float(np.mean((predictions - targets) ** 2))
+
+
+def mae(predictions, targets):
+    """Mean absolute error: the average distance between prediction and target."""
+    return float(np.mean(np.abs(predictions - targets)))
+
+
+def mse_grad(predictions, targets):
+    """The gradient of `mse` with respect to each prediction: 2 (p - t) / n."""
+    return 2 * (predictions - targets) / predictions.size
+
+
+def standardise(train, *others):
+    """Scale every column of `train` to mean 0 and standard deviation 1, and apply the
+    same shift and scale (measured on `train` only) to each array in `others`.
+    Returns the scaled arrays in the order given. A constant column (spread 0) is only
+    shifted, never divided by zero."""
+    mean = train.mean(axis=0)
+    spread = train.std(axis=0)
+    spread = np.where(spread > 0, spread, 1.0)
+    return tuple((array - mean) / spread for array in (train, *others))
+
+
+def relu(x):
+    """The rectified linear unit: x where x > 0, else 0, elementwise."""
+    return np.maximum(x, 0)
+
+
+def init_dense(layer_sizes, rng):
+    """A dense network with the given layer sizes, e.g. [3, 32, 32, 1], as a list of
+    (weight, bias) pairs: weight (inputs, outputs) drawn from a normal distribution
+    with standard deviation sqrt(2 / inputs) (He initialisation), bias (1, outputs)
+    zeros."""
+    return [(rng.normal(0.0, np.sqrt(2.0 / inputs), size=(inputs, outputs)),
+             np.zeros((1, outputs)))
+            for inputs, outputs in zip(layer_sizes[:-1], layer_sizes[1:])]
+
+
+def start_from_mean(layers, targets):
+    """Set the last layer's bias to the average target, so training starts from the
+    sensible guess "every day is an average day" instead of from 0 °F, and the
+    weights only have to learn the differences from the average."""
+    weight, bias = layers[-1]
+    return [*layers[:-1], (weight, bias + targets.mean())]
+
+
+def fresh_model(train_set, hidden_sizes, rng):
+    """A new He-initialised network for these training rows, with the given hidden
+    layer sizes and one output, starting from the mean target."""
+    layer_sizes = [train_set[0].shape[1], *hidden_sizes, 1]
+    return start_from_mean(init_dense(layer_sizes, rng), train_set[1])
+
+
+def dense_forward(layers, inputs):
+    """Run `inputs` (rows, features) through the network. Returns the outputs (rows,
+    last layer size) and the cache: one (layer input, pre-activation) pair a layer."""
+    cache = []
+    activations = inputs
+    for index, (weight, bias) in enumerate(layers):
+        pre_activation = activations @ weight + bias
+        cache.append((activations, pre_activation))
+        is_last = index == len(layers) - 1
+        activations = pre_activation if is_last else relu(pre_activation)
+    return activations, cache
+
+
+def dense_backward(layers, cache, output_grad):
+    """Backpropagation: given `cache` from `dense_forward` and `output_grad`, the
+    loss's gradient with respect to the network's outputs, return one (weight_grad,
+    bias_grad) pair per layer, in the order of `layers`."""
+    gradients = []
+    grad = output_grad
+    for index in reversed(range(len(layers))):
+        weight, _ = layers[index]
+        layer_inputs, pre_activation = cache[index]
+        if index < len(layers) - 1:
+            grad = grad * (pre_activation > 0)       # back through the ReLU
+        gradients.append((layer_inputs.T @ grad, grad.sum(axis=0, keepdims=True)))
+        grad = grad @ weight.T                       # on to the layer below
+    return gradients[::-1]
+
+
+# %% [markdown]
+# ## Carried from chapter 05: the recurrent network, by hand
+#
+# Chapter 05's windows of days (`make_sequences`), its recurrent network
+# (`init_rnn`, `rnn_forward`) with backpropagation through time written by hand
+# (`rnn_backward`), gradient clipping by global norm, and its training loop `train`,
+# which works for any network given a forward and a backward function. Unchanged.
+
+# %%
+def make_sequences(table, window):
+    """Cut the weather table into overlapping windows of `window` days.
+
+    Returns (sequences, targets): sequences of shape (examples, window, features) with
+    the FEATURES columns, targets of shape (examples, 1) with tomorrow's tmax after the
+    last day of each window. A window longer than the table is a DataError."""
+    if window < 1:
+        raise DataError(f"--window must be at least 1 day, not {window}")
+    if window > len(table):
+        raise DataError(f"--window {window} is longer than the data ({len(table)} days); "
+                        f"use a window of at most {len(table)} days")
+    features = table[:, [WEATHER_COLUMNS.index(name) for name in FEATURES]]
+    # sliding_window_view gives (examples, features, window); put time before features.
+    sequences = np.lib.stride_tricks.sliding_window_view(features, window, axis=0)
+    sequences = np.ascontiguousarray(sequences.transpose(0, 2, 1))
+    targets = table[window - 1:, [WEATHER_COLUMNS.index(TARGET)]]
+    return sequences, targets
+
+
+def init_rnn(input_size, hidden_size, rng):
+    """The recurrent network's weights, a dict of named arrays."""
+    return {
+        "input_weight": rng.normal(0.0, 1 / np.sqrt(input_size), (input_size, hidden_size)),
+        "hidden_weight": rng.normal(0.0, 1 / np.sqrt(hidden_size), (hidden_size, hidden_size)),
+        "hidden_bias": np.zeros((1, hidden_size)),
+        "output_weight": rng.normal(0.0, 1 / np.sqrt(hidden_size), (hidden_size, 1)),
+        "output_bias": np.zeros((1, 1)),
+    }
+
+
+def rnn_forward(params, sequences):
+    """Run the RNN over `sequences` (batch, steps, features). Returns the predictions
+    (batch, 1) and the cache that the backward pass needs: the inputs and every hidden
+    state h_0 .. h_N."""
+    batch, steps, _ = sequences.shape
+    input_part = sequences @ params["input_weight"] + params["hidden_bias"]
+    hidden = np.zeros((batch, params["hidden_weight"].shape[0]))
+    hiddens = [hidden]
+    for step in range(steps):
+        hidden = np.tanh(input_part[:, step] + hidden @ params["hidden_weight"])
+        hiddens.append(hidden)
+    predictions = hidden @ params["output_weight"] + params["output_bias"]
+    return predictions, {"sequences": sequences, "hiddens": hiddens}
+
+
+def rnn_backward(params, cache, output_grad, with_input_grad=False):
+    """Backpropagation through time. `output_grad` is d loss / d predictions (batch, 1).
+    Returns the gradients, a dict with the same names as `params`; with
+    `with_input_grad=True`, also d loss / d sequences (batch, steps, features), which
+    training does not need but which shows how far back the loss reaches."""
+    sequences, hiddens = cache["sequences"], cache["hiddens"]
+    steps = sequences.shape[1]
+    grads = {
+        "output_weight": hiddens[-1].T @ output_grad,
+        "output_bias": output_grad.sum(axis=0, keepdims=True),
+    }
+    hidden_grad = output_grad @ params["output_weight"].T         # delta_N
+    preactivation_grads = np.zeros(sequences.shape[:2] + hidden_grad.shape[1:])
+    hidden_weight_grad = np.zeros_like(params["hidden_weight"])
+    for step in reversed(range(steps)):
+        # hiddens[step + 1] is h_t and hiddens[step] is h_{t-1} for this step.
+        preactivation_grad = hidden_grad * (1 - hiddens[step + 1] ** 2)
+        preactivation_grads[:, step] = preactivation_grad
+        hidden_weight_grad += hiddens[step].T @ preactivation_grad
+        hidden_grad = preactivation_grad @ params["hidden_weight"].T    # delta_{t-1}
+    grads["hidden_weight"] = hidden_weight_grad
+    # The sums over time of x_t^T (d loss / d a_t), in one product over (batch, time).
+    flat_inputs = sequences.reshape(-1, sequences.shape[2])
+    flat_grads = preactivation_grads.reshape(-1, preactivation_grads.shape[2])
+    grads["input_weight"] = flat_inputs.T @ flat_grads
+    grads["hidden_bias"] = flat_grads.sum(axis=0, keepdims=True)
+    if with_input_grad:
+        return grads, preactivation_grads @ params["input_weight"].T
+    return grads
+
+
+def parameter_list(params):
+    """A network's weight arrays (or their gradients) in a fixed order: a dict of
+    named arrays in the order of its names, or a list of (weight, bias) pairs."""
+    if isinstance(params, dict):
+        return [params[name] for name in sorted(params)]
+    return [array for pair in params for array in pair]
+
+
+def global_norm(grads):
+    """The length of all gradients seen as one vector."""
+    return float(np.sqrt(sum(np.sum(grad ** 2) for grad in parameter_list(grads))))
+
+
+def clip_by_global_norm(grads, max_norm):
+    """Scale `grads` in place so their global norm is at most `max_norm` (no clipping
+    when max_norm is None or 0). Returns the norm before clipping."""
+    norm = global_norm(grads)
+    if max_norm and norm > max_norm:
+        for grad in parameter_list(grads):
+            grad *= max_norm / norm
+    return norm
+
+
+def train(params, forward, backward, train_set, valid_set, epochs, learning_rate,
+          batch_size, max_norm, rng):
+    """Train `params` in place with mini-batch gradient descent and clipping. Returns a
+    history: train and valid loss per epoch, gradient norm per step, whether it diverged."""
+    inputs, targets = train_set
+    history = {"train_loss": [], "valid_loss": [], "grad_norm": [], "diverged": False}
+    for _ in range(epochs):
+        order = rng.permutation(len(inputs))
+        losses = []
+        for start in range(0, len(inputs), batch_size):
+            batch = order[start:start + batch_size]
+            predictions, cache = forward(params, inputs[batch])
+            losses.append(mse(predictions, targets[batch]))
+            if not np.isfinite(losses[-1]):
+                history["diverged"] = True
+                return history
+            grads = backward(params, cache, mse_grad(predictions, targets[batch]))
+            history["grad_norm"].append(clip_by_global_norm(grads, max_norm))
+            for param, grad in zip(parameter_list(params), parameter_list(grads)):
+                param -= learning_rate * grad
+        history["train_loss"].append(float(np.mean(losses)))
+        history["valid_loss"].append(mse(forward(params, valid_set[0])[0], valid_set[1]))
+    return history
+
+
+# %% [markdown]
+# ## The idea: remember the computation, then walk it backwards
+#
+# Chapters 03 and 05 each needed a backward pass written by hand, and each was a page
+# of careful calculus that had to be checked against finite differences. Yet every
+# one of those pages did the same three things over and over:
+#
+# 1. break the forward computation into small operations (a matrix product, an
+#    addition, a tanh) whose derivative is easy;
+# 2. walk the operations in the reverse order of the forward pass;
+# 3. at each one, turn "the gradient of the loss with respect to my output" into
+#    "the gradient of the loss with respect to each of my inputs" (the chain rule),
+#    adding up the contributions when a value was used more than once.
+#
+# A computer can do all three if, during the forward pass, every operation records
+# what it was, which values went in, and how to push a gradient back through itself.
+# The record is a **computational graph**: one node per value, an edge from each
+# input to the output it helped make. For `loss = mean((x @ w + b - y)^2)`:
+#
+#     x ──┐
+#         @ ── (x@w) ──┐
+#     w ──┘            + ── (x@w+b) ── - ── (diff) ── ** 2 ── mean ── loss
+#     b ───────────────┘               │
+#     y ───────────────────────────────┘
+#
+# **Reverse-mode automatic differentiation** (backpropagation) starts at `loss`, whose
+# gradient with respect to itself is 1, and visits the nodes from the loss back to
+# the inputs. A node is visited only after *every* node that used it, so its
+# gradient is complete (all contributions summed) before it is passed further back.
+# That order is a **topological order** of the graph, reversed.
+#
+# Each operation needs only its *local* derivative. If `out = f(a, b)` and the loss
+# has gradient `g = d loss / d out` (an array of out's shape), then by the chain rule
+#
+#     d loss / d a = g · (d out / d a)        d loss / d b = g · (d out / d b)
+#
+# where "·" means whatever the operation's derivative does to `g`: multiply
+# elementwise for `*`, a matrix product for `@`, spread it back out for `sum`. The
+# list below works out each one. This is exactly what PyTorch's autograd does; the
+# class that follows is a miniature of `torch.Tensor`, a few hundred lines of numpy.
+
+# %% [markdown]
+# ## Broadcasting, backwards
+#
+# numpy broadcasting (chapter 01) stretches an array along axes where it has size 1,
+# or adds leading axes it lacks: `(rows, 8) + (1, 8)` adds the bias to every row.
+# In the backward pass the stretched copies all fed into the loss, so the gradient
+# of the original is the **sum** over the copies: the bias's gradient is the
+# output gradient summed over the rows (as `dense_backward` does by hand with
+# `grad.sum(axis=0, keepdims=True)`). `unbroadcast` does that for any shapes: it sums
+# away the leading axes numpy added, then sums with `keepdims` over every axis where
+# the original had size 1. The engine calls it whenever a gradient's shape differs
+# from its input's, so no operation has to think about broadcasting.
+
+# %%
+def unbroadcast(grad, shape):
+    """Sum `grad` down to `shape`, undoing numpy broadcasting (see above)."""
+    extra = grad.ndim - len(shape)
+    if extra > 0:
+        grad = grad.sum(axis=tuple(range(extra)))
+    stretched = tuple(axis for axis, size in enumerate(shape)
+                      if size == 1 and grad.shape[axis] != 1)
+    if stretched:
+        grad = grad.sum(axis=stretched, keepdims=True)
+    return grad
+
+
+def expand_reduced(grad, shape, axis, keepdims):
+    """Spread the gradient of a reduction (`sum`, `mean`, `max` over `axis`) back to
+    the input's `shape`: put back the reduced axes as size 1, then broadcast."""
+    if axis is not None and not keepdims:
+        grad = np.expand_dims(grad, axis)
+    return np.broadcast_to(grad, shape)
+
+
+# %% [markdown]
+# ## The `Tensor`
+#
+# A `Tensor` wraps a numpy array, `.data`, and adds three things:
+#
+# * `.requires_grad`: whether the loss's gradient with respect to this tensor is
+#   wanted. Weights say yes; the input data and the targets say no. An operation's
+#   result requires a gradient when any of its inputs does; a result of constants
+#   only is a constant and records nothing, so no time is spent on it.
+# * `._parents` and `._backward`: the inputs the tensor was made from, and a small
+#   function that takes `d loss / d this tensor` and returns `d loss / d parent` for
+#   each parent (or `None` for a parent that needs no gradient). The tensor's
+#   operation name, `._op`, is kept for the graph view.
+# * `.grad`: after `loss.backward()`, the gradient of the loss with respect to this
+#   tensor, an array of the same shape as `.data`.
+#
+# Every operation below follows one pattern: compute the result with numpy, define
+# `backward(grad)` with the local derivative written out in a comment, and return
+# `Tensor.result(value, parents, op, backward)`. Python scalars and numpy arrays
+# mixed into an operation are wrapped as constant tensors of the same float type.
+#
+# **The local derivatives** (with `g` the gradient arriving at the output):
+#
+#     out = a + b         d/da = g            d/db = g
+#     out = a - b         d/da = g            d/db = -g
+#     out = a * b         d/da = g * b        d/db = g * a
+#     out = a / b         d/da = g / b        d/db = -g * a / b^2 = -g * out / b
+#     out = a ** p        d/da = g * p * a^(p - 1)            (p a fixed number)
+#     out = a @ b         d/da = g @ b^T      d/db = a^T @ g  (see below)
+#     out = exp(a)        d/da = g * out
+#     out = log(a)        d/da = g / a
+#     out = tanh(a)       d/da = g * (1 - out^2)
+#     out = sigmoid(a)    d/da = g * out * (1 - out)
+#     out = relu(a)       d/da = g * (a > 0)
+#     out = sum(a)        d/da = g copied to every element that was summed
+#     out = mean(a)       d/da = g / n copied to each of the n elements averaged
+#     out = max(a)        d/da = g at the largest element(s), 0 elsewhere
+#     out = a[index]      d/da = zeros, with g added at the positions selected
+#
+# The matrix product needs one line of algebra. `out[i, j] = sum_k a[i, k] b[k, j]`,
+# so `a[i, k]` affects every `out[i, j]` with weight `b[k, j]`:
+# `d loss / d a[i, k] = sum_j g[i, j] b[k, j]`, which is `(g @ b^T)[i, k]`. Likewise
+# `d loss / d b[k, j] = sum_i a[i, k] g[i, j] = (a^T @ g)[k, j]`. These are the very
+# products `dense_backward` writes by hand (`cache[index].T @ grad`, `grad @ weight.T`).
+#
+# **Softmax and log-softmax** (chapter 04) along an axis: with `s = softmax(a)`,
+# `d s_i / d a_j = s_i (δ_ij - s_j)`, so the gradient is `s * (g - sum(g * s))`, the
+# sum taken along the axis. With `l = log_softmax(a) = a - log(sum(exp(a)))`,
+# `d l_i / d a_j = δ_ij - s_j`, so the gradient is `g - s * sum(g)`. Both subtract the
+# row's largest value before `exp`, which changes nothing mathematically and keeps
+# `exp` from overflowing.
+#
+# **Speed.** The engine spends its time in numpy's array operations, like PyTorch
+# in its kernels; the Python around each operation must stay small or it would
+# dominate at small sizes. So the class uses `__slots__` (smaller, faster objects),
+# builds results without re-checking their data, records nothing for constants, and
+# skips a matrix product in `@`'s backward when an input needs no gradient (the data
+# at the bottom of a network never does).
+
+# %%
+class Tensor:
+    """An array that remembers how it was computed, so gradients can flow back to it.
+
+    `Tensor(data, requires_grad=False, name="")`: `data` is anything numpy turns into
+    an array (integers become floats); `name` labels the tensor in `show_graph`."""
+
+    __slots__ = ("data", "grad", "requires_grad", "name", "_parents", "_backward", "_op")
+    # numpy must hand `array * tensor` to Tensor.__rmul__ instead of looping over
+    # the tensor as if it were a list of objects.
+    __array_ufunc__ = None
+
+    def __init__(self, data, requires_grad=False, name=""):
+        data = np.asarray(data)
+        if data.dtype.kind != "f":
+            data = data.astype(np.float64)
+        self.data = data
+        self.grad = None
+        self.requires_grad = requires_grad
+        self.name = name
+        self._parents = ()
+        self._backward = None
+        self._op = ""
+
+    @staticmethod
+    def result(data, parents, op, backward):
+        """The output of an operation: records `parents` and `backward` only when some
+        parent needs a gradient, so computations on constants cost nothing extra."""
+        out = Tensor.__new__(Tensor)
+        out.data = data if type(data) is np.ndarray else np.asarray(data)
+        out.grad = None
+        out.name = ""
+        out._op = op
+        out.requires_grad = False
+        out._parents = ()
+        out._backward = None
+        for parent in parents:
+            if parent.requires_grad:
+                out.requires_grad = True
+                out._parents = parents
+                out._backward = backward
+                break
+        return out
+
+    def lift(self, other):
+        """`other` as a Tensor: a number or array becomes a constant of our float type."""
+        if isinstance(other, Tensor):
+            return other
+        return Tensor(np.asarray(other, dtype=self.data.dtype))
+
+    # --- what a tensor is -------------------------------------------------------
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def ndim(self):
+        return self.data.ndim
+
+    def item(self):
+        """The value of a one-element tensor as a Python float."""
+        return self.data.item()
+
+    def zero_grad(self):
+        """Forget the gradient. Gradients of leaves add up over `backward()` calls (as
+        in PyTorch), so training resets them before every step."""
+        self.grad = None
+
+    def __repr__(self):
+        label = f", name={self.name!r}" if self.name else ""
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        if self.data.size <= 6:
+            return f"Tensor({np.array2string(self.data, precision=4)}{grad}{label})"
+        return f"Tensor(shape={self.shape}, dtype={self.data.dtype}{grad}{label})"
+
+    # --- arithmetic: + - * / ** and unary minus -----------------------------------
+    def __add__(self, other):
+        other = self.lift(other)
+
+        def backward(grad):
+            return grad, grad
+
+        return Tensor.result(self.data + other.data, (self, other), "+", backward)
+
+    def __sub__(self, other):
+        other = self.lift(other)
+
+        def backward(grad):
+            return grad, -grad
+
+        return Tensor.result(self.data - other.data, (self, other), "-", backward)
+
+    def __mul__(self, other):
+        other = self.lift(other)
+
+        def backward(grad):
+            return grad * other.data, grad * self.data
+
+        return Tensor.result(self.data * other.data, (self, other), "*", backward)
+
+    def __truediv__(self, other):
+        other = self.lift(other)
+        value = self.data / other.data
+
+        def backward(grad):
+            return grad / other.data, -grad * value / other.data
+
+        return Tensor.result(value, (self, other), "/", backward)
+
+    def __pow__(self, exponent):
+        if isinstance(exponent, Tensor) or not np.isscalar(exponent):
+            raise TypeError("the exponent of ** must be a plain number, e.g. x ** 2")
+
+        def backward(grad):
+            return (grad * exponent * self.data ** (exponent - 1),)
+
+        return Tensor.result(self.data ** exponent, (self,), f"**{exponent:g}", backward)
+
+    def __neg__(self):
+        def backward(grad):
+            return (-grad,)
+
+        return Tensor.result(-self.data, (self,), "neg", backward)
+
+    # `2 * x`, `1 - x` and `y / x` start from a number: Python then asks the tensor on
+    # the right, and we lift the number to a constant tensor on the left.
+    def __radd__(self, other):
+        return self.lift(other) + self
+
+    def __rsub__(self, other):
+        return self.lift(other) - self
+
+    def __rmul__(self, other):
+        return self.lift(other) * self
+
+    def __rtruediv__(self, other):
+        return self.lift(other) / self
+
+    # --- the matrix product ---------------------------------------------------------
+    def __matmul__(self, other):
+        other = self.lift(other)
+        a, b = self.data, other.data
+        if a.ndim < 2 or b.ndim < 2 or a.shape[-1] != b.shape[-2]:
+            raise ValueError(
+                f"cannot multiply a tensor of shape {a.shape} by one of shape {b.shape} "
+                f"with @: the last axis of the first must match the second-to-last axis "
+                f"of the second, and both need at least 2 axes")
+
+        def backward(grad):
+            grad_a = grad @ b.swapaxes(-1, -2) if self.requires_grad else None
+            grad_b = None
+            if other.requires_grad:
+                if b.ndim == 2:
+                    # A batch of matrices (..., n, k) times one matrix (k, m): the
+                    # same b serves every matrix of the batch, so its gradient sums
+                    # a^T g over the batch; folding the batch into the rows does that
+                    # sum inside one matrix product.
+                    grad_b = a.reshape(-1, a.shape[-1]).T @ grad.reshape(-1, grad.shape[-1])
+                else:
+                    grad_b = a.swapaxes(-1, -2) @ grad
+            return grad_a, grad_b
+
+        return Tensor.result(a @ b, (self, other), "@", backward)
+
+    def __rmatmul__(self, other):
+        return self.lift(other) @ self
+
+    # --- reductions: sum, mean, max -------------------------------------------------
+    def sum(self, axis=None, keepdims=False):
+        shape = self.data.shape
+
+        def backward(grad):
+            return (expand_reduced(grad, shape, axis, keepdims),)
+
+        return Tensor.result(self.data.sum(axis=axis, keepdims=keepdims), (self,), "sum",
+                             backward)
+
+    def mean(self, axis=None, keepdims=False):
+        shape = self.data.shape
+        value = self.data.mean(axis=axis, keepdims=keepdims)
+        count = self.data.size // max(np.size(value), 1)  # elements averaged per output
+
+        def backward(grad):
+            return (expand_reduced(grad / count, shape, axis, keepdims),)
+
+        return Tensor.result(value, (self,), "mean", backward)
+
+    def max(self, axis=None, keepdims=False):
+        largest = self.data.max(axis=axis, keepdims=True)
+
+        def backward(grad):
+            # Only the largest element moved the output; ties share the gradient
+            # equally (as torch.amax does), so the total is kept.
+            winners = (self.data == largest).astype(self.data.dtype)
+            share = winners / winners.sum(axis=axis, keepdims=True)
+            return (expand_reduced(grad, self.data.shape, axis, keepdims) * share,)
+
+        value = largest if keepdims else (largest.reshape(()) if axis is None
+                                          else np.squeeze(largest, axis=axis))
+        return Tensor.result(value, (self,), "max", backward)
+
+    # --- shapes: reshape, transpose, indexing ---------------------------------------
+    def reshape(self, *shape):
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        original = self.data.shape
+
+        def backward(grad):
+            return (grad.reshape(original),)
+
+        return Tensor.result(self.data.reshape(shape), (self,), "reshape", backward)
+
+    def transpose(self, *axes):
+        """Permute the axes (all reversed when none are given), as numpy does."""
+        if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
+            axes = tuple(axes[0])
+        axes = axes or tuple(reversed(range(self.data.ndim)))
+        undo = np.argsort(axes)   # the permutation that puts the axes back
+
+        def backward(grad):
+            return (grad.transpose(undo),)
+
+        return Tensor.result(self.data.transpose(axes), (self,), "transpose", backward)
+
+    @property
+    def T(self):
+        return self.transpose()
+
+    def __getitem__(self, index):
+        if isinstance(index, Tensor):
+            index = index.data.astype(np.intp)
+
+        def backward(grad):
+            full = np.zeros_like(self.data)
+            # add.at, not `full[index] = grad`: an index may pick the same element
+            # twice (x[[0, 0]]), and then both gradients must be added.
+            np.add.at(full, index, grad)
+            return (full,)
+
+        return Tensor.result(self.data[index], (self,), "index", backward)
+
+    # --- elementwise functions ------------------------------------------------------
+    def exp(self):
+        value = np.exp(self.data)
+
+        def backward(grad):
+            return (grad * value,)
+
+        return Tensor.result(value, (self,), "exp", backward)
+
+    def log(self):
+        def backward(grad):
+            return (grad / self.data,)
+
+        return Tensor.result(np.log(self.data), (self,), "log", backward)
+
+    def tanh(self):
+        value = np.tanh(self.data)
+
+        def backward(grad):
+            return (grad * (1 - value * value),)
+
+        return Tensor.result(value, (self,), "tanh", backward)
+
+    def sigmoid(self):
+        # 1 / (1 + e^-x), written as exp(-log(1 + e^-x)) so that no large x overflows.
+        value = np.exp(-np.logaddexp(0, -self.data))
+
+        def backward(grad):
+            return (grad * value * (1 - value),)
+
+        return Tensor.result(value, (self,), "sigmoid", backward)
+
+    def relu(self):
+        def backward(grad):
+            return (grad * (self.data > 0),)
+
+        return Tensor.result(np.maximum(self.data, 0), (self,), "relu", backward)
+
+    def softmax(self, axis=-1):
+        shifted = np.exp(self.data - self.data.max(axis=axis, keepdims=True))
+        value = shifted / shifted.sum(axis=axis, keepdims=True)
+
+        def backward(grad):
+            return (value * (grad - (grad * value).sum(axis=axis, keepdims=True)),)
+
+        return Tensor.result(value, (self,), "softmax", backward)
+
+    def log_softmax(self, axis=-1):
+        shifted = self.data - self.data.max(axis=axis, keepdims=True)
+        value = shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+
+        def backward(grad):
+            return (grad - np.exp(value) * grad.sum(axis=axis, keepdims=True),)
+
+        return Tensor.result(value, (self,), "log_softmax", backward)
+
+    # --- the backward pass ----------------------------------------------------------
+    def backward(self):
+        """Fill `.grad` of every tensor this one was computed from: d self / d tensor.
+
+        Starts from a single number (a loss), whose gradient with respect to itself
+        is 1, and visits the graph in reverse topological order (see below)."""
+        if self.data.size != 1:
+            raise ValueError(f"backward() starts from a single number such as a loss; this "
+                             f"tensor has shape {self.shape} (reduce it with .sum() or .mean())")
+        if not self.requires_grad:
+            raise ValueError("backward() needs a tensor computed from at least one tensor "
+                             "made with requires_grad=True")
+        order = topological_order(self)
+        for node in order:
+            if node._backward is not None:
+                node.grad = None   # gradients of intermediate results start afresh
+        self.grad = np.ones_like(self.data)
+        for node in reversed(order):
+            if node._backward is None:
+                continue           # a leaf: a weight or a constant, nothing to pass on
+            for parent, grad in zip(node._parents, node._backward(node.grad)):
+                if grad is None or not parent.requires_grad:
+                    continue
+                if grad.shape != parent.data.shape:
+                    grad = unbroadcast(grad, parent.data.shape)
+                if parent.grad is not None:
+                    parent.grad = parent.grad + grad     # a second use: add it up
+                elif parent._backward is None:
+                    # A leaf keeps its own copy, because `grad` may be shared (`+`
+                    # hands the same array to both inputs) and optimisers and
+                    # clipping change leaf gradients in place.
+                    parent.grad = np.array(grad)
+                else:
+                    parent.grad = grad
+
+
+# %% [markdown]
+# ## The order of the backward pass, without recursion
+#
+# micrograd and most textbook versions find the topological order with a recursive
+# depth-first search: "before a node, list all its parents". Python allows about a
+# thousand nested calls, so a recurrent network unrolled over a few hundred days
+# (five or six nodes a day) would crash with `RecursionError`. Here the search keeps
+# its own stack instead of Python's call stack, so a graph of any size works.
+#
+# Each node goes on the stack twice: first to be *opened* (its parents are pushed on
+# top of it), then, once every parent has been dealt with, to be *closed*, which
+# appends it to the order. So a node always lands in the order after all its parents:
+# that is a topological order. The `seen` set ensures each node is opened once even
+# when many nodes use it (the shared weights of an RNN are used at every step).
+
+# %%
+def topological_order(root):
+    """Every tensor `root` was computed from, parents before children, root last."""
+    order, seen = [], set()
+    stack = [(root, False)]
+    while stack:
+        node, closing = stack.pop()
+        if closing:
+            order.append(node)
+            continue
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.append((node, True))
+        for parent in node._parents:
+            if parent not in seen:
+                stack.append((parent, False))
+    return order
+
+
+# %% [markdown]
+# ## Looking at a graph
+#
+# A graph is easier to trust when you can see it. `show_graph` lists the nodes in
+# topological order, one a line: its number, its operation (or its name for a leaf
+# such as a weight), its shape, which nodes went into it, and, after `backward()`,
+# the typical size of its gradient (the mean absolute value). Long graphs show their
+# first and last lines.
+
+# %%
+def show_graph(root, limit=40):
+    """A text view of the graph that produced `root`, as a string."""
+    order = topological_order(root)
+    number = {node: index for index, node in enumerate(order)}
+    lines = [f"graph of {len(order)} nodes, inputs before the nodes they feed:",
+             f"{'node':>6}  {'operation':<12} {'shape':<14} {'inputs':<14} mean |grad|"]
+    shown = order if len(order) <= limit else order[:limit // 2] + [None] + order[-(limit // 2):]
+    for node in shown:
+        if node is None:
+            lines.append(f"{'...':>6}  ({len(order) - 2 * (limit // 2)} more nodes)")
+            continue
+        if node._backward is not None:
+            operation = node._op
+        else:
+            operation = node.name or ("weight" if node.requires_grad else "constant")
+        inputs = " ".join(f"#{number[parent]}" for parent in node._parents)
+        grad = "-" if node.grad is None else f"{np.abs(node.grad).mean():.3g}"
+        lines.append(f"{'#' + str(number[node]):>6}  {operation:<12} {str(node.shape):<14} "
+                     f"{inputs:<14} {grad}")
+    return "\n".join(lines)
+
+
+# %% [markdown]
+# ## Losses on tensors
+#
+# With the engine, a loss is just more operations: the mean squared error of chapter
+# 02 is `((predictions - targets) ** 2).mean()`, and the cross-entropy of chapter 04
+# is the mean, over the rows, of minus the log-probability that the softmax gives the
+# right class. `log_softmax` computes all the log-probabilities stably; indexing with
+# `[rows, targets]` picks out the right one in each row. Neither needs a backward
+# pass of its own: the engine derives it from the operations.
+
+# %%
+def tensor_mse(predictions, targets):
+    """Mean squared error of a Tensor of predictions against targets."""
+    return ((predictions - targets) ** 2).mean()
+
+
+def cross_entropy(logits, targets):
+    """Mean cross-entropy of `logits` (rows, classes), a Tensor, against `targets`, one
+    class number per row, as torch.nn.functional.cross_entropy computes it."""
+    targets = np.asarray(targets)
+    if logits.ndim != 2 or targets.shape != (logits.shape[0],):
+        raise ValueError(f"cross_entropy needs logits of shape (rows, classes) and one "
+                         f"target class per row; got logits {logits.shape} and targets "
+                         f"{targets.shape}")
+    log_probabilities = logits.log_softmax(axis=1)
+    return -log_probabilities[np.arange(len(targets)), targets.astype(np.intp)].mean()
+
+
+# %% [markdown]
+# ## Optimisers
+#
+# An optimiser holds the list of tensors to train and updates their `.data` from
+# their `.grad`: the step that chapter 05's `train` wrote inline. Both below follow
+# PyTorch's definitions, so they give the same numbers as `torch.optim`.
+#
+# * **SGD** (stochastic gradient descent) with optional momentum `μ`: a velocity
+#   `v ← μ v + g` (just `g` on the first step) remembers the recent direction, and
+#   the step is `w ← w - lr v`. With `μ = 0` it is the plain `w ← w - lr g`.
+# * **Adam** keeps, for every number, a running mean of the gradient `m` and of its
+#   square `v`, and divides one by the square root of the other, so each weight gets
+#   a step of about `lr` whatever the scale of its gradient:
+#
+#       m ← β1 m + (1 - β1) g          v ← β2 v + (1 - β2) g²
+#       m̂ = m / (1 - β1^t)             v̂ = v / (1 - β2^t)        (t = step number)
+#       w ← w - lr m̂ / (√v̂ + ε)
+#
+#   The corrections `1 - β^t` undo the pull towards zero of `m` and `v`, which
+#   start at zero.
+
+# %%
+class Optimizer:
+    """What every optimiser shares: its list of tensors, and forgetting their grads."""
+
+    def __init__(self, parameters, learning_rate):
+        self.parameters = list(parameters)
+        self.learning_rate = learning_rate
+
+    def zero_grad(self):
+        for parameter in self.parameters:
+            parameter.zero_grad()
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent, with optional momentum."""
+
+    def __init__(self, parameters, learning_rate, momentum=0.0):
+        super().__init__(parameters, learning_rate)
+        self.momentum = momentum
+        self.velocities = [None] * len(self.parameters)
+
+    def step(self):
+        for index, parameter in enumerate(self.parameters):
+            if parameter.grad is None:
+                continue
+            direction = parameter.grad
+            if self.momentum:
+                previous = self.velocities[index]
+                direction = direction if previous is None else self.momentum * previous + direction
+                self.velocities[index] = direction
+            parameter.data -= self.learning_rate * direction
+
+
+class Adam(Optimizer):
+    """Adam: steps scaled by running averages of the gradient and its square."""
+
+    def __init__(self, parameters, learning_rate=1e-3, betas=(0.9, 0.999), eps=1e-8):
+        super().__init__(parameters, learning_rate)
+        self.betas, self.eps, self.steps = betas, eps, 0
+        self.means = [np.zeros_like(parameter.data) for parameter in self.parameters]
+        self.squares = [np.zeros_like(parameter.data) for parameter in self.parameters]
+
+    def step(self):
+        self.steps += 1
+        beta1, beta2 = self.betas
+        for parameter, mean, square in zip(self.parameters, self.means, self.squares):
+            if parameter.grad is None:
+                continue
+            mean *= beta1
+            mean += (1 - beta1) * parameter.grad
+            square *= beta2
+            square += (1 - beta2) * parameter.grad ** 2
+            corrected_mean = mean / (1 - beta1 ** self.steps)
+            corrected_square = square / (1 - beta2 ** self.steps)
+            parameter.data -= self.learning_rate * corrected_mean / (np.sqrt(corrected_square)
+                                                                      + self.eps)
+
+
+# %% [markdown]
+# ## Chapters 03 and 05 rebuilt on the engine
+#
+# The forward passes are the ones of chapters 03 and 05, written with tensors; there
+# is no backward pass to write. `as_tensors` wraps a network's numpy weights (a list
+# of `(weight, bias)` pairs, or a dict of named arrays) as tensors that *share* the
+# arrays' memory, so an optimiser step on a tensor also updates the numpy weights and
+# the hand-written functions can evaluate the very same network. `gradients_of`
+# collects the tensors' gradients in the same structure, which is what the carried
+# `parameter_list` and `clip_by_global_norm` expect.
+#
+# One change in the recurrent network: chapter 05 computed `x_t W_x + b` for every
+# day in one product before the loop, and sliced out day `t` inside it. On the
+# engine, slicing a tensor that needs a gradient costs, in the backward pass, a
+# gradient array as large as the whole tensor (zeros, except for the slice), once
+# per day: for a window of `N` days that is `N^2` work. So the engine version slices
+# the *input* (a constant, which records nothing) and multiplies day by day. The
+# result is the same network and, up to rounding, the same numbers.
+
+# %%
+def as_tensors(params):
+    """A network's numpy weights as Tensors that share their memory and need a gradient."""
+    if isinstance(params, dict):
+        return {name: Tensor(array, requires_grad=True, name=name)
+                for name, array in params.items()}
+    return [(Tensor(weight, requires_grad=True, name=f"weight{number}"),
+             Tensor(bias, requires_grad=True, name=f"bias{number}"))
+            for number, (weight, bias) in enumerate(params, start=1)]
+
+
+def gradients_of(tensors):
+    """The `.grad` arrays of `as_tensors`'s output, in the same structure."""
+    if isinstance(tensors, dict):
+        return {name: tensor.grad for name, tensor in tensors.items()}
+    return [(weight.grad, bias.grad) for weight, bias in tensors]
+
+
+def tensor_dense_forward(layers, inputs):
+    """Chapter 03's dense network on tensors: ReLU after every layer but the last."""
+    activations = inputs
+    for index, (weight, bias) in enumerate(layers):
+        activations = activations @ weight + bias
+        if index < len(layers) - 1:
+            activations = activations.relu()
+    return activations
+
+
+def tensor_rnn_forward(params, sequences):
+    """Chapter 05's recurrent network on tensors, over `sequences` (batch, steps,
+    features), a Tensor: h_t = tanh(x_t W_x + h_{t-1} W_h + b), prediction h_N W_y + b_y."""
+    batch, steps, _ = sequences.shape
+    hidden = Tensor(np.zeros((batch, params["hidden_weight"].shape[0]),
+                             dtype=sequences.data.dtype))
+    for step in range(steps):
+        hidden = (sequences[:, step] @ params["input_weight"] + params["hidden_bias"]
+                  + hidden @ params["hidden_weight"]).tanh()
+    return hidden @ params["output_weight"] + params["output_bias"]
+
+
+# %% [markdown]
+# ## Same weights, same gradients
+#
+# The engine is only useful if it is right. The test: give the hand-written network
+# and the engine the same weights and the same batch, and compare every gradient. The
+# hand-written gradients were checked against finite differences in chapters 03 and
+# 05, so agreement to rounding error (about 1e-15 relative, in 64-bit floats) means
+# the engine's are right too. The chapter's tests also compare every single
+# operation with `torch.autograd`.
+
+# %%
+def gradient_difference(params, forward, backward, tensor_forward, inputs, targets):
+    """The largest difference between the hand-written gradients of the MSE and the
+    engine's, over every weight array, relative to that array's largest gradient."""
+    predictions, cache = forward(params, inputs)
+    by_hand = backward(params, cache, mse_grad(predictions, targets))
+    tensors = as_tensors(params)
+    tensor_mse(tensor_forward(tensors, Tensor(inputs)), targets).backward()
+    worst = 0.0
+    for hand, engine in zip(parameter_list(by_hand), parameter_list(gradients_of(tensors))):
+        scale = max(float(np.abs(hand).max()), 1e-12)
+        worst = max(worst, float(np.abs(hand - engine).max()) / scale)
+    return worst
+
+
+# %% [markdown]
+# ## Training with the engine
+#
+# Chapter 05's `train` needed a forward *and* a backward function for every network.
+# With the engine the step is the one every PyTorch program uses:
+#
+#     optimizer.zero_grad()                  # forget the last step's gradients
+#     loss = tensor_mse(forward(params, x), y)
+#     loss.backward()                        # fill every weight's .grad
+#     optimizer.step()                       # move the weights
+#
+# Everything else is chapter 05's loop, kept in the same order (the same shuffles,
+# the same clipping, the same plain gradient descent), so from the same starting
+# weights the engine must reach the same figures as the hand-written network. Any
+# difference beyond rounding would be a bug in one of them.
+
+# %%
+def train_with_engine(params, forward, train_set, valid_set, epochs, optimizer,
+                      batch_size, max_norm, rng):
+    """Chapter 05's `train`, with the engine computing the gradients. `params` are
+    tensors (from `as_tensors`) and `forward(params, inputs)` returns a Tensor."""
+    inputs, targets = train_set
+    history = {"train_loss": [], "valid_loss": [], "grad_norm": [], "diverged": False}
+    for _ in range(epochs):
+        order = rng.permutation(len(inputs))
+        losses = []
+        for start in range(0, len(inputs), batch_size):
+            batch = order[start:start + batch_size]
+            optimizer.zero_grad()
+            loss = tensor_mse(forward(params, Tensor(inputs[batch])), targets[batch])
+            losses.append(loss.item())
+            if not np.isfinite(losses[-1]):
+                history["diverged"] = True
+                return history
+            loss.backward()
+            history["grad_norm"].append(clip_by_global_norm(gradients_of(params), max_norm))
+            optimizer.step()
+        history["train_loss"].append(float(np.mean(losses)))
+        history["valid_loss"].append(mse(forward(params, Tensor(valid_set[0])).data,
+                                         valid_set[1]))
+    return history
+
+
+def compare_training(name, params, forward, backward, tensor_forward, sets, settings, seed):
+    """Train two copies of the same network, one with its hand-written backward pass
+    (chapter 05's `train`) and one with the engine, on the same batches in the same
+    order. Returns their test MAEs, the engine's trained weights and both histories."""
+    (train_set, valid_set, test_set) = sets
+    epochs, learning_rate, batch_size, max_norm = settings
+    by_hand = {key: value.copy() for key, value in params.items()} if isinstance(params, dict) \
+        else [(weight.copy(), bias.copy()) for weight, bias in params]
+    started = time.perf_counter()
+    hand_history = train(by_hand, forward, backward, train_set, valid_set, epochs,
+                         learning_rate, batch_size, max_norm, np.random.default_rng(seed))
+    hand_seconds = time.perf_counter() - started
+    tensors = as_tensors(params)
+    started = time.perf_counter()
+    engine_history = train_with_engine(tensors, tensor_forward, train_set, valid_set, epochs,
+                                       SGD(parameter_list(tensors), learning_rate), batch_size,
+                                       max_norm, np.random.default_rng(seed))
+    engine_seconds = time.perf_counter() - started
+    hand_mae = mae(forward(by_hand, test_set[0])[0], test_set[1])
+    engine_mae = mae(tensor_forward(tensors, Tensor(test_set[0])).data, test_set[1])
+    print(f"  {name}: test MAE by hand {hand_mae:.4f} °F ({hand_seconds:.1f} s), "
+          f"engine {engine_mae:.4f} °F ({engine_seconds:.1f} s)")
+    return hand_mae, engine_mae, tensors, hand_history, engine_history
+
+
+# %% [markdown]
+# ## A graph of 100,000 nodes
+#
+# A recurrent network unrolled over many days makes a long, thin graph: five
+# operations a day, each depending on the day before. Over 17,000 days that is
+# about 100,000 nodes, a hundred times deeper than a recursive search could go. The
+# iterative search handles it, and the gradients still match chapter 05's
+# backpropagation through time, which is itself a loop and has no such limit.
+
+# %%
+def long_unroll(features, targets, days, hidden_size, seed):
+    """Run a small RNN over the first `days` days as one long sequence, with the
+    engine and by hand. Returns (nodes in the graph, seconds for backward(),
+    largest relative gradient difference)."""
+    params = init_rnn(features.shape[1], hidden_size, np.random.default_rng(seed))
+    sequence, target = features[None, :days], targets[days - 1:days]
+    tensors = as_tensors(params)
+    loss = tensor_mse(tensor_rnn_forward(tensors, Tensor(sequence)), target)
+    nodes = len(topological_order(loss))
+    started = time.perf_counter()
+    loss.backward()
+    seconds = time.perf_counter() - started
+    predictions, cache = rnn_forward(params, sequence)
+    by_hand = rnn_backward(params, cache, mse_grad(predictions, target))
+    worst = max(float(np.abs(by_hand[name] - tensors[name].grad).max())
+                / max(float(np.abs(by_hand[name]).max()), 1e-12) for name in params)
+    return nodes, seconds, worst
+
+
+# %% [markdown]
+# ## How fast is it?
+#
+# `--bench` times one training step (forward, loss, backward, update) of a dense
+# network with two hidden layers of 256 units on a batch of 256 rows, three ways:
+# by hand (chapter 03's functions), with the engine, and with PyTorch's own autograd
+# on the CPU. All three use 32-bit floats and the same starting weights, and the
+# steps take turns so that a busy machine slows them alike; we report the median.
+#
+# Most of the time goes into the matrix products, which numpy and PyTorch hand to
+# an optimised BLAS library; the rest is Python deciding what to compute next.
+# The engine adds a little of that per operation (building the graph, sorting it)
+# on top of the hand-written version. Set `OMP_NUM_THREADS=1` for steadier numbers:
+# both libraries then use one core.
+
+# %%
+def benchmark(batch_size=256, hidden_size=256, repeats=30, seed=0):
+    """Median milliseconds per training step: {"by hand", "engine", "torch"}."""
+    import torch
+    rng = np.random.default_rng(seed)
+    inputs = rng.normal(size=(batch_size, 3)).astype(np.float32)
+    targets = rng.normal(size=(batch_size, 1)).astype(np.float32)
+    start = [(weight.astype(np.float32), bias.astype(np.float32))
+             for weight, bias in init_dense([3, hidden_size, hidden_size, 1], rng)]
+    learning_rate = 1e-3
+
+    hand_layers = [(weight.copy(), bias.copy()) for weight, bias in start]
+
+    def hand_step():
+        predictions, cache = dense_forward(hand_layers, inputs)
+        grads = dense_backward(hand_layers, cache, mse_grad(predictions, targets))
+        for (weight, bias), (weight_grad, bias_grad) in zip(hand_layers, grads):
+            weight -= learning_rate * weight_grad
+            bias -= learning_rate * bias_grad
+
+    tensors = as_tensors([(weight.copy(), bias.copy()) for weight, bias in start])
+    optimizer = SGD(parameter_list(tensors), learning_rate)
+    tensor_inputs = Tensor(inputs)
+
+    def engine_step():
+        optimizer.zero_grad()
+        tensor_mse(tensor_dense_forward(tensors, tensor_inputs), targets).backward()
+        optimizer.step()
+
+    torch_layers = [(torch.tensor(weight, requires_grad=True), torch.tensor(bias, requires_grad=True))
+                    for weight, bias in start]
+    torch_inputs, torch_targets = torch.from_numpy(inputs), torch.from_numpy(targets)
+
+    def torch_step():
+        activations = torch_inputs
+        for index, (weight, bias) in enumerate(torch_layers):
+            activations = activations @ weight + bias
+            if index < len(torch_layers) - 1:
+                activations = torch.relu(activations)
+        ((activations - torch_targets) ** 2).mean().backward()
+        with torch.no_grad():
+            for parameter in (array for pair in torch_layers for array in pair):
+                parameter -= learning_rate * parameter.grad
+                parameter.grad = None
+
+    steps = {"by hand": hand_step, "engine": engine_step, "torch": torch_step}
+    times = {name: [] for name in steps}
+    for step in steps.values():   # warm up: first calls allocate and load code
+        step()
+        step()
+    for _ in range(repeats):
+        for name, step in steps.items():
+            started = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - started)
+    return {name: 1000 * float(np.median(seconds)) for name, seconds in times.items()}
+
+
+def run_benchmark(args):
+    """`--bench`: time the three training steps and print the ratios."""
+    import torch
+    batch_size = hidden_size = 256
+    repeats = 10 if args.quick else 50
+    print(f"one training step of a dense network [3, {hidden_size}, {hidden_size}, 1], batch "
+          f"{batch_size}, float32, median of {repeats}; torch uses {torch.get_num_threads()} "
+          f"thread(s), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    milliseconds = benchmark(batch_size, hidden_size, repeats, args.seed)
+    for name, value in milliseconds.items():
+        print(f"  {name:>8}: {value:7.3f} ms")
+    ratios = {"engine_vs_torch": milliseconds["engine"] / milliseconds["torch"],
+              "engine_vs_hand": milliseconds["engine"] / milliseconds["by hand"],
+              "hand_vs_torch": milliseconds["by hand"] / milliseconds["torch"]}
+    print(f"engine / torch {ratios['engine_vs_torch']:.2f}x, engine / by hand "
+          f"{ratios['engine_vs_hand']:.2f}x, by hand / torch {ratios['hand_vs_torch']:.2f}x")
+    return {**{f"{name.replace(' ', '_')}_ms": round(value, 3)
+               for name, value in milliseconds.items()},
+            **{name: round(value, 2) for name, value in ratios.items()}}
+
+
+# %% [markdown]
+# ## Plots
+#
+# One picture: the validation loss epoch by epoch of each network, trained by hand
+# (solid) and with the engine (dots). The dots should sit on the lines.
+
+# %%
+def save_plots(out_dir, histories):
+    """Save the validation curves as a PNG in `out_dir`; without matplotlib, print a
+    compact text view instead. `histories` maps a network's name to its (by hand,
+    engine) histories. Returns the files written."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed, so no plots; the validation MSE by epoch instead:")
+        for name, (hand, engine) in histories.items():
+            print(f"  {name} by hand: {' '.join(f'{loss:.2f}' for loss in hand['valid_loss'])}")
+            print(f"  {name} engine:  {' '.join(f'{loss:.2f}' for loss in engine['valid_loss'])}")
+        return []
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{CHAPTER}_training.png")
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for name, (hand, engine) in histories.items():
+        epochs = range(1, len(hand["valid_loss"]) + 1)
+        line, = axis.plot(epochs, hand["valid_loss"], label=f"{name}, by hand")
+        axis.plot(epochs, engine["valid_loss"], "o", color=line.get_color(),
+                  label=f"{name}, engine")
+    axis.set(xlabel="epoch", ylabel="validation MSE (°F²)", title="Hand-written vs engine")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return [path]
+
+
+# %% [markdown]
+# ## Running the chapter
+#
+# Every chapter shares this command line: `--seed` for repeatable runs, `--data` for a
+# local copy of the data, `--quick` for a run of a few seconds (used by the tests) and
+# `--out` for where files are written. Its last line of output is `summary:` and a
+# line of JSON with the chapter's headline figures, so scripts and tests can read it.
+#
+# This chapter adds `--bench` (time the engine against the hand-written network and
+# PyTorch, and nothing else), `--epochs`, `--hidden-size` and `--window` for the
+# recurrent network, and `--unroll`, the number of days of the long graph; bad values
+# are refused before any work starts.
+
+
+# %%
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--data", default=None,
+                        help="path of a local weather CSV (default: download, else generate)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a run of a few seconds, for tests and a first look")
+    parser.add_argument("--out", default="out", help="folder for plots (default out/)")
+    parser.add_argument("--bench", action="store_true",
+                        help="only time a training step (engine, by hand, torch) and print ratios")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs of each training run (default 30, --quick 3)")
+    parser.add_argument("--hidden-size", type=int, default=16,
+                        help="hidden units of the recurrent network (default 16)")
+    parser.add_argument("--window", type=int, default=7,
+                        help="days the recurrent network reads (default 7)")
+    parser.add_argument("--unroll", type=int, default=None,
+                        help="days of the long unrolled graph (default 17000, about 100,000 "
+                             "nodes; --quick 2000)")
+    args = parser.parse_args(argv)
+    if args.epochs is None:
+        args.epochs = 3 if args.quick else 30
+    if args.unroll is None:
+        args.unroll = 2000 if args.quick else 17000
+    if args.epochs < 1:
+        raise DataError(f"--epochs must be at least 1, not {args.epochs}")
+    if args.hidden_size < 1:
+        raise DataError(f"--hidden-size must be at least 1, not {args.hidden_size}")
+    if args.unroll < 1:
+        raise DataError(f"--unroll must be at least 1 day, not {args.unroll}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise DataError(f"--out {args.out} is a file; give a folder for the plots")
+    return args
+
+
+def print_summary(figures):
+    """The chapter's last line: `summary: ` and its headline figures as JSON."""
+    print("summary: " + json.dumps(figures))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    started = time.perf_counter()
+    if args.bench:
+        figures = run_benchmark(args)
+        print_summary({"chapter": CHAPTER, **figures,
+                       "seconds": round(time.perf_counter() - started, 1)})
+        return
+    dates, table, source = load_weather(args.data, args.seed)
+    if args.unroll > len(table):
+        raise DataError(f"--unroll {args.unroll} is longer than the data ({len(table)} days); "
+                        f"use at most {len(table)} days")
+    sequences, sequence_targets = make_sequences(table, args.window)
+    inputs, targets = table[:, :3], table[:, 3:]
+    (train_raw, train_targets), (valid_raw, valid_targets), (test_raw, test_targets) = \
+        split_data(inputs, targets)
+    train_inputs, valid_inputs, test_inputs = standardise(train_raw, valid_raw, test_raw)
+    print(f"weather: {len(table)} days from {source} ({dates[0]} to {dates[-1]}); "
+          f"{len(train_raw)} train, {len(valid_raw)} valid, {len(test_raw)} test")
+
+    # 1. A small graph, to see what the engine records.
+    rng = np.random.default_rng(args.seed)
+    tiny = as_tensors(init_dense([3, 4, 1], rng))
+    loss = tensor_mse(tensor_dense_forward(tiny, Tensor(train_inputs[:5])), train_targets[:5])
+    loss.backward()
+    print(f"\nthe MSE of a [3, 4, 1] network on 5 days, after loss.backward():")
+    print(show_graph(loss))
+
+    # 2. The same weights give the same gradients, by hand and with the engine.
+    (rnn_train, rnn_train_targets), (rnn_valid, rnn_valid_targets), \
+        (rnn_test, rnn_test_targets) = split_data(sequences, sequence_targets)
+    rnn_train, rnn_valid, rnn_test = standardise(rnn_train, rnn_valid, rnn_test)
+    dense_difference = gradient_difference(
+        init_dense([3, 32, 32, 1], rng), dense_forward, dense_backward, tensor_dense_forward,
+        train_inputs[:64], train_targets[:64])
+    rnn_difference = gradient_difference(
+        init_rnn(3, args.hidden_size, rng), rnn_forward, rnn_backward, tensor_rnn_forward,
+        rnn_train[:64], rnn_train_targets[:64])
+    print(f"\nlargest relative gradient difference, hand-written vs engine: dense "
+          f"{dense_difference:.1e}, recurrent {rnn_difference:.1e}")
+
+    # 3. Train both networks twice: by hand and with the engine, same batches.
+    print(f"\ntraining, {args.epochs} epochs each (same starting weights, same batches):")
+    dense_start = fresh_model((train_inputs, train_targets), [32, 32],
+                              np.random.default_rng(args.seed))
+    dense_hand, dense_engine, _, *dense_histories = compare_training(
+        "dense [3, 32, 32, 1]", dense_start, dense_forward, dense_backward,
+        tensor_dense_forward, ((train_inputs, train_targets), (valid_inputs, valid_targets),
+                               (test_inputs, test_targets)),
+        (args.epochs, 0.001, 32, None), args.seed)
+    rnn_start = init_rnn(3, args.hidden_size, np.random.default_rng(args.seed))
+    rnn_start["output_bias"] += rnn_train_targets.mean()
+    rnn_hand, rnn_engine, _, *rnn_histories = compare_training(
+        f"recurrent, {args.window} days, {args.hidden_size} hidden", rnn_start, rnn_forward,
+        rnn_backward, tensor_rnn_forward,
+        ((rnn_train, rnn_train_targets), (rnn_valid, rnn_valid_targets),
+         (rnn_test, rnn_test_targets)), (args.epochs, 0.001, 32, 1.0), args.seed)
+
+    # 4. The engine's Adam on the dense network: an optimiser chapter 03 did not have.
+    tensors = as_tensors(fresh_model((train_inputs, train_targets), [32, 32],
+                                     np.random.default_rng(args.seed)))
+    train_with_engine(tensors, tensor_dense_forward, (train_inputs, train_targets),
+                      (valid_inputs, valid_targets), args.epochs,
+                      Adam(parameter_list(tensors), 0.001), 32, None,
+                      np.random.default_rng(args.seed))
+    adam_mae = mae(tensor_dense_forward(tensors, Tensor(test_inputs)).data, test_targets)
+    print(f"  dense [3, 32, 32, 1] with Adam (engine): test MAE {adam_mae:.4f} °F")
+
+    # 5. A graph of about 100,000 nodes.
+    nodes, seconds, unroll_difference = long_unroll(train_inputs, train_targets, args.unroll,
+                                                    8, args.seed)
+    print(f"\na recurrent network unrolled over {args.unroll} days: {nodes} nodes, "
+          f"backward() in {seconds:.2f} s; largest relative gradient difference from "
+          f"chapter 05's backpropagation through time {unroll_difference:.1e}")
+
+    for path in save_plots(args.out, {"dense": dense_histories, "recurrent": rnn_histories}):
+        print(f"saved {path}")
+    print_summary({"chapter": CHAPTER, "source": source,
+                   "dense_test_mae_by_hand": round(dense_hand, 3),
+                   "dense_test_mae_engine": round(dense_engine, 3),
+                   "rnn_test_mae_by_hand": round(rnn_hand, 3),
+                   "rnn_test_mae_engine": round(rnn_engine, 3),
+                   "adam_test_mae": round(adam_mae, 3),
+                   "dense_gradient_difference": float(f"{dense_difference:.1e}"),
+                   "rnn_gradient_difference": float(f"{rnn_difference:.1e}"),
+                   "unroll_nodes": nodes,
+                   "unroll_gradient_difference": float(f"{unroll_difference:.1e}"),
+                   "seconds": round(time.perf_counter() - started, 1)})
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,1245 @@
+"""PyTorch: the networks of chapters 03 and 05 rebuilt on a real deep-learning library.
+
+Chapter 06 built a miniature PyTorch: a `Tensor` that remembers how it was computed,
+a `.backward()` that walks that graph with the chain rule, and SGD and Adam
+optimisers. This chapter swaps the miniature for the real thing and shows, piece by
+piece, which PyTorch part does the job of which part you wrote:
+
+* tensors and devices: `torch.Tensor`, `dtype`, `.to(device)`, sharing memory with
+  numpy;
+* autograd: `requires_grad`, `.grad`, `.grad_fn`, `loss.backward()`, `torch.no_grad()`;
+* models: `nn.Module` and `nn.Parameter`, then the ready-made `nn.Linear`, `nn.ReLU`,
+  `nn.Sequential` and `nn.RNN`;
+* optimisers: `torch.optim.SGD` and `torch.optim.Adam`;
+* data: `Dataset`, `Sampler` and `DataLoader`;
+* train and eval modes, and saving and loading weights safely (`state_dict`,
+  `torch.save` into a temporary file renamed into place, `torch.load(weights_only=True)`).
+
+The proof that nothing is lost in translation: given the same starting weights, the
+PyTorch dense network computes the same predictions and the same gradients as
+chapter 03's numpy network (to about 1e-12 in float64), trains along the same path
+to the same test MAE, and the PyTorch recurrent network matches chapter 05's. Then
+the chapter times a training step in numpy and in PyTorch, on the CPU and on a GPU
+when there is one.
+
+New since 06_autograd.py: the real library. The numpy networks of 03 and 05 are
+carried unchanged, for the comparisons.
+
+Run it with `python 07_pytorch.py` (about 40 seconds on a 2-core CPU) or
+`python 07_pytorch.py --quick` (a few seconds). `--data PATH` reads a local copy of the
+weather table, `--device cpu` or `--device cuda` picks the device; `--help` lists
+every flag.
+"""
+
+# %%
+import argparse
+import csv
+import hashlib
+import json
+import os
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+CHAPTER = "07_pytorch"
+
+# %% [markdown]
+# ## The weather table
+#
+# Every weather chapter (01-08) reads the same table: one row a day, from
+# 1970-01-01 to 2022-11-26, with the day's highest temperature (`tmax`, °F), lowest
+# temperature (`tmin`, °F), rainfall (`rain`, inches) and the next day's highest
+# temperature (`tmax_tomorrow`), the number we learn to predict.
+#
+# The loader below is carried unchanged from chapter to chapter. It downloads the
+# table once into `data/`, checks it against a recorded SHA-256 digest (so a
+# truncated or tampered download is never used), and writes it to a temporary file
+# that is renamed into place only when complete, so an interrupted download never
+# leaves half a file behind. Without a network it generates a stand-in table of the
+# same shape, so the chapter still runs; it says so in one line.
+
+# %%
+WEATHER_URL = ("https://raw.githubusercontent.com/VikParuchuri/zero_to_gpt/"
+               "master/data/clean_weather.csv")
+WEATHER_SHA256 = "70d75ac02ccf0c0f45aed0077919fee302c6428b9f3c3401aadf090b0f6dfc8c"
+WEATHER_COLUMNS = ["tmax", "tmin", "rain", "tmax_tomorrow"]
+FEATURES = ["tmax", "tmin", "rain"]     # what the models see
+TARGET = "tmax_tomorrow"                # what they predict
+
+
+class DataError(Exception):
+    """A problem with the learner's input (a file, a flag). `main` reports it in one
+    sentence and exits with code 2 instead of showing a traceback."""
+
+
+def sha256_of(path):
+    """The SHA-256 digest of a file, read in 1 MiB pieces so big files fit in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for piece in iter(lambda: file.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def download(url, path, sha256, timeout=20):
+    """Fetch `url` into `path` unless a verified copy is already there.
+
+    The bytes go to `path + ".part"` first and are renamed into place only after the
+    digest matches, so `path` is either absent or complete and correct. Returns True
+    when `path` holds the verified file, False when the download failed (no network,
+    a wrong digest); the caller then falls back to generated data."""
+    if os.path.exists(path) and sha256_of(path) == sha256:
+        return True
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    partial = path + ".part"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as file:
+            total = int(response.headers.get("Content-Length") or 0)
+            done = 0
+            while piece := response.read(1 << 16):
+                file.write(piece)
+                done += len(piece)
+                if total:
+                    print(f"\rdownloading {os.path.basename(path)}: {100 * done // total}%",
+                          end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+        if sha256_of(partial) != sha256:
+            os.remove(partial)
+            print(f"download of {url} did not match its recorded SHA-256; not using it",
+                  file=sys.stderr)
+            return False
+        os.replace(partial, path)
+        return True
+    except (OSError, ValueError):  # no network, refused, timed out, disk full
+        if os.path.exists(partial):
+            os.remove(partial)
+        return False
+
+
+def read_weather_csv(path):
+    """Read the weather CSV at `path` into a float array of shape (days, 4) whose
+    columns are WEATHER_COLUMNS, and the list of dates from its first column.
+
+    A missing cell means the station recorded nothing that day; we fill it with the
+    previous day's value ("forward fill"), the usual choice for slowly changing
+    measurements. Any other problem is the learner's to fix, so it raises DataError
+    with a sentence that names the file, the line and what to do."""
+    if not os.path.isfile(path):
+        raise DataError(f"weather file {path} does not exist; pass --data with the path "
+                        f"of a CSV with columns {', '.join(WEATHER_COLUMNS)}")
+    try:
+        with open(path, newline="", encoding="utf-8") as file:
+            rows = list(csv.reader(file))
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"weather file {path} is not a readable CSV text file ({error})")
+    if not rows or not any(cell.strip() for cell in rows[0]):
+        raise DataError(f"weather file {path} is empty; it needs a header line and one "
+                        f"row per day")
+    header = [cell.strip() for cell in rows[0]]
+    missing = [name for name in WEATHER_COLUMNS if name not in header]
+    if missing:
+        raise DataError(f"weather file {path} has no column {', '.join(missing)}; the header "
+                        f"must name {', '.join(WEATHER_COLUMNS)} (it has {', '.join(header)})")
+    where = [header.index(name) for name in WEATHER_COLUMNS]
+    dates, table = [], []
+    for line_number, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue  # a blank line, e.g. at the end of the file
+        values = []
+        for column, name in zip(where, WEATHER_COLUMNS):
+            cell = row[column].strip() if column < len(row) else ""
+            try:
+                values.append(float(cell) if cell else np.nan)
+            except ValueError:
+                raise DataError(f"weather file {path}, line {line_number}: {name} is "
+                                f"{cell!r}, not a number")
+        dates.append(row[0].strip())
+        table.append(values)
+    if not table:
+        raise DataError(f"weather file {path} has a header but no rows of data")
+    table = np.array(table)
+    for column in range(table.shape[1]):  # forward fill, then back fill a leading gap
+        values = table[:, column]
+        known = np.where(~np.isnan(values), np.arange(len(values)), 0)
+        np.maximum.accumulate(known, out=known)
+        values[:] = values[known]
+        if np.isnan(values).all():
+            raise DataError(f"weather file {path}: column {WEATHER_COLUMNS[column]} has no values")
+        values[np.isnan(values)] = values[~np.isnan(values)][0]
+    return dates, table
+
+
+def generate_weather(seed=0, days=13509):
+    """A stand-in for the real table, used when it cannot be downloaded.
+
+    It has the real table's columns and its main features, so every model in the
+    course has something genuine to learn: a yearly seasonal cycle (about 66 °F on
+    average, ±7 °F over the year), day-to-day persistence (today's weather is
+    yesterday's plus a random step, pulled back towards the season), tmin about 16 °F
+    below tmax, and rain on about 17% of days, which cools the day a little.
+    Deterministic from `seed`."""
+    rng = np.random.default_rng(seed)
+    day_of_year = np.arange(days) % 365.25
+    season = 66 + 7 * np.sin(2 * np.pi * (day_of_year - 110) / 365.25)
+    anomaly = np.zeros(days)  # how far each day is from its season: an AR(1) process
+    steps = rng.normal(0, 4.0, days)
+    for day in range(1, days):
+        anomaly[day] = 0.7 * anomaly[day - 1] + steps[day]
+    rainy = rng.random(days) < 0.17
+    rain = np.where(rainy, np.round(rng.exponential(0.27, days), 2), 0.0)
+    tmax = np.round(season + anomaly - 4 * rainy)
+    tmin = np.round(tmax - 16 + 4 * np.sin(2 * np.pi * day_of_year / 365.25)
+                    + rng.normal(0, 3.5, days))
+    tmax_tomorrow = np.append(tmax[1:], tmax[-1])
+    start = np.datetime64("1970-01-01")
+    dates = [str(start + day) for day in range(days)]
+    return dates, np.stack([tmax, tmin, rain, tmax_tomorrow], axis=1)
+
+
+def load_weather(path=None, seed=0):
+    """The weather table as (dates, table, source). `path` (from --data) wins; then the
+    downloaded copy in data/; then generated data, announced in one line."""
+    if path:
+        return (*read_weather_csv(path), path)
+    cached = os.path.join("data", "clean_weather.csv")
+    if download(WEATHER_URL, cached, WEATHER_SHA256):
+        return (*read_weather_csv(cached), cached)
+    print("note: could not download the weather table (offline?); using generated "
+          "weather of the same shape instead", file=sys.stderr)
+    return (*generate_weather(seed), "generated")
+
+
+def split_data(inputs, targets, train_fraction=0.7, valid_fraction=0.15):
+    """Split rows in time order into train, validation and test sets.
+
+    Weather is a time series: shuffling before splitting would let the model peek at
+    tomorrow while training on today, and its test score would flatter it. So the
+    first 70% of days train, the next 15% tune choices, the last 15% are the test."""
+    rows = len(inputs)
+    train_end = int(rows * train_fraction)
+    valid_end = int(rows * (train_fraction + valid_fraction))
+    return ((inputs[:train_end], targets[:train_end]),
+            (inputs[train_end:valid_end], targets[train_end:valid_end]),
+            (inputs[valid_end:], targets[valid_end:]))
+
+
+# %% [markdown]
+# ## Carried from chapter 03: the numpy dense network
+#
+# Chapter 03's loss functions, scaling and dense network, unchanged: the yardstick the
+# PyTorch network must match number for number. A network is a list of `(weight,
+# bias)` pairs, weight of shape (inputs, outputs) and bias (1, outputs);
+# `dense_forward` keeps each layer's input and pre-activation in a cache, and
+# `dense_backward` turns d loss / d outputs into every layer's gradients with the
+# chain rule (chapter 03 derives each line). `train` is chapter 03's mini-batch
+# gradient descent, and `evaluate` its test-day MAE.
+
+# %%
+def mse(predictions, targets):
+    """Mean squared error: the average of (prediction - target)^2."""
+    return float(np.mean((predictions - targets) ** 2))
+
+
+def mae(predictions, targets):
+    """Mean absolute error: the average distance between prediction and target."""
+    return float(np.mean(np.abs(predictions - targets)))
+
+
+def mse_grad(predictions, targets):
+    """The gradient of `mse` with respect to each prediction: 2 (p - t) / n."""
+    return 2 * (predictions - targets) / predictions.size
+
+
+def standardise(train, *others):
+    """Scale every column of `train` to mean 0 and standard deviation 1, and apply the
+    same shift and scale (measured on `train` only) to each array in `others`.
+    Returns the scaled arrays in the order given. A constant column (spread 0) is only
+    shifted, never divided by zero."""
+    mean = train.mean(axis=0)
+    spread = train.std(axis=0)
+    spread = np.where(spread > 0, spread, 1.0)
+    return tuple((array - mean) / spread for array in (train, *others))
+
+
+def relu(x):
+    """The rectified linear unit: x where x > 0, else 0, elementwise."""
+    return np.maximum(x, 0)
+
+
+def init_dense(layer_sizes, rng):
+    """A dense network with the given layer sizes, e.g. [3, 32, 32, 1], as a list of
+    (weight, bias) pairs: weight (inputs, outputs) drawn from a normal distribution
+    with standard deviation sqrt(2 / inputs) (He initialisation), bias (1, outputs)
+    zeros."""
+    return [(rng.normal(0.0, np.sqrt(2.0 / inputs), size=(inputs, outputs)),
+             np.zeros((1, outputs)))
+            for inputs, outputs in zip(layer_sizes[:-1], layer_sizes[1:])]
+
+
+def start_from_mean(layers, targets):
+    """Set the last layer's bias to the average target, so training starts from the
+    sensible guess "every day is an average day" instead of from 0 °F, and the
+    weights only have to learn the differences from the average."""
+    weight, bias = layers[-1]
+    return [*layers[:-1], (weight, bias + targets.mean())]
+
+
+def dense_forward(layers, inputs):
+    """Run `inputs` (rows, features) through the network. Returns the outputs (rows,
+    last layer size) and the cache: one (layer input, pre-activation) pair a layer."""
+    cache = []
+    activations = inputs
+    for index, (weight, bias) in enumerate(layers):
+        pre_activation = activations @ weight + bias
+        cache.append((activations, pre_activation))
+        is_last = index == len(layers) - 1
+        activations = pre_activation if is_last else relu(pre_activation)
+    return activations, cache
+
+
+def dense_backward(layers, cache, output_grad):
+    """Backpropagation: given `cache` from `dense_forward` and `output_grad`, the
+    loss's gradient with respect to the network's outputs, return one (weight_grad,
+    bias_grad) pair per layer, in the order of `layers`."""
+    gradients = []
+    grad = output_grad
+    for index in reversed(range(len(layers))):
+        weight, _ = layers[index]
+        layer_inputs, pre_activation = cache[index]
+        if index < len(layers) - 1:
+            grad = grad * (pre_activation > 0)       # back through the ReLU
+        gradients.append((layer_inputs.T @ grad, grad.sum(axis=0, keepdims=True)))
+        grad = grad @ weight.T                       # on to the layer below
+    return gradients[::-1]
+
+
+def train(layers, train_set, valid_set, learning_rate, epochs, batch_size, rng):
+    """Mini-batch gradient descent on the MSE. Returns the trained layers and the
+    history: one (train_mse, valid_mae) pair per epoch."""
+    inputs, targets = train_set
+    history = []
+    for epoch in range(epochs):
+        order = rng.permutation(len(inputs))
+        # A learning rate that is too large makes the numbers overflow on purpose in
+        # the experiments below; we detect that from the loss, without warnings.
+        with np.errstate(over="ignore", invalid="ignore"):
+            for start in range(0, len(inputs), batch_size):
+                batch = order[start:start + batch_size]
+                # Forward: predict this batch and keep what the backward pass needs.
+                predictions, cache = dense_forward(layers, inputs[batch])
+                # Backward: the loss's gradient for each prediction, then for each
+                # weight and bias.
+                gradients = dense_backward(layers, cache, mse_grad(predictions, targets[batch]))
+                # The step: every parameter moves against its own gradient. New
+                # arrays are made, so a model passed in is never changed.
+                layers = [(weight - learning_rate * weight_grad, bias - learning_rate * bias_grad)
+                          for (weight, bias), (weight_grad, bias_grad) in zip(layers, gradients)]
+            history.append((mse(dense_forward(layers, inputs)[0], targets),
+                            evaluate(layers, *valid_set)))
+        if diverged(history[-1][0]):
+            break  # more steps cannot bring it back
+    return layers, history
+
+
+def diverged(loss):
+    """True when a training loss has blown up: overflowed to inf or nan, or grown past
+    1e12 °F² (errors of a million degrees), where no later step can recover."""
+    return not np.isfinite(loss) or loss > 1e12
+
+
+def evaluate(layers, inputs, targets):
+    """The model's mean absolute error on a set of rows, in °F."""
+    return mae(dense_forward(layers, inputs)[0], targets)
+
+
+# %% [markdown]
+# ## Carried from chapter 05: the numpy recurrent network
+#
+# Chapter 05's windows of days and its recurrent network, unchanged: the hidden state
+# `h_t = tanh(x_t W_x + h_{t-1} W_h + b)` runs over the days of a window, and a linear
+# read-out of the last state predicts tomorrow's tmax. `rnn_backward` is
+# backpropagation through time, written by hand.
+
+# %%
+def make_sequences(table, window):
+    """Cut the weather table into overlapping windows of `window` days.
+
+    Returns (sequences, targets): sequences of shape (examples, window, features) with
+    the FEATURES columns, targets of shape (examples, 1) with tomorrow's tmax after the
+    last day of each window. A window longer than the table is a DataError."""
+    if window < 1:
+        raise DataError(f"--window must be at least 1 day, not {window}")
+    if window > len(table):
+        raise DataError(f"--window {window} is longer than the data ({len(table)} days); "
+                        f"use a window of at most {len(table)} days")
+    features = table[:, [WEATHER_COLUMNS.index(name) for name in FEATURES]]
+    # sliding_window_view gives (examples, features, window); put time before features.
+    sequences = np.lib.stride_tricks.sliding_window_view(features, window, axis=0)
+    sequences = np.ascontiguousarray(sequences.transpose(0, 2, 1))
+    targets = table[window - 1:, [WEATHER_COLUMNS.index(TARGET)]]
+    return sequences, targets
+
+
+def init_rnn(input_size, hidden_size, rng):
+    """The recurrent network's weights, a dict of named arrays."""
+    return {
+        "input_weight": rng.normal(0.0, 1 / np.sqrt(input_size), (input_size, hidden_size)),
+        "hidden_weight": rng.normal(0.0, 1 / np.sqrt(hidden_size), (hidden_size, hidden_size)),
+        "hidden_bias": np.zeros((1, hidden_size)),
+        "output_weight": rng.normal(0.0, 1 / np.sqrt(hidden_size), (hidden_size, 1)),
+        "output_bias": np.zeros((1, 1)),
+    }
+
+
+def rnn_forward(params, sequences):
+    """Run the RNN over `sequences` (batch, steps, features). Returns the predictions
+    (batch, 1) and the cache that the backward pass needs: the inputs and every hidden
+    state h_0 .. h_N."""
+    batch, steps, _ = sequences.shape
+    input_part = sequences @ params["input_weight"] + params["hidden_bias"]
+    hidden = np.zeros((batch, params["hidden_weight"].shape[0]))
+    hiddens = [hidden]
+    for step in range(steps):
+        hidden = np.tanh(input_part[:, step] + hidden @ params["hidden_weight"])
+        hiddens.append(hidden)
+    predictions = hidden @ params["output_weight"] + params["output_bias"]
+    return predictions, {"sequences": sequences, "hiddens": hiddens}
+
+
+def rnn_backward(params, cache, output_grad, with_input_grad=False):
+    """Backpropagation through time. `output_grad` is d loss / d predictions (batch, 1).
+    Returns the gradients, a dict with the same names as `params`; with
+    `with_input_grad=True`, also d loss / d sequences (batch, steps, features), which
+    training does not need but which shows how far back the loss reaches."""
+    sequences, hiddens = cache["sequences"], cache["hiddens"]
+    steps = sequences.shape[1]
+    grads = {
+        "output_weight": hiddens[-1].T @ output_grad,
+        "output_bias": output_grad.sum(axis=0, keepdims=True),
+    }
+    hidden_grad = output_grad @ params["output_weight"].T         # delta_N
+    preactivation_grads = np.zeros(sequences.shape[:2] + hidden_grad.shape[1:])
+    hidden_weight_grad = np.zeros_like(params["hidden_weight"])
+    for step in reversed(range(steps)):
+        # hiddens[step + 1] is h_t and hiddens[step] is h_{t-1} for this step.
+        preactivation_grad = hidden_grad * (1 - hiddens[step + 1] ** 2)
+        preactivation_grads[:, step] = preactivation_grad
+        hidden_weight_grad += hiddens[step].T @ preactivation_grad
+        hidden_grad = preactivation_grad @ params["hidden_weight"].T    # delta_{t-1}
+    grads["hidden_weight"] = hidden_weight_grad
+    # The sums over time of x_t^T (d loss / d a_t), in one product over (batch, time).
+    flat_inputs = sequences.reshape(-1, sequences.shape[2])
+    flat_grads = preactivation_grads.reshape(-1, preactivation_grads.shape[2])
+    grads["input_weight"] = flat_inputs.T @ flat_grads
+    grads["hidden_bias"] = flat_grads.sum(axis=0, keepdims=True)
+    if with_input_grad:
+        return grads, preactivation_grads @ params["input_weight"].T
+    return grads
+
+
+# %% [markdown]
+# ## From chapter 06 to PyTorch: what replaces what
+#
+# Chapter 06's miniature engine and PyTorch are built on the same three ideas, so
+# every piece you wrote has a counterpart:
+#
+# | chapter 06 (yours)                         | PyTorch                                    |
+# |--------------------------------------------|--------------------------------------------|
+# | a `Tensor` wrapping a numpy array           | `torch.Tensor` (CPU or GPU memory)         |
+# | the tensor's parents and backward rule      | `tensor.grad_fn`, built as you compute     |
+# | `loss.backward()` walking the graph         | `loss.backward()`, written in C++          |
+# | a tensor's `.grad`                          | `tensor.grad`, for tensors that ask for it |
+# | the list of weights to train                | `nn.Parameter`s inside an `nn.Module`      |
+# | the SGD and Adam classes                    | `torch.optim.SGD`, `torch.optim.Adam`      |
+# | cutting shuffled rows into batches          | `Dataset`, `Sampler`, `DataLoader`         |
+#
+# What PyTorch adds is speed and breadth: hundreds of operations each with a tested
+# backward rule, kernels tuned for CPUs and GPUs, and the same code running on either.
+#
+# ## Tensors and devices
+#
+# A `torch.Tensor` is an n-dimensional array, like a numpy array: same shapes, same
+# broadcasting rules, same `@` for matrix multiply. Two differences matter from the
+# start:
+#
+# * **dtype.** numpy computes in float64 by default; PyTorch in float32, which is
+#   half the memory and, on a GPU, many times the speed. Its 7 significant digits are
+#   plenty for training. We use float64 only where we compare with numpy to the last
+#   digit.
+# * **device.** A tensor lives in the memory of one device: `cpu`, or `cuda` (an
+#   NVIDIA GPU). An operation runs on the device where its inputs live, and mixing
+#   devices is an error, so a model and its data are moved together with `.to(device)`.
+#
+# `torch.from_numpy(array)` makes a tensor that *shares* the array's memory (no copy:
+# change one and the other changes); `tensor.numpy()` goes back, for a CPU tensor.
+# `torch.as_tensor(array, dtype=..., device=...)` copies only when it must.
+
+# %%
+def pick_device(name="auto"):
+    """The device to compute on: "cuda" when asked for or when one is available with
+    "auto", else "cpu". Asking for a GPU that is not there is a DataError."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda was asked for, but PyTorch sees no CUDA GPU here; "
+                        "use --device cpu or --device auto")
+    return torch.device(name)
+
+
+def tensor_tour(inputs, device):
+    """Show tensors beside numpy arrays on a few weather rows: shared memory, dtypes,
+    devices, and the same arithmetic. Returns the largest difference between numpy's
+    and PyTorch's answer to the same matrix product."""
+    rows = np.ascontiguousarray(inputs[:4])
+    shared = torch.from_numpy(rows)
+    print(f"  torch.from_numpy: shape {tuple(shared.shape)}, dtype {shared.dtype}, "
+          f"device {shared.device}, shares memory with the array: "
+          f"{shared.data_ptr() == rows.__array_interface__['data'][0]}")
+    on_device = shared.to(device=device, dtype=torch.float32)
+    print(f"  .to({device.type!r}, float32): dtype {on_device.dtype}, device {on_device.device}")
+    # The same product, in numpy and in PyTorch (float64 on the CPU): identical maths.
+    by_numpy = rows @ rows.T
+    by_torch = (shared @ shared.T).numpy()
+    difference = float(np.abs(by_numpy - by_torch).max())
+    print(f"  rows @ rows.T in numpy and in PyTorch differ by at most {difference:.1e}")
+    return difference
+
+
+# %% [markdown]
+# ## Autograd
+#
+# A tensor created with `requires_grad=True` is a leaf of the computational graph,
+# exactly like a weight `Tensor` in chapter 06. Every operation on it records a node
+# (`result.grad_fn`) that knows its inputs and its backward rule. `loss.backward()`
+# walks the graph from the loss back to the leaves and *adds* each leaf's gradient into
+# its `.grad`.
+#
+# Two habits follow:
+#
+# * gradients **accumulate**: a second `backward()` adds to `.grad` instead of replacing
+#   it (useful to sum gradients over several batches), so each training step starts by
+#   zeroing them (`optimizer.zero_grad()`);
+# * evaluation runs inside `with torch.no_grad():`, which records no graph: less memory
+#   and time, and no risk of a stray gradient.
+#
+# The check below uses one linear layer, `predictions = x W + b`, whose gradient
+# chapter 02 derived by hand: with `g = 2 (predictions - targets) / n`,
+# `d loss / d W = x^T g` and `d loss / d b = sum of g`.
+
+# %%
+def autograd_tour(inputs, targets, rng):
+    """Compare autograd with the hand-derived gradient of a linear layer, and show that
+    gradients accumulate and that no_grad records nothing. Returns the largest
+    difference between autograd's and the hand-derived weight gradient."""
+    x = torch.from_numpy(inputs)
+    t = torch.from_numpy(targets)
+    weight = torch.tensor(rng.normal(size=(x.shape[1], 1)), requires_grad=True)
+    bias = torch.zeros((1, 1), dtype=torch.float64, requires_grad=True)
+    predictions = x @ weight + bias
+    loss = ((predictions - t) ** 2).mean()
+    print(f"  loss = {loss.item():.3f}, computed by {type(loss.grad_fn).__name__}, "
+          f"whose inputs come from {type(loss.grad_fn.next_functions[0][0]).__name__}")
+    loss.backward()
+    g = 2 * (predictions.detach() - t) / len(t)
+    by_hand = x.T @ g
+    difference = float((weight.grad - by_hand).abs().max())
+    print(f"  d loss / d W: autograd and x^T g differ by {difference:.1e}")
+    first = weight.grad.clone()
+    ((x @ weight + bias - t) ** 2).mean().backward()       # a second backward adds up
+    print(f"  after a second backward, .grad is {float((weight.grad / first).mean()):.1f} "
+          f"times the first: gradients accumulate until zeroed")
+    with torch.no_grad():
+        quiet = x @ weight + bias
+    print(f"  under torch.no_grad() the result has grad_fn={quiet.grad_fn} and "
+          f"requires_grad={quiet.requires_grad}")
+    return difference
+
+
+# %% [markdown]
+# ## nn.Module and nn.Parameter: chapter 03's network in PyTorch
+#
+# `nn.Module` is the base class of every PyTorch model. A subclass creates its
+# weights in `__init__`, wrapped in `nn.Parameter`, and computes its output in
+# `forward`. Wrapping a tensor in `nn.Parameter` does two things: it sets
+# `requires_grad=True`, and it *registers* the tensor with the module, so that
+# `model.parameters()` lists it for the optimiser, `model.to(device)` moves it and
+# `model.state_dict()` saves it. A list of parameters goes in an `nn.ParameterList`
+# (a plain Python list would hide them from the module).
+#
+# `DenseNet` below is chapter 03's `dense_forward` line for line: the same weight
+# shapes (inputs, outputs), the same He initialisation, a ReLU after every layer but
+# the last. There is no backward method: autograd derives it from `forward`.
+
+# %%
+class DenseNet(nn.Module):
+    """Chapter 03's dense network as an nn.Module, e.g. DenseNet([3, 32, 32, 1])."""
+
+    def __init__(self, layer_sizes, dtype=torch.float32):
+        super().__init__()
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for inputs, outputs in zip(layer_sizes[:-1], layer_sizes[1:]):
+            # He initialisation, as init_dense: standard deviation sqrt(2 / inputs).
+            weight = torch.randn(inputs, outputs, dtype=dtype) * np.sqrt(2.0 / inputs)
+            self.weights.append(nn.Parameter(weight))
+            self.biases.append(nn.Parameter(torch.zeros(1, outputs, dtype=dtype)))
+
+    def forward(self, inputs):
+        activations = inputs
+        for index, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            pre_activation = activations @ weight + bias
+            is_last = index == len(self.weights) - 1
+            activations = pre_activation if is_last else torch.relu(pre_activation)
+        return activations
+
+
+def dense_net_from_layers(layers):
+    """A DenseNet holding a copy of numpy `layers` (chapter 03's list of (weight, bias)
+    pairs), in the layers' own dtype, so both compute with identical numbers."""
+    sizes = [layers[0][0].shape[0]] + [weight.shape[1] for weight, _ in layers]
+    model = DenseNet(sizes, dtype=torch.from_numpy(layers[0][0]).dtype)
+    with torch.no_grad():  # copying into a parameter is not a step to differentiate
+        for (weight, bias), weight_parameter, bias_parameter in zip(
+                layers, model.weights, model.biases):
+            weight_parameter.copy_(torch.from_numpy(weight))
+            bias_parameter.copy_(torch.from_numpy(bias))
+    return model
+
+
+# %% [markdown]
+# ### The same network from PyTorch's parts
+#
+# Nobody writes `x @ W + b` by hand in PyTorch: `nn.Linear(inputs, outputs)` is that
+# layer, `nn.ReLU()` the bend, and `nn.Sequential` runs modules one after another.
+# One detail: `nn.Linear` stores its weight as (outputs, inputs) and computes
+# `x @ weight.T + bias`, the transpose of our convention, so copying our weights in
+# means transposing them. Its default initialisation also differs (uniform, scaled by
+# `1 / sqrt(inputs)`); with copied weights the two networks agree exactly.
+
+# %%
+def sequential_from_layers(layers):
+    """The same network as `dense_net_from_layers`, built from nn.Linear and nn.ReLU."""
+    modules = []
+    for index, (weight, bias) in enumerate(layers):
+        linear = nn.Linear(*weight.shape, dtype=torch.from_numpy(weight).dtype)
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(weight.T))
+            linear.bias.copy_(torch.from_numpy(bias[0]))
+        modules.append(linear)
+        if index < len(layers) - 1:
+            modules.append(nn.ReLU())
+    return nn.Sequential(*modules)
+
+
+# %% [markdown]
+# ## The proof: same weights, same predictions, same gradients
+#
+# We take a numpy network from `init_dense`, copy it into PyTorch, run both on the
+# same rows, and compare. In numpy the gradients come from chapter 03's hand-written
+# `dense_backward`; in PyTorch from autograd on `nn.functional.mse_loss`, which is
+# chapter 03's `mse`. In float64 both follow the same arithmetic, so the differences
+# should be rounding noise, around 1e-12 and far below 1e-6.
+
+# %%
+def gradients_as_layers(model):
+    """The gradients left in `model` by `backward()`, as chapter 03's list of
+    (weight_grad, bias_grad) numpy pairs. An nn.Linear stores its weight transposed,
+    and its bias as a vector, so those are turned back into our shapes."""
+    if isinstance(model, DenseNet):
+        return [(weight.grad.numpy(), bias.grad.numpy())
+                for weight, bias in zip(model.weights, model.biases)]
+    return [(module.weight.grad.numpy().T, module.bias.grad.numpy()[None, :])
+            for module in model if isinstance(module, nn.Linear)]
+
+
+def compare_dense(layers, inputs, targets, model=None):
+    """Run numpy `layers` and a PyTorch copy (`model`, by default a DenseNet) on the
+    same rows. Returns (largest prediction difference, largest gradient difference)."""
+    predictions, cache = dense_forward(layers, inputs)
+    gradients = dense_backward(layers, cache, mse_grad(predictions, targets))
+    model = dense_net_from_layers(layers) if model is None else model
+    torch_predictions = model(torch.from_numpy(inputs))
+    loss = nn.functional.mse_loss(torch_predictions, torch.from_numpy(targets))
+    model.zero_grad()
+    loss.backward()
+    prediction_gap = float(np.abs(torch_predictions.detach().numpy() - predictions).max())
+    gradient_gap = max(float(np.abs(by_torch - by_hand).max())
+                       for torch_pair, hand_pair in zip(gradients_as_layers(model), gradients)
+                       for by_torch, by_hand in zip(torch_pair, hand_pair))
+    return prediction_gap, gradient_gap
+
+
+# %% [markdown]
+# ## Chapter 05's recurrent network in PyTorch
+#
+# The recurrent network is a module too. Its parameters carry the names of chapter
+# 05's dict (`input_weight`, `hidden_weight`, ...), so the module's `state_dict`, a
+# dict from names to tensors, has the same keys as the numpy network, and copying
+# one into the other is a single `load_state_dict`. The `forward` is `rnn_forward`
+# without the cache: the Python loop over the days stays, and autograd records one
+# node per step, which is backpropagation through time for free.
+#
+# PyTorch also has the layer ready-made: `nn.RNN` runs the same tanh recurrence in
+# one call, with a fused, faster loop. It stores `W_x` and `W_h` transposed
+# (`weight_ih_l0`, `weight_hh_l0`) and has two biases (`bias_ih_l0 + bias_hh_l0` play
+# the part of our one `b`), so copying our weights in means transposing and splitting.
+# `batch_first=True` makes it read (batch, steps, features), our layout.
+
+# %%
+class RecurrentNet(nn.Module):
+    """Chapter 05's recurrent network as an nn.Module, its parameters named as in
+    `init_rnn`."""
+
+    def __init__(self, input_size, hidden_size, dtype=torch.float32):
+        super().__init__()
+        # The initialisation of init_rnn: standard deviation 1 / sqrt(inputs).
+        def drawn(inputs, outputs):
+            return nn.Parameter(torch.randn(inputs, outputs, dtype=dtype) / np.sqrt(inputs))
+        self.input_weight = drawn(input_size, hidden_size)
+        self.hidden_weight = drawn(hidden_size, hidden_size)
+        self.hidden_bias = nn.Parameter(torch.zeros(1, hidden_size, dtype=dtype))
+        self.output_weight = drawn(hidden_size, 1)
+        self.output_bias = nn.Parameter(torch.zeros(1, 1, dtype=dtype))
+
+    def forward(self, sequences):
+        input_part = sequences @ self.input_weight + self.hidden_bias
+        hidden = torch.zeros(sequences.shape[0], self.hidden_weight.shape[0],
+                             dtype=sequences.dtype, device=sequences.device)
+        for step in range(sequences.shape[1]):
+            hidden = torch.tanh(input_part[:, step] + hidden @ self.hidden_weight)
+        return hidden @ self.output_weight + self.output_bias
+
+
+class BuiltinRecurrentNet(nn.Module):
+    """The same network from PyTorch's parts: nn.RNN and an nn.Linear read-out."""
+
+    def __init__(self, input_size, hidden_size, dtype=torch.float32):
+        super().__init__()
+        self.rnn = nn.RNN(input_size, hidden_size, batch_first=True, dtype=dtype)
+        self.readout = nn.Linear(hidden_size, 1, dtype=dtype)
+
+    def forward(self, sequences):
+        _, last_hidden = self.rnn(sequences)   # (layers = 1, batch, hidden_size)
+        return self.readout(last_hidden[0])
+
+
+def recurrent_nets_from_params(params):
+    """Both PyTorch versions of chapter 05's numpy network `params`, holding copies of
+    its weights: (RecurrentNet, BuiltinRecurrentNet)."""
+    input_size, hidden_size = params["input_weight"].shape
+    dtype = torch.from_numpy(params["input_weight"]).dtype
+    ours = RecurrentNet(input_size, hidden_size, dtype)
+    ours.load_state_dict({name: torch.from_numpy(array) for name, array in params.items()})
+    builtin = BuiltinRecurrentNet(input_size, hidden_size, dtype)
+    builtin.load_state_dict({
+        "rnn.weight_ih_l0": torch.from_numpy(params["input_weight"].T),
+        "rnn.weight_hh_l0": torch.from_numpy(params["hidden_weight"].T),
+        "rnn.bias_ih_l0": torch.from_numpy(params["hidden_bias"][0]),
+        "rnn.bias_hh_l0": torch.zeros(hidden_size, dtype=dtype),
+        "readout.weight": torch.from_numpy(params["output_weight"].T),
+        "readout.bias": torch.from_numpy(params["output_bias"][0]),
+    })
+    return ours, builtin
+
+
+def compare_recurrent(params, sequences, targets):
+    """Run chapter 05's numpy network and both PyTorch copies on the same windows.
+    Returns (largest prediction difference of RecurrentNet, largest gradient difference
+    of RecurrentNet, largest prediction difference of nn.RNN), all against numpy."""
+    predictions, cache = rnn_forward(params, sequences)
+    gradients = rnn_backward(params, cache, mse_grad(predictions, targets))
+    ours, builtin = recurrent_nets_from_params(params)
+    torch_predictions = ours(torch.from_numpy(sequences))
+    nn.functional.mse_loss(torch_predictions, torch.from_numpy(targets)).backward()
+    prediction_gap = float(np.abs(torch_predictions.detach().numpy() - predictions).max())
+    gradient_gap = max(float(np.abs(parameter.grad.numpy() - gradients[name]).max())
+                       for name, parameter in ours.named_parameters())
+    with torch.no_grad():
+        builtin_predictions = builtin(torch.from_numpy(sequences)).numpy()
+    return prediction_gap, gradient_gap, float(np.abs(builtin_predictions - predictions).max())
+
+
+# %% [markdown]
+# ## Dataset, Sampler and DataLoader
+#
+# Chapter 03's `train` shuffles the row numbers each epoch and slices mini-batches
+# itself. PyTorch splits that job in three:
+#
+# * a **`Dataset`** says how many examples there are (`__len__`) and hands out one by
+#   its number (`__getitem__`): here a day's features and its target, or a window of
+#   days and its target. It could just as well read images from disk on demand.
+# * a **`Sampler`** decides the order of the example numbers. `shuffle=True` uses a
+#   random one; below we also write our own that draws exactly the permutation chapter
+#   03's `train` draws, from the same numpy generator, to replay its batches.
+# * a **`DataLoader`** pulls `batch_size` examples in the sampler's order and stacks
+#   them into batch tensors (its `collate` step). With `num_workers > 0` it would load
+#   batches in background processes while the model trains, which matters when
+#   examples come from disk; for a table already in memory it would only add overhead.
+
+# %%
+class WeatherDataset(Dataset):
+    """Examples (inputs[i], targets[i]) as tensors of one dtype: rows of features, or
+    windows of days."""
+
+    def __init__(self, inputs, targets, dtype=torch.float32):
+        self.inputs = torch.as_tensor(inputs, dtype=dtype)
+        self.targets = torch.as_tensor(targets, dtype=dtype)
+
+    def __len__(self):
+        return len(self.inputs)
+
+    def __getitem__(self, index):
+        return self.inputs[index], self.targets[index]
+
+
+class NumpyShuffle(Sampler):
+    """Each epoch, the order `rng.permutation(rows)`: the batches of chapter 03's
+    `train` when given a generator in the same state."""
+
+    def __init__(self, rows, rng):
+        self.rows = rows
+        self.rng = rng
+
+    def __len__(self):
+        return self.rows
+
+    def __iter__(self):
+        return iter(self.rng.permutation(self.rows).tolist())
+
+
+# %% [markdown]
+# ## Training with torch.optim, and train and eval modes
+#
+# An optimiser from `torch.optim` is given the model's parameters once, and then each
+# step is three lines, always in this order:
+#
+#     optimizer.zero_grad()    # forget the last step's gradients (they accumulate)
+#     loss.backward()          # autograd fills every parameter's .grad
+#     optimizer.step()         # SGD: parameter -= learning_rate * parameter.grad
+#
+# `torch.optim.SGD` is chapter 03's update; `torch.optim.Adam` keeps running averages
+# of each gradient and of its square and divides one by the root of the other, as
+# chapter 06's Adam did, so every parameter gets a step of a sensible size.
+#
+# `model.train()` and `model.eval()` switch a module's **mode**. Our networks behave
+# the same in both, but some layers do not: dropout (chapter 08) drops units only
+# while training, and batch normalisation uses batch statistics while training and
+# running averages when evaluating. Calling them in the right place from the start
+# costs nothing and avoids a classic bug. Evaluation also runs under
+# `torch.no_grad()`, so no graph is recorded.
+#
+# After each epoch the loop records what chapter 03's `train` records: the MSE over
+# all training rows and the validation MAE, so the two histories can be compared
+# epoch by epoch.
+
+# %%
+def predict(model, inputs, device, batch_size=4096):
+    """The model's predictions for `inputs` (a numpy array) as a numpy array, computed
+    in eval mode without recording a graph, a few thousand rows at a time."""
+    dtype = next(model.parameters()).dtype
+    model.eval()
+    outputs = []
+    with torch.no_grad():
+        for start in range(0, len(inputs), batch_size):
+            rows = torch.as_tensor(inputs[start:start + batch_size], dtype=dtype, device=device)
+            outputs.append(model(rows).cpu().numpy())
+    return np.concatenate(outputs).astype(np.float64)
+
+
+def train_torch(model, loader, optimizer, epochs, train_set, valid_set, device):
+    """Train `model` with batches from `loader` and `optimizer`. Returns the history:
+    one (train_mse, valid_mae) pair per epoch, as chapter 03's `train`."""
+    history = []
+    for _ in range(epochs):
+        model.train()
+        for inputs, targets in loader:
+            inputs, targets = inputs.to(device), targets.to(device)
+            loss = nn.functional.mse_loss(model(inputs), targets)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        history.append((mse(predict(model, train_set[0], device), train_set[1]),
+                        mae(predict(model, valid_set[0], device), valid_set[1])))
+        if diverged(history[-1][0]):
+            break  # more steps cannot bring it back, as in chapter 03
+    return history
+
+
+# %% [markdown]
+# ## Saving and loading weights
+#
+# A module's `state_dict()` is an ordered dict from parameter names to tensors: the
+# weights and nothing else. That is what to save. `torch.save` writes it with Python's
+# pickle format, and here two precautions make it safe:
+#
+# * **Atomic write.** We save into a temporary file beside the target and `os.replace`
+#   it into place, as the weather download does: a crash or a full disk mid-write
+#   leaves the old file intact, never half a new one.
+# * **`torch.load(path, weights_only=True)`.** Unpickling an arbitrary file can run
+#   arbitrary code, so a checkpoint downloaded from a stranger could take over your
+#   machine. With `weights_only=True` PyTorch refuses everything but tensors and plain
+#   containers. `map_location="cpu"` lets a checkpoint saved on a GPU load anywhere.
+#
+# Loading rebuilds the same architecture and fills it with `load_state_dict`, which
+# checks that every name and shape matches. A missing, damaged or mismatched file is
+# the learner's to fix, so it becomes a DataError with one sentence.
+
+# %%
+def save_weights(model, path):
+    """Save `model.state_dict()` to `path` atomically: write a temporary file, then
+    rename it into place."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    partial = path + ".part"
+    try:
+        torch.save(model.state_dict(), partial)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def load_weights(model, path):
+    """Fill `model` with the weights saved at `path` (tensors only: weights_only=True).
+    Returns the model; a missing, unreadable or mismatched file is a DataError."""
+    if not os.path.isfile(path):
+        raise DataError(f"weights file {path} does not exist; save one first")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a damaged file raises pickle, zip or runtime errors
+        raise DataError(f"weights file {path} is not a readable PyTorch weights file "
+                        f"({type(error).__name__})")
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise DataError(f"weights file {path} does not fit this model ({first_line})")
+    return model
+
+
+# %% [markdown]
+# ## Speed: numpy against PyTorch, CPU against GPU
+#
+# We time one training step (forward, backward and an SGD update) of a dense
+# network, three ways: chapter 03's numpy code, PyTorch on the CPU, and PyTorch on
+# the GPU when there is one, at two sizes. On a small network most of a step is
+# bookkeeping, and numpy's thin layer over the arithmetic can beat PyTorch, which
+# records a graph and dispatches each operation through several layers of C++. On a
+# large network the matrix products dominate and PyTorch's multi-threaded kernels
+# take over; a GPU, with thousands of arithmetic units, goes much further.
+#
+# GPU work is *asynchronous*: a call returns as soon as the work is queued. Timing
+# it honestly means waiting for the GPU to finish (`torch.cuda.synchronize()`)
+# before reading the clock, and a few warm-up steps first (the first calls load
+# kernels and allocate memory).
+
+# %%
+def time_step(step, repeats, device=None):
+    """Milliseconds per call of `step()`, after three warm-up calls."""
+    for _ in range(3):
+        step()
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - started) / repeats
+
+
+def benchmark(layer_sizes, batch_size, repeats, devices, rng, learning_rate=1e-3):
+    """Milliseconds per training step of a dense network with `layer_sizes` on a batch
+    of `batch_size` random rows: a dict from "numpy" and each device ("cpu", "cuda")
+    to the time, all in float32."""
+    inputs = rng.normal(size=(batch_size, layer_sizes[0])).astype(np.float32)
+    targets = rng.normal(size=(batch_size, 1)).astype(np.float32)
+    layers = [(weight.astype(np.float32), bias.astype(np.float32))
+              for weight, bias in init_dense(layer_sizes, rng)]
+
+    def numpy_step():
+        nonlocal layers
+        predictions, cache = dense_forward(layers, inputs)
+        gradients = dense_backward(layers, cache, mse_grad(predictions, targets))
+        layers = [(weight - learning_rate * weight_grad, bias - learning_rate * bias_grad)
+                  for (weight, bias), (weight_grad, bias_grad) in zip(layers, gradients)]
+
+    timings = {"numpy": time_step(numpy_step, repeats)}
+    for device in devices:
+        model = dense_net_from_layers(layers).to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate)
+        batch = torch.from_numpy(inputs).to(device)
+        truth = torch.from_numpy(targets).to(device)
+
+        def torch_step():
+            loss = nn.functional.mse_loss(model(batch), truth)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+        timings[device.type] = time_step(torch_step, repeats, device)
+    return timings
+
+
+# %% [markdown]
+# ## Plots
+#
+# One picture: the validation MAE epoch by epoch for numpy's gradient descent, the
+# same run replayed in PyTorch (the two curves lie on top of each other) and PyTorch
+# with Adam.
+
+# %%
+def save_plots(out_dir, curves):
+    """Save the validation curves (a dict from a label to a history of (train_mse,
+    valid_mae) pairs) as a PNG in `out_dir`; without matplotlib, print them as text.
+    Returns the files written."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed, so no plots; the validation MAE by epoch instead:")
+        for label, history in curves.items():
+            print(f"  {label:>22}: " + " ".join(f"{valid:.2f}" for _, valid in history))
+        return []
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{CHAPTER}_validation.png")
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for (label, history), style in zip(curves.items(), ["-", "--", "-", "-"]):
+        axis.plot(range(1, len(history) + 1), [valid for _, valid in history], style,
+                  marker="o", markersize=3, label=label)
+    axis.set(xlabel="epoch", ylabel="validation MAE (°F)", title="numpy and PyTorch")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return [path]
+
+
+# %% [markdown]
+# ## Running the chapter
+#
+# Every chapter shares this command line: `--seed` for repeatable runs, `--data` for a
+# local copy of the data, `--quick` for a run of a few seconds (used by the tests) and
+# `--out` for where files are written. Its last line of output is `summary:` and a
+# line of JSON with the chapter's headline figures, so scripts and tests can read it.
+#
+# This chapter keeps chapter 03's `--hidden-sizes`, `--epochs`, `--learning-rate` and
+# `--batch-size` for the dense network, takes chapter 05's `--window` and
+# `--hidden-size` for the recurrent one, and adds `--device`. Bad values are refused
+# before any work starts.
+
+
+# %%
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--data", default=None,
+                        help="path of a local weather CSV (default: download, else generate)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a run of a few seconds, for tests and a first look")
+    parser.add_argument("--out", default="out",
+                        help="folder for plots and saved weights (default out/)")
+    parser.add_argument("--hidden-sizes", type=int, nargs="+", default=[32, 32],
+                        help="units in each hidden layer of the dense network (default: 32 32)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs of dense training (default 30, --quick 1); the "
+                             "recurrent network trains for a third of them")
+    parser.add_argument("--learning-rate", type=float, default=0.001,
+                        help="step size of gradient descent for the dense network "
+                             "(default 0.001)")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="rows per mini-batch (default 32)")
+    parser.add_argument("--window", type=int, default=7,
+                        help="days the recurrent network reads (default 7)")
+    parser.add_argument("--hidden-size", type=int, default=32,
+                        help="hidden units of the recurrent network (default 32)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads PyTorch may use (default 1: the networks here are "
+                             "small, and on small matrices more threads cost more than they save)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where PyTorch computes: auto (a GPU when there is one), "
+                             "cpu or cuda (default auto)")
+    args = parser.parse_args(argv)
+    if args.epochs is None:
+        args.epochs = 1 if args.quick else 30
+    if min(args.hidden_sizes) < 1:
+        raise DataError(f"--hidden-sizes must all be at least 1, not {args.hidden_sizes}")
+    if args.epochs < 1:
+        raise DataError(f"--epochs must be at least 1, not {args.epochs}")
+    if not (args.learning_rate > 0 and np.isfinite(args.learning_rate)):
+        raise DataError(f"--learning-rate must be a positive number, not {args.learning_rate}")
+    if args.batch_size < 1:
+        raise DataError(f"--batch-size must be at least 1, not {args.batch_size}")
+    if args.window < 1:
+        raise DataError(f"--window must be at least 1 day, not {args.window}")
+    if args.hidden_size < 1:
+        raise DataError(f"--hidden-size must be at least 1, not {args.hidden_size}")
+    if args.threads < 1:
+        raise DataError(f"--threads must be at least 1, not {args.threads}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise DataError(f"--out {args.out} is a file; give a folder for plots and weights")
+    return args
+
+
+def print_summary(figures):
+    """The chapter's last line: `summary: ` and its headline figures as JSON."""
+    print("summary: " + json.dumps(figures))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    started = time.perf_counter()
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    dates, table, source = load_weather(args.data, args.seed)
+    inputs, targets = table[:, :3], table[:, 3:]
+    (train_raw, train_targets), (valid_raw, valid_targets), (test_raw, test_targets) = \
+        split_data(inputs, targets)
+    print(f"weather: {len(table)} days from {source} ({dates[0]} to {dates[-1]}); "
+          f"{len(train_raw)} train, {len(valid_raw)} valid, {len(test_raw)} test")
+    print(f"PyTorch {torch.__version__}, computing on {device}"
+          + ("" if torch.cuda.is_available() else " (no CUDA GPU found)")
+          + f", {torch.get_num_threads()} CPU thread(s)")
+    train_inputs, valid_inputs, test_inputs = standardise(train_raw, valid_raw, test_raw)
+    train_set = (train_inputs, train_targets)
+    valid_set = (valid_inputs, valid_targets)
+    rng = np.random.default_rng(args.seed)
+
+    print("\ntensors:")
+    tensor_tour(train_inputs, device)
+    print("autograd:")
+    autograd_tour(train_inputs[:64], train_targets[:64], rng)
+
+    # The same network in numpy and in PyTorch, on 64 training rows.
+    layer_sizes = [3, *args.hidden_sizes, 1]
+    layers = start_from_mean(init_dense(layer_sizes, rng), train_targets)
+    prediction_gap, gradient_gap = compare_dense(layers, train_inputs[:64], train_targets[:64])
+    sequential_gaps = compare_dense(layers, train_inputs[:64], train_targets[:64],
+                                    sequential_from_layers(layers))
+    print(f"\ndense network {layer_sizes}, numpy against PyTorch (float64, same weights):")
+    print(f"  DenseNet:      predictions differ by {prediction_gap:.1e}, "
+          f"gradients by {gradient_gap:.1e}")
+    print(f"  nn.Sequential: predictions differ by {sequential_gaps[0]:.1e}, "
+          f"gradients by {sequential_gaps[1]:.1e}")
+
+    sequences, sequence_targets = make_sequences(table, args.window)
+    (train_windows, train_window_targets), (valid_windows, valid_window_targets), \
+        (test_windows, test_window_targets) = split_data(sequences, sequence_targets)
+    train_windows, valid_windows, test_windows = standardise(train_windows, valid_windows,
+                                                             test_windows)
+    params = init_rnn(3, args.hidden_size, rng)
+    params["output_bias"] += train_window_targets.mean()  # start from the mean, as 03
+    rnn_gaps = compare_recurrent(params, train_windows[:64], train_window_targets[:64])
+    print(f"recurrent network over {args.window} days, {args.hidden_size} hidden units, "
+          f"numpy against PyTorch (float64):")
+    print(f"  RecurrentNet: predictions differ by {rnn_gaps[0]:.1e}, gradients by "
+          f"{rnn_gaps[1]:.1e}; nn.RNN: predictions differ by {rnn_gaps[2]:.1e}")
+
+    # Training: chapter 03's numpy loop, then the same batches replayed in PyTorch.
+    print(f"\ntraining {layer_sizes} for {args.epochs} epochs, SGD at learning rate "
+          f"{args.learning_rate:g}, batches of {args.batch_size}:")
+    clock = time.perf_counter()
+    trained_layers, numpy_history = train(layers, train_set, valid_set, args.learning_rate,
+                                          args.epochs, args.batch_size,
+                                          np.random.default_rng(args.seed))
+    numpy_seconds = time.perf_counter() - clock
+    numpy_mae = evaluate(trained_layers, test_inputs, test_targets)
+    print(f"  numpy (chapter 03's train):       test MAE {numpy_mae:.4f} °F "
+          f"({numpy_seconds:.1f} s)")
+    model = dense_net_from_layers(layers).to(device)
+    loader = DataLoader(WeatherDataset(*train_set, dtype=torch.float64),
+                        batch_size=args.batch_size,
+                        sampler=NumpyShuffle(len(train_inputs), np.random.default_rng(args.seed)))
+    clock = time.perf_counter()
+    sgd_history = train_torch(model, loader, torch.optim.SGD(model.parameters(),
+                                                             lr=args.learning_rate),
+                              args.epochs, train_set, valid_set, device)
+    sgd_seconds = time.perf_counter() - clock
+    sgd_mae = mae(predict(model, test_inputs, device), test_targets)
+    print(f"  PyTorch SGD, same batches:        test MAE {sgd_mae:.4f} °F "
+          f"({sgd_seconds:.1f} s); difference {abs(sgd_mae - numpy_mae):.1e} °F")
+    if diverged(numpy_history[-1][0]):
+        raise DataError(f"training diverged at learning rate {args.learning_rate:g}; "
+                        f"try a smaller --learning-rate")
+
+    # PyTorch's own way: float32, a shuffled DataLoader and Adam.
+    adam_model = DenseNet(layer_sizes).to(device)
+    with torch.no_grad():
+        adam_model.biases[-1] += float(train_targets.mean())  # start from the mean, as 03
+    adam_loader = DataLoader(WeatherDataset(*train_set), batch_size=args.batch_size,
+                             shuffle=True,
+                             generator=torch.Generator().manual_seed(args.seed))
+    clock = time.perf_counter()
+    adam_history = train_torch(adam_model, adam_loader,
+                               torch.optim.Adam(adam_model.parameters(), lr=1e-3),
+                               args.epochs, train_set, valid_set, device)
+    adam_mae = mae(predict(adam_model, test_inputs, device), test_targets)
+    print(f"  PyTorch Adam, float32, shuffled:  test MAE {adam_mae:.4f} °F "
+          f"({time.perf_counter() - clock:.1f} s)")
+
+    # Save the Adam-trained weights, load them into a fresh network, compare.
+    weights_path = os.path.join(args.out, f"{CHAPTER}_dense.pt")
+    save_weights(adam_model, weights_path)
+    reloaded = load_weights(DenseNet(layer_sizes), weights_path).to(device)
+    reload_gap = float(np.abs(predict(reloaded, test_inputs, device)
+                              - predict(adam_model, test_inputs, device)).max())
+    print(f"  saved to {weights_path} and loaded back (weights_only=True): "
+          f"predictions differ by {reload_gap:.1e}")
+
+    # The recurrent network with nn.RNN, Adam and standardised windows.
+    rnn_epochs = max(1, args.epochs // 3)
+    _, builtin = recurrent_nets_from_params(
+        {name: array.astype(np.float32) for name, array in params.items()})
+    builtin = builtin.to(device)
+    rnn_loader = DataLoader(WeatherDataset(train_windows, train_window_targets),
+                            batch_size=args.batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(args.seed))
+    clock = time.perf_counter()
+    rnn_history = train_torch(builtin, rnn_loader,
+                              torch.optim.Adam(builtin.parameters(), lr=3e-3), rnn_epochs,
+                              (train_windows, train_window_targets),
+                              (valid_windows, valid_window_targets), device)
+    rnn_mae = mae(predict(builtin, test_windows, device), test_window_targets)
+    print(f"recurrent network (nn.RNN) for {rnn_epochs} epochs with Adam: test MAE "
+          f"{rnn_mae:.4f} °F ({time.perf_counter() - clock:.1f} s)")
+
+    # Speed of one training step.
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if device.type == "cuda" else [])
+    print("\nmilliseconds per training step (forward, backward, SGD update; float32):")
+    speed = {}
+    for label, sizes, batch_size, repeats in (
+            ("small", layer_sizes, args.batch_size, 50 if args.quick else 300),
+            ("large", [3, 512, 512, 1], 2048, 2 if args.quick else 10)):
+        timings = benchmark(sizes, batch_size, repeats, devices, rng)
+        print(f"  {label} {sizes}, batch {batch_size}: " + ", ".join(
+            f"{name} {milliseconds:.2f} ms" for name, milliseconds in timings.items()))
+        speed.update({f"{name}_ms_{label}": round(milliseconds, 3)
+                      for name, milliseconds in timings.items()})
+
+    curves = {"numpy SGD": numpy_history, "PyTorch SGD (replay)": sgd_history,
+              "PyTorch Adam": adam_history}
+    for path in save_plots(args.out, curves):
+        print(f"saved {path}")
+    print_summary({"chapter": CHAPTER, "source": source, "device": device.type,
+                   "prediction_gap": float(f"{prediction_gap:.1e}"),
+                   "gradient_gap": float(f"{gradient_gap:.1e}"),
+                   "rnn_gradient_gap": float(f"{rnn_gaps[1]:.1e}"),
+                   "numpy_test_mae": round(numpy_mae, 4), "torch_test_mae": round(sgd_mae, 4),
+                   "adam_test_mae": round(adam_mae, 4), "rnn_test_mae": round(rnn_mae, 4),
+                   "reload_gap": float(f"{reload_gap:.1e}"), **speed,
+                   "seconds": round(time.perf_counter() - started, 1)})
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,1256 @@
+"""Chapter 9: text data at scale: clean, deduplicate, tokenize with BPE, shard and stream.
+
+Chapter 8 trained networks on a table that fits in a spreadsheet. A GPT learns from
+text, and a lot of it, so before any model sees a word the text goes through a
+pipeline. This chapter builds that pipeline from scratch, step by step:
+
+* acquire: tiny Shakespeare (downloaded and checked against its SHA-256 digest), any
+  `.txt` file or folder of them (`--data`), or offline the Python documentation;
+  files that are not valid UTF-8 are named and skipped, never silently garbled;
+* clean: one spelling for line endings, whitespace and Unicode;
+* deduplicate: exact copies by hashing, near copies by MinHash over word shingles,
+  with a report of what went;
+* tokenize: a byte-level byte-pair-encoding (BPE) tokenizer trained from scratch with
+  GPT-2's pre-tokenisation rule and an `<|endoftext|>` special token, then loaded into
+  tiktoken, whose Rust encoder gives the same ids as our Python one, much faster;
+* shard: encode documents in parallel and write binary token shards with a header
+  (validation shard first);
+* stream: a batch loader over the shards that splits the work between several
+  processes, shuffles with a seed and can save and restore its exact position.
+
+New since chapter 8: text instead of tables; tokenizers; binary file formats;
+multiprocessing; data loading for several processes at once. No neural network is
+trained here: chapter 13 trains its GPT on what this chapter writes.
+
+How to run it:
+
+    python 09_data.py                  # the whole pipeline, about a minute on 2 cores
+    python 09_data.py --quick          # a few seconds, smaller vocabulary and corpus
+    python 09_data.py --data my_texts/ # your own .txt files (a file or a folder)
+    python 09_data.py --vocab-size 8192 --workers 4
+
+It writes token shards, the learned merges and plots to `--out` (default `out/`).
+
+Carried into chapter 13 unchanged (keep these textually identical there):
+
+    GPT2_SPLIT_PATTERN, END_OF_TEXT     the pre-tokenisation rule, the special token
+    train_bpe(text, vocab_size)         -> mergeable_ranks {token bytes: id}
+    bpe_encode(text, mergeable_ranks)   -> list of ids (pure Python)
+    make_encoding(mergeable_ranks, name="course-bpe") -> tiktoken.Encoding
+    gpt2_encoding()                     -> GPT-2's tiktoken.Encoding, or None offline
+    SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER, write_shard(path, tokens), read_shard(path)
+    ShardLoader(paths, batch_size, block_size, rank=0, world_size=1, seed=0)
+        .next_batch() -> (inputs, targets), .state_dict(), .load_state_dict(state)
+"""
+
+# %% [markdown]
+# # Chapter 9: text data at scale
+#
+# A language model is only as good as the text it learns from, and the text arrives
+# messy: files in odd encodings, the same paragraph copied ten times, Windows and Unix
+# line endings side by side. A GPT also cannot read characters directly: it reads
+# *tokens*, integer ids of frequent pieces of text. And a real corpus is far bigger
+# than memory, so training reads tokens from files on disk while several processes
+# (one per GPU) each take their own share.
+#
+# This chapter walks the whole road from raw text files to batches of token ids:
+#
+#     .txt files -> clean -> deduplicate -> train BPE -> encode (parallel)
+#                -> token shards on disk -> streaming batch loader -> (chapter 13)
+#
+# Every step is short, written out in plain Python and numpy, and checked.
+
+# %%
+import argparse
+import base64
+import hashlib
+import heapq
+import json
+import multiprocessing
+import os
+import struct
+import sys
+import threading
+import time
+import unicodedata
+import urllib.request
+from collections import Counter, defaultdict
+
+import numpy as np
+# `regex` is the pattern module that tiktoken itself depends on (so it is installed
+# with tiktoken). We need it rather than the standard `re` because GPT-2's
+# pre-tokenisation rule speaks of Unicode classes, \p{L} (any letter, in any script)
+# and \p{N} (any number), which `re` cannot express.
+import regex
+import tiktoken
+
+CHAPTER = "09_data"
+
+# %% [markdown]
+# ## Errors and downloads (carried from the earlier chapters)
+#
+# A problem with the learner's input ends the run with one sentence and exit code 2;
+# downloads are checked against a recorded SHA-256 digest and renamed into place only
+# when complete. These three pieces are carried unchanged from the weather chapters.
+
+
+# %%
+class DataError(Exception):
+    """A problem with the learner's input (a file, a flag). `main` reports it in one
+    sentence and exits with code 2 instead of showing a traceback."""
+
+
+def sha256_of(path):
+    """The SHA-256 digest of a file, read in 1 MiB pieces so big files fit in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for piece in iter(lambda: file.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def download(url, path, sha256, timeout=20):
+    """Fetch `url` into `path` unless a verified copy is already there.
+
+    The bytes go to `path + ".part"` first and are renamed into place only after the
+    digest matches, so `path` is either absent or complete and correct. Returns True
+    when `path` holds the verified file, False when the download failed (no network,
+    a wrong digest); the caller then falls back to generated data."""
+    if os.path.exists(path) and sha256_of(path) == sha256:
+        return True
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    partial = path + ".part"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as file:
+            total = int(response.headers.get("Content-Length") or 0)
+            done = 0
+            while piece := response.read(1 << 16):
+                file.write(piece)
+                done += len(piece)
+                if total:
+                    print(f"\rdownloading {os.path.basename(path)}: {100 * done // total}%",
+                          end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+        if sha256_of(partial) != sha256:
+            os.remove(partial)
+            print(f"download of {url} did not match its recorded SHA-256; not using it",
+                  file=sys.stderr)
+            return False
+        os.replace(partial, path)
+        return True
+    except (OSError, ValueError):  # no network, refused, timed out, disk full
+        if os.path.exists(partial):
+            os.remove(partial)
+        return False
+
+
+# %% [markdown]
+# ## The text corpus
+#
+# The text chapters (00, 04, 09, 13) read one corpus: tiny Shakespeare, about a million
+# characters of plays, downloaded once into `data/` and checked against its recorded
+# SHA-256 digest. Offline, they use real English prose that ships with every Python
+# installation: the language reference and library topics behind `help()`
+# (`pydoc_data.topics`, about 465 KB). `--data` takes a local `.txt` file instead.
+
+# %%
+TEXT_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
+            "tinyshakespeare/input.txt")
+TEXT_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+
+def python_docs_text():
+    """The offline corpus: every help() topic of the Python documentation, in a fixed
+    order, separated by blank lines."""
+    from pydoc_data.topics import topics
+    return "\n\n".join(topics[name].strip() for name in sorted(topics)) + "\n"
+
+
+def load_text(path=None):
+    """The corpus as (text, source). `path` (from --data) wins; then the downloaded
+    tiny Shakespeare in data/; then the Python documentation, announced in one line."""
+    if path:
+        if not os.path.isfile(path):
+            raise DataError(f"text file {path} does not exist; pass --data with the path "
+                            f"of a UTF-8 .txt file")
+        try:
+            with open(path, encoding="utf-8") as file:
+                text = file.read()
+        except UnicodeDecodeError as error:
+            raise DataError(f"text file {path} is not valid UTF-8 (byte {error.start}); "
+                            f"convert it to UTF-8 first")
+        if not text.strip():
+            raise DataError(f"text file {path} is empty; the model needs text to learn from")
+        return text, path
+    cached = os.path.join("data", "tinyshakespeare.txt")
+    if download(TEXT_URL, cached, TEXT_SHA256):
+        with open(cached, encoding="utf-8") as file:
+            return file.read(), cached
+    print("note: could not download tiny Shakespeare (offline?); using the Python "
+          "documentation text instead", file=sys.stderr)
+    return python_docs_text(), "python-docs"
+
+
+# %% [markdown]
+# ## Byte-pair encoding: the idea
+#
+# A model needs a fixed list of symbols, its *vocabulary*, and every text must be
+# writable with it. Two extremes fail:
+#
+# * characters: a short list, but Unicode has about 150,000 of them, and a model that
+#   reads one character at a time must look far back to see a few words;
+# * whole words: short sequences, but an unseen word ("Pythonista") cannot be written.
+#
+# Byte-pair encoding (BPE) sits in between. Every text is a sequence of UTF-8 *bytes*,
+# and there are only 256 byte values, so the 256 single bytes form a starting
+# vocabulary that can write anything: emoji, Chinese, a typo. Then BPE learns
+# shortcuts. Count every pair of neighbouring tokens in the training text; the most
+# frequent pair, say `t` followed by `h`, becomes a new token `th`; replace it
+# everywhere and count again. Each merge adds one token, and we stop when the
+# vocabulary has the size we asked for. Frequent words end up as one token, rare words
+# as a few pieces, and any string at all still encodes, falling back to single bytes.
+#
+# Two details from GPT-2's tokenizer:
+#
+# * **Pre-tokenisation.** Before BPE, the text is cut into chunks with a regular
+#   expression: contractions (`'s`, `'ll`), a run of letters with at most one space in
+#   front (` hello`), a run of digits, a run of punctuation, and runs of whitespace.
+#   Merges happen only inside a chunk, so a token never glues the end of one word to
+#   the start of the next (no token for `dog.` *and* `dog!` *and* `dog?`), which keeps
+#   the vocabulary for real pieces of words.
+# * **A special token** `<|endoftext|>` marks where one document ends and the next
+#   begins. It is not made of bytes: it gets its own id after all the merges, and it
+#   only ever appears where our code puts it, never because a document happened to
+#   contain the 13 characters `<|endoftext|>`.
+
+# %%
+# GPT-2's pre-tokenisation rule, exactly as tiktoken's "gpt2" encoding writes it:
+#   '(?:[sdmt]|ll|ve|re)   English contractions: 's 'd 'm 't 'll 've 're
+#    ?\p{L}+              letters of any script, with one optional leading space
+#    ?\p{N}+              digits and other numbers, same
+#    ?[^\s\p{L}\p{N}]+    punctuation and symbols (neither space, letter nor number)
+#   \s+(?!\S)             whitespace, but leave the last space for the next word
+#   \s+                   any remaining whitespace
+# The lookahead `(?!\S)` is why "a   b" splits as "a", "  ", " b": the final space
+# travels with the word, so " b" is the same token whether one space or three came
+# before it.
+GPT2_SPLIT_PATTERN = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+"""
+                      r"""|\s+(?!\S)|\s+""")
+END_OF_TEXT = "<|endoftext|>"   # the special token that separates documents
+
+
+def merge_pair(word, pair, new_id):
+    """`word` (a tuple of token ids) with every occurrence of `pair` replaced by
+    `new_id`, scanning left to right: (1, 1, 1) with pair (1, 1) becomes (new, 1)."""
+    merged, position = [], 0
+    while position < len(word):
+        if position + 1 < len(word) and (word[position], word[position + 1]) == pair:
+            merged.append(new_id)
+            position += 2
+        else:
+            merged.append(word[position])
+            position += 1
+    return tuple(merged)
+
+
+def train_bpe(text, vocab_size):
+    """Learn byte-level BPE merges on `text` for a vocabulary of `vocab_size` tokens,
+    counting END_OF_TEXT: the 256 single bytes, `vocab_size - 257` merges, and the
+    special token, whose id (`vocab_size - 1`) comes after them. END_OF_TEXT in
+    `text` separates documents and is never merged into anything.
+
+    Returns tiktoken's `mergeable_ranks`: a dict from each token's bytes to its id,
+    the 256 single bytes first (id = byte value), then the merges in the order they
+    were learned. Ties between equally frequent pairs go to the pair of smaller ids,
+    so training is deterministic.
+
+    Speed comes from two ideas. (1) Count each distinct chunk once: " the" occurs
+    thousands of times but is one entry with a count. (2) Never recount: keep every
+    pair's count and, for each pair, the chunks it occurs in; a merge then touches
+    only those chunks, subtracting their old pairs and adding their new ones. A heap
+    finds the most frequent pair without scanning them all."""
+    if vocab_size < 257:
+        raise DataError(f"vocabulary size {vocab_size} is too small; a byte-level BPE "
+                        f"needs at least 257 tokens (the 256 single bytes and "
+                        f"{END_OF_TEXT})")
+    chunk_counts = Counter()
+    for document in text.split(END_OF_TEXT):
+        chunk_counts.update(regex.findall(GPT2_SPLIT_PATTERN, document))
+    words = [tuple(chunk.encode("utf-8")) for chunk in chunk_counts]
+    counts = list(chunk_counts.values())
+
+    token_bytes = [bytes([value]) for value in range(256)]   # id -> bytes
+    id_of_bytes = {piece: rank for rank, piece in enumerate(token_bytes)}
+    pair_counts = Counter()            # (left id, right id) -> occurrences in the text
+    pair_words = defaultdict(set)      # (left id, right id) -> chunks that contain it
+    for index, (word, count) in enumerate(zip(words, counts)):
+        for pair in zip(word, word[1:]):
+            pair_counts[pair] += count
+            pair_words[pair].add(index)
+    # Python's heapq pops the smallest item, so we store (-count, pair). A count that
+    # changes gets a fresh entry; the old one is left behind and skipped when popped.
+    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
+
+    while len(token_bytes) < vocab_size - 1 and heap:
+        negative_count, pair = heapq.heappop(heap)
+        if pair_counts.get(pair) != -negative_count:
+            continue                                   # stale entry: count changed
+        merged_bytes = token_bytes[pair[0]] + token_bytes[pair[1]]
+        # Rarely, two different pairs spell the same bytes ("a"+"bc", "ab"+"c").
+        # tiktoken keys tokens by their bytes, so the second merge reuses the id.
+        new_id = id_of_bytes.get(merged_bytes)
+        if new_id is None:
+            new_id = id_of_bytes[merged_bytes] = len(token_bytes)
+            token_bytes.append(merged_bytes)
+        changed = set()
+        for index in pair_words.pop(pair):
+            word, count = words[index], counts[index]
+            merged = merge_pair(word, pair, new_id)
+            for old in zip(word, word[1:]):            # forget the chunk's old pairs ...
+                pair_counts[old] -= count
+                changed.add(old)
+            for new in zip(merged, merged[1:]):        # ... and count its new ones
+                pair_counts[new] += count
+                pair_words[new].add(index)
+                changed.add(new)
+            words[index] = merged
+        for changed_pair in changed:
+            count = pair_counts[changed_pair]
+            if count > 0:
+                heapq.heappush(heap, (-count, changed_pair))
+            else:                                      # gone from every chunk
+                del pair_counts[changed_pair]
+                pair_words.pop(changed_pair, None)
+    return id_of_bytes
+
+
+def bpe_encode(text, mergeable_ranks):
+    """Encode `text` to token ids in pure Python, the way tiktoken does: cut it into
+    chunks with GPT2_SPLIT_PATTERN; start each chunk as single bytes; repeatedly merge
+    the neighbouring pair whose joined bytes have the lowest rank (the earliest
+    learned merge), leftmost first, until no pair is a token. END_OF_TEXT in `text`
+    is ordinary text here (13 characters), like tiktoken's `encode_ordinary`.
+
+    Chunks repeat (Zipf's law: a few words make up most of any text), so each
+    distinct chunk is encoded once and remembered for the rest of the call."""
+    ids, remembered = [], {}
+    for chunk in regex.findall(GPT2_SPLIT_PATTERN, text):
+        if chunk not in remembered:
+            parts = [bytes([value]) for value in chunk.encode("utf-8")]
+            while len(parts) > 1:
+                best_rank, best_position = None, None
+                for position in range(len(parts) - 1):
+                    rank = mergeable_ranks.get(parts[position] + parts[position + 1])
+                    if rank is not None and (best_rank is None or rank < best_rank):
+                        best_rank, best_position = rank, position
+                if best_rank is None:
+                    break                              # no neighbouring pair is a token
+                parts[best_position:best_position + 2] = [parts[best_position]
+                                                          + parts[best_position + 1]]
+            remembered[chunk] = [mergeable_ranks[part] for part in parts]
+        ids.extend(remembered[chunk])
+    return ids
+
+
+def make_encoding(mergeable_ranks, name="course-bpe"):
+    """A `tiktoken.Encoding` with our learned merges and GPT-2's splitting rule, and
+    END_OF_TEXT as the one special token, numbered right after the merges."""
+    return tiktoken.Encoding(name=name, pat_str=GPT2_SPLIT_PATTERN,
+                             mergeable_ranks=mergeable_ranks,
+                             special_tokens={END_OF_TEXT: len(mergeable_ranks)})
+
+
+def gpt2_encoding(timeout=15.0):
+    """GPT-2's own tokenizer from tiktoken (50,257 tokens), or None when its two files
+    are neither cached (under data/tiktoken) nor downloadable.
+
+    tiktoken fetches the files with no time limit, so a network that swallows packets
+    could hang it for minutes; we wait at most `timeout` seconds in a background
+    thread and then carry on without it. Offline it usually fails at once."""
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join("data", "tiktoken"))
+    found = []
+
+    def fetch():
+        try:
+            found.append(tiktoken.get_encoding("gpt2"))
+        except Exception:  # whatever tiktoken's HTTP client raises offline, or a bad hash
+            pass
+
+    worker = threading.Thread(target=fetch, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return found[0] if found else None
+
+
+# %% [markdown]
+# ## Token shards: a tiny binary file format
+#
+# Token ids are small integers. Written as text ("464 3290 ...") they would take
+# about 5 bytes each and need parsing; written as raw 16-bit integers they take 2
+# bytes each and load with one call, straight into a numpy array, or are
+# *memory-mapped*: the operating system reads only the pages we touch, so shards far
+# bigger than memory are fine. 16 bits hold ids up to 65,535, enough for GPT-2's
+# 50,257 tokens; bigger vocabularies need 32 bits.
+#
+# A raw file has no way to say what it is, so each shard starts with a 24-byte header:
+#
+#     bytes 0-7    magic      b"Z2GTOKEN": "this is a token shard" (anything else: not ours)
+#     bytes 8-11   version    1: lets a future format change be detected, not misread
+#     bytes 12-15  itemsize   2 (uint16 ids) or 4 (uint32 ids)
+#     bytes 16-23  count      the number of tokens that follow
+#
+# all little-endian, then `count * itemsize` bytes of ids. A reader checks all four
+# and the file's length, so a truncated copy or somebody else's file is refused with
+# a clear message instead of becoming garbage tokens. Writes go to a temporary file
+# that is renamed into place, so a crash never leaves half a shard under the real name.
+
+# %%
+SHARD_MAGIC = b"Z2GTOKEN"
+SHARD_VERSION = 1
+SHARD_HEADER = struct.Struct("<8sIIQ")   # magic, version, bytes per token, token count
+
+
+def write_shard(path, tokens, vocab_size=None):
+    """Write token ids to `path` as a shard: header, then uint16 ids when they fit
+    (all below 65,536, or `vocab_size` at most 65,536 when given, so every shard of one
+    corpus gets the same type), else uint32. Atomic: temporary file, then rename."""
+    tokens = np.asarray(tokens)
+    largest = (vocab_size - 1) if vocab_size else (int(tokens.max()) if tokens.size else 0)
+    if tokens.size and (tokens.min() < 0 or tokens.max() > largest or largest >= 2**32):
+        raise DataError(f"token ids for shard {path} must lie in 0..{min(largest, 2**32 - 1)}")
+    dtype = np.dtype("<u2") if largest < 2**16 else np.dtype("<u4")   # little-endian
+    temporary = path + ".part"
+    try:
+        with open(temporary, "wb") as file:
+            file.write(SHARD_HEADER.pack(SHARD_MAGIC, SHARD_VERSION,
+                                         dtype.itemsize, tokens.size))
+            file.write(tokens.astype(dtype).tobytes())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def read_shard(path):
+    """The token ids of the shard at `path` as a read-only numpy array (memory-mapped:
+    pages are read from disk only when used). Raises DataError for a missing file, a
+    foreign file (bad magic), an unknown version or id size, or a wrong length."""
+    if not os.path.isfile(path):
+        raise DataError(f"token shard {path} does not exist; write shards with 09_data.py")
+    size = os.path.getsize(path)
+    if size < SHARD_HEADER.size:
+        raise DataError(f"token shard {path} is truncated: {size} bytes, shorter than "
+                        f"its {SHARD_HEADER.size}-byte header")
+    with open(path, "rb") as file:
+        magic, version, itemsize, count = SHARD_HEADER.unpack(file.read(SHARD_HEADER.size))
+    if magic != SHARD_MAGIC:
+        raise DataError(f"{path} is not a token shard (bad magic {magic!r}, expected "
+                        f"{SHARD_MAGIC!r})")
+    if version != SHARD_VERSION:
+        raise DataError(f"token shard {path} has format version {version}; this code "
+                        f"reads version {SHARD_VERSION}")
+    if itemsize not in (2, 4):
+        raise DataError(f"token shard {path} says each id takes {itemsize} bytes; "
+                        f"expected 2 or 4")
+    expected = SHARD_HEADER.size + count * itemsize
+    if size != expected:
+        raise DataError(f"token shard {path} has the wrong length: its header promises "
+                        f"{count} tokens ({expected} bytes) but the file has {size} bytes "
+                        f"(truncated or damaged; write it again)")
+    dtype = np.dtype("<u2" if itemsize == 2 else "<u4")
+    if count == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=SHARD_HEADER.size, shape=(count,))
+
+
+# %% [markdown]
+# ## Streaming batches from shards
+#
+# Training reads *windows* of the token stream: `block_size + 1` consecutive tokens,
+# of which the first `block_size` are the inputs and the last `block_size` the
+# targets (each input's next token). Think of all shards, in order, as one long
+# stream, and cut it into windows that start every `block_size` tokens:
+#
+#     stream:   t0 t1 t2 t3 | t4 t5 t6 t7 | t8 ...      (block_size = 4)
+#     window 0: inputs t0..t3, targets t1..t4
+#     window 1: inputs t4..t7, targets t5..t8
+#
+# Every token is an input exactly once per pass (an *epoch*), and a window may
+# straddle two shards: the loader stitches the pieces, so no token at a shard
+# boundary is skipped or repeated.
+#
+# Each epoch visits the windows in an order shuffled by `seed` and the epoch number
+# (so every epoch differs, and every run with the same seed is the same). With
+# several processes (`world_size` of them, one per GPU, numbered by `rank`), each step
+# takes the next `batch_size * world_size` windows of that order and gives rank r the
+# r-th slice of `batch_size`: the ranks' batches are disjoint, and together they form
+# one big batch. All ranks run the same number of steps per epoch (data parallel
+# training needs them in lock-step); the last few windows that cannot fill a whole
+# step, fewer than `batch_size * world_size` of them, sit out that epoch only, since
+# the next epoch's shuffle puts other windows at the end.
+#
+# The loader's whole position is two integers, the epoch and the step: that is what
+# `state_dict()` returns, and `load_state_dict()` restores it, so a resumed training
+# run sees exactly the batches it would have seen without the interruption.
+
+# %%
+class ShardLoader:
+    """Batches of (inputs, targets), int64 arrays of shape (batch_size, block_size),
+    read from token shards. Rank `rank` of `world_size` gets its own disjoint share;
+    `seed=None` keeps the windows in stream order (useful for evaluation)."""
+
+    def __init__(self, paths, batch_size, block_size, rank=0, world_size=1, seed=0):
+        if batch_size < 1 or block_size < 1:
+            raise DataError(f"batch size and block size must be at least 1 (got "
+                            f"{batch_size} and {block_size})")
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is not in 0..{world_size - 1}")
+        if not paths:
+            raise DataError("no token shards given to the loader")
+        self.shards = [read_shard(path) for path in paths]
+        # starts[i] is the position of shard i's first token in the joined stream.
+        self.starts = np.cumsum([0] + [len(shard) for shard in self.shards])
+        self.tokens = int(self.starts[-1])
+        self.batch_size, self.block_size = batch_size, block_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.windows = max(self.tokens - 1, 0) // block_size
+        self.steps_per_epoch = self.windows // (batch_size * world_size)
+        if self.steps_per_epoch == 0:
+            raise DataError(f"the shards hold {self.tokens} tokens: too few for one batch "
+                            f"of {batch_size} x {block_size + 1} tokens on each of "
+                            f"{world_size} ranks; use more text or smaller batches")
+        self.epoch, self.step, self.order = 0, 0, None
+
+    def window_order(self, epoch):
+        """The order in which epoch `epoch` visits the windows."""
+        if self.seed is None:
+            return np.arange(self.windows)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.windows)
+
+    def read(self, start, length):
+        """`length` tokens of the joined stream from position `start`, as int64,
+        stitched across shard boundaries."""
+        pieces = []
+        shard = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while length > 0:
+            offset = start - int(self.starts[shard])
+            piece = self.shards[shard][offset:offset + length]
+            pieces.append(piece)
+            start, length, shard = start + len(piece), length - len(piece), shard + 1
+        return np.concatenate(pieces).astype(np.int64)
+
+    def next_batch(self):
+        """The next (inputs, targets) for this rank; targets are inputs shifted by one."""
+        if self.step == self.steps_per_epoch:
+            self.epoch, self.step, self.order = self.epoch + 1, 0, None
+        if self.order is None:
+            self.order = self.window_order(self.epoch)
+        first = (self.step * self.world_size + self.rank) * self.batch_size
+        rows = np.stack([self.read(int(window) * self.block_size, self.block_size + 1)
+                         for window in self.order[first:first + self.batch_size]])
+        self.step += 1
+        return np.ascontiguousarray(rows[:, :-1]), np.ascontiguousarray(rows[:, 1:])
+
+    def state_dict(self):
+        """The position, as plain integers (JSON- and torch.save-friendly). Every rank
+        is at the same position, so one rank's state restores them all."""
+        return {"epoch": self.epoch, "step": self.step, "seed": self.seed,
+                "tokens": self.tokens, "batch_size": self.batch_size,
+                "block_size": self.block_size, "world_size": self.world_size}
+
+    def load_state_dict(self, state):
+        """Continue from a position saved by `state_dict()` on the same shards and
+        settings; anything else would silently feed different batches, so it refuses."""
+        for key in ("seed", "tokens", "batch_size", "block_size", "world_size"):
+            if state.get(key) != getattr(self, key):
+                raise DataError(f"cannot resume the loader: saved {key} is "
+                                f"{state.get(key)}, now {getattr(self, key)}; resume with "
+                                f"the same shards and settings")
+        self.epoch, self.step, self.order = int(state["epoch"]), int(state["step"]), None
+
+
+# %% [markdown]
+# ## Acquire: files in, documents out
+#
+# `--data` may name one `.txt` file or a folder; a folder is searched (sub-folders
+# too) for `.txt` files, read in sorted order so runs are repeatable. A file that is
+# not valid UTF-8 is named and skipped: decoding it "leniently" would replace its
+# accented letters with question marks or worse, and the tokenizer would learn the
+# garbage. Without `--data` we read the course corpus (carried `load_text` above).
+#
+# What is a *document*? In a folder, each file is one. A single file (tiny
+# Shakespeare, the Python documentation) is one long text, so we cut it at blank
+# lines into paragraphs (a speech, a section of the manual) and treat those as the
+# documents: they are what gets deduplicated, and what `<|endoftext|>` separates.
+
+# %%
+def read_corpus(path=None):
+    """The raw corpus as (texts, source): `texts` is a list of (name, text) pairs, one
+    per file read. Non-UTF-8 or empty files in a folder are reported and skipped."""
+    if path and os.path.isdir(path):
+        found = sorted(os.path.join(folder, name) for folder, _, names in os.walk(path)
+                       for name in names if name.endswith(".txt"))
+        texts = []
+        for file_path in found:
+            try:
+                texts.append((file_path, load_text(file_path)[0]))
+            except DataError as error:
+                print(f"note: skipping a file: {error}", file=sys.stderr)
+        if not texts:
+            raise DataError(f"the corpus is empty: folder {path} holds {len(found)} .txt "
+                            f"files and none is usable UTF-8 text; add some text files")
+        return texts, path
+    text, source = load_text(path)
+    return [(source, text)], source
+
+
+# %% [markdown]
+# ## Clean
+#
+# The same text can be spelled in different bytes, and a tokenizer would learn every
+# spelling separately. Cleaning picks one:
+#
+# * Unicode normalisation (NFC): "é" can be one code point or "e" plus a combining
+#   accent; NFC makes both the single code point;
+# * line endings: Windows `\r\n` and old Mac `\r` become `\n`;
+# * control characters (NUL, escape codes, the C1 range) are removed, except tab and
+#   newline; exotic spaces (no-break, thin, ideographic) become a plain space;
+# * spaces at the end of lines go; three or more line breaks become one blank line.
+#
+# Cleaning must not change what the text *says*: we leave case, punctuation and
+# indentation alone (code in the Python documentation needs its indentation).
+
+# %%
+def clean_text(text):
+    """`text` with one spelling for Unicode, line endings and whitespace."""
+    text = unicodedata.normalize("NFC", text)
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = regex.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]", "", text)
+    text = regex.sub(r"\p{Zs}", " ", text)
+    text = regex.sub(r"[ \t]+\n", "\n", text)
+    text = regex.sub(r"\n{3,}", "\n\n", text)
+    return text.strip()
+
+
+def split_documents(texts):
+    """Clean each (name, text) and return the list of documents: each file is one
+    document, except a lone file, which is cut at blank lines into paragraphs."""
+    cleaned = [clean_text(text) for _, text in texts]
+    if len(cleaned) == 1:
+        cleaned = cleaned[0].split("\n\n")
+    return [document for document in cleaned if document.strip()]
+
+
+# %% [markdown]
+# ## Deduplicate
+#
+# Corpora repeat themselves: web pages are mirrored, licences and cookie banners
+# appear on every page, a manual repeats a note in every section. A model trained on
+# repeats wastes its time on them and learns to recite them; its validation loss
+# also flatters it when a copy of a training document sits in the validation set.
+#
+# **Exact duplicates** are cheap to find: hash each document (SHA-256) and keep the
+# first document with each hash. Equal hashes mean equal texts (a collision has
+# never been observed), and comparing 32-byte digests is far faster than comparing
+# texts pairwise.
+#
+# **Near duplicates** (the same paragraph with a word changed) need a measure of
+# similarity. Cut each document into *shingles*, its runs of 5 consecutive words, and
+# compare the sets: the Jaccard similarity of sets A and B is |A ∩ B| / |A ∪ B|, 1 for
+# the same shingles, 0 for none shared. Changing one word of a 100-word paragraph
+# changes the 5 shingles that contain it: (96 - 5) / (96 + 5) = 0.90. Two changed
+# words give (96 - 10) / (96 + 10) = 0.81. Our threshold, **0.8**, thus calls two
+# documents near duplicates when they differ in about 2 words per hundred or fewer.
+#
+# Comparing every pair of N documents costs N²/2 set comparisons: a billion for
+# 45,000 documents. **MinHash** avoids that. Apply a random hash function h to every
+# shingle of a document and keep the minimum. For two documents, the probability that
+# their minima are equal is exactly their Jaccard similarity (the smallest hash over
+# A ∪ B is equally likely to be any of its shingles, and the minima agree exactly when
+# it belongs to A ∩ B). With 128 hash functions, each document gets a 128-number
+# *signature*, and the fraction of equal entries estimates the similarity.
+#
+# **Locality-sensitive hashing** then finds the candidates without comparing all
+# pairs: cut the signature into b = 16 *bands* of r = 8 numbers; documents that agree
+# on all 8 numbers of any one band land in the same bucket. Two documents with
+# similarity s agree on one band with probability s^8, and on at least one of 16 with
+#
+#     P(candidate) = 1 - (1 - s^8)^16
+#
+# an S-shaped curve: 0.06 at s = 0.5, 0.59 at s = 0.7, 0.95 at s = 0.8, 0.9997 at
+# s = 0.9. Candidates are then checked with their exact Jaccard similarity, so the
+# curve decides only what we might *miss* (about 5% of pairs right at 0.8, almost
+# none of the clear copies), never what we wrongly remove.
+#
+# Very short documents ("Ay, my lord.", "See also:") repeat because language does, not
+# because someone copied them; and a short document has too few shingles for the
+# similarity to mean much (16 words make 12 shingles, and one changed word already
+# drops the similarity to 7 / 17 = 0.41). So documents of fewer than 16 words are
+# always kept.
+#
+# Two things to notice in the output. MinHash sees only words: two code examples that
+# differ only in punctuation (`'1 2 3'.split()` and `'1,2,3'.split(',')`) look
+# identical to it. And near duplicates are not always copies: the manual describes
+# `str.ljust`, `str.rjust` and `str.center` in nearly the same words, and at 0.8 the
+# second and third go. For training a language model that is the intent (the model
+# still sees the template once); for a search engine it would not be.
+
+# %%
+SHINGLE_WORDS = 5        # words per shingle
+MINHASH_BANDS = 16       # bands x rows = 128 hash functions
+MINHASH_ROWS = 8
+MINHASH_PRIME = 4294967311   # the smallest prime above 2**32: hashes are taken mod it
+MIN_DEDUP_WORDS = 16     # shorter documents are always kept
+
+
+def shingles(document):
+    """The set of runs of SHINGLE_WORDS consecutive words (lower-cased) of `document`,
+    each hashed to a 32-bit integer with BLAKE2 (stable across runs, unlike hash())."""
+    words = regex.findall(r"\w+", document.lower())
+    runs = {" ".join(words[start:start + SHINGLE_WORDS])
+            for start in range(max(len(words) - SHINGLE_WORDS + 1, 1))}
+    return {int.from_bytes(hashlib.blake2b(run.encode(), digest_size=4).digest(), "little")
+            for run in runs}
+
+
+def minhash_signature(shingle_set, multipliers, offsets):
+    """One minimum per hash function h(x) = (a x + b) mod p, over the shingle hashes.
+    With a, b, x below 2**32, a x + b stays below 2**64: no overflow in uint64."""
+    values = np.fromiter(shingle_set, dtype=np.uint64, count=len(shingle_set))
+    hashed = (values[:, None] * multipliers[None, :] + offsets[None, :]) % MINHASH_PRIME
+    return hashed.min(axis=0)
+
+
+def candidate_probability(similarity, bands=MINHASH_BANDS, rows=MINHASH_ROWS):
+    """The chance that two documents of Jaccard `similarity` share at least one band."""
+    return 1 - (1 - similarity ** rows) ** bands
+
+
+def deduplicate(documents, threshold=0.8, seed=0):
+    """Drop exact and near duplicates, keeping the first of each group.
+
+    Returns (kept documents, exact removals, near removals); each removal is a tuple
+    (removed index, index of the kept document it copies, Jaccard similarity)."""
+    rng = np.random.default_rng(seed)
+    functions = MINHASH_BANDS * MINHASH_ROWS
+    multipliers = rng.integers(1, 2**32, size=functions, dtype=np.uint64)
+    offsets = rng.integers(0, 2**32, size=functions, dtype=np.uint64)
+    first_with_digest = {}             # SHA-256 digest -> index of the kept document
+    buckets = defaultdict(list)        # (band, its 8 minima) -> kept document indices
+    kept_shingles = {}                 # index of a kept document -> its shingle set
+    kept, exact, near = [], [], []
+    for index, document in enumerate(documents):
+        if len(regex.findall(r"\w+", document)) < MIN_DEDUP_WORDS:
+            kept.append(document)
+            continue
+        digest = hashlib.sha256(document.encode("utf-8")).digest()
+        if digest in first_with_digest:
+            exact.append((index, first_with_digest[digest], 1.0))
+            continue
+        first_with_digest[digest] = index
+        shingle_set = shingles(document)
+        signature = minhash_signature(shingle_set, multipliers, offsets)
+        keys = [(band, signature[band * MINHASH_ROWS:(band + 1) * MINHASH_ROWS].tobytes())
+                for band in range(MINHASH_BANDS)]
+        candidates = {other for key in keys for other in buckets.get(key, ())}
+        best_similarity, best_match = 0.0, None
+        for other in sorted(candidates):
+            other_set = kept_shingles[other]
+            similarity = len(shingle_set & other_set) / len(shingle_set | other_set)
+            if similarity > best_similarity:
+                best_similarity, best_match = similarity, other
+        if best_similarity >= threshold:
+            near.append((index, best_match, best_similarity))
+            continue
+        kept.append(document)
+        kept_shingles[index] = shingle_set
+        for key in keys:
+            buckets[key].append(index)
+    return kept, exact, near
+
+
+# %% [markdown]
+# ## Validation documents
+#
+# We hold back about 10% of the text, whole documents, before the tokenizer is
+# trained, so that "bytes per token" on it measures how well the merges carry over to
+# text they were not learned from, and chapter 13 can measure its model on text it
+# never trained on. The held-out documents are the first ones: in the shards, the
+# validation shard comes first.
+
+# %%
+def split_validation(documents, valid_fraction):
+    """(validation documents, training documents): the first documents until they hold
+    `valid_fraction` of the characters, and the rest. Both are non-empty."""
+    if len(documents) < 2:
+        raise DataError(f"the corpus has {len(documents)} document after cleaning and "
+                        f"deduplication; it needs at least 2 (one to validate on)")
+    target = valid_fraction * sum(len(document) for document in documents)
+    count, characters = 0, 0
+    while count < len(documents) - 1 and (count == 0 or characters < target):
+        characters += len(documents[count])
+        count += 1
+    return documents[:count], documents[count:]
+
+
+# %% [markdown]
+# ## Checking the tokenizer
+#
+# Two promises must hold for *any* string, not just the English we trained on:
+#
+# 1. the pure-Python encoder and tiktoken give the same ids, so tiktoken really is
+#    "our tokenizer, only faster";
+# 2. decoding the ids gives back the exact string (`decode(encode(s)) == s`). This is
+#    what byte-level BPE buys: every string is UTF-8 bytes, and every byte is a token.
+#
+# The strings below are chosen to break weaker tokenizers: emoji (4 bytes in UTF-8),
+# a family emoji made of several joined by zero-width joiners, flags made of two
+# "regional indicator" letters, combining accents that are *not* normalised (decode
+# must not "fix" them), Chinese and Japanese, right-to-left Arabic and Hebrew, control
+# characters, odd whitespace, and the special token's text itself inside a document.
+
+# %%
+HARD_STRINGS = [
+    "Hello, world! It's 3.14159 o'clock; we'll see.",
+    "emoji: 🤖🚀 family: 👨‍👩‍👧‍👦 flag: 🇫🇷 skin tone: 👍🏽",
+    "combining: e\u0301 a\u0308 n\u0303 (not normalised) vs é ä ñ; Zalgo: Z\u0351\u0334a\u0362",
+    "中文分词很难。日本語のテキスト、カタカナ。한국어 문장.",
+    "RTL: שלום עולם and مرحبا بالعالم mixed with English 123.",
+    "control \x00\x01\x1b[31m red \x7f\x85 and tabs\tand\r\nline endings\u2028sep",
+    "spaces:   three,\u00a0no-break,\u3000ideographic, trailing   ",
+    "a document that mentions <|endoftext|> in its text",
+    "numbers ½ ² ٣ 〇 Ⅻ and math ∑∫√ and code: x += 1  # comment",
+    "",
+]
+
+
+def tokenizer_checks(mergeable_ranks, encoding, texts):
+    """(identical, round_trip): whether bpe_encode equals tiktoken's encode_ordinary on
+    every text, and whether decoding gives every text back."""
+    identical = all(bpe_encode(text, mergeable_ranks) == encoding.encode_ordinary(text)
+                    for text in texts)
+    round_trip = all(encoding.decode(encoding.encode_ordinary(text)) == text
+                     for text in texts)
+    return identical, round_trip
+
+
+# %% [markdown]
+# ## Encoding in parallel and writing shards
+#
+# tiktoken is fast, but one Python process still uses one core. Documents are
+# independent, so a pool of worker processes can each encode some of them. Each
+# worker receives the `Encoding` once (when it starts, not with every document), and
+# `imap` hands documents out in chunks and returns the results *in order*, so the
+# shards come out the same whatever the number of workers.
+#
+# Starting processes is why the run sits behind `if __name__ == "__main__":`. On
+# macOS and Windows each worker starts a fresh Python that imports this file; without
+# the guard, every worker would start the whole pipeline again.
+#
+# Documents are ordinary text, encoded with `encode_ordinary`: a document containing
+# the characters `<|endoftext|>` gets them as ordinary tokens. The real special token
+# is put *before* every document by our code, so every document, the first one
+# included, starts right after one; a model trained on the shards learns that
+# `<|endoftext|>` means "a new document begins", and sampling from it alone starts one.
+
+# %%
+worker_encoding = None   # the Encoding inside each worker process
+
+
+def start_worker(encoding):
+    """Pool initializer: keep the encoding for this worker's documents."""
+    global worker_encoding
+    worker_encoding = encoding
+
+
+def encode_document(document):
+    """`<|endoftext|>` then the document's tokens, as a numpy array."""
+    return np.array([worker_encoding.eot_token] + worker_encoding.encode_ordinary(document),
+                    dtype=np.uint32)
+
+
+def encode_documents(documents, encoding, workers):
+    """Encoded documents, in order, using `workers` processes (1: this process)."""
+    if workers <= 1:
+        start_worker(encoding)
+        yield from map(encode_document, documents)
+        return
+    with multiprocessing.Pool(workers, initializer=start_worker,
+                              initargs=(encoding,)) as pool:
+        yield from pool.imap(encode_document, documents, chunksize=32)
+
+
+def write_shards(valid_documents, train_documents, encoding, folder, shard_tokens,
+                 workers=1):
+    """Encode the documents and write them as shards into `folder`: shard 0 holds the
+    validation documents, shards 1, 2, ... the training documents, `shard_tokens`
+    each (the last one shorter). Returns (validation paths, training paths).
+
+    Training shards are cut at exactly `shard_tokens` tokens, often in the middle of
+    a document: the loader joins the shards back into one stream. Shards left over
+    from an earlier, longer run in `folder` are removed at the end."""
+    os.makedirs(folder, exist_ok=True)
+    vocab_size = encoding.n_vocab
+    valid_paths, train_paths = [], []
+
+    def path_of(index, split):
+        return os.path.join(folder, f"{split}_{index:06d}.bin")
+
+    stream = encode_documents(valid_documents + train_documents, encoding, workers)
+    valid_tokens = np.concatenate([next(stream) for _ in valid_documents])
+    valid_paths.append(path_of(0, "valid"))
+    write_shard(valid_paths[0], valid_tokens, vocab_size)
+    pending, pending_count = [], 0
+    for tokens in stream:
+        pending.append(tokens)
+        pending_count += len(tokens)
+        while pending_count >= shard_tokens:
+            joined = np.concatenate(pending)
+            train_paths.append(path_of(len(train_paths) + 1, "train"))
+            write_shard(train_paths[-1], joined[:shard_tokens], vocab_size)
+            pending, pending_count = [joined[shard_tokens:]], len(joined) - shard_tokens
+    if pending_count:
+        train_paths.append(path_of(len(train_paths) + 1, "train"))
+        write_shard(train_paths[-1], np.concatenate(pending), vocab_size)
+    current = {os.path.basename(path) for path in valid_paths + train_paths}
+    for name in os.listdir(folder):
+        if regex.fullmatch(r"(valid|train)_\d{6}\.bin", name) and name not in current:
+            os.remove(os.path.join(folder, name))
+    return valid_paths, train_paths
+
+
+def save_merges(mergeable_ranks, path):
+    """Save the tokenizer in tiktoken's own file format (one "base64-bytes rank" line
+    per token), so `tiktoken.load.load_tiktoken_bpe(path)` reads it back."""
+    temporary = path + ".part"
+    with open(temporary, "w") as file:
+        for piece, rank in sorted(mergeable_ranks.items(), key=lambda item: item[1]):
+            file.write(f"{base64.b64encode(piece).decode()} {rank}\n")
+    os.replace(temporary, path)
+
+
+# %% [markdown]
+# ## Pictures
+#
+# Two plots, when matplotlib is installed: how compression (bytes per token) grows
+# with the number of merges, on the training text and on held-out text; and the
+# MinHash S-curve, the chance that a pair of documents is examined as a function of
+# how similar they are, with our threshold marked.
+
+# %%
+def plot_results(out, vocab_sizes, train_compression, valid_compression, threshold):
+    """Save compression.png and minhash.png to `out`; without matplotlib, say so once
+    and print a text view instead."""
+    similarities = np.linspace(0, 1, 101)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed; no plots, text view instead")
+        for size, train_value, valid_value in zip(vocab_sizes, train_compression,
+                                                  valid_compression):
+            print(f"  vocabulary {size:6d}: {train_value:.2f} bytes/token on training "
+                  f"text, {valid_value:.2f} held out")
+        return []
+    figure, axes = plt.subplots(figsize=(6, 4))
+    axes.plot(vocab_sizes, train_compression, "o-", label="training text")
+    axes.plot(vocab_sizes, valid_compression, "s--", label="held-out text")
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel("vocabulary size (tokens)")
+    axes.set_ylabel("bytes per token")
+    axes.set_title("BPE compression grows with every merge")
+    axes.legend()
+    figure.tight_layout()
+    paths = [os.path.join(out, "compression.png")]
+    figure.savefig(paths[-1], dpi=100)
+    plt.close(figure)
+    figure, axes = plt.subplots(figsize=(6, 4))
+    axes.plot(similarities, candidate_probability(similarities))
+    axes.axvline(threshold, color="gray", linestyle=":", label=f"threshold {threshold}")
+    axes.set_xlabel("Jaccard similarity of two documents")
+    axes.set_ylabel("probability of being compared")
+    axes.set_title(f"MinHash LSH, {MINHASH_BANDS} bands of {MINHASH_ROWS} rows")
+    axes.legend()
+    figure.tight_layout()
+    paths.append(os.path.join(out, "minhash.png"))
+    figure.savefig(paths[-1], dpi=100)
+    plt.close(figure)
+    return paths
+
+
+# %% [markdown]
+# ## Running the chapter
+#
+# Every chapter shares this command line: `--seed` for repeatable runs, `--data` for a
+# local copy of the data, `--quick` for a run of a few seconds (used by the tests) and
+# `--out` for where files are written. Its last line of output is `summary:` and a
+# line of JSON with the chapter's headline figures, so scripts and tests can read it.
+
+
+# %%
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--data", default=None,
+                        help="a UTF-8 .txt file or a folder of them (default: download "
+                             "tiny Shakespeare, else the Python documentation)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a run of a few seconds, for tests and a first look "
+                             "(150,000 characters, vocabulary 512)")
+    parser.add_argument("--out", default="out",
+                        help="folder for shards, merges and plots (default out/)")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="tokens in the vocabulary, <|endoftext|> included; at least "
+                             "257 (default 4096, --quick 512)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="processes that encode documents in parallel (default 2)")
+    parser.add_argument("--shard-tokens", type=int, default=None,
+                        help="tokens per training shard (default 50000, --quick 20000)")
+    parser.add_argument("--valid-fraction", type=float, default=0.1,
+                        help="share of the text held out for validation (default 0.1)")
+    parser.add_argument("--threshold", type=float, default=0.8,
+                        help="Jaccard similarity from which two documents count as near "
+                             "duplicates (default 0.8)")
+    parser.add_argument("--shards", default=None, metavar="FOLDER",
+                        help="instead of building shards, check the shards already in "
+                             "FOLDER (e.g. out/shards) and stream a batch from them")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="rows per batch in the loader demonstration (default 8)")
+    parser.add_argument("--block-size", type=int, default=64,
+                        help="tokens per row in the loader demonstration (default 64)")
+    args = parser.parse_args(argv)
+    if args.vocab_size is None:
+        args.vocab_size = 512 if args.quick else 4096
+    if args.shard_tokens is None:
+        args.shard_tokens = 20_000 if args.quick else 50_000
+    return args
+
+
+def check_args(args):
+    """Refuse impossible settings before any work is done."""
+    if not 257 <= args.vocab_size <= 2**32:
+        raise DataError(f"--vocab-size {args.vocab_size} is out of range: a byte-level "
+                        f"vocabulary needs at least 257 tokens (256 bytes and "
+                        f"{END_OF_TEXT}) and ids must fit in 32 bits")
+    for name in ("workers", "shard_tokens", "batch_size", "block_size"):
+        if getattr(args, name) < 1:
+            raise DataError(f"--{name.replace('_', '-')} must be at least 1 "
+                            f"(got {getattr(args, name)})")
+    if not 0 < args.valid_fraction < 1:
+        raise DataError(f"--valid-fraction must lie between 0 and 1 "
+                        f"(got {args.valid_fraction})")
+    if not 0 < args.threshold <= 1:
+        raise DataError(f"--threshold must lie in (0, 1] (got {args.threshold})")
+
+
+def bytes_per_token(encoding, texts):
+    """Compression: UTF-8 bytes of `texts` divided by the tokens they encode to."""
+    data = sum(len(text.encode("utf-8")) for text in texts)
+    return data / max(sum(len(encoding.encode_ordinary(text)) for text in texts), 1)
+
+
+def best_time(function, *arguments, repeats=3):
+    """The fastest of `repeats` timed calls, in seconds: the least disturbed by
+    whatever else the machine is doing."""
+    times = []
+    for _ in range(repeats):
+        clock = time.perf_counter()
+        function(*arguments)
+        times.append(time.perf_counter() - clock)
+    return min(times)
+
+
+def print_summary(figures):
+    """The chapter's last line: `summary: ` and its headline figures as JSON."""
+    print("summary: " + json.dumps(figures))
+
+
+def inspect_shards(folder, args, started):
+    """The `--shards` run: read every shard in `folder` (each is checked: magic,
+    version, id size, length), then stream one batch from the training shards."""
+    if not os.path.isdir(folder):
+        raise DataError(f"shard folder {folder} does not exist; write shards first with "
+                        f"python 09_data.py --out DIR (they go to DIR/shards)")
+    names = sorted((name for name in os.listdir(folder) if name.endswith(".bin")),
+                   key=lambda name: name.rsplit("_", 1)[-1])     # by index: validation first
+    train_paths = [os.path.join(folder, name) for name in names if name.startswith("train_")]
+    if not train_paths:
+        raise DataError(f"shard folder {folder} holds no training shards (train_*.bin)")
+    counts = {}
+    for name in names:
+        tokens = read_shard(os.path.join(folder, name))
+        counts[name] = len(tokens)
+        print(f"{name}: {len(tokens):,} tokens as {tokens.dtype.name}")
+    loader = ShardLoader(train_paths, args.batch_size, args.block_size, seed=args.seed)
+    inputs, targets = loader.next_batch()
+    print(f"streamed a batch of shape {inputs.shape}; {loader.steps_per_epoch} batches "
+          f"per epoch")
+    print_summary({"chapter": CHAPTER, "shards": len(names),
+                   "tokens": sum(counts.values()), "batch_shape": list(inputs.shape),
+                   "seconds": round(time.perf_counter() - started, 1)})
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_args(args)
+    started = time.perf_counter()
+    if args.shards:
+        return inspect_shards(args.shards, args, started)
+    os.makedirs(args.out, exist_ok=True)
+
+    # ---- acquire and clean ----
+    texts, source = read_corpus(args.data)
+    raw_bytes = sum(len(text.encode("utf-8")) for _, text in texts)
+    documents = split_documents(texts)
+    if args.quick:
+        kept_characters, count = 0, 0
+        while count < len(documents) and kept_characters < 150_000:
+            kept_characters += len(documents[count])
+            count += 1
+        documents = documents[:count]
+    if not documents:
+        raise DataError(f"the corpus from {source} is empty after cleaning; it holds "
+                        f"only whitespace and control characters")
+    print(f"acquired {len(texts)} file(s) from {source}: {raw_bytes:,} bytes; "
+          f"{len(documents):,} documents after cleaning"
+          + (" (--quick: the first 150,000 characters)" if args.quick else ""))
+
+    # ---- deduplicate ----
+    kept, exact, near = deduplicate(documents, args.threshold, args.seed)
+    removed_bytes = sum(len(documents[index].encode("utf-8")) for index, _, _ in exact + near)
+    total_bytes = sum(len(document.encode("utf-8")) for document in documents)
+    print(f"deduplicated: removed {len(exact)} exact and {len(near)} near duplicates, "
+          f"{removed_bytes:,} of {total_bytes:,} bytes ({100 * removed_bytes / total_bytes:.1f}%)")
+    for kind, removals in (("exact", exact), ("near", sorted(near, key=lambda item: item[2]))):
+        for index, original, similarity in removals[:2]:   # the least similar near pairs
+            print(f"  {kind} (Jaccard {similarity:.2f}): document {index} repeats "
+                  f"{original}: {documents[index][:60]!r}")
+    print("  MinHash chance of comparing a pair: "
+          + ", ".join(f"{candidate_probability(s):.3f} at {s}" for s in (0.5, 0.7, 0.8, 0.9)))
+
+    # ---- train the tokenizer on the training documents only ----
+    valid_documents, train_documents = split_validation(kept, args.valid_fraction)
+    train_text = END_OF_TEXT.join(train_documents)
+    train_bytes = len(train_text.encode("utf-8"))
+    clock = time.perf_counter()
+    mergeable_ranks = train_bpe(train_text, args.vocab_size)
+    train_seconds = time.perf_counter() - clock
+    encoding = make_encoding(mergeable_ranks)
+    print(f"trained BPE on {train_bytes:,} bytes: {encoding.n_vocab} tokens "
+          f"({len(mergeable_ranks) - 256} merges + {END_OF_TEXT} as id {encoding.eot_token}) "
+          f"in {train_seconds:.2f} s")
+    if encoding.n_vocab < args.vocab_size:
+        print(f"  note: the text ran out of pairs to merge before {args.vocab_size} tokens")
+    by_rank = sorted(mergeable_ranks, key=mergeable_ranks.get)
+    print("  first merges:", " ".join(repr(piece.decode("utf-8", "replace"))
+                                      for piece in by_rank[256:266]))
+    print("  longest tokens:", " ".join(repr(piece.decode("utf-8", "replace")) for piece in
+                                        sorted(by_rank[256:], key=len)[-5:]))
+    example = "The tokenizer splits unfamiliar words like Pythonista into pieces."
+    print("  " + "|".join(encoding.decode_single_token_bytes(token).decode("utf-8", "replace")
+                          for token in encoding.encode_ordinary(example)))
+
+    # ---- check: pure Python and tiktoken agree, and decoding is exact ----
+    valid_text = END_OF_TEXT.join(valid_documents)
+    sample = valid_text[:100_000]
+    identical, round_trip = tokenizer_checks(mergeable_ranks, encoding, HARD_STRINGS + [sample])
+    print(f"pure Python and tiktoken give identical ids: {identical}; "
+          f"decode(encode(s)) == s on hard strings: {round_trip}")
+    special = "one document<|endoftext|>another"
+    try:
+        encoding.encode(special)
+        print("  (unexpected) tiktoken encoded the special token's text without being asked")
+    except ValueError:
+        print(f"  text containing {END_OF_TEXT} is refused by encode() unless allowed; as "
+              f"ordinary text it is {len(encoding.encode_ordinary(special))} tokens, as the "
+              f"special token {len(encoding.encode(special, allowed_special='all'))}")
+
+    # ---- speed and compression ----
+    pure_speed = len(sample.encode("utf-8")) / best_time(bpe_encode, sample, mergeable_ranks) / 1e6
+    tiktoken_speed = train_bytes / best_time(encoding.encode_ordinary, train_text) / 1e6
+    print(f"encoding speed: pure Python {pure_speed:.2f} MB/s, tiktoken {tiktoken_speed:.1f} "
+          f"MB/s ({tiktoken_speed / pure_speed:.0f}x)")
+    vocab_sizes = [size for size in (256, 512, 1024, 2048, 4096, 8192, 16384)
+                   if size < len(mergeable_ranks)] + [len(mergeable_ranks)]
+    train_compression, valid_compression = [], []
+    for size in vocab_sizes:
+        smaller = make_encoding({piece: rank for piece, rank in mergeable_ranks.items()
+                                 if rank < size}, name=f"course-bpe-{size}")
+        train_compression.append(bytes_per_token(smaller, train_documents))
+        valid_compression.append(bytes_per_token(smaller, valid_documents))
+    print(f"compression: {train_compression[-1]:.2f} bytes/token on training text, "
+          f"{valid_compression[-1]:.2f} on held-out text (single bytes: 1.00)")
+    gpt2 = gpt2_encoding()
+    gpt2_compression = bytes_per_token(gpt2, valid_documents) if gpt2 else None
+    if gpt2:
+        print(f"  GPT-2's tokenizer (50,257 tokens, trained on web text): "
+              f"{gpt2_compression:.2f} bytes/token on the same held-out text")
+    else:
+        print("  GPT-2's tokenizer files are not cached and could not be downloaded "
+              "(offline?); skipping that comparison")
+
+    # ---- shards, encoded in parallel ----
+    folder = os.path.join(args.out, "shards")
+    clock = time.perf_counter()
+    valid_paths, train_paths = write_shards(valid_documents, train_documents, encoding,
+                                            folder, args.shard_tokens, args.workers)
+    shard_seconds = time.perf_counter() - clock
+    save_merges(mergeable_ranks, os.path.join(args.out, "course-bpe.tiktoken"))
+    valid_tokens = len(read_shard(valid_paths[0]))
+    train_tokens = sum(len(read_shard(path)) for path in train_paths)
+    dtype = read_shard(train_paths[0]).dtype
+    print(f"wrote {len(valid_paths) + len(train_paths)} shards to {folder} with "
+          f"{args.workers} worker(s) in {shard_seconds:.2f} s: validation {valid_tokens:,} "
+          f"tokens, training {train_tokens:,} tokens, ids as {dtype.name}")
+    # The strongest check of the whole path: the shards decode back to exactly the
+    # documents, each after one <|endoftext|>, in order, whatever the number of workers.
+    decoded = encoding.decode(np.concatenate([read_shard(path) for path in
+                                              valid_paths + train_paths]).tolist())
+    shards_exact = decoded == "".join(END_OF_TEXT + document for document in
+                                      valid_documents + train_documents)
+    print(f"  the shards decode back to the documents exactly: {shards_exact}")
+
+    # ---- stream batches: two ranks, disjoint; and an exact resume ----
+    loaders = [ShardLoader(train_paths, args.batch_size, args.block_size, rank=rank,
+                           world_size=2, seed=args.seed) for rank in (0, 1)]
+    first_batches = [loader.next_batch() for loader in loaders]
+    print(f"loader: {loaders[0].windows:,} windows of {args.block_size + 1} tokens, "
+          f"{loaders[0].steps_per_epoch} steps per epoch with 2 ranks of "
+          f"{args.batch_size} rows; rank 0 row 0 reads "
+          f"{encoding.decode(first_batches[0][0][0][:16].tolist())!r}")
+    resumed = ShardLoader(train_paths, args.batch_size, args.block_size, rank=1,
+                          world_size=2, seed=args.seed)
+    resumed.load_state_dict(json.loads(json.dumps(loaders[1].state_dict())))
+    expected, got = loaders[1].next_batch(), resumed.next_batch()
+    resume_exact = bool(np.array_equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]))
+    print(f"  a loader restored from a saved position gives the identical next batch: "
+          f"{resume_exact}")
+
+    plots = plot_results(args.out, vocab_sizes, train_compression, valid_compression,
+                         args.threshold)
+    if plots:
+        print("saved plots:", ", ".join(plots))
+    print_summary({"chapter": CHAPTER, "source": source, "documents": len(documents),
+                   "exact_duplicates": len(exact), "near_duplicates": len(near),
+                   "vocab_size": encoding.n_vocab, "train_bytes": train_bytes,
+                   "bpe_seconds": round(train_seconds, 2),
+                   "bytes_per_token": round(valid_compression[-1], 3),
+                   "gpt2_bytes_per_token": gpt2_compression and round(gpt2_compression, 3),
+                   "pure_python_mb_s": round(pure_speed, 2),
+                   "tiktoken_mb_s": round(tiktoken_speed, 1),
+                   "identical_ids": identical, "round_trip": round_trip,
+                   "valid_tokens": valid_tokens, "train_tokens": train_tokens,
+                   "shards": len(valid_paths) + len(train_paths),
+                   "shards_exact": shards_exact, "resume_exact": resume_exact,
+                   "seconds": round(time.perf_counter() - started, 1)})
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,1153 @@
+"""GPU programming with Triton: the transformer's hot operations as fused kernels.
+
+Chapter 11 built a transformer out of PyTorch operations. Each of those operations reads
+its inputs from the GPU's main memory and writes its result back, and for most of them
+that round trip, not the arithmetic, is what takes the time. This chapter writes the
+transformer's hot operations as Triton kernels that do more work per trip to memory:
+
+- `add(x, y)`: the first kernel, to learn program ids, blocks and masks;
+- `softmax(x)`: a row-wise fused softmax with an online (running max and sum) loop for
+  rows longer than one block, and its backward;
+- `layer_norm(x, weight, bias)` and `rms_norm(x, weight)`: forward and backward, with
+  the weight and bias gradients reduced across rows;
+- `gelu(x)` (tanh approximation) and `swiglu(a, b)`: fused activations, both directions;
+- `cross_entropy(logits, targets)`: the loss and its gradient in one kernel, streaming
+  the vocabulary in chunks so a 50,257-wide softmax never sits in memory;
+- `flash_attention(q, k, v, causal)`: FlashAttention-2, forward and backward;
+- `matmul(a, b)`: a tiled, grouped, autotuned matrix multiply, compared with cuBLAS.
+
+Every kernel is a plain function on torch tensors, wrapped in a `torch.autograd.Function`
+where training needs its gradient, and checked against PyTorch.
+
+New since chapter 11: the GPU's memory hierarchy, Triton's programming model (programs,
+blocks, masks, `tl.constexpr`), kernel fusion, online softmax, recomputation in the
+backward pass, tiling for matrix multiplies, and how to measure a kernel (GB/s against
+the card's memory bandwidth, TFLOP/s against its arithmetic).
+
+How to run:
+    python 12_triton.py           # correctness table for every kernel, then the kernels
+                                  # swapped into a transformer (about a minute on 2 cores)
+    python 12_triton.py --quick   # the same at fewer shapes, a few seconds
+    python 12_triton.py --bench   # GPU only: speed against PyTorch at GPT-2-small shapes
+
+Where it runs: on a CUDA GPU the kernels are compiled. Without one the chapter sets
+`TRITON_INTERPRET=1` before importing Triton, and the very same kernels run in Triton's
+interpreter on the CPU (slowly, so the checks use small shapes). Without Triton installed
+(macOS, Windows) the chapter says so and runs PyTorch's versions of every operation.
+"""
+
+# %%
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CHAPTER = "12_triton"
+
+# %% [markdown]
+# # GPU programming with Triton
+#
+# ## Why kernels: the memory hierarchy
+#
+# A GPU is thousands of small arithmetic units fed by a hierarchy of memories, each
+# smaller and faster than the one before. On an H100:
+#
+# | memory | size | bandwidth (roughly) |
+# |---|---|---|
+# | HBM, the "GPU memory" that `torch.empty` allocates | 80 GB | 3.35 TB/s |
+# | L2 cache, shared by the whole chip | 50 MB | ~10 TB/s |
+# | shared memory / L1, one per streaming multiprocessor (SM), 132 SMs | 228 KB each | ~30 TB/s in total |
+# | registers, private to each thread | 256 KB per SM | faster still |
+#
+# Arithmetic is cheap by comparison: about 990 TFLOP/s of bf16 matrix multiply. Divide
+# one by the other: the chip can do about 300 floating-point operations in the time it
+# takes to read one 2-byte number from HBM. An operation that does fewer than that many
+# operations per byte it moves is *memory bound*: its speed is set by HBM bandwidth, not
+# by arithmetic. Almost everything in a transformer except the big matrix multiplies is
+# memory bound: adding, normalising, activation functions, softmax, the loss.
+#
+# PyTorch's eager mode runs one operation at a time. `torch.softmax(x)` reads `x` from
+# HBM and writes its result; a GELU written as `0.5 * x * (1 + tanh(...))` is half a dozen
+# operations, each one a full read and write of the tensor. A *kernel* is one program the
+# GPU runs; a *fused* kernel reads its inputs once, does all the arithmetic in registers,
+# and writes the result once. For memory-bound work the speed-up is simply the ratio of
+# bytes moved.
+#
+# ## Triton's programming model
+#
+# CUDA programs one thread at a time. Triton programs one *block* at a time: you write a
+# function (a `@triton.jit` kernel) that handles one tile of the data, say 1,024
+# elements, with whole-tile operations like numpy's. The GPU launches many copies of it,
+# the *programs* of a *grid*; each asks `tl.program_id(0)` which tile is its own. Triton's
+# compiler splits the tile across threads, keeps it in registers, stages loads through
+# shared memory and issues vectorised memory instructions, which a CUDA programmer would
+# write by hand.
+#
+# Three rules come from the compiler, and the interpreter used on a CPU does not enforce
+# them, so this file respects them everywhere:
+# 1. tile shapes are compile-time constants (`tl.constexpr` parameters), and each side
+#    is a power of two; a tensor whose size is not a power of two is covered by a
+#    bigger tile and a *mask* that switches off the lanes past the end;
+# 2. every load and store past the end of a tensor is masked (`mask=`), with `other=`
+#    saying what a masked load returns;
+# 3. `tl.dot`, the matrix multiply on a tile, needs at least 16 rows and columns on
+#    each side, because it runs on the tensor cores, which work on 16-wide fragments.
+#
+# Triton specialises a kernel for each set of constexpr values, so `BLOCK=64` and
+# `BLOCK=128` are two different compiled programs; ordinary arguments (lengths, strides,
+# scales) are run-time values.
+
+# %% [markdown]
+# ## The kernels
+#
+# This section is self-contained: chapter 13 carries it unchanged. It decides how Triton
+# runs (compiled, interpreted, or not at all), then defines each kernel, its launcher and
+# its autograd wrapper. Each public function falls back to PyTorch where Triton cannot
+# run on its tensors (no Triton, or tensors on the CPU while a GPU compiles the kernels),
+# so code that calls these functions runs anywhere.
+
+# %%
+# Triton's interpreter runs kernels with numpy on the CPU. It is switched on by an
+# environment variable that Triton reads when a kernel is defined, so it must be set
+# before `import triton`. A learner who sets it themselves keeps their choice.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # macOS and Windows: no Triton wheels
+    HAS_TRITON = False
+
+    class _NoTriton:
+        """Stands in for `triton` and `triton.language` when Triton is not installed:
+        the decorators leave each kernel a plain Python function that is never called,
+        so this file still imports and every public function takes its PyTorch path."""
+        constexpr = None
+
+        @staticmethod
+        def jit(function):
+            return function
+
+        @staticmethod
+        def autotune(configs, key):
+            return lambda function: function
+
+        @staticmethod
+        def Config(*args, **kwargs):
+            return None
+
+    triton = tl = _NoTriton()
+
+INTERPRET = HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_runs_on(tensor):
+    """True when the Triton kernels can process `tensor`: compiled for a CUDA tensor, or
+    interpreted (any tensor, on the CPU) when TRITON_INTERPRET=1."""
+    return HAS_TRITON and (tensor.is_cuda or INTERPRET)
+
+
+def backend_name():
+    """One phrase saying how the kernels run in this process."""
+    if not HAS_TRITON:
+        return "PyTorch reference path (Triton is not installed)"
+    if INTERPRET:
+        return f"Triton {triton.__version__} interpreter on the CPU"
+    return f"Triton {triton.__version__} compiled for {torch.cuda.get_device_name()}"
+
+
+def tuning_configs(gpu_configs, interpreter_config):
+    """Autotuning candidates. On a GPU Triton times every candidate the first time it
+    meets a new shape and keeps the fastest. In the interpreter timing means nothing and
+    each run is slow, so there is one fixed, small candidate (and no timing at all)."""
+    return [interpreter_config] if INTERPRET else gpu_configs
+
+
+def row_block(n_cols, limit):
+    """The tile width for a row of `n_cols`: the next power of two, at most `limit`."""
+    return min(triton.next_power_of_2(n_cols), limit)
+
+
+def row_warps(block):
+    """Warps (groups of 32 threads) for a program that holds `block` numbers of a row:
+    more threads for wider tiles, so each thread keeps a few dozen values in registers."""
+    return 4 if block <= 2048 else (8 if block <= 8192 else 16)
+
+
+# Widest row tile. On a GPU 8,192 numbers of a row fit in registers; the interpreter uses
+# small tiles so that modest test shapes already exercise the loop over a long row.
+ROW_BLOCK_LIMIT = 128 if INTERPRET else 8192
+# Widest feature dimension for the norms, which keep one whole row in one tile.
+NORM_MAX_COLS = 16384
+# Elements per program for the element-wise kernels.
+ELEMENTWISE_BLOCK = 1024
+
+
+def rows_of(x):
+    """View `x` as a contiguous (rows, last dimension) matrix, the shape the row-wise
+    kernels work on."""
+    return x.contiguous().view(-1, x.shape[-1])
+
+
+# %% [markdown]
+# ### 1. `add`: programs, blocks and masks
+#
+# The simplest kernel. The grid has `ceil(n / BLOCK)` programs; program `p` handles
+# elements `p * BLOCK ... p * BLOCK + BLOCK - 1`. The last program's tile hangs over the
+# end of the tensor unless `n` is a multiple of `BLOCK`, so a mask switches those lanes
+# off: a masked load reads nothing and a masked store writes nothing. Pointers are plain
+# addresses: `x_ptr + offsets` is a tile of addresses, one per lane.
+#
+# Memory traffic: read `x` and `y`, write the sum: 3 numbers per element, the minimum
+# possible, which is why even this kernel reaches nearly the full HBM bandwidth.
+
+# %%
+@triton.jit
+def _add_kernel(x_ptr, y_ptr, out_ptr, n_elements, BLOCK: tl.constexpr):
+    # 64-bit program id: with 32-bit offsets a tensor over 2**31 elements would wrap.
+    pid = tl.program_id(0).to(tl.int64)
+    offsets = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n_elements
+    x = tl.load(x_ptr + offsets, mask=mask)
+    y = tl.load(y_ptr + offsets, mask=mask)
+    tl.store(out_ptr + offsets, x + y, mask=mask)
+
+
+def add(x, y):
+    """`x + y` for two tensors of the same shape and dtype, by a Triton kernel."""
+    if x.shape != y.shape or x.dtype != y.dtype:
+        raise ValueError(f"add needs equal shapes and dtypes, got {tuple(x.shape)} {x.dtype} "
+                         f"and {tuple(y.shape)} {y.dtype}")
+    if not triton_runs_on(x):
+        return x + y
+    x, y = x.contiguous(), y.contiguous()
+    out = torch.empty_like(x)
+    n_elements = out.numel()
+    grid = (triton.cdiv(n_elements, ELEMENTWISE_BLOCK),)
+    _add_kernel[grid](x, y, out, n_elements, BLOCK=ELEMENTWISE_BLOCK)
+    return out
+
+
+# %% [markdown]
+# ### 2. Softmax: one row per program, online for long rows
+#
+# `softmax(x)_j = exp(x_j - m) / sum_k exp(x_k - m)`, with `m = max_k x_k` subtracted so
+# that no `exp` overflows. Eager PyTorch composes it from a max, a subtract, an exp, a sum
+# and a divide, each a trip through HBM; a fused kernel gives each row to one program,
+# which loads the row once, does everything in registers and stores the result once.
+#
+# A row wider than one tile (more than `ROW_BLOCK_LIMIT` numbers) cannot sit in registers.
+# The *online softmax* streams it in chunks keeping two numbers: the running maximum `m`
+# and the running sum `s = sum exp(x_k - m)` of the chunks seen so far. When a chunk
+# raises the maximum from `m` to `m'`, the old sum is rescaled,
+#
+#     s' = s * exp(m - m') + sum_{k in chunk} exp(x_k - m'),
+#
+# because `exp(x_k - m) * exp(m - m') = exp(x_k - m')`. One sweep gives `m` and `s`; a
+# second sweep writes `exp(x_j - m) / s`. (The rescaling trick is also the heart of flash
+# attention below and of the cross-entropy kernel.)
+#
+# Masked lanes load `-inf`: `exp(-inf) = 0` adds nothing to a sum and `-inf` never wins
+# a max. Every chunk starts inside the row, so it has at least one real number, its max
+# is finite, and `exp(m - m')` never meets the undefined `(-inf) - (-inf)`.
+#
+# Backward. With `y = softmax(x)` and incoming gradient `dy`,
+# `dy_j/dx_k = y_j (delta_jk - y_k)`, so
+#
+#     dx_k = sum_j dy_j y_j (delta_jk - y_k) = y_k (dy_k - sum_j dy_j y_j),
+#
+# one dot product per row and an element-wise step: again one program per row, reading
+# `y` (saved by the forward pass) and `dy` once each when the row fits in a tile.
+
+# %%
+@triton.jit
+def _row_max_and_sum(row_ptr, n_cols, BLOCK: tl.constexpr):
+    """Online softmax statistics of one row: its maximum m and sum(exp(x - m)), streaming
+    the row in chunks of BLOCK. Shared by the softmax and cross-entropy kernels."""
+    running_max = -float("inf")
+    running_sum = 0.0
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(row_ptr + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32)
+        new_max = tl.maximum(running_max, tl.max(x, axis=0))
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+        running_max = new_max
+    return running_max, running_sum
+
+
+@triton.jit
+def _softmax_forward_kernel(x_ptr, y_ptr, n_cols, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * n_cols
+    y_row = y_ptr + row * n_cols
+    if ONE_BLOCK:
+        # The whole row fits in one tile: read once, write once.
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(x_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
+        numerator = tl.exp(x - tl.max(x, axis=0))
+        y = numerator / tl.sum(numerator, axis=0)
+        tl.store(y_row + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        # Sweep 1: running max and sum. Sweep 2: normalise and write.
+        row_max, row_sum = _row_max_and_sum(x_row, n_cols, BLOCK)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            x = tl.load(x_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
+            y = tl.exp(x - row_max) / row_sum
+            tl.store(y_row + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _softmax_backward_kernel(y_ptr, dy_ptr, dx_ptr, n_cols, BLOCK: tl.constexpr,
+                             ONE_BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    y_row = y_ptr + row * n_cols
+    dy_row = dy_ptr + row * n_cols
+    dx_row = dx_ptr + row * n_cols
+    if ONE_BLOCK:
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        y = tl.load(y_row + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
+        dx = y * (dy - tl.sum(y * dy, axis=0))
+        tl.store(dx_row + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    else:
+        # Sweep 1: the dot product sum_j dy_j y_j. Sweep 2: dx.
+        dot = 0.0
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            y = tl.load(y_row + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
+            dot += tl.sum(y * dy, axis=0)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            y = tl.load(y_row + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(dx_row + cols, (y * (dy - dot)).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+class _Softmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        x_rows = rows_of(x)
+        n_rows, n_cols = x_rows.shape
+        block = row_block(n_cols, ROW_BLOCK_LIMIT)
+        y = torch.empty_like(x_rows)
+        _softmax_forward_kernel[(n_rows,)](x_rows, y, n_cols, BLOCK=block,
+                                           ONE_BLOCK=n_cols <= block, num_warps=row_warps(block))
+        ctx.save_for_backward(y)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        n_rows, n_cols = y.shape
+        block = row_block(n_cols, ROW_BLOCK_LIMIT)
+        dy_rows = rows_of(dy)
+        dx = torch.empty_like(y)
+        _softmax_backward_kernel[(n_rows,)](y, dy_rows, dx, n_cols, BLOCK=block,
+                                            ONE_BLOCK=n_cols <= block, num_warps=row_warps(block))
+        return dx.view(dy.shape)
+
+
+def softmax(x):
+    """Softmax over the last dimension of `x`, forward and backward in Triton."""
+    if not triton_runs_on(x):
+        return torch.softmax(x, dim=-1)
+    return _Softmax.apply(x)
+
+
+# %% [markdown]
+# ### 3. Layer norm and RMS norm: a row per program forward, rows reduced backward
+#
+# Layer norm of a row `x` of width `n`: `mean = sum(x) / n`,
+# `rstd = 1 / sqrt(sum((x - mean)^2) / n + eps)`, `xhat = (x - mean) * rstd`, and
+# `y = weight * xhat + bias`. RMS norm (used by chapter 13) skips the mean and the bias:
+# `rstd = 1 / sqrt(sum(x^2) / n + eps)`, `xhat = x * rstd`, `y = weight * xhat`. One kernel
+# serves both (the constexpr `RMS` removes the mean and bias at compile time). The forward
+# pass keeps a whole row in registers: read `x` once, write `y` once, and save the two
+# per-row numbers `mean` and `rstd` for the backward pass, so it need not recompute them.
+#
+# Backward. Write `g = weight * dy`, the gradient reaching `xhat`. For layer norm,
+# differentiating `xhat_i = (x_i - mean) * rstd` through both `mean` and `rstd` gives
+#
+#     dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
+#
+# and for RMS norm, with no mean, `dx = rstd * (g - xhat * mean(g * xhat))`.
+# (`mean` here averages over the row.) These are per-row, like the forward pass.
+#
+# The weight and bias gradients are sums *down the rows*: `dweight = sum_rows dy * xhat`,
+# `dbias = sum_rows dy`. Adding 16,384 rows into one vector from 16,384 programs would
+# need atomic additions, which serialise and make the result depend on their order. Instead
+# a fixed number of programs (a few per SM) each walk a stripe of rows, accumulate their
+# partial sums in registers, and write one partial row each; a small second kernel adds
+# the partial rows up, column by column. The result is deterministic, and the only extra
+# memory traffic is a few hundred partial rows.
+
+# %%
+@triton.jit
+def _norm_forward_kernel(x_ptr, weight_ptr, bias_ptr, y_ptr, mean_ptr, rstd_ptr, n_cols, eps,
+                         BLOCK: tl.constexpr, RMS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if RMS:
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+        y = x * rstd * weight
+    else:
+        mean = tl.sum(x, axis=0) / n_cols
+        # Masked lanes hold 0, and 0 - mean is not 0: zero them before the variance.
+        centred = tl.where(mask, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / n_cols + eps)
+        bias = tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        y = centred * rstd * weight + bias
+        tl.store(mean_ptr + row, mean)
+    tl.store(rstd_ptr + row, rstd)
+    tl.store(y_ptr + row * n_cols + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _norm_backward_kernel(x_ptr, weight_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr,
+                          weight_partial_ptr, bias_partial_ptr, n_rows, n_cols,
+                          BLOCK: tl.constexpr, RMS: tl.constexpr):
+    pid = tl.program_id(0)
+    n_programs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    weight_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    bias_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    # This program takes rows pid, pid + n_programs, pid + 2 * n_programs, ...
+    # `offset` is the row's first element, kept in 64 bits.
+    offset = pid.to(tl.int64) * n_cols
+    for row in range(pid, n_rows, n_programs):
+        x = tl.load(x_ptr + offset + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offset + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row)
+        g = weight * dy  # 0 in masked lanes, where weight was loaded as 0
+        if RMS:
+            xhat = x * rstd
+            dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / n_cols))
+        else:
+            xhat = tl.where(mask, (x - tl.load(mean_ptr + row)) * rstd, 0.0)
+            dx = rstd * (g - tl.sum(g, axis=0) / n_cols - xhat * (tl.sum(g * xhat, axis=0) / n_cols))
+            bias_sum += dy
+        weight_sum += dy * xhat
+        tl.store(dx_ptr + offset + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        offset += n_programs * n_cols
+    tl.store(weight_partial_ptr + pid * n_cols + cols, weight_sum, mask=mask)
+    if not RMS:
+        tl.store(bias_partial_ptr + pid * n_cols + cols, bias_sum, mask=mask)
+
+
+@triton.jit
+def _column_sum_kernel(partial_ptr, out_ptr, n_rows, n_cols, BLOCK_ROWS: tl.constexpr,
+                       BLOCK_COLS: tl.constexpr):
+    """out[c] = sum over r of partial[r, c]: each program adds up BLOCK_COLS columns."""
+    cols = tl.program_id(0) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    total = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
+    for start in range(0, n_rows, BLOCK_ROWS):
+        rows = start + tl.arange(0, BLOCK_ROWS)
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        total += tl.load(partial_ptr + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
+    tl.store(out_ptr + cols, tl.sum(total, axis=0).to(out_ptr.dtype.element_ty), mask=cols < n_cols)
+
+
+def column_sum(partial, like):
+    """Sum the fp32 matrix `partial` over its rows into a new tensor shaped and typed like
+    `like` (a weight or bias)."""
+    out = torch.empty_like(like)
+    n_rows, n_cols = partial.shape
+    _column_sum_kernel[(triton.cdiv(n_cols, 64),)](partial, out, n_rows, n_cols,
+                                                   BLOCK_ROWS=32, BLOCK_COLS=64)
+    return out
+
+
+def norm_programs(x, n_rows):
+    """How many programs share the rows in the norm backward pass: a few per SM on a
+    GPU, so every SM is busy while the partial sums stay few; four in the interpreter."""
+    if x.is_cuda:
+        return min(n_rows, 4 * torch.cuda.get_device_properties(x.device).multi_processor_count)
+    return min(n_rows, 4)
+
+
+class _Norm(torch.autograd.Function):
+    """Layer norm (bias given) or RMS norm (bias None) over the last dimension."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        x_rows = rows_of(x)
+        n_rows, n_cols = x_rows.shape
+        if n_cols > NORM_MAX_COLS:
+            raise ValueError(f"the norm kernels keep a row in one tile: at most "
+                             f"{NORM_MAX_COLS} features, got {n_cols}")
+        rms = bias is None
+        block = triton.next_power_of_2(n_cols)
+        y = torch.empty_like(x_rows)
+        mean = torch.empty(n_rows, device=x.device, dtype=torch.float32)
+        rstd = torch.empty(n_rows, device=x.device, dtype=torch.float32)
+        # RMS norm reads no bias: the weight stands in for the unused pointer.
+        _norm_forward_kernel[(n_rows,)](x_rows, weight, weight if rms else bias, y, mean, rstd,
+                                        n_cols, eps, BLOCK=block, RMS=rms,
+                                        num_warps=row_warps(block))
+        ctx.save_for_backward(x_rows, weight, mean, rstd)
+        ctx.rms = rms
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_rows, weight, mean, rstd = ctx.saved_tensors
+        n_rows, n_cols = x_rows.shape
+        block = triton.next_power_of_2(n_cols)
+        programs = norm_programs(x_rows, n_rows)
+        dx = torch.empty_like(x_rows)
+        weight_partial = torch.empty(programs, n_cols, device=dx.device, dtype=torch.float32)
+        bias_partial = torch.empty_like(weight_partial)
+        _norm_backward_kernel[(programs,)](x_rows, weight, rows_of(dy), dx, mean, rstd,
+                                           weight_partial, bias_partial, n_rows, n_cols,
+                                           BLOCK=block, RMS=ctx.rms, num_warps=row_warps(block))
+        dweight = column_sum(weight_partial, weight)
+        dbias = None if ctx.rms else column_sum(bias_partial, weight)
+        return dx.view(dy.shape), dweight, dbias, None
+
+
+def layer_norm(x, weight, bias, eps=1e-5):
+    """Layer norm over the last dimension (like `F.layer_norm`), forward and backward in
+    Triton."""
+    if not triton_runs_on(x):
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    return _Norm.apply(x, weight, bias, eps)
+
+
+def rms_norm(x, weight, eps=1e-6):
+    """RMS norm over the last dimension: `x / sqrt(mean(x^2) + eps) * weight`, forward
+    and backward in Triton."""
+    if not triton_runs_on(x):
+        return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps).to(x.dtype) * weight
+    return _Norm.apply(x, weight, None, eps)
+
+
+# %% [markdown]
+# ### 4. GELU and SwiGLU: fused element-wise activations
+#
+# GELU, tanh approximation (GPT-2's activation):
+#
+#     gelu(x) = 0.5 x (1 + tanh(u)),   u = c (x + 0.044715 x^3),   c = sqrt(2 / pi).
+#
+# Since `0.5 (1 + tanh(u)) = sigmoid(2u) = 1 / (1 + exp(-2u))`, the kernel computes
+# `x * sigmoid(2u)` with one `exp`; it tends to exactly 0 and 1 at the ends instead of
+# overflowing. The derivative, with `t = tanh(u)`:
+#
+#     gelu'(x) = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2).
+#
+# SwiGLU (chapter 13's feed-forward) gates one projection by another:
+# `swiglu(a, b) = silu(a) * b` with `silu(a) = a * sigmoid(a)`. With `s = sigmoid(a)`,
+# `silu'(a) = s + a s (1 - s) = s (1 + a (1 - s))`, so
+#
+#     d(out)/da = dy * b * s (1 + a (1 - s)),   d(out)/db = dy * silu(a).
+#
+# In eager PyTorch each of these is a string of operations, each reading and writing the
+# whole tensor; fused, the forward pass reads the input(s) once and writes once, and the
+# backward pass recomputes the cheap activation from the saved input instead of storing
+# intermediate tensors.
+
+# %%
+GELU_C = math.sqrt(2.0 / math.pi)
+
+
+@triton.jit
+def _gelu_forward_kernel(x_ptr, y_ptr, n_elements, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n_elements
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)  # c = sqrt(2 / pi)
+    y = x / (1.0 + tl.exp(-2.0 * u))
+    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gelu_backward_kernel(x_ptr, dy_ptr, dx_ptr, n_elements, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n_elements
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    tanh_u = 2.0 / (1.0 + tl.exp(-2.0 * u)) - 1.0
+    slope = 0.5 * (1.0 + tanh_u) + 0.5 * x * (1.0 - tanh_u * tanh_u) * 0.7978845608028654 * (
+        1.0 + 3.0 * 0.044715 * x * x)
+    tl.store(dx_ptr + offsets, (dy * slope).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_forward_kernel(a_ptr, b_ptr, y_ptr, n_elements, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n_elements
+    a = tl.load(a_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    y = a / (1.0 + tl.exp(-a)) * b
+    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_backward_kernel(a_ptr, b_ptr, dy_ptr, da_ptr, db_ptr, n_elements, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n_elements
+    a = tl.load(a_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    sig = 1.0 / (1.0 + tl.exp(-a))
+    tl.store(da_ptr + offsets, (dy * b * sig * (1.0 + a * (1.0 - sig))).to(da_ptr.dtype.element_ty),
+             mask=mask)
+    tl.store(db_ptr + offsets, (dy * a * sig).to(db_ptr.dtype.element_ty), mask=mask)
+
+
+def elementwise_grid(tensor):
+    """One program per ELEMENTWISE_BLOCK elements."""
+    return (triton.cdiv(tensor.numel(), ELEMENTWISE_BLOCK),)
+
+
+class _Gelu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        x = x.contiguous()
+        y = torch.empty_like(x)
+        _gelu_forward_kernel[elementwise_grid(x)](x, y, x.numel(), BLOCK=ELEMENTWISE_BLOCK)
+        ctx.save_for_backward(x)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        dx = torch.empty_like(x)
+        _gelu_backward_kernel[elementwise_grid(x)](x, dy.contiguous(), dx, x.numel(),
+                                                   BLOCK=ELEMENTWISE_BLOCK)
+        return dx
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        a, b = a.contiguous(), b.contiguous()
+        y = torch.empty_like(a)
+        _swiglu_forward_kernel[elementwise_grid(a)](a, b, y, a.numel(), BLOCK=ELEMENTWISE_BLOCK)
+        ctx.save_for_backward(a, b)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        a, b = ctx.saved_tensors
+        da, db = torch.empty_like(a), torch.empty_like(b)
+        _swiglu_backward_kernel[elementwise_grid(a)](a, b, dy.contiguous(), da, db, a.numel(),
+                                                     BLOCK=ELEMENTWISE_BLOCK)
+        return da, db
+
+
+def gelu(x):
+    """GELU, tanh approximation (`F.gelu(x, approximate="tanh")`), in Triton."""
+    if not triton_runs_on(x):
+        return F.gelu(x, approximate="tanh")
+    return _Gelu.apply(x)
+
+
+def swiglu(a, b):
+    """`silu(a) * b` for two tensors of the same shape, in Triton."""
+    if a.shape != b.shape:
+        raise ValueError(f"swiglu needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if not triton_runs_on(a):
+        return F.silu(a) * b
+    return _SwiGLU.apply(a, b)
+
+
+# %% [markdown]
+# ### 5. Cross-entropy: loss and gradient in one kernel, chunked over the vocabulary
+#
+# A GPT's last layer gives, for each of `N` positions, a row of `V` logits (GPT-2:
+# `V = 50,257`). The loss of a row with target `t` is `lse - x_t`, where
+# `lse = log sum_j exp(x_j)` is the log-sum-exp; the mean is taken over the rows whose
+# target is not `ignore_index`. Its gradient with respect to the logits is
+#
+#     dloss/dx_j = (softmax(x)_j - [j == t]) / n_valid,
+#
+# and 0 for ignored rows. Eager PyTorch materialises `log_softmax(x)`, an N x V tensor
+# as big as the logits, then reads it again in the backward pass. Here one program per
+# row streams its row twice: sweep 1 computes `lse` with the online max and sum of the
+# softmax kernel, sweep 2 writes the gradient chunk by chunk. The second sweep mostly
+# hits the L2 cache, the loss costs no extra tensor, and the backward pass has nothing
+# left to compute except scaling the stored gradient by the incoming one (1 for a loss
+# that is not scaled further).
+#
+# `n_valid` is counted on the device and read by the kernel from memory, so the host
+# never waits for the GPU to learn it.
+
+# %%
+@triton.jit
+def _cross_entropy_kernel(logits_ptr, targets_ptr, valid_count_ptr, loss_ptr, grad_ptr, n_cols,
+                          ignore_index, BLOCK: tl.constexpr, WRITE_GRAD: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    logits_row = logits_ptr + row * n_cols
+    target = tl.load(targets_ptr + row)
+    valid = target != ignore_index
+    row_max, row_sum = _row_max_and_sum(logits_row, n_cols, BLOCK)
+    lse = row_max + tl.log(row_sum)
+    target_logit = tl.load(logits_row + target, mask=valid, other=0.0).to(tl.float32)
+    tl.store(loss_ptr + row, tl.where(valid, lse - target_logit, 0.0))
+    if WRITE_GRAD:
+        # 1 / n_valid for a row that counts, 0 for an ignored one (whose whole gradient
+        # row is then written as zeros).
+        scale = tl.where(valid, 1.0 / tl.load(valid_count_ptr).to(tl.float32), 0.0)
+        grad_row = grad_ptr + row * n_cols
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            x = tl.load(logits_row + cols, mask=mask, other=0.0).to(tl.float32)
+            grad = (tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)) * scale
+            tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index):
+        logits = logits.contiguous()
+        targets = targets.contiguous()
+        n_rows, n_cols = logits.shape
+        valid_count = (targets != ignore_index).sum()
+        losses = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
+        write_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(logits) if write_grad else losses  # unused without grad
+        block = row_block(n_cols, min(ROW_BLOCK_LIMIT, 4096))
+        _cross_entropy_kernel[(n_rows,)](logits, targets, valid_count, losses, grad, n_cols,
+                                         ignore_index, BLOCK=block, WRITE_GRAD=write_grad,
+                                         num_warps=row_warps(block))
+        if write_grad:
+            ctx.save_for_backward(grad)
+        return (losses.sum() / valid_count).to(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output, None, None
+
+
+def cross_entropy(logits, targets, ignore_index=-100):
+    """Mean cross-entropy of `logits` (rows, vocabulary) against integer `targets` (rows,),
+    leaving out rows whose target is `ignore_index` (like `F.cross_entropy`). Targets
+    must lie in [0, vocabulary) or equal `ignore_index`; the kernel does not check."""
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"cross_entropy needs logits (rows, vocabulary) and targets (rows,), "
+                         f"got {tuple(logits.shape)} and {tuple(targets.shape)}")
+    if not triton_runs_on(logits):
+        return F.cross_entropy(logits, targets, ignore_index=ignore_index)
+    return _CrossEntropy.apply(logits, targets, ignore_index)
+
+
+# %% [markdown]
+# ### 6. Flash attention: attention without the attention matrix
+#
+# Attention for one head: `S = scale * Q K^T` (seq x seq), `P = softmax(S)` row-wise,
+# with the causal mask setting `S_ij = -inf` for `j > i`, and `O = P V`. Eager PyTorch
+# writes `S` and `P` to HBM: at sequence 1,024 with 12 heads and batch 8 that is
+# 100 million numbers per layer, read and written several times, while `Q`, `K`, `V` and
+# `O` are 0.5 million rows of 64. Flash attention never stores `S` or `P`:
+#
+# **Forward** (FlashAttention-2). Each program owns a block of `BLOCK_M` query rows and
+# keeps them in registers. It loops over blocks of `BLOCK_N` keys and values; for each,
+# `S_block = Q_block K_block^T` on the tensor cores, then the online softmax of section 2,
+# row by row: a running max `m`, a running sum `l`, and a running output `acc` that is
+# rescaled by `exp(m_old - m_new)` whenever the max grows, exactly as the running sum is:
+#
+#     m' = max(m, rowmax(S_block));   P_block = exp(S_block - m')
+#     l' = l * exp(m - m') + rowsum(P_block);   acc' = acc * exp(m - m') + P_block V_block
+#
+# and at the end `O = acc / l`. HBM traffic: read Q, K, V, write O, whatever the
+# sequence length; the work is the same `4 * seq^2 * head_dim` FLOPs per head as before,
+# now on data in registers and shared memory. A causal program stops at the diagonal,
+# halving the work. The kernel works in base 2 (`exp2`, with `log2(e)` folded into the
+# scale), which the hardware computes natively.
+#
+# It also stores, per query row, the log-sum-exp `lse = m + log2(l)` (in base 2): the
+# one number per row that lets the backward pass rebuild `P` exactly.
+#
+# **Backward**, recomputing instead of storing. With `dO` the incoming gradient:
+#
+#     dV = P^T dO,   dP = dO V^T,   dS = P * (dP - D),   dQ = scale * dS K,
+#     dK = scale * dS^T Q,   where D_i = sum_j P_ij dP_ij = dO_i . O_i
+#
+# (the `D` term is the softmax backward of section 2, `D` computed cheaply from `O` and
+# `dO` by a small preprocessing kernel). `P` is recomputed block by block from Q, K and
+# the saved `lse`: `P_ij = exp2(S_ij * log2(e) - lse_i)`. Doing the matrix multiplies
+# again costs less than reading a stored `P` would. One kernel gives each program a block
+# of keys and accumulates its `dK` and `dV` over all query blocks; a second gives each
+# program a block of queries and accumulates `dQ` over all key blocks. No two programs
+# write the same output, so there are no atomics.
+#
+# Any sequence length works: loads past the end are masked to 0 and those scores to
+# `-inf`; any head size from 16 to 128 works, padded up to a power of two inside the
+# kernel. The queries may be shorter or longer than the keys (cross-attention); the
+# causal mask then lets query `i` see keys `0..i`, like PyTorch's `is_causal`. Every
+# query row sees key 0, so the running max is finite after the first block; the kernel
+# still guards the `(-inf) - (-inf)` case so a row with nothing to see yields 0, not NaN.
+
+# %%
+LOG2_E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
+
+
+@triton.jit
+def _load_rows(base_ptr, rows, n_rows, dims, HEAD_DIM: tl.constexpr):
+    """A (len(rows), len(dims)) tile of a contiguous (n_rows, HEAD_DIM) matrix, with zeros
+    past the last row and past the head size."""
+    mask = (rows[:, None] < n_rows) & (dims[None, :] < HEAD_DIM)
+    return tl.load(base_ptr + rows[:, None] * HEAD_DIM + dims[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rows(base_ptr, tile, rows, n_rows, dims, HEAD_DIM: tl.constexpr):
+    mask = (rows[:, None] < n_rows) & (dims[None, :] < HEAD_DIM)
+    tl.store(base_ptr + rows[:, None] * HEAD_DIM + dims[None, :],
+             tile.to(base_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _visible(q_rows, kv_cols, q_len, kv_len, CAUSAL: tl.constexpr):
+    """Which (query, key) pairs of a block take part: both inside the sequences and,
+    when causal, the key not after the query."""
+    visible = (q_rows[:, None] < q_len) & (kv_cols[None, :] < kv_len)
+    if CAUSAL:
+        visible = visible & (kv_cols[None, :] <= q_rows[:, None])
+    return visible
+
+
+@triton.jit
+def _flash_forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_len, kv_len, scale_log2,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)  # batch * heads + head
+    q_base = q_ptr + head * q_len * HEAD_DIM
+    kv_offset = head * kv_len * HEAD_DIM
+    q_rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    q = _load_rows(q_base, q_rows, q_len, dims, HEAD_DIM)
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if CAUSAL:
+        # Keys after this block's last query are masked for every row: skip them.
+        end = tl.minimum((pid_m + 1) * BLOCK_M, kv_len)
+    else:
+        end = kv_len
+    for start_n in range(0, end, BLOCK_N):
+        kv_cols = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_ptr + kv_offset, kv_cols, kv_len, dims, HEAD_DIM)
+        v = _load_rows(v_ptr + kv_offset, kv_cols, kv_len, dims, HEAD_DIM)
+        scores = tl.dot(q, tl.trans(k)) * scale_log2
+        scores = tl.where(_visible(q_rows, kv_cols, q_len, kv_len, CAUSAL), scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        # A row that has seen only masked keys keeps max -inf; subtract 0 instead so
+        # exp2 gives 0 rather than exp2(-inf - (-inf)) = NaN.
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        rescale = tl.exp2(row_max - safe_max)
+        p = tl.exp2(scores - safe_max[:, None])
+        row_sum = row_sum * rescale + tl.sum(p, axis=1)
+        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+        row_max = new_max
+    safe_sum = tl.where(row_sum == 0.0, 1.0, row_sum)
+    _store_rows(o_ptr + head * q_len * HEAD_DIM, acc / safe_sum[:, None], q_rows, q_len, dims,
+                HEAD_DIM)
+    tl.store(lse_ptr + head * q_len + q_rows, row_max + tl.log2(safe_sum), mask=q_rows < q_len)
+
+
+@triton.jit
+def _flash_backward_preprocess_kernel(o_ptr, do_ptr, delta_ptr, q_len, HEAD_DIM: tl.constexpr,
+                                      BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """D_i = dO_i . O_i for a block of query rows."""
+    head = tl.program_id(1).to(tl.int64)
+    q_rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    o = _load_rows(o_ptr + head * q_len * HEAD_DIM, q_rows, q_len, dims, HEAD_DIM).to(tl.float32)
+    do = _load_rows(do_ptr + head * q_len * HEAD_DIM, q_rows, q_len, dims, HEAD_DIM).to(tl.float32)
+    tl.store(delta_ptr + head * q_len + q_rows, tl.sum(o * do, axis=1), mask=q_rows < q_len)
+
+
+@triton.jit
+def _recompute_probabilities(q, k, lse, q_rows, kv_cols, q_len, kv_len, scale_log2,
+                             CAUSAL: tl.constexpr):
+    """P for one (query block, key block) pair, rebuilt from the saved log-sum-exp."""
+    scores = tl.dot(q, tl.trans(k)) * scale_log2
+    visible = _visible(q_rows, kv_cols, q_len, kv_len, CAUSAL)
+    return tl.where(visible, tl.exp2(scores - lse[:, None]), 0.0)
+
+
+@triton.jit
+def _flash_backward_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+                                q_len, kv_len, scale, scale_log2, HEAD_DIM: tl.constexpr,
+                                BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    pid_n = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    q_offset = head * q_len * HEAD_DIM
+    kv_offset = head * kv_len * HEAD_DIM
+    kv_cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    k = _load_rows(k_ptr + kv_offset, kv_cols, kv_len, dims, HEAD_DIM)
+    v = _load_rows(v_ptr + kv_offset, kv_cols, kv_len, dims, HEAD_DIM)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if CAUSAL:
+        # Queries before this block's first key see none of it: start at the query block
+        # that holds row pid_n * BLOCK_N.
+        start = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
+    else:
+        start = 0
+    for start_m in range(start, q_len, BLOCK_M):
+        q_rows = start_m + tl.arange(0, BLOCK_M)
+        q = _load_rows(q_ptr + q_offset, q_rows, q_len, dims, HEAD_DIM)
+        do = _load_rows(do_ptr + q_offset, q_rows, q_len, dims, HEAD_DIM)
+        lse = tl.load(lse_ptr + head * q_len + q_rows, mask=q_rows < q_len, other=0.0)
+        delta = tl.load(delta_ptr + head * q_len + q_rows, mask=q_rows < q_len, other=0.0)
+        p = _recompute_probabilities(q, k, lse, q_rows, kv_cols, q_len, kv_len, scale_log2, CAUSAL)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    _store_rows(dk_ptr + kv_offset, dk * scale, kv_cols, kv_len, dims, HEAD_DIM)
+    _store_rows(dv_ptr + kv_offset, dv, kv_cols, kv_len, dims, HEAD_DIM)
+
+
+@triton.jit
+def _flash_backward_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, q_len,
+                              kv_len, scale, scale_log2, HEAD_DIM: tl.constexpr,
+                              BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              CAUSAL: tl.constexpr):
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    q_offset = head * q_len * HEAD_DIM
+    kv_offset = head * kv_len * HEAD_DIM
+    q_rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    q = _load_rows(q_ptr + q_offset, q_rows, q_len, dims, HEAD_DIM)
+    do = _load_rows(do_ptr + q_offset, q_rows, q_len, dims, HEAD_DIM)
+    lse = tl.load(lse_ptr + head * q_len + q_rows, mask=q_rows < q_len, other=0.0)
+    delta = tl.load(delta_ptr + head * q_len + q_rows, mask=q_rows < q_len, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if CAUSAL:
+        end = tl.minimum((pid_m + 1) * BLOCK_M, kv_len)
+    else:
+        end = kv_len
+    for start_n in range(0, end, BLOCK_N):
+        kv_cols = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_ptr + kv_offset, kv_cols, kv_len, dims, HEAD_DIM)
+        v = _load_rows(v_ptr + kv_offset, kv_cols, kv_len, dims, HEAD_DIM)
+        p = _recompute_probabilities(q, k, lse, q_rows, kv_cols, q_len, kv_len, scale_log2, CAUSAL)
+        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    _store_rows(dq_ptr + q_offset, dq * scale, q_rows, q_len, dims, HEAD_DIM)
+
+
+# Autotuning candidates: on a GPU Triton times each the first time it meets a shape
+# (the key) and keeps the fastest. A candidate that needs more shared memory than the
+# card has fails to compile and is skipped.
+FLASH_FORWARD_CONFIGS = tuning_configs(
+    [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)],
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1))
+FLASH_BACKWARD_CONFIGS = tuning_configs(
+    [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+     triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)],
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1))
+FLASH_TUNING_KEY = ["q_len", "kv_len", "HEAD_DIM", "CAUSAL"]
+flash_forward = triton.autotune(FLASH_FORWARD_CONFIGS, key=FLASH_TUNING_KEY)(_flash_forward_kernel)
+flash_backward_dkdv = triton.autotune(FLASH_BACKWARD_CONFIGS,
+                                      key=FLASH_TUNING_KEY)(_flash_backward_dkdv_kernel)
+flash_backward_dq = triton.autotune(FLASH_BACKWARD_CONFIGS,
+                                    key=FLASH_TUNING_KEY)(_flash_backward_dq_kernel)
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        batch, heads, q_len, head_dim = q.shape
+        kv_len = k.shape[2]
+        block_d = max(16, triton.next_power_of_2(head_dim))
+        o = torch.empty_like(q)
+        lse = torch.empty(batch * heads, q_len, device=q.device, dtype=torch.float32)
+
+        def grid(meta):
+            return (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)
+
+        flash_forward[grid](q, k, v, o, lse, q_len, kv_len, scale * LOG2_E, HEAD_DIM=head_dim,
+                            BLOCK_D=block_d, CAUSAL=causal)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal, ctx.scale, ctx.block_d = causal, scale, block_d
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        do = do.contiguous()
+        batch, heads, q_len, head_dim = q.shape
+        kv_len = k.shape[2]
+        delta = torch.empty_like(lse)
+        preprocess_block = 64
+        _flash_backward_preprocess_kernel[(triton.cdiv(q_len, preprocess_block), batch * heads)](
+            o, do, delta, q_len, HEAD_DIM=head_dim, BLOCK_D=ctx.block_d, BLOCK_M=preprocess_block)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        common = dict(HEAD_DIM=head_dim, BLOCK_D=ctx.block_d, CAUSAL=ctx.causal)
+        flash_backward_dkdv[lambda meta: (triton.cdiv(kv_len, meta["BLOCK_N"]), batch * heads)](
+            q, k, v, do, lse, delta, dk, dv, q_len, kv_len, ctx.scale, ctx.scale * LOG2_E, **common)
+        flash_backward_dq[lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)](
+            q, k, v, do, lse, delta, dq, q_len, kv_len, ctx.scale, ctx.scale * LOG2_E, **common)
+        return dq, dk, dv, None, None
+
+
+def flash_attention(q, k, v, causal=True, scale=None):
+    """Scaled dot-product attention of q (batch, heads, q_len, head_dim) over k and v
+    (batch, heads, kv_len, head_dim), causal or not, by FlashAttention-2 in Triton
+    (like `F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)`).
+    head_dim from 16 to 128; scale defaults to 1 / sqrt(head_dim)."""
+    if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"flash_attention needs q (batch, heads, q_len, head_dim) and equal k, v "
+                         f"(batch, heads, kv_len, head_dim), got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if not 16 <= q.shape[-1] <= 128:
+        raise ValueError(f"flash_attention supports head_dim 16 to 128, got {q.shape[-1]}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if not triton_runs_on(q):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    return _FlashAttention.apply(q, k, v, causal, scale)
+
+
+# %% [markdown]
+# ### 7. Matrix multiply: tiles, grouped ordering, autotuning
+#
+# `C = A B` with A (M, K) and B (K, N) does `2 M N K` FLOPs on `M K + K N + M N` numbers:
+# at 4,096^3 that is 1,365 FLOPs per number, so a good matmul is bound by arithmetic,
+# not memory, *if* each number is fetched from HBM only a few times. Each program
+# computes one `BLOCK_M x BLOCK_N` tile of C, walking K in steps of `BLOCK_K`: it loads a
+# `BLOCK_M x BLOCK_K` tile of A and a `BLOCK_K x BLOCK_N` tile of B into shared memory,
+# multiplies them on the tensor cores (`tl.dot`) and accumulates in fp32 registers. Each
+# element of A loaded is used `BLOCK_N` times, each of B `BLOCK_M` times: that reuse is
+# the whole game. `num_stages` lets the compiler prefetch the next tiles while the
+# tensor cores work on these (software pipelining).
+#
+# *Grouped ordering.* Programs run roughly in order of their id. Numbered row by row,
+# consecutive programs share a row of A but each needs a different column of B, so the
+# L2 cache churns through all of B. Numbered in groups of `GROUP_M` rows, consecutive
+# programs cover a `GROUP_M x (few)` patch of C and reuse both A's rows and B's columns
+# from L2.
+#
+# *Autotuning.* The best tile shape depends on the card and the matrix shapes, so the
+# kernel lists candidates and Triton times them on first use. Even so, cuBLAS (what
+# `torch.matmul` calls) has years of hand tuning per architecture; the benchmark shows
+# how close a page of Triton gets, and why the course then keeps `torch.matmul` for the
+# big products and saves Triton for the fusions PyTorch cannot do.
+#
+# Backward: `dA = dC B^T`, `dB = A^T dC`, the same kernel on transposed views: the
+# kernel takes strides, so a transpose is free (no copy).
+
+# %%
+@triton.jit
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                   stride_cm, stride_cn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    # Grouped ordering: programs pid = 0, 1, 2, ... walk down a group of GROUP_M tile
+    # rows before moving one tile column to the right.
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    tiles_per_group = GROUP_M * tiles_n
+    first_tile_m = (pid // tiles_per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_tile_m, GROUP_M)  # the last group may be short
+    tile_m = first_tile_m + (pid % tiles_per_group) % group_rows
+    tile_n = (pid % tiles_per_group) // group_rows
+    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    inner = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + inner[None, :] * stride_ak
+    b_ptrs = b_ptr + inner[:, None] * stride_bk + cols[None, :] * stride_bn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for step in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - step * BLOCK_K
+        a = tl.load(a_ptrs, mask=(rows[:, None] < M) & (inner[None, :] < k_left), other=0.0)
+        b = tl.load(b_ptrs, mask=(inner[:, None] < k_left) & (cols[None, :] < N), other=0.0)
+        acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    c_ptrs = c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+MATMUL_CONFIGS = tuning_configs(
+    [triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8,
+                   num_stages=3),
+     triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8,
+                   num_stages=3),
+     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8,
+                   num_stages=4),
+     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4,
+                   num_stages=4),
+     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4,
+                   num_stages=4),
+     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4,
+                   num_stages=4),
+     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4,
+                   num_stages=3)],
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4,
+                  num_stages=1))
+matmul_tuned = triton.autotune(MATMUL_CONFIGS, key=["M", "N", "K"])(_matmul_kernel)
+
+
+def matmul_forward(a, b):
+    """C = A B for 2-D tensors of any strides, one launch of the tuned kernel."""
+    M, K = a.shape
+    N = b.shape[1]
+    c = torch.empty(M, N, device=a.device, dtype=a.dtype)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    matmul_tuned[grid](a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                       c.stride(0), c.stride(1))
+    return c
+
+
+class _Matmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return matmul_forward(a, b)
+
+    @staticmethod
+    def backward(ctx, dc):
+        a, b = ctx.saved_tensors
+        return matmul_forward(dc, b.t()), matmul_forward(a.t(), dc)
+
+
+def matmul(a, b):
+    """`a @ b` for 2-D tensors a (M, K) and b (K, N) of one dtype, by a tiled Triton
+    kernel, forward and backward."""
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0] or a.dtype != b.dtype:
+        raise ValueError(f"matmul needs a (M, K) and b (K, N) of one dtype, got "
+                         f"{tuple(a.shape)} {a.dtype} and {tuple(b.shape)} {b.dtype}")
+    if not triton_runs_on(a):
+        return a @ b
+    return _Matmul.apply(a, b)

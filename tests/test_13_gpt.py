@@ -1,0 +1,251 @@
+"""Tests for 13_gpt.py: the GPT trainer.
+
+Data parallelism against one process, exact resume, Triton (interpreted) against the
+PyTorch path, the KV cache against a full forward pass, bits per byte, the tokenizer's
+round trip through a checkpoint, every bad input with its clear error and the
+checkpoint left untouched, and a `--quick` run that must beat the unigram baseline.
+All on tiny models so the file runs in about a minute and a half on 2 CPU cores.
+"""
+import copy
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import OFFLINE_ENV, ROOT, ChapterRun, assert_clean_error, load_chapter, run_chapter
+
+gpt = load_chapter("13_gpt")
+
+# A tiny model and a short run: 2 layers, width 32, context 16, 4 windows a step.
+TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16",
+        "--batch-size", "4", "--tokenizer", "bpe", "--vocab-size", "300",
+        "--eval-interval", "1000", "--eval-tokens", "256", "--log-interval", "1",
+        "--num-tokens", "5", "--warmup-iters", "2", "--learning-rate", "3e-3"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """About 24 KB of real English prose (the Python docs), as a .txt file."""
+    path = tmp_path_factory.mktemp("corpus") / "docs.txt"
+    path.write_text(gpt.python_docs_text()[:24_000], encoding="utf-8")
+    return str(path)
+
+
+def train(corpus, out, *extra):
+    """Run the chapter's main() in this process and return its summary."""
+    return gpt.main([*TINY, "--data", corpus, "--out", str(out), *extra])
+
+
+def load_state(out):
+    return torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
+
+
+def assert_same_weights(first, second, atol):
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.allclose(first[name], second[name], atol=atol, rtol=0), name
+
+
+def run_many(commands, env=None):
+    """Start several chapter runs at once (they mostly wait on imports) and return a
+    ChapterRun for each, in order."""
+    full_env = {**os.environ, **OFFLINE_ENV, "PYTHONHASHSEED": "0",
+                "OMP_NUM_THREADS": "1", **(env or {})}
+    processes = [subprocess.Popen([sys.executable, str(ROOT / "13_gpt.py"), *map(str, args)],
+                                  cwd=cwd, env={**full_env, **extra_env},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for args, cwd, extra_env in commands]
+    runs = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=300)
+        runs.append(ChapterRun(subprocess.CompletedProcess(process.args, process.returncode,
+                                                           stdout, stderr)))
+    return runs
+
+
+# --- data parallelism and resuming --------------------------------------------------
+
+def test_two_processes_match_one_with_the_same_global_batch(corpus, tmp_path):
+    """torchrun with 2 gloo processes of 2 windows each = 1 process of 4 windows, and =
+    1 process with 2 micro-batches of 2 (gradient accumulation)."""
+    steps = ["--max-iters", "3"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", str(ROOT / "13_gpt.py"), *TINY, "--data", corpus,
+               "--out", str(tmp_path / "ddp"), *steps]
+    ddp = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"})
+    single = train(corpus, tmp_path / "single", *steps)
+    accumulated = train(corpus, tmp_path / "accumulated", *steps, "--micro-batch", "2")
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert '"world_size": 2' in ddp.stdout
+    assert single["iterations"] == 3
+    parallel = load_state(tmp_path / "ddp")
+    assert parallel["loader_positions"][0]["world_size"] == 2
+    assert len(parallel["loader_positions"]) == 2
+    assert_same_weights(parallel["model"], load_state(tmp_path / "single")["model"], 1e-5)
+    assert_same_weights(load_state(tmp_path / "accumulated")["model"],
+                        load_state(tmp_path / "single")["model"], 1e-5)
+
+
+def test_resume_continues_exactly(corpus, tmp_path):
+    """4 steps straight = 2 steps, save, resume, 2 more steps: identical weights and
+    optimiser state (the schedule spans 4 steps in both)."""
+    train(corpus, tmp_path / "straight", "--max-iters", "4")
+    train(corpus, tmp_path / "halves", "--max-iters", "2", "--lr-decay-iters", "4")
+    halfway = load_state(tmp_path / "halves")
+    assert halfway["step"] == 2 and halfway["tokens_seen"] == 2 * 4 * 16
+    summary = train(corpus, tmp_path / "halves", "--max-iters", "4", "--lr-decay-iters", "4",
+                    "--resume")
+    assert summary["iterations"] == 4
+    straight, resumed = load_state(tmp_path / "straight"), load_state(tmp_path / "halves")
+    for name in straight["model"]:
+        assert torch.equal(straight["model"][name], resumed["model"][name]), name
+    for key, state in straight["optimizer"]["state"].items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(state[name], resumed["optimizer"]["state"][key][name])
+    assert straight["loader_positions"] == resumed["loader_positions"]
+
+
+# --- the model --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("switches", [
+    dict(),                                                         # GPT-2's layout
+    dict(rope=True, rmsnorm=True, swiglu=True, bias=False),         # the upgrades
+])
+def test_triton_kernels_match_pytorch_loss_and_every_gradient(switches):
+    """The same tiny model on chapter 12's kernels (Triton's interpreter on the CPU) and
+    on PyTorch's operations: same loss, same gradient for every parameter."""
+    assert gpt.HAS_TRITON and gpt.INTERPRET
+    config = gpt.GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32,
+                           **switches)
+    torch.manual_seed(0)
+    reference = gpt.GPT(config, gpt.TorchKernels)
+    with torch.no_grad():   # non-trivial norm gains and biases, so their gradients count
+        for name, parameter in reference.named_parameters():
+            if parameter.dim() == 1:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    triton_model = copy.deepcopy(reference)
+    triton_model.kernels = gpt.TritonKernels
+    inputs, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    _, loss = reference(inputs, targets)
+    loss.backward()
+    _, triton_loss = triton_model(inputs, targets)
+    triton_loss.backward()
+    assert abs(loss.item() - triton_loss.item()) < 1e-5
+    for (name, mine), theirs in zip(reference.named_parameters(), triton_model.parameters()):
+        assert theirs.grad is not None, name
+        assert torch.allclose(mine.grad, theirs.grad, atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_kv_cache_gives_the_same_logits_as_a_full_pass(rope):
+    config = gpt.GPTConfig(vocab_size=50, block_size=12, n_layer=2, n_head=2, n_embd=16,
+                           rope=rope, rmsnorm=rope, swiglu=rope, bias=not rope)
+    torch.manual_seed(1)
+    model = gpt.GPT(config).eval()
+    tokens = torch.randint(0, 50, (1, 12))
+    with torch.no_grad():
+        full, _ = model(tokens)
+        caches = [{} for _ in model.blocks]
+        first, _ = model(tokens[:, :5], caches=caches)
+        steps = [model(tokens[:, i:i + 1], caches=caches)[0] for i in range(5, 12)]
+    cached = torch.cat([first] + steps, dim=1)
+    assert torch.allclose(full, cached, atol=1e-5)
+    # Past the block size the context is cropped and generation goes on.
+    out = model.generate(tokens[:, :3], 25, temperature=1.0, top_k=5,
+                         generator=torch.Generator().manual_seed(0), allowed=40)
+    assert out.shape == (1, 28) and int(out[0, 3:].max()) < 40
+
+
+def test_bits_per_byte_of_a_model_that_knows_nothing():
+    """A model whose logits are all zero predicts uniformly: ln(vocab) nats per token,
+    and bits per byte = tokens * ln(vocab) / (ln 2 * bytes), special tokens left out."""
+    config = gpt.GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16,
+                           rmsnorm=True, bias=False)
+    model = gpt.GPT(config)
+    with torch.no_grad():
+        model.token_embedding.weight.zero_()
+    token_bytes = np.array([0] + [1, 2, 3] * 21)   # id 0 special, others 1-3 bytes
+    values = np.random.default_rng(0).integers(0, 64, size=8 * 5 + 1)
+    loss, bpb = gpt.evaluate(model, [values], token_bytes, 8, 2, 1000, torch.device("cpu"),
+                             gpt.contextlib.nullcontext())
+    targets = np.concatenate([values[1 + 8 * w: 9 + 8 * w] for w in range(5)])
+    counted = targets[token_bytes[targets] > 0]
+    assert loss == pytest.approx(math.log(64), rel=1e-5)
+    assert bpb == pytest.approx(len(counted) * math.log(64)
+                                / (math.log(2) * token_bytes[counted].sum()), rel=1e-5)
+
+
+# --- tokens -------------------------------------------------------------------------
+
+def test_tokenizer_survives_a_checkpoint_round_trip(tmp_path):
+    text = gpt.python_docs_text()[:20_000]
+    encoding = gpt.make_encoding(gpt.train_bpe(text, 400), "bpe400")
+    path = str(tmp_path / "tokenizer.pt")
+    gpt.save_checkpoint(path, {"tokenizer": gpt.tokenizer_to_dict(encoding)})
+    loaded = gpt.tokenizer_from_dict(torch.load(path, weights_only=True)["tokenizer"])
+    sample = "Unicode too: naïve café, 3.14 and <|endoftext|> as plain text."
+    assert loaded.encode_ordinary(text[:3000]) == encoding.encode_ordinary(text[:3000])
+    assert loaded.decode(loaded.encode_ordinary(sample)) == sample
+    assert loaded.n_vocab == 400 and loaded.eot_token == 399
+    # The bytes table adds up to the text's length in UTF-8 bytes.
+    table = gpt.bytes_per_token(loaded, gpt.pad_vocabulary(loaded.n_vocab))
+    assert table[loaded.encode_ordinary(sample)].sum() == len(sample.encode("utf-8"))
+    assert table[loaded.eot_token] == 0
+
+
+# --- bad inputs ---------------------------------------------------------------------
+
+def test_every_bad_input_is_one_clear_error_and_the_checkpoint_survives(corpus, tmp_path):
+    out = tmp_path / "run"
+    train(corpus, out, "--max-iters", "2")
+    checkpoint = out / "ckpt.pt"
+    original = checkpoint.read_bytes()
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    (truncated / "ckpt.pt").write_bytes(original[:len(original) // 2])
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    short = tmp_path / "short.txt"
+    short.write_text("A short text.\n" * 30, encoding="utf-8")
+    base = [*TINY, "--data", corpus, "--out", out]
+    cases = [  # (arguments, extra environment, words the error must contain)
+        ([*base, "--resume", "--n-layer", "3"], {}, ["another configuration", "n_layer"]),
+        ([*TINY, "--data", corpus, "--out", truncated, "--resume"], {}, ["truncated"]),
+        ([*TINY, "--data", tmp_path / "missing.txt", "--out", out], {}, ["does not exist"]),
+        ([*TINY, "--data", empty, "--out", out], {}, ["empty"]),
+        ([*TINY, "--data", short, "--out", out, "--block-size", "512"], {}, ["block size"]),
+        ([*base, "--batch-size", "3"], {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"},
+         ["does not divide", "2 ranks"]),
+        ([*base, "--resume", "--max-iters", "8", "--learning-rate", "1e30",
+          "--warmup-iters", "0"], {}, ["NaN", "kept"]),
+    ]
+    runs = run_many([(arguments, tmp_path, env) for arguments, env, _ in cases])
+    for (arguments, _, words), run in zip(cases, runs):
+        assert_clean_error(run, *words)
+    assert checkpoint.read_bytes() == original
+    assert (truncated / "ckpt.pt").read_bytes() == original[:len(original) // 2]
+
+
+# --- the chapter as a learner runs it ----------------------------------------------
+
+def test_quick_run_beats_the_unigram_baseline_and_samples(tmp_path):
+    run = run_chapter("13_gpt", "--quick", "--out", tmp_path / "out", cwd=tmp_path)
+    assert run.returncode == 0, run
+    summary = run.summary
+    assert summary["chapter"] == "13_gpt"
+    for key in ("val_loss", "val_bpb", "tokens_per_second", "iterations", "seconds"):
+        assert key in summary
+    # The unigram model predicts each byte by its frequency alone (about 4.7 bits per
+    # byte on this text); a transformer that uses context must do clearly better.
+    assert summary["val_loss"] < summary["unigram_loss"] - 0.3, summary
+    assert summary["val_bpb"] < 4.3, summary
+    assert "sample" in run.stdout
+    sampled = gpt.main(["--sample", "The list", "--num-tokens", "20",
+                        "--out", str(tmp_path / "out")])
+    assert sampled["sampled_tokens"] == 20 and sampled["val_bpb"] == summary["val_bpb"]
