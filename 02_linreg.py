@@ -16,8 +16,8 @@ gradient), move it a little, repeat. The pieces are:
 New since 01_linalg.py: instead of setting the weights by hand, the chapter learns
 them from the data, and checks its own gradient with finite differences.
 
-Run it with `python 02_linreg.py` (about 5 seconds on a 2-core CPU) or
-`python 02_linreg.py --quick` (about 1 second). `--data PATH` reads a local copy of
+Run it with `python 02_linreg.py` (a few seconds on a 2-core CPU) or
+`python 02_linreg.py --quick` (about a second). `--data PATH` reads a local copy of
 the weather table; `--help` lists every flag.
 """
 
@@ -622,6 +622,9 @@ def main(argv=None):
     args = parse_args(argv)
     started = time.perf_counter()
     dates, table, source = load_weather(args.data, args.seed)
+    if len(table) < 20:
+        raise DataError(f"weather data from {source} has only {len(table)} days; the "
+                        f"chapter needs at least 20")
     inputs, targets = table[:, :3], table[:, 3:]
     (train_raw, train_targets), (valid_raw, valid_targets), (test_raw, test_targets) = \
         split_data(inputs, targets)

@@ -16,8 +16,8 @@ backpropagation through several layers. Loading, splitting, normalising, the
 loss, the training loop and the least-squares reference are carried unchanged, so
 `diff 02_linreg.py 03_dense.py` shows just that.
 
-Run it with `python 03_dense.py` (about 3 seconds on a 2-core CPU) or
-`python 03_dense.py --quick` (about 1 second). `--data PATH` reads a local copy of
+Run it with `python 03_dense.py` (a few seconds on a 2-core CPU) or
+`python 03_dense.py --quick` (about a second). `--data PATH` reads a local copy of
 the weather table; `--help` lists every flag.
 """
 
@@ -702,6 +702,9 @@ def main(argv=None):
     args = parse_args(argv)
     started = time.perf_counter()
     dates, table, source = load_weather(args.data, args.seed)
+    if len(table) < 20:
+        raise DataError(f"weather data from {source} has only {len(table)} days; the "
+                        f"chapter needs at least 20")
     inputs, targets = table[:, :3], table[:, 3:]
     (train_raw, train_targets), (valid_raw, valid_targets), (test_raw, test_targets) = \
         split_data(inputs, targets)

@@ -255,11 +255,18 @@ def split_data(inputs, targets, train_fraction=0.7, valid_fraction=0.15):
 
 
 # %% [markdown]
-# ## Carried from chapter 03: the dense network
+# ## Carried from chapter 03: losses, scaling and the dense network
 #
-# The loss functions, the scaling of inputs and the dense network of chapter 03, carried
-# unchanged. The dense network is our baseline: it gets the same window of days as the
-# recurrent network, flattened into one row.
+# The losses, the scaling of inputs and the dense network of chapter 03, carried
+# unchanged; see chapter 03 for their derivations. In short:
+#
+#     MSE = (1/n) sum_i (p_i - t_i)^2          d MSE / d p_i = 2 (p_i - t_i) / n
+#     MAE = (1/n) sum_i |p_i - t_i|            (the error we report, in °F)
+#
+# `standardise` shifts and scales every column to mean 0 and spread 1 with numbers
+# measured on the training set only. Applied to an array of windows, shape
+# (examples, days, features), it standardises each (day, feature) column, which here
+# amounts to standardising each feature.
 
 # %%
 def mse(predictions, targets):
@@ -268,55 +275,102 @@ def mse(predictions, targets):
 
 
 def mae(predictions, targets):
-    """Mean absolute error: the average size of a miss, in the targets' units."""
+    """Mean absolute error: the average distance between prediction and target."""
     return float(np.mean(np.abs(predictions - targets)))
 
 
-def relu(x):
-    """The rectified linear unit: x where x > 0, else 0."""
-    return np.maximum(x, 0)
+def mse_grad(predictions, targets):
+    """The gradient of `mse` with respect to each prediction: 2 (p - t) / n."""
+    return 2 * (predictions - targets) / predictions.size
 
 
 def standardise(train, *others):
-    """Scale every column to mean 0 and standard deviation 1, using the training set's
-    mean and standard deviation for every set, so nothing leaks from valid or test."""
+    """Scale every column of `train` to mean 0 and standard deviation 1, and apply the
+    same shift and scale (measured on `train` only) to each array in `others`.
+    Returns the scaled arrays in the order given. A constant column (spread 0) is only
+    shifted, never divided by zero."""
     mean = train.mean(axis=0)
-    std = train.std(axis=0) + 1e-8
-    return tuple((array - mean) / std for array in (train, *others))
+    spread = train.std(axis=0)
+    spread = np.where(spread > 0, spread, 1.0)
+    return tuple((array - mean) / spread for array in (train, *others))
+
+
+# %% [markdown]
+# The dense network of chapter 03 is our baseline: it gets the same window of days as
+# the recurrent network, laid out flat as one row of `3 * window` numbers. Its layers
+# are a list of `(weight, bias)` pairs; the forward pass applies a ReLU after every
+# layer but the last, and the backward pass walks back through the layers with the
+# chain rule (chapter 03 derives it line by line).
+
+# %%
+def relu(x):
+    """The rectified linear unit: x where x > 0, else 0, elementwise."""
+    return np.maximum(x, 0)
 
 
 def init_dense(layer_sizes, rng):
-    """Weights for a dense network with the given layer sizes, as a list of
-    (weight, bias) pairs: weight (inputs, outputs) drawn with He scaling, bias zero."""
-    layers = []
-    for inputs, outputs in zip(layer_sizes[:-1], layer_sizes[1:]):
-        weight = rng.normal(0.0, np.sqrt(2.0 / inputs), size=(inputs, outputs))
-        layers.append((weight, np.zeros((1, outputs))))
-    return layers
+    """A dense network with the given layer sizes, e.g. [3, 32, 32, 1], as a list of
+    (weight, bias) pairs: weight (inputs, outputs) drawn from a normal distribution
+    with standard deviation sqrt(2 / inputs) (He initialisation), bias (1, outputs)
+    zeros."""
+    return [(rng.normal(0.0, np.sqrt(2.0 / inputs), size=(inputs, outputs)),
+             np.zeros((1, outputs)))
+            for inputs, outputs in zip(layer_sizes[:-1], layer_sizes[1:])]
 
 
 def dense_forward(layers, inputs):
-    """Run the network: ReLU after every layer but the last. Returns the outputs and
-    the cache of each layer's input, which the backward pass needs."""
-    cache = [inputs]
+    """Run `inputs` (rows, features) through the network. Returns the outputs (rows,
+    last layer size) and the cache: one (layer input, pre-activation) pair a layer."""
+    cache = []
+    activations = inputs
     for index, (weight, bias) in enumerate(layers):
-        outputs = cache[-1] @ weight + bias
-        if index < len(layers) - 1:
-            outputs = relu(outputs)
-        cache.append(outputs)
-    return cache[-1], cache
+        pre_activation = activations @ weight + bias
+        cache.append((activations, pre_activation))
+        is_last = index == len(layers) - 1
+        activations = pre_activation if is_last else relu(pre_activation)
+    return activations, cache
 
 
 def dense_backward(layers, cache, output_grad):
-    """Gradients of the loss for every (weight, bias), given d loss / d outputs."""
-    grads = []
+    """Backpropagation: given `cache` from `dense_forward` and `output_grad`, the
+    loss's gradient with respect to the network's outputs, return one (weight_grad,
+    bias_grad) pair per layer, in the order of `layers`."""
+    gradients = []
     grad = output_grad
     for index in reversed(range(len(layers))):
         weight, _ = layers[index]
-        grads.append((cache[index].T @ grad, grad.sum(axis=0, keepdims=True)))
-        if index > 0:
-            grad = (grad @ weight.T) * (cache[index] > 0)
-    return grads[::-1]
+        layer_inputs, pre_activation = cache[index]
+        if index < len(layers) - 1:
+            grad = grad * (pre_activation > 0)       # back through the ReLU
+        gradients.append((layer_inputs.T @ grad, grad.sum(axis=0, keepdims=True)))
+        grad = grad @ weight.T                       # on to the layer below
+    return gradients[::-1]
+
+
+# %% [markdown]
+# Two more helpers come from chapter 03: the central finite difference that checks a
+# gradient, and the test for a training loss that has blown up.
+
+# %%
+def numerical_gradient(loss_of, array, step=1e-6):
+    """The gradient of `loss_of()` with respect to every entry of `array`, by central
+    differences. `array` is nudged in place and restored after each entry."""
+    gradient = np.zeros_like(array)
+    for index in np.ndindex(array.shape):
+        original = array[index]
+        array[index] = original + step
+        loss_up = loss_of()
+        array[index] = original - step
+        loss_down = loss_of()
+        array[index] = original
+        gradient[index] = (loss_up - loss_down) / (2 * step)
+    return gradient
+
+
+def diverged(loss):
+    """True when a training loss has blown up: overflowed to inf or nan, or grown past
+    1e12 °F² (errors of a million degrees), where no later step can recover."""
+    return not np.isfinite(loss) or loss > 1e12
 
 
 # %% [markdown]
@@ -480,17 +534,15 @@ def rnn_backward(params, cache, output_grad, with_input_grad=False):
 # ## Checking the gradients
 #
 # A backward pass written by hand is easy to get subtly wrong, and a wrong gradient
-# often still trains, just badly. So before training we compare every gradient with a
-# numerical one: nudge one weight by `+epsilon` and `-epsilon`, rerun the forward pass,
-# and the slope of the loss is
-#
-#     d loss / d w  ~  (loss(w + epsilon) - loss(w - epsilon)) / (2 epsilon)
-#
-# (a central difference, accurate to order `epsilon^2`). It costs two forward passes
-# per weight, far too slow for training but fine for checking: the tests check every
-# weight of small networks, and the chapter checks a sample of each weight array of
-# the networks it trains. The functions below work for any network whose weights are
-# a dict of arrays (the RNN) or a list of (weight, bias) pairs (chapter 03's network).
+# often still trains, just badly. Chapter 03 checked its dense network against finite
+# differences; `network_gradient_error` does the same for any network given as its
+# weights, its forward function and its backward function, so one check serves the
+# RNN and the dense baseline. The weights come as a dict of named arrays (the RNN) or
+# a list of `(weight, bias)` pairs (the dense network); `parameter_list` lays either
+# out as one list of arrays in a fixed order, and the same function lays out their
+# gradients, which have the same structure. The training loop and clipping below use
+# it too. The check costs two forward passes per weight, so it runs on a small
+# network of each kind and a few windows.
 
 # %%
 def parameter_list(params):
@@ -501,37 +553,21 @@ def parameter_list(params):
     return [array for pair in params for array in pair]
 
 
-def mse_gradient(predictions, targets):
-    """d mse / d predictions: the mean of (p - t)^2 over n numbers has slope 2 (p - t) / n."""
-    return 2 * (predictions - targets) / predictions.size
-
-
-def gradient_check(params, forward, backward, inputs, targets, samples=None, epsilon=1e-6):
-    """The largest relative difference, over all weight arrays, between the gradients
-    from `backward` and central finite differences of the mean squared error, checking
-    every weight or, with `samples`, that many evenly spread weights of each array.
-    Around 1e-7 or less means the backward pass is right."""
+def network_gradient_error(params, forward, backward, inputs, targets):
+    """The largest difference between the gradients from `backward` and finite
+    differences of the MSE, over every weight, relative to the largest gradient."""
     predictions, cache = forward(params, inputs)
-    grads = backward(params, cache, mse_gradient(predictions, targets))
-    worst = 0.0
-    for param, grad in zip(parameter_list(params), parameter_list(grads)):
-        indices = list(np.ndindex(param.shape))
-        if samples is not None and len(indices) > samples:
-            indices = [indices[i] for i in np.linspace(0, len(indices) - 1, samples).astype(int)]
-        exact, numeric = [], []
-        for index in indices:
-            saved = param[index]
-            param[index] = saved + epsilon
-            loss_plus = mse(forward(params, inputs)[0], targets)
-            param[index] = saved - epsilon
-            loss_minus = mse(forward(params, inputs)[0], targets)
-            param[index] = saved
-            numeric.append((loss_plus - loss_minus) / (2 * epsilon))
-            exact.append(grad[index])
-        exact, numeric = np.array(exact), np.array(numeric)
-        scale = max(np.abs(exact).max(), np.abs(numeric).max(), 1e-12)
-        worst = max(worst, float(np.abs(exact - numeric).max() / scale))
-    return worst
+    by_hand = backward(params, cache, mse_grad(predictions, targets))
+
+    def loss_of():
+        return mse(forward(params, inputs)[0], targets)
+
+    worst, largest = 0.0, 1e-12
+    for parameter, gradient in zip(parameter_list(params), parameter_list(by_hand)):
+        numeric = numerical_gradient(loss_of, parameter)
+        worst = max(worst, float(np.abs(numeric - gradient).max()))
+        largest = max(largest, float(np.abs(numeric).max()))
+    return worst / largest
 
 
 # %% [markdown]
@@ -584,11 +620,12 @@ def clip_by_global_norm(grads, max_norm):
 # test windows, keeps the test error an honest estimate.
 
 # %%
-def train(params, forward, backward, train_set, valid_set, epochs, learning_rate,
-          batch_size, max_norm, rng):
-    """Train `params` in place with mini-batch gradient descent and clipping, ending
-    with the weights of the epoch with the lowest validation loss. Returns a history:
-    train and valid loss per epoch, gradient norm per step, whether it diverged."""
+def train(params, forward, backward, train_set, valid_set, learning_rate, epochs,
+          batch_size, rng, max_norm=None):
+    """Mini-batch gradient descent on the MSE with clipping, training `params` in place
+    and ending with the weights of the epoch with the lowest validation loss. Returns
+    the params and the history: train and valid MSE per epoch, gradient norm per step,
+    and whether training diverged (then it stops at once)."""
     inputs, targets = train_set
     history = {"train_loss": [], "valid_loss": [], "grad_norm": [], "diverged": False}
     best = [array.copy() for array in parameter_list(params)]
@@ -599,10 +636,10 @@ def train(params, forward, backward, train_set, valid_set, epochs, learning_rate
             batch = order[start:start + batch_size]
             predictions, cache = forward(params, inputs[batch])
             losses.append(mse(predictions, targets[batch]))
-            if not np.isfinite(losses[-1]):
+            if diverged(losses[-1]):
                 history["diverged"] = True
-                return history
-            grads = backward(params, cache, mse_gradient(predictions, targets[batch]))
+                return params, history  # more steps cannot bring it back
+            grads = backward(params, cache, mse_grad(predictions, targets[batch]))
             history["grad_norm"].append(clip_by_global_norm(grads, max_norm))
             for param, grad in zip(parameter_list(params), parameter_list(grads)):
                 param -= learning_rate * grad
@@ -612,7 +649,7 @@ def train(params, forward, backward, train_set, valid_set, epochs, learning_rate
             best = [array.copy() for array in parameter_list(params)]
     for array, saved in zip(parameter_list(params), best):
         array[...] = saved
-    return history
+    return params, history
 
 
 # %% [markdown]
@@ -641,7 +678,7 @@ def gradient_by_lag(params, forward, backward, sequences, targets):
     """The size (2-norm over the batch and features) of d loss / d x for each day of the
     window, listed from the last day (lag 0) back to the first."""
     predictions, cache = forward(params, sequences)
-    _, input_grad = backward(params, cache, mse_gradient(predictions, targets),
+    _, input_grad = backward(params, cache, mse_grad(predictions, targets),
                              with_input_grad=True)
     return np.sqrt((input_grad ** 2).sum(axis=(0, 2)))[::-1]
 
@@ -658,17 +695,17 @@ def recurrent_scale_experiment(sequences, targets, hidden_size, scales, rng):
     return reach
 
 
-def clipping_experiment(params, forward, backward, train_set, valid_set, epochs,
-                        learning_rate, batch_size, max_norm, seed):
+def clipping_experiment(params, forward, backward, train_set, valid_set, learning_rate,
+                        epochs, batch_size, max_norm, seed):
     """Train two copies of `params` with the same (large) learning rate and the same
     order of batches, first without clipping and then with it. Returns both histories."""
     histories = []
     for clip in (None, max_norm):
         copy = {name: array.copy() for name, array in params.items()}
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is the point here
-            histories.append(train(copy, forward, backward, train_set, valid_set, epochs,
-                                   learning_rate, batch_size, clip,
-                                   np.random.default_rng(seed)))
+            histories.append(train(copy, forward, backward, train_set, valid_set,
+                                   learning_rate, epochs, batch_size,
+                                   np.random.default_rng(seed), clip)[1])
     return histories
 
 
@@ -721,34 +758,34 @@ def parse_args(argv=None):
     parser.add_argument("--window", type=int, default=14,
                         help="days of weather each prediction reads (default 14)")
     parser.add_argument("--hidden-size", type=int, default=32,
-                        help="units in the hidden state, and in each hidden layer of the "
-                             "dense baseline (default 32)")
-    parser.add_argument("--epochs", type=int, default=20,
-                        help="passes over the training windows (default 20; --quick: 3)")
+                        help="units in the hidden state, and in each of the dense "
+                             "baseline's two hidden layers (default 32)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="passes over the training windows (default 20, --quick 3)")
     parser.add_argument("--learning-rate", type=float, default=0.02,
-                        help="gradient descent step size (default 0.02)")
+                        help="step size of gradient descent (default 0.02)")
     parser.add_argument("--batch-size", type=int, default=32,
-                        help="windows per gradient step (default 32)")
+                        help="windows per mini-batch (default 32)")
     parser.add_argument("--max-norm", type=float, default=1.0,
                         help="clip gradients to this global norm (default 1.0)")
     parser.add_argument("--large-learning-rate", type=float, default=0.5,
                         help="the too-large learning rate of the clipping demonstration "
                              "(default 0.5)")
-    return parser.parse_args(argv)
-
-
-def check_flags(args):
-    """Reject impossible flag values with a DataError that names the flag."""
+    args = parser.parse_args(argv)
+    if args.epochs is None:
+        args.epochs = 3 if args.quick else 20
     for flag in ("window", "hidden_size", "epochs", "batch_size"):
         value = getattr(args, flag)
         if value < 1:
-            raise DataError(f"--{flag.replace('_', '-')} must be a positive whole number, "
-                            f"not {value}")
+            raise DataError(f"--{flag.replace('_', '-')} must be at least 1, not {value}")
     for flag in ("learning_rate", "max_norm", "large_learning_rate"):
         value = getattr(args, flag)
-        if not value > 0 or not np.isfinite(value):
+        if not (value > 0 and np.isfinite(value)):
             raise DataError(f"--{flag.replace('_', '-')} must be a positive number, "
                             f"not {value}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise DataError(f"--out {args.out} is a file; give a folder for the plots")
+    return args
 
 
 def print_summary(figures):
@@ -777,90 +814,100 @@ def flatten_windows(sequences):
 def main(argv=None):
     args = parse_args(argv)
     started = time.perf_counter()
-    check_flags(args)
-    epochs = min(args.epochs, 3) if args.quick else args.epochs
     rng = np.random.default_rng(args.seed)
-
     dates, table, source = load_weather(args.data, args.seed)
-    print(f"weather: {len(table)} days from {dates[0]} to {dates[-1]} ({source})")
+    print(f"weather: {len(table)} days from {source} ({dates[0]} to {dates[-1]})")
     sequences, targets = make_sequences(table, args.window)
     splits = split_data(sequences, targets)
     if min(len(inputs) for inputs, _ in splits) < 1:
         raise DataError(f"{len(table)} days make only {len(sequences)} windows of "
-                        f"{args.window} days, too few to split into train, valid and test; "
-                        f"use a shorter --window or more data")
+                        f"{args.window} days, too few to split into train, valid and "
+                        f"test; use a shorter --window or more data")
     (train_inputs, train_targets), _, (test_inputs, test_targets) = splits
     scaled_inputs = standardise(*(inputs for inputs, _ in splits))
     scaled_targets = standardise(*(targets for _, targets in splits))
-    print(f"windows of {args.window} days: {len(train_inputs)} train, {len(splits[1][0])} "
-          f"valid, {len(test_inputs)} test")
+    print(f"windows of {args.window} days: {len(train_inputs)} train, "
+          f"{len(splits[1][0])} valid, {len(test_inputs)} test")
 
     # The simplest forecast: tomorrow's tmax equals the last day's tmax in the window.
     persistence_mae = mae(test_inputs[:, -1, [FEATURES.index("tmax")]], test_targets)
-    print(f"tomorrow = today: test MAE {persistence_mae:.2f} °F")
+    print(f"test MAE of 'tomorrow = today': {persistence_mae:.2f} °F")
 
+    # Each network: how to make one of a given hidden size, its forward and backward
+    # functions, and the shape of input it reads (windows, or windows laid out flat).
     features = len(FEATURES)
     models = {
-        "rnn": (init_rnn(features, args.hidden_size, rng), rnn_forward, rnn_backward,
-                lambda sequences: sequences),
-        "dense": (init_dense([args.window * features, args.hidden_size, args.hidden_size, 1],
-                             rng), dense_forward, dense_backward, flatten_windows),
+        "rnn": (lambda hidden_size: init_rnn(features, hidden_size, rng),
+                rnn_forward, rnn_backward, lambda windows: windows),
+        "dense": (lambda hidden_size: init_dense(
+                      [args.window * features, hidden_size, hidden_size, 1], rng),
+                  dense_forward, dense_backward, flatten_windows),
     }
-    figures = {"chapter": CHAPTER, "data": source, "window": args.window,
-               "hidden_size": args.hidden_size, "persistence_mae": round(persistence_mae, 3)}
+    figures = {"chapter": CHAPTER, "source": source, "window": args.window,
+               "persistence_mae": round(persistence_mae, 3)}
     losses, predictions, reach, worst_check = {}, {}, {}, 0.0
-    for name, (params, forward, backward, shape) in models.items():
-        sets = [(shape(inputs), targets) for inputs, targets in zip(scaled_inputs, scaled_targets)]
-        check = gradient_check(params, forward, backward, sets[0][0][:4], sets[0][1][:4],
-                               samples=20)
+    print(f"\ntraining {args.epochs} epochs, learning rate {args.learning_rate:g}, batch "
+          f"{args.batch_size}, gradients clipped at norm {args.max_norm:g}:")
+    for name, (make, forward, backward, shape) in models.items():
+        sets = [(shape(inputs), targets)
+                for inputs, targets in zip(scaled_inputs, scaled_targets)]
+        # The hand-written gradients against finite differences: a small network of
+        # the same kind (hidden size 4) and three windows are enough to catch a bug.
+        check = network_gradient_error(make(4), forward, backward, sets[0][0][:3],
+                                       sets[0][1][:3])
         worst_check = max(worst_check, check)
-        weights = sum(array.size for array in parameter_list(params))
-        history = train(params, forward, backward, sets[0], sets[1], epochs,
-                        args.learning_rate, args.batch_size, args.max_norm, rng)
+        params, history = train(make(args.hidden_size), forward, backward, sets[0],
+                                sets[1], args.learning_rate, args.epochs,
+                                args.batch_size, rng, args.max_norm)
         if history["diverged"]:
             raise DataError(f"training the {name} network diverged; use a smaller "
                             f"--learning-rate or --max-norm")
-        # Back from standardised units to °F: multiply by the std, add the mean.
+        # Back from standardised units to °F: multiply by the spread, add the mean.
         predictions[name] = (forward(params, sets[2][0])[0] * train_targets.std()
                              + train_targets.mean())
         test_mae = mae(predictions[name], test_targets)
         losses[name] = history["valid_loss"]
         figures[f"{name}_test_mae"] = round(test_mae, 3)
-        print(f"{name:>5}: {weights} weights, gradient check {check:.1e}, valid loss "
-              f"{history['valid_loss'][0]:.3f} -> {min(history['valid_loss']):.3f} (best) in "
-              f"{epochs} epochs, test MAE {test_mae:.2f} °F")
+        weights = sum(array.size for array in parameter_list(params))
+        print(f"  {name:>5}: {weights} weights, gradient check {check:.1e}, valid MSE "
+              f"{history['valid_loss'][0]:.3f} -> {min(history['valid_loss']):.3f} (best), "
+              f"test MAE {test_mae:.2f} °F")
         if name != "dense":
             reach[name] = gradient_by_lag(params, forward, backward, *sets[2])
-    figures["gradient_check"] = float(f"{worst_check:.1e}")
+    figures["gradient_error"] = float(f"{worst_check:.1e}")
 
     # Exploding gradients: a learning rate that is too large, without and with clipping.
     demo_windows = min(3000, len(train_inputs))
-    demo_set = (scaled_inputs[0][:demo_windows], scaled_targets[0][:demo_windows])
     unclipped, clipped = clipping_experiment(
-        init_rnn(features, args.hidden_size, rng), rnn_forward, rnn_backward, demo_set,
-        (scaled_inputs[1], scaled_targets[1]), 3, args.large_learning_rate,
+        init_rnn(features, args.hidden_size, rng), rnn_forward, rnn_backward,
+        (scaled_inputs[0][:demo_windows], scaled_targets[0][:demo_windows]),
+        (scaled_inputs[1], scaled_targets[1]), args.large_learning_rate, 3,
         args.batch_size, args.max_norm, args.seed)
-    print(f"\nlearning rate {args.large_learning_rate}, {len(unclipped['grad_norm'])} steps "
-          f"without clipping: gradient norm {unclipped['grad_norm'][0]:.2g} at the first "
-          f"step, {max(unclipped['grad_norm']):.2g} at most, "
-          + ("diverged (the loss overflowed)" if unclipped["diverged"] else
-             f"final valid loss {unclipped['valid_loss'][-1]:.3g}"))
-    print(f"learning rate {args.large_learning_rate}, clipped at {args.max_norm}: gradient "
-          f"norm {max(clipped['grad_norm']):.2g} at most before clipping, valid loss "
-          f"{clipped['valid_loss'][-1]:.3f}")
+    largest = max(unclipped["grad_norm"])
+    print(f"\nlearning rate {args.large_learning_rate:g} without clipping: gradient norm "
+          f"{unclipped['grad_norm'][0]:.2g} at the first step, "
+          + (f"{largest:.2g}" if np.isfinite(largest) else "overflowing")
+          + f" after {len(unclipped['grad_norm'])} steps; "
+          + ("the loss blew up (diverged)" if unclipped["diverged"] else
+             f"valid MSE {min(unclipped['valid_loss']):.3f}"))
+    print(f"learning rate {args.large_learning_rate:g} clipped at {args.max_norm:g}: "
+          f"largest norm before clipping {max(clipped['grad_norm']):.2g}, "
+          + ("diverged" if clipped["diverged"] else
+             f"valid MSE {min(clipped['valid_loss']):.3f}"))
     figures["unclipped_diverged"] = unclipped["diverged"]
-    figures["clipped_valid_loss"] = round(clipped["valid_loss"][-1], 3)
+    figures["clipped_diverged"] = clipped["diverged"]
 
-    # How far back the gradient reaches, for scaled recurrent weights and trained nets.
+    # How far back the gradient reaches: a fresh RNN with scaled recurrent weights on
+    # long windows, then the trained networks on their own windows.
     long_window = min(60, len(table))
     long_inputs, long_targets = make_sequences(table, long_window)
     long_inputs, long_targets = (standardise(long_inputs[:256])[0],
                                  standardise(long_targets[:256])[0])
-    scales = {f"W_h x {scale}": curve for scale, curve in recurrent_scale_experiment(
+    scales = {f"W_h x {scale:g}": curve for scale, curve in recurrent_scale_experiment(
         long_inputs, long_targets, args.hidden_size, (0.5, 1, 3), rng).items()}
     lags = [lag for lag in (0, 1, 2, 5, 10, 20, 40, 59) if lag < long_window]
-    print(f"\nsize of d loss / d x, k days before the last (fresh RNN, {long_window}-day "
-          f"windows):")
+    print(f"\nsize of d loss / d x for the day k days before the last (a fresh RNN, "
+          f"{long_window}-day windows):")
     print("  lag k      " + "".join(f"{lag:>9}" for lag in lags))
     for label, curve in scales.items():
         print(f"  {label:<11}" + "".join(f"{curve[lag]:9.1e}" for lag in lags))
@@ -875,20 +922,20 @@ def main(argv=None):
     else:
         os.makedirs(args.out, exist_ok=True)
         plot_curves(os.path.join(args.out, f"{CHAPTER}_loss.png"), "Validation loss",
-                    "epoch", "mean squared error (standardised)", losses)
+                    "epoch", "MSE (standardised units)", losses)
         plot_curves(os.path.join(args.out, f"{CHAPTER}_clipping.png"),
-                    f"Gradient norm at learning rate {args.large_learning_rate}",
-                    "step", "global gradient norm", {"without clipping": unclipped["grad_norm"],
-                                                     "with clipping": clipped["grad_norm"]},
+                    f"Gradient norm at learning rate {args.large_learning_rate:g}", "step",
+                    "global gradient norm", {"without clipping": unclipped["grad_norm"],
+                                             "with clipping": clipped["grad_norm"]},
                     log_scale=True)
         plot_curves(os.path.join(args.out, f"{CHAPTER}_reach.png"),
                     "How far back the gradient reaches", "days before the last (lag)",
                     "size of d loss / d x", scales, log_scale=True)
-        shown = slice(-120, None)
+        last = slice(-120, None)
         plot_curves(os.path.join(args.out, f"{CHAPTER}_predictions.png"),
                     "The last 120 test days", "day", "tmax tomorrow (°F)",
-                    {"truth": test_targets[shown, 0],
-                     **{name: values[shown, 0] for name, values in predictions.items()}})
+                    {"truth": test_targets[last, 0],
+                     **{name: values[last, 0] for name, values in predictions.items()}})
         print(f"plots saved in {args.out}/")
     figures["seconds"] = round(time.perf_counter() - started, 1)
     print_summary(figures)

@@ -672,12 +672,12 @@ def sequence_loss(logits, target_output):
 
 def train(model, examples, args, device, monitor):
     """Train `model` on encoded `examples` for args.steps steps, or args.time_budget
-    seconds when args.steps is None. Every tenth of the way it reports the loss and
+    seconds when args.steps is None. Every fifth of the way it reports the loss and
     `monitor(model)`, a held-out exact match, with the clock stopped. Returns (steps,
     seconds, losses, curve) where curve lists (seconds, exact match) pairs."""
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     rng = np.random.default_rng(args.seed)
-    started, step, losses, curve, next_report = time.perf_counter(), 0, [], [], 0.1
+    started, step, losses, curve, next_report = time.perf_counter(), 0, [], [], 0.2
     model.train()
     while True:
         for indices in make_batches(examples, args.batch_size, rng):
@@ -689,7 +689,7 @@ def train(model, examples, args, device, monitor):
                 print(f"step {step:5d}  {elapsed:5.1f}s  loss {np.mean(losses[-50:]):.3f}  "
                       f"teacher forcing {teacher_forcing_ratio(progress):.2f}  "
                       f"held-out exact match {curve[-1][1]:.1%}")
-                next_report += 0.1
+                next_report += 0.2
                 started += time.perf_counter() - paused  # checking is not training
             if progress >= 1.0:
                 return step, elapsed, losses, curve
@@ -856,7 +856,7 @@ def parse_args(argv=None):
                         help="a run of a few seconds, for tests and a first look")
     parser.add_argument("--out", default="out", help="folder for plots (default out/)")
     parser.add_argument("--time-budget", type=float, default=40.0,
-                        help="seconds of training (default 40; --quick: 300 steps)")
+                        help="seconds of training (default 40; --quick: 100 steps instead)")
     parser.add_argument("--steps", type=int, default=None,
                         help="train exactly this many steps instead of for a time budget")
     parser.add_argument("--batch-size", type=int, default=64,
@@ -866,12 +866,12 @@ def parse_args(argv=None):
                              "(default 50000)")
     parser.add_argument("--held-out", type=int, default=None,
                         help="how many held-out pairs to evaluate (default all; "
-                             "--quick: 200)")
+                             "--quick: 100)")
     add_model_args(parser)
     args = parser.parse_args(argv)
     if args.quick:
-        args.steps = args.steps or 300
-        args.held_out = args.held_out or 200
+        args.steps = args.steps or 100
+        args.held_out = args.held_out or 100
     checks = [(args.time_budget > 0, f"--time-budget must be positive (got {args.time_budget})"),
               (args.steps is None or args.steps >= 1, f"--steps must be at least 1 (got {args.steps})"),
               (args.batch_size >= 1, f"--batch-size must be at least 1 (got {args.batch_size})"),

@@ -722,7 +722,7 @@ class DecoderLayer(nn.Module):
 
 # %%
 class Transformer(nn.Module):
-    def __init__(self, source_vocab_size, target_vocab_size, model_size=128, heads=4,
+    def __init__(self, source_vocab_size, target_vocab_size, model_size=64, heads=4,
                  layers=2, hidden_size=256, dropout=0.1, max_positions=256):
         super().__init__()
         self.model_size = model_size
@@ -793,8 +793,8 @@ class Transformer(nn.Module):
 
 def add_model_args(parser):
     """The command-line flags of this chapter's model."""
-    parser.add_argument("--model-size", type=int, default=128,
-                        help="width of every position's vector, even (default 128)")
+    parser.add_argument("--model-size", type=int, default=64,
+                        help="width of every position's vector, even (default 64)")
     parser.add_argument("--heads", type=int, default=4,
                         help="attention heads; must divide --model-size (default 4)")
     parser.add_argument("--layers", type=int, default=2,
@@ -803,8 +803,8 @@ def add_model_args(parser):
                         help="width of the feed-forward blocks (default 256)")
     parser.add_argument("--dropout", type=float, default=0.1,
                         help="dropout probability, 0 to below 1 (default 0.1)")
-    parser.add_argument("--lr", type=float, default=1e-3,
-                        help="peak learning rate of Adam (default 0.001)")
+    parser.add_argument("--lr", type=float, default=2e-3,
+                        help="peak learning rate of Adam (default 0.002)")
 
 
 def build_model(args, source_vocab_size, target_vocab_size):
@@ -864,12 +864,12 @@ def sequence_loss(logits, target_output):
 
 def train(model, examples, args, device, monitor):
     """Train `model` on encoded `examples` for args.steps steps, or args.time_budget
-    seconds when args.steps is None. Every tenth of the way it reports the loss and
+    seconds when args.steps is None. Every fifth of the way it reports the loss and
     `monitor(model)`, a held-out exact match, with the clock stopped. Returns (steps,
     seconds, losses, curve) where curve lists (seconds, exact match) pairs."""
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     rng = np.random.default_rng(args.seed)
-    started, step, losses, curve, next_report = time.perf_counter(), 0, [], [], 0.1
+    started, step, losses, curve, next_report = time.perf_counter(), 0, [], [], 0.2
     model.train()
     while True:
         for indices in make_batches(examples, args.batch_size, rng):
@@ -881,7 +881,7 @@ def train(model, examples, args, device, monitor):
                 print(f"step {step:5d}  {elapsed:5.1f}s  loss {np.mean(losses[-50:]):.3f}  "
                       f"teacher forcing {teacher_forcing_ratio(progress):.2f}  "
                       f"held-out exact match {curve[-1][1]:.1%}")
-                next_report += 0.1
+                next_report += 0.2
                 started += time.perf_counter() - paused  # checking is not training
             if progress >= 1.0:
                 return step, elapsed, losses, curve
@@ -1048,7 +1048,7 @@ def parse_args(argv=None):
                         help="a run of a few seconds, for tests and a first look")
     parser.add_argument("--out", default="out", help="folder for plots (default out/)")
     parser.add_argument("--time-budget", type=float, default=40.0,
-                        help="seconds of training (default 40; --quick: 300 steps)")
+                        help="seconds of training (default 40; --quick: 100 steps instead)")
     parser.add_argument("--steps", type=int, default=None,
                         help="train exactly this many steps instead of for a time budget")
     parser.add_argument("--batch-size", type=int, default=64,
@@ -1058,12 +1058,12 @@ def parse_args(argv=None):
                              "(default 50000)")
     parser.add_argument("--held-out", type=int, default=None,
                         help="how many held-out pairs to evaluate (default all; "
-                             "--quick: 200)")
+                             "--quick: 100)")
     add_model_args(parser)
     args = parser.parse_args(argv)
     if args.quick:
-        args.steps = args.steps or 300
-        args.held_out = args.held_out or 200
+        args.steps = args.steps or 100
+        args.held_out = args.held_out or 100
     checks = [(args.time_budget > 0, f"--time-budget must be positive (got {args.time_budget})"),
               (args.steps is None or args.steps >= 1, f"--steps must be at least 1 (got {args.steps})"),
               (args.batch_size >= 1, f"--batch-size must be at least 1 (got {args.batch_size})"),

@@ -225,6 +225,13 @@ def test_bad_data_file_gives_one_clear_sentence(tmp_path, content, words):
     assert not (tmp_path / "out").exists()  # nothing written before the error
 
 
+def test_too_short_a_table_is_refused(tmp_path):
+    rows = "".join(f"1970-01-{day:02d},60,40,0,61\n" for day in range(1, 6))
+    path = write(tmp_path, ",tmax,tmin,rain,tmax_tomorrow\n" + rows)
+    with pytest.raises(chapter.DataError, match="at least 20"):
+        chapter.main(["--quick", "--data", path, "--out", str(tmp_path / "out")])
+
+
 @pytest.mark.parametrize("flags, word", [
     (["--epochs", "0"], "--epochs"),
     (["--learning-rate", "-1"], "--learning-rate"),

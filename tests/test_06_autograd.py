@@ -139,6 +139,15 @@ def test_composite_matches_finite_differences():
     np.testing.assert_allclose(tensor.grad, numeric, rtol=1e-6, atol=1e-9)
 
 
+def test_worked_example_in_the_text():
+    x = Tensor([[1.0, 2.0]])
+    w = Tensor([[0.5], [-1.0]], requires_grad=True)
+    loss = ((x @ w - 3) ** 2).mean()
+    loss.backward()
+    assert loss.item() == 20.25
+    np.testing.assert_array_equal(w.grad, [[-9.0], [-18.0]])
+
+
 def test_float32_stays_float32():
     x = Tensor(np.ones((2, 3), dtype=np.float32), requires_grad=True)
     loss = ((x * 2.5 + 1) ** 2).mean()
@@ -203,31 +212,48 @@ def test_rebuilt_rnn_has_the_hand_written_gradients():
 
 
 def test_engine_trains_to_the_hand_written_figures():
-    """Same weights, same batches: the engine and chapter 05's `train` reach the same
-    test MAE, for the dense network and the recurrent one (with clipping)."""
+    """Same weights, same batches: chapter 05's `train` driven by the engine ends with
+    the same weights as with the hand-written backward passes, for the dense network
+    and for the recurrent one (with clipping)."""
     _, table = chapter.generate_weather(seed=5, days=500)
-    inputs, targets = table[:, :3], table[:, 3:]
-    (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = chapter.split_data(inputs, targets)
-    sets = ((chapter.standardise(train_x, valid_x, test_x)[0], train_y),
-            (chapter.standardise(train_x, valid_x, test_x)[1], valid_y),
-            (chapter.standardise(train_x, valid_x, test_x)[2], test_y))
-    start = chapter.fresh_model(sets[0], [8], np.random.default_rng(0))
-    hand, engine, *_ = chapter.compare_training("dense", start, chapter.dense_forward,
-                                                chapter.dense_backward,
-                                                chapter.tensor_dense_forward, sets,
-                                                (2, 0.001, 32, None), seed=0)
-    assert abs(hand - engine) < 1e-9
-    sequences, sequence_targets = chapter.make_sequences(table, 4)
-    (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = \
-        chapter.split_data(sequences, sequence_targets)
+    (train_x, train_y), (valid_x, valid_y), (test_x, _) = \
+        chapter.split_data(table[:, :3], table[:, 3:])
     train_x, valid_x, test_x = chapter.standardise(train_x, valid_x, test_x)
-    params = chapter.init_rnn(3, 5, np.random.default_rng(0))
-    params["output_bias"] += train_y.mean()
-    hand, engine, *_ = chapter.compare_training(
+    start = chapter.fresh_model((train_x, train_y), [8], np.random.default_rng(0))
+    hand, engine, hand_history, engine_history = chapter.compare_training(
+        "dense", start, chapter.dense_forward, chapter.dense_backward,
+        chapter.tensor_dense_forward, ((train_x, train_y), (valid_x, valid_y)),
+        (2, 0.001, 32, None), np.random.default_rng(0))
+    np.testing.assert_allclose(hand_history["valid_loss"], engine_history["valid_loss"],
+                               rtol=1e-12)
+    np.testing.assert_allclose(chapter.dense_forward(hand, test_x)[0],
+                               chapter.dense_forward(engine, test_x)[0], rtol=1e-12)
+    splits = chapter.split_data(*chapter.make_sequences(table, 4))
+    sequences = chapter.standardise(*(inputs for inputs, _ in splits))
+    targets = chapter.standardise(*(targets for _, targets in splits))
+    rng = np.random.default_rng(0)
+    params = chapter.init_rnn(3, 5, rng)
+    hand, engine, hand_history, engine_history = chapter.compare_training(
         "recurrent", params, chapter.rnn_forward, chapter.rnn_backward,
-        chapter.tensor_rnn_forward, ((train_x, train_y), (valid_x, valid_y), (test_x, test_y)),
-        (2, 0.001, 16, 1.0), seed=0)
-    assert abs(hand - engine) < 1e-9
+        chapter.tensor_rnn_forward, ((sequences[0], targets[0]), (sequences[1], targets[1])),
+        (2, 0.02, 16, 1.0), rng)
+    np.testing.assert_allclose(hand_history["grad_norm"], engine_history["grad_norm"],
+                               rtol=1e-10)
+    for name in params:
+        np.testing.assert_allclose(hand[name], engine[name], rtol=1e-10, atol=1e-12)
+
+
+def test_training_loop_with_optimiser_learns():
+    """The engine's own loop (zero_grad, backward, step) with Adam fits a line."""
+    rng = np.random.default_rng(7)
+    inputs = rng.normal(size=(200, 2))
+    targets = inputs @ np.array([[2.0], [-1.0]]) + 0.5
+    layers = chapter.as_tensors([(np.zeros((2, 1)), np.zeros((1, 1)))])
+    losses = chapter.train_with_engine(lambda batch: chapter.tensor_dense_forward(layers, batch),
+                                       chapter.Adam(chapter.parameter_list(layers), 0.05),
+                                       (inputs, targets), 30, 20, rng)
+    assert losses[-1] < 1e-3 < losses[0]
+    np.testing.assert_allclose(layers[0][0].data[:, 0], [2.0, -1.0], atol=0.02)
 
 
 def test_optimisers_match_torch():
@@ -286,15 +312,16 @@ def test_quick_run_reaches_its_figures(tmp_path):
     assert run.returncode == 0, run
     figures = run.summary
     assert figures["chapter"] == "06_autograd" and "seconds" in figures
-    # Stated figure: the dense network beats 4.2 °F on the generated weather after 3
-    # epochs, and the engine reaches the hand-written figures exactly.
+    # Stated figures: on the generated weather, after 2 epochs, both networks beat
+    # 4.2 °F, and the engine ends with the hand-written weights (to rounding).
     assert figures["dense_test_mae_engine"] < 4.2, run
-    assert figures["dense_test_mae_engine"] == figures["dense_test_mae_by_hand"], run
-    assert figures["rnn_test_mae_engine"] == figures["rnn_test_mae_by_hand"], run
-    assert figures["rnn_test_mae_engine"] < 6.0, run
+    assert figures["rnn_test_mae_engine"] < 4.2, run
+    assert abs(figures["dense_test_mae_engine"] - figures["dense_test_mae_by_hand"]) < 1e-3
+    assert abs(figures["rnn_test_mae_engine"] - figures["rnn_test_mae_by_hand"]) < 1e-3
+    assert figures["trained_weight_difference"] < 1e-9, run
     assert figures["dense_gradient_difference"] < 1e-12
     assert figures["rnn_gradient_difference"] < 1e-12
-    assert figures["unroll_gradient_difference"] < 1e-10
+    assert figures["unroll_gradient_difference"] < 1e-6
     assert "graph of" in run.stdout
 
 

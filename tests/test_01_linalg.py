@@ -1,0 +1,46 @@
+"""Tests of 01_linalg.py: the written-out dot product and matrix product against
+numpy, finite-difference slopes against exact derivatives, the hand-set forecast,
+and the chapter's quick run."""
+import math
+
+import numpy as np
+import pytest
+
+from conftest import load_chapter, run_chapter
+
+chapter = load_chapter("01_linalg")
+
+
+def test_dot_and_matmul_by_loops_match_numpy():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(4, 3)), rng.normal(size=(3, 5))
+    assert chapter.dot(a[0], b[:, 0]) == pytest.approx(a[0] @ b[:, 0])
+    np.testing.assert_allclose(chapter.matmul_by_loops(a, b), a @ b)
+    with pytest.raises(ValueError):
+        chapter.matmul_by_loops(a, a)
+    with pytest.raises(ValueError):
+        chapter.dot([1, 2], [1, 2, 3])
+
+
+def test_slope_matches_exact_derivatives():
+    assert chapter.slope(lambda x: x ** 2, 3.0) == pytest.approx(6.0, rel=1e-8)
+    assert chapter.slope(math.sin, 0.3) == pytest.approx(math.cos(0.3), rel=1e-8)
+    assert chapter.slope(math.exp, 1.0) == pytest.approx(math.e, rel=1e-8)
+
+
+def test_hand_set_model_pulls_towards_the_average():
+    weights, bias = chapter.hand_set_model(0.8, 65.0)
+    inputs = np.array([[75.0, 50.0, 0.2], [65.0, 40.0, 0.0]])
+    # 10 °F above the average becomes 8 above; the average stays the average.
+    np.testing.assert_allclose(chapter.linear_prediction(inputs, weights, bias), [73.0, 65.0])
+    weights, bias = chapter.hand_set_model(1.0, 65.0)
+    np.testing.assert_allclose(chapter.linear_prediction(inputs, weights, bias), inputs[:, 0])
+
+
+def test_quick_run_beats_tomorrow_equals_today(tmp_path):
+    run = run_chapter("01_linalg", "--quick", "--out", tmp_path, cwd=tmp_path)
+    assert run.returncode == 0, run
+    assert run.summary["chapter"] == "01_linalg" and run.summary["source"] == "generated"
+    assert run.summary["hand_set_mae"] < run.summary["persistence_mae"] - 0.1
+    assert run.summary["hand_set_mae"] < 3.8
+    assert run.summary["slope_error"] < 1e-6
