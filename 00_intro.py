@@ -316,8 +316,9 @@ def save_plot(out_dir, probabilities, vocabulary, ids):
     except ImportError:
         print("matplotlib is not installed, so no plot; the likeliest next character "
               "after each common one instead:")
-        print("  " + ", ".join(f"{label!r}->{repr(vocabulary[int(probabilities[number].argmax())])[1:-1]!r}"
-                               for label, number in zip(labels, common)))
+        print("  " + ", ".join(f"{vocabulary[number]!r}->"
+                               f"{vocabulary[int(probabilities[number].argmax())]!r}"
+                               for number in common))
         return []
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{CHAPTER}_bigrams.png")

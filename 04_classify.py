@@ -794,9 +794,10 @@ def sample_text(layers, vocabulary, prompt, length, context, rng):
 # %% [markdown]
 # ## Plots
 #
-# The two training curves: the rain classifier's loss epoch by epoch against the
-# constant-probability baseline, and the character model's loss, averaged over
-# stretches of steps, against the unigram baseline.
+# The two training curves: the rain classifier's loss on the training days, epoch
+# by epoch, against the constant-probability baseline on the same days; and the
+# character model's loss on its training batches, averaged over stretches of
+# steps, against the unigram baseline on the held-out text.
 
 # %%
 def save_plots(out_dir, rain_history, rain_baseline, text_history, unigram_loss):
@@ -822,7 +823,8 @@ def save_plots(out_dir, rain_history, rain_baseline, text_history, unigram_loss)
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.plot(range(1, len(rain_history) + 1), rain_history, marker="o", label="network")
     left.axhline(rain_baseline, color="grey", linestyle="--", label="constant rain rate")
-    left.set(xlabel="epoch", ylabel="binary cross-entropy (nats)", title="Rain tomorrow")
+    left.set(xlabel="epoch", ylabel="training binary cross-entropy (nats)",
+             title="Rain tomorrow")
     left.legend()
     right.plot(np.arange(len(text_curve)) * stretch, [bits(loss) for loss in text_curve],
                label="network")
@@ -1008,7 +1010,11 @@ def main(argv=None):
     print(f"  a sample, starting from {prompt!r}:\n")
     print("\n".join("    " + line for line in sample.splitlines()))
     print()
-    for path in save_plots(args.out, rain_history, baseline_loss, text_history, unigram_loss):
+    # The rain curve is the training loss, so its baseline line is measured on the
+    # training days too; the character curve is per batch of training text.
+    train_baseline = binary_cross_entropy(np.full_like(train_labels, constant_logit(rain_rate)),
+                                          train_labels)
+    for path in save_plots(args.out, rain_history, train_baseline, text_history, unigram_loss):
         print(f"saved {path}")
     print_summary({"chapter": CHAPTER, "source": source, "text_source": text_source,
                    "rain_loss": round(rain_loss, 4), "rain_baseline_loss": round(baseline_loss, 4),

@@ -903,14 +903,16 @@ def main(argv=None):
     long_inputs, long_targets = make_sequences(table, long_window)
     long_inputs, long_targets = (standardise(long_inputs[:256])[0],
                                  standardise(long_targets[:256])[0])
-    scales = {f"W_h x {scale:g}": curve for scale, curve in recurrent_scale_experiment(
+    scales = {f"RNN, W_h x {scale:g}": curve for scale, curve in recurrent_scale_experiment(
         long_inputs, long_targets, args.hidden_size, (0.5, 1, 3), rng).items()}
     lags = [lag for lag in (0, 1, 2, 5, 10, 20, 40, 59) if lag < long_window]
-    print(f"\nsize of d loss / d x for the day k days before the last (a fresh RNN, "
-          f"{long_window}-day windows):")
-    print("  lag k      " + "".join(f"{lag:>9}" for lag in lags))
+    print(f"\nsize of d loss / d x for the day k days before the last (freshly "
+          f"initialised networks, {long_window}-day windows):")
+    print("  lag k          " + "".join(f"{lag:>9}" for lag in lags))
     for label, curve in scales.items():
-        print(f"  {label:<11}" + "".join(f"{curve[lag]:9.1e}" for lag in lags))
+        print(f"  {label:<15}" + "".join(f"{curve[lag]:9.1e}" for lag in lags))
+    fresh = scales["RNN, W_h x 1"]
+    figures["fresh_rnn_first_day_gradient"] = float(f"{fresh[-1] / fresh[0]:.2g}")
     for name, curve in reach.items():
         shown = [lag for lag in lags if lag < args.window]
         print(f"  trained {name} ({args.window}-day windows), relative to lag 0: "

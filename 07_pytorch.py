@@ -1112,12 +1112,15 @@ def main(argv=None):
     valid_set = (valid_inputs, valid_targets)
     rng = np.random.default_rng(args.seed)
 
+    # A first look at tensors and autograd on a few real rows.
     print("\ntensors:")
     tensor_tour(train_inputs, device)
     print("autograd:")
     autograd_tour(train_inputs[:64], train_targets[:64], rng)
 
-    # The same network in numpy and in PyTorch, on 64 training rows.
+    # The same network in numpy and in PyTorch, on 64 training rows: chapter 03's
+    # weights, copied into our DenseNet and into an nn.Sequential of nn.Linear layers.
+    # Everything here is float64, so any difference beyond ~1e-12 would be a bug.
     layer_sizes = [3, *args.hidden_sizes, 1]
     layers = start_from_mean(init_dense(layer_sizes, rng), train_targets)
     prediction_gap, gradient_gap = compare_dense(layers, train_inputs[:64], train_targets[:64])
@@ -1129,6 +1132,8 @@ def main(argv=None):
     print(f"  nn.Sequential: predictions differ by {sequential_gaps[0]:.1e}, "
           f"gradients by {sequential_gaps[1]:.1e}")
 
+    # The recurrent network: windows of days, split in time order and standardised
+    # with the training windows' statistics, then the same three-way comparison.
     sequences, sequence_targets = make_sequences(table, args.window)
     (train_windows, train_window_targets), (valid_windows, valid_window_targets), \
         (test_windows, test_window_targets) = split_data(sequences, sequence_targets)
@@ -1143,6 +1148,9 @@ def main(argv=None):
           f"{rnn_gaps[1]:.1e}; nn.RNN: predictions differ by {rnn_gaps[2]:.1e}")
 
     # Training: chapter 03's numpy loop, then the same batches replayed in PyTorch.
+    # Both start from the same weights and draw their batch order from generators in
+    # the same state, so if the two libraries compute the same thing, the two runs
+    # follow the same path and end at the same test MAE.
     print(f"\ntraining {layer_sizes} for {args.epochs} epochs, SGD at learning rate "
           f"{args.learning_rate:g}, batches of {args.batch_size}:")
     clock = time.perf_counter()
@@ -1169,7 +1177,9 @@ def main(argv=None):
         raise DataError(f"training diverged at learning rate {args.learning_rate:g}; "
                         f"try a smaller --learning-rate")
 
-    # PyTorch's own way: float32, a shuffled DataLoader and Adam.
+    # PyTorch's own way: float32, a shuffled DataLoader and Adam. The loader's
+    # generator is seeded, so the run repeats exactly; the weights are DenseNet's own
+    # He initialisation from torch's seeded generator.
     adam_model = DenseNet(layer_sizes).to(device)
     with torch.no_grad():
         adam_model.biases[-1] += float(train_targets.mean())  # start from the mean, as 03
@@ -1184,7 +1194,9 @@ def main(argv=None):
     print(f"  PyTorch Adam, float32, shuffled:  test MAE {adam_mae:.4f} °F "
           f"({time.perf_counter() - clock:.1f} s)")
 
-    # Save the Adam-trained weights, load them into a fresh network, compare.
+    # Save the Adam-trained weights, load them into a fresh network, compare. The
+    # fresh network has other random weights until load_state_dict overwrites them,
+    # so identical predictions prove that the file holds everything that matters.
     weights_path = os.path.join(args.out, f"{CHAPTER}_dense.pt")
     save_weights(adam_model, weights_path)
     reloaded = load_weights(DenseNet(layer_sizes), weights_path).to(device)
@@ -1193,7 +1205,9 @@ def main(argv=None):
     print(f"  saved to {weights_path} and loaded back (weights_only=True): "
           f"predictions differ by {reload_gap:.1e}")
 
-    # The recurrent network with nn.RNN, Adam and standardised windows.
+    # The recurrent network with nn.RNN and Adam, starting from chapter 05's weights
+    # (in float32). A third as many epochs as the dense network: each epoch does
+    # `window` times the work.
     rnn_epochs = max(1, args.epochs // 3)
     _, builtin = recurrent_nets_from_params(
         {name: array.astype(np.float32) for name, array in params.items()})
@@ -1210,7 +1224,7 @@ def main(argv=None):
     print(f"recurrent network (nn.RNN) for {rnn_epochs} epochs with Adam: test MAE "
           f"{rnn_mae:.4f} °F ({time.perf_counter() - clock:.1f} s)")
 
-    # Speed of one training step.
+    # Speed of one training step: the course's small network, and a large one.
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if device.type == "cuda" else [])
     print("\nmilliseconds per training step (forward, backward, SGD update; float32):")
     speed = {}

@@ -861,17 +861,19 @@ def parse_args(argv=None):
                         help="train exactly this many steps instead of for a time budget")
     parser.add_argument("--batch-size", type=int, default=64,
                         help="sentence pairs per training step (default 64)")
-    parser.add_argument("--train-size", type=int, default=50_000,
+    parser.add_argument("--train-size", type=int, default=None,
                         help="training pairs of the generated number task, at least 1000 "
-                             "(default 50000)")
+                             "(default 50000; --quick: 20000)")
     parser.add_argument("--held-out", type=int, default=None,
                         help="how many held-out pairs to evaluate (default all; "
-                             "--quick: 100)")
+                             "--quick: 50)")
     add_model_args(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.steps = args.steps or 100
-        args.held_out = args.held_out or 100
+        args.held_out = args.held_out or 50
+        args.train_size = args.train_size or 20_000
+    args.train_size = args.train_size or 50_000
     checks = [(args.time_budget > 0, f"--time-budget must be positive (got {args.time_budget})"),
               (args.steps is None or args.steps >= 1, f"--steps must be at least 1 (got {args.steps})"),
               (args.batch_size >= 1, f"--batch-size must be at least 1 (got {args.batch_size})"),

@@ -43,6 +43,7 @@ import math
 import os
 import sys
 import time
+import warnings
 
 import torch
 import torch.nn as nn
@@ -147,6 +148,12 @@ except ImportError:  # macOS and Windows: no Triton wheels
     triton = tl = _NoTriton()
 
 INTERPRET = HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
+if INTERPRET:
+    # The interpreter computes with numpy, which warns when an exp overflows to inf or a
+    # masked lane computes inf - inf. The compiled kernels meet the same values silently,
+    # and every formula below is written so that such a value is never used.
+    warnings.filterwarnings("ignore", "overflow encountered", RuntimeWarning)
+    warnings.filterwarnings("ignore", "invalid value encountered", RuntimeWarning)
 
 
 def triton_runs_on(tensor):
@@ -256,8 +263,10 @@ def add(x, y):
 # attention below and of the cross-entropy kernel.)
 #
 # Masked lanes load `-inf`: `exp(-inf) = 0` adds nothing to a sum and `-inf` never wins
-# a max. Every chunk starts inside the row, so it has at least one real number, its max
-# is finite, and `exp(m - m')` never meets the undefined `(-inf) - (-inf)`.
+# a max. An input may hold `-inf` itself (a masked attention score): while every number
+# seen so far is `-inf`, the running max is `-inf` too and `exp(m - m')` would be the
+# undefined `exp(-inf - (-inf))`, so the loop subtracts 0 instead in that case. (A row
+# that is *all* `-inf` has no softmax; the result is NaN, as in PyTorch.)
 #
 # Backward. With `y = softmax(x)` and incoming gradient `dy`,
 # `dy_j/dx_k = y_j (delta_jk - y_k)`, so
@@ -278,7 +287,10 @@ def _row_max_and_sum(row_ptr, n_cols, BLOCK: tl.constexpr):
         cols = start + tl.arange(0, BLOCK)
         x = tl.load(row_ptr + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32)
         new_max = tl.maximum(running_max, tl.max(x, axis=0))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+        # While every number so far is -inf (a chunk fully masked by the caller), subtract
+        # 0 instead: exp(-inf - 0) = 0, where exp(-inf - (-inf)) would be NaN.
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        running_sum = running_sum * tl.exp(running_max - safe_max) + tl.sum(tl.exp(x - safe_max), axis=0)
         running_max = new_max
     return running_max, running_sum
 
@@ -529,7 +541,7 @@ def layer_norm(x, weight, bias, eps=1e-5):
     """Layer norm over the last dimension (like `F.layer_norm`), forward and backward in
     Triton."""
     if not triton_runs_on(x):
-        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+        return torch_layer_norm(x, weight, bias, eps)
     return _Norm.apply(x, weight, bias, eps)
 
 
@@ -537,8 +549,19 @@ def rms_norm(x, weight, eps=1e-6):
     """RMS norm over the last dimension: `x / sqrt(mean(x^2) + eps) * weight`, forward
     and backward in Triton."""
     if not triton_runs_on(x):
-        return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps).to(x.dtype) * weight
+        return torch_rms_norm(x, weight, eps)
     return _Norm.apply(x, weight, None, eps)
+
+
+def torch_layer_norm(x, weight, bias, eps=1e-5):
+    """PyTorch's layer norm: the reference, and the path where Triton cannot run."""
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def torch_rms_norm(x, weight, eps=1e-6):
+    """RMS norm in PyTorch operations, computed in fp32 like the kernel."""
+    rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    return (x.float() * rstd).to(x.dtype) * weight
 
 
 # %% [markdown]
@@ -1151,3 +1174,710 @@ def matmul(a, b):
     if not triton_runs_on(a):
         return a @ b
     return _Matmul.apply(a, b)
+
+
+# %% [markdown]
+# ## Checking every kernel against PyTorch
+#
+# A kernel is only as good as its check. Each case below builds random inputs, runs the
+# kernel and PyTorch's own operation on them, and compares the outputs; then it sends
+# the same random gradient backwards through both and compares every input's gradient.
+# The shapes are small and deliberately awkward: widths that are not powers of two, rows
+# longer than one tile, sequences that are not a multiple of the block, a vocabulary that
+# is not a multiple of the chunk, ignored targets, causal and not.
+#
+# The error reported is the largest absolute difference divided by the largest absolute
+# value of the reference, so one limit fits tensors of any scale. PyTorch runs in fp32 on
+# fp32 copies of the inputs, so in bf16 and fp16 the figure is the kernel's own rounding
+# error. The limits: fp32 agrees to rounding (1e-4); on a GPU, `tl.dot` on fp32 inputs
+# uses TF32 tensor cores (10-bit mantissa), so the kernels that multiply matrices get
+# 5e-3 there; bf16 keeps 8 bits of mantissa (about 0.4% per rounding), fp16 11 bits.
+
+# %%
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+TF32_TOLERANCE = 5e-3
+
+
+def relative_error(result, reference):
+    """max |result - reference| / max |reference|."""
+    scale = reference.detach().float().abs().max().clamp_min(1e-12)
+    return ((result.detach().float() - reference.detach().float()).abs().max() / scale).item()
+
+
+def run_with_gradients(function, inputs, upstream_seed):
+    """Call `function` on fresh leaf copies of `inputs`; send a random upstream gradient
+    (the same for every call with the same seed) back through it. Returns the output and
+    the gradients of the floating-point inputs."""
+    leaves = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs]
+    output = function(*leaves)
+    generator = torch.Generator().manual_seed(upstream_seed)
+    upstream = torch.randn(output.shape, generator=generator).to(output.device, output.dtype)
+    output.backward(upstream)
+    return output, [leaf.grad for leaf in leaves if leaf.is_floating_point()]
+
+
+def compare(kernel, reference, inputs, backward=True):
+    """Forward and backward relative errors of `kernel` against `reference` (the latter
+    run in fp32). Backward is None for a kernel without one."""
+    fp32_inputs = [x.float() if x.is_floating_point() else x for x in inputs]
+    if not backward:
+        with torch.no_grad():
+            return relative_error(kernel(*inputs), reference(*fp32_inputs)), None
+    output, gradients = run_with_gradients(kernel, inputs, upstream_seed=1)
+    reference_output, reference_gradients = run_with_gradients(reference, fp32_inputs, 1)
+    backward_error = max(relative_error(g, r) for g, r in zip(gradients, reference_gradients))
+    return relative_error(output, reference_output), backward_error
+
+
+def sdpa(q, k, v, causal):
+    """PyTorch's attention, for the checks and the benchmark."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def correctness_cases(quick=False, large=False):
+    """(kernel name, shape, input shapes, kernel, reference, has backward, uses tl.dot).
+    Inputs are drawn in `check_kernels`: shapes of floats, or ("targets", rows, vocab)
+    for class indices with some rows ignored."""
+    cases = [
+        ("add", [(5, 77), (5, 77)], add, torch.add, False, False),
+        ("softmax", [(6, 77)], softmax, lambda x: torch.softmax(x, -1), True, False),
+        ("softmax (online)", [(3, 5, 300)], softmax, lambda x: torch.softmax(x, -1), True, False),
+        ("layer_norm", [(3, 7, 77), (77,), (77,)], layer_norm, torch_layer_norm, True, False),
+        ("rms_norm", [(13, 77), (77,)], rms_norm, torch_rms_norm, True, False),
+        ("gelu", [(7, 131)], gelu, torch_gelu, True, False),
+        ("swiglu", [(7, 131), (7, 131)], swiglu, lambda a, b: F.silu(a) * b, True, False),
+        ("cross_entropy", [(9, 301), ("targets", 9, 301)], cross_entropy, F.cross_entropy,
+         True, False),
+        ("flash_attention causal", [(2, 3, 37, 24)] * 3, flash_attention,
+         lambda q, k, v: sdpa(q, k, v, True), True, True),
+        ("flash_attention", [(2, 3, 37, 24)] * 3,
+         lambda q, k, v: flash_attention(q, k, v, causal=False),
+         lambda q, k, v: sdpa(q, k, v, False), True, True),
+        ("flash_attention cross", [(1, 2, 19, 16), (1, 2, 45, 16), (1, 2, 45, 16)],
+         lambda q, k, v: flash_attention(q, k, v, causal=False),
+         lambda q, k, v: sdpa(q, k, v, False), True, True),
+        ("matmul", [(37, 29), (29, 45)], matmul, torch.matmul, True, True),
+    ]
+    if quick:  # one case per kernel, the flash one the smallest
+        keep = {"add", "softmax (online)", "layer_norm", "rms_norm", "gelu", "swiglu",
+                "cross_entropy", "flash_attention cross", "matmul"}
+        cases = [case for case in cases if case[0] in keep]
+    if large:  # GPU sizes: GPT-2-small rows, vocabulary and attention
+        cases += [
+            ("softmax (online)", [(64, 50257)], softmax, lambda x: torch.softmax(x, -1), True,
+             False),
+            ("layer_norm", [(4096, 768), (768,), (768,)], layer_norm, torch_layer_norm, True,
+             False),
+            ("rms_norm", [(4096, 768), (768,)], rms_norm, torch_rms_norm, True, False),
+            ("cross_entropy", [(256, 50257), ("targets", 256, 50257)], cross_entropy,
+             F.cross_entropy, True, False),
+            ("flash_attention causal", [(2, 12, 1000, 64)] * 3, flash_attention,
+             lambda q, k, v: sdpa(q, k, v, True), True, True),
+            ("flash_attention", [(1, 4, 777, 128)] * 3,
+             lambda q, k, v: flash_attention(q, k, v, causal=False),
+             lambda q, k, v: sdpa(q, k, v, False), True, True),
+            ("matmul", [(1000, 768), (768, 3000)], matmul, torch.matmul, True, True),
+        ]
+    return cases
+
+
+def draw_inputs(shapes, dtype, device, generator):
+    """Random inputs for one case: floats from N(0, 1) scaled by 2 (so activations and
+    softmaxes leave their linear range), targets with every third row ignored."""
+    inputs = []
+    for shape in shapes:
+        if shape[0] == "targets":
+            _, rows, vocab = shape
+            targets = torch.randint(0, vocab, (rows,), generator=generator)
+            targets[::3] = -100
+            inputs.append(targets.to(device))
+        else:
+            inputs.append((2 * torch.randn(shape, generator=generator)).to(device, dtype))
+    return inputs
+
+
+def describe_shapes(shapes):
+    """The distinct tensor shapes of a case, for the tables."""
+    return " ".join(str(tuple(shape)) for shape in dict.fromkeys(map(tuple, shapes))
+                    if shape[0] != "targets")
+
+
+def check_kernels(dtypes, device, quick=False, large=False, seed=0):
+    """Run every correctness case in every dtype; one dict per (case, dtype)."""
+    rows = []
+    for dtype in dtypes:
+        for name, shapes, kernel, reference, backward, uses_dot in correctness_cases(quick, large):
+            generator = torch.Generator().manual_seed(seed)
+            inputs = draw_inputs(shapes, dtype, device, generator)
+            forward_error, backward_error = compare(kernel, reference, inputs, backward)
+            limit = TOLERANCE[dtype]
+            if dtype == torch.float32 and uses_dot and device.type == "cuda":
+                limit = TF32_TOLERANCE
+            worst = max(forward_error, backward_error or 0.0)
+            rows.append({"kernel": name, "shape": describe_shapes(shapes),
+                         "dtype": str(dtype).replace("torch.", ""), "forward": forward_error,
+                         "backward": backward_error, "limit": limit, "ok": worst <= limit})
+    return rows
+
+
+def print_check_table(rows):
+    print(f"{'kernel':24s} {'shape':36s} {'dtype':9s} {'forward':>9s} {'backward':>9s} "
+          f"{'limit':>7s}  ok")
+    for row in rows:
+        backward = "-" if row["backward"] is None else f"{row['backward']:.1e}"
+        print(f"{row['kernel']:24s} {row['shape'][:36]:36s} {row['dtype']:9s} "
+              f"{row['forward']:9.1e} {backward:>9s} {row['limit']:7.0e}  "
+              f"{'yes' if row['ok'] else 'NO'}")
+
+
+# %% [markdown]
+# ## The kernels inside chapter 11's transformer
+#
+# Chapter 11's model was written to be taken apart: every `MultiHeadAttention` calls its
+# attention core through `self.attend(q, k, v, mask)`, every `LayerNorm` normalises
+# through `self.normalise`, and every `FeedForward` applies `self.activation`. The
+# classes below are chapter 11's, unchanged. Only its hand-written `layer_norm` function
+# is not carried: the name now belongs to the kernel above, so a `LayerNorm` built here
+# already normalises with Triton.
+#
+# Two copies of one model are compared: one running PyTorch's operations, one running the
+# kernels (flash attention, layer norm, GELU, and the cross-entropy loss). Two details:
+# - chapter 11 uses the exact GELU, `x * Phi(x)`; the kernel computes the tanh
+#   approximation that GPT-2 uses (they differ by up to about 0.0005), so the PyTorch
+#   copy is switched to the tanh approximation too, to compare like with like;
+# - flash attention takes a causal flag, not an arbitrary mask, so the check uses batches
+#   without padding: the encoder's and the cross-attention's masks are then all True and
+#   the decoder's is exactly causal. (Padding in the targets is fine: the loss ignores
+#   it.) Chapter 13's GPT needs nothing else: it packs text into full-length rows.
+# The matrix multiplies stay `nn.Linear`, that is cuBLAS (see the matmul benchmark).
+
+# %%
+# Carried from chapter 11 unchanged:
+PAD, BOS, EOS, UNK = 0, 1, 2, 3
+
+
+def attention_weights(q, k, mask):
+    """softmax(q kᵀ / √d) with forbidden scores set to -inf: (batch, heads, queries,
+    keys). `mask` is True where a query may see a key and broadcasts to that shape."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+
+
+def scaled_dot_product_attention(q, k, v, mask):
+    """The attention core on (batch, heads, length, head size) tensors."""
+    return attention_weights(q, k, mask) @ v
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, model_size, heads):
+        super().__init__()
+        if model_size % heads:
+            raise ValueError(f"model_size {model_size} is not divisible by heads {heads}")
+        self.heads = heads
+        self.query = nn.Linear(model_size, model_size)
+        self.key = nn.Linear(model_size, model_size)
+        self.value = nn.Linear(model_size, model_size)
+        self.output = nn.Linear(model_size, model_size)
+        self.attend = scaled_dot_product_attention
+
+    def split_heads(self, x):
+        """(batch, length, model size) -> (batch, heads, length, head size)."""
+        batch, length, model_size = x.shape
+        return x.view(batch, length, self.heads, model_size // self.heads).transpose(1, 2)
+
+    def forward(self, queries, keys_values, mask, need_weights=False):
+        """Returns the output (batch, query length, model size) and, if asked, the
+        attention weights averaged over the heads (batch, query length, key length)."""
+        q = self.split_heads(self.query(queries))
+        k = self.split_heads(self.key(keys_values))
+        v = self.split_heads(self.value(keys_values))
+        mixed = self.attend(q, k, v, mask)
+        batch, heads, length, head_size = mixed.shape
+        output = self.output(mixed.transpose(1, 2).reshape(batch, length, heads * head_size))
+        weights = attention_weights(q, k, mask).mean(dim=1) if need_weights else None
+        return output, weights
+
+
+def sinusoidal_positions(length, model_size):
+    """The (length, model size) table of sinusoidal position vectors."""
+    position = torch.arange(length, dtype=torch.float32)[:, None]
+    frequency = torch.exp(torch.arange(0, model_size, 2, dtype=torch.float32)
+                          * (-math.log(10000.0) / model_size))
+    table = torch.zeros(length, model_size)
+    table[:, 0::2] = torch.sin(position * frequency)
+    table[:, 1::2] = torch.cos(position * frequency)
+    return table
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, size, eps=1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))   # the gain γ
+        self.bias = nn.Parameter(torch.zeros(size))    # the bias β
+        self.eps = eps
+        self.normalise = layer_norm
+
+    def forward(self, x):
+        return self.normalise(x, self.weight, self.bias, self.eps)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, model_size, hidden_size, dropout):
+        super().__init__()
+        self.expand = nn.Linear(model_size, hidden_size)
+        self.contract = nn.Linear(hidden_size, model_size)
+        self.dropout = nn.Dropout(dropout)
+        self.activation = F.gelu
+
+    def forward(self, x):
+        return self.contract(self.dropout(self.activation(self.expand(x))))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, model_size, heads, hidden_size, dropout):
+        super().__init__()
+        self.attention_norm = LayerNorm(model_size)
+        self.attention = MultiHeadAttention(model_size, heads)
+        self.feed_forward_norm = LayerNorm(model_size)
+        self.feed_forward = FeedForward(model_size, hidden_size, dropout)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, mask):
+        normed = self.attention_norm(x)
+        x = x + self.dropout(self.attention(normed, normed, mask)[0])
+        return x + self.dropout(self.feed_forward(self.feed_forward_norm(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, model_size, heads, hidden_size, dropout):
+        super().__init__()
+        self.self_attention_norm = LayerNorm(model_size)
+        self.self_attention = MultiHeadAttention(model_size, heads)
+        self.cross_attention_norm = LayerNorm(model_size)
+        self.cross_attention = MultiHeadAttention(model_size, heads)
+        self.feed_forward_norm = LayerNorm(model_size)
+        self.feed_forward = FeedForward(model_size, hidden_size, dropout)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, y, memory, target_mask, source_mask, need_weights=False):
+        """y: the target positions (batch, target length, model size); memory: the
+        encoder's output. Returns the new y and, if asked, the cross-attention weights
+        (batch, target length, source length)."""
+        normed = self.self_attention_norm(y)
+        y = y + self.dropout(self.self_attention(normed, normed, target_mask)[0])
+        mixed, weights = self.cross_attention(self.cross_attention_norm(y), memory,
+                                              source_mask, need_weights)
+        y = y + self.dropout(mixed)
+        return y + self.dropout(self.feed_forward(self.feed_forward_norm(y))), weights
+
+
+class Transformer(nn.Module):
+    def __init__(self, source_vocab_size, target_vocab_size, model_size=64, heads=4,
+                 layers=2, hidden_size=256, dropout=0.1, max_positions=256):
+        super().__init__()
+        self.model_size = model_size
+        self.source_embedding = nn.Embedding(source_vocab_size, model_size, padding_idx=PAD)
+        self.target_embedding = nn.Embedding(target_vocab_size, model_size, padding_idx=PAD)
+        for embedding in (self.source_embedding, self.target_embedding):
+            nn.init.normal_(embedding.weight, std=model_size ** -0.5)
+            embedding.weight.data[PAD] = 0
+        self.register_buffer("positions", sinusoidal_positions(max_positions, model_size),
+                             persistent=False)
+        self.encoder_layers = nn.ModuleList(
+            EncoderLayer(model_size, heads, hidden_size, dropout) for _ in range(layers))
+        self.decoder_layers = nn.ModuleList(
+            DecoderLayer(model_size, heads, hidden_size, dropout) for _ in range(layers))
+        self.encoder_norm = LayerNorm(model_size)
+        self.decoder_norm = LayerNorm(model_size)
+        self.output = nn.Linear(model_size, target_vocab_size)
+        self.dropout = nn.Dropout(dropout)
+
+    def embed(self, embedding, tokens):
+        """Token embeddings, scaled by √d, plus position vectors, with dropout."""
+        scaled = embedding(tokens) * math.sqrt(self.model_size)
+        return self.dropout(scaled + self.positions[:tokens.shape[1]])
+
+    def encode(self, source):
+        """source (batch, source length) -> the encoder's output (batch, source
+        length, model size) and the source padding mask."""
+        mask = (source != PAD)[:, None, None, :]
+        x = self.embed(self.source_embedding, source)
+        for layer in self.encoder_layers:
+            x = layer(x, mask)
+        return self.encoder_norm(x), mask
+
+    def decode(self, memory, source_mask, target_input, need_weights=False):
+        """Logits (batch, target length, vocabulary) for every target position, and
+        the last layer's cross-attention weights if asked."""
+        length = target_input.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=target_input.device).tril()
+        target_mask = causal[None, None] & (target_input != PAD)[:, None, None, :]
+        y = self.embed(self.target_embedding, target_input)
+        for number, layer in enumerate(self.decoder_layers):
+            last = number == len(self.decoder_layers) - 1
+            y, weights = layer(y, memory, target_mask, source_mask, need_weights and last)
+        return self.output(self.decoder_norm(y)), weights
+
+    def forward(self, source, target_input, teacher_forcing=1.0):
+        """Logits (batch, target length, vocabulary) for every position of
+        `target_input`, all at once. Always teacher forcing: `teacher_forcing` is
+        ignored (see above)."""
+        memory, source_mask = self.encode(source)
+        return self.decode(memory, source_mask, target_input)[0]
+
+    def start(self, source):
+        """Encode `source`; the decoder's state is the encoding and an empty prefix."""
+        memory, mask = self.encode(source)
+        return {"memory": memory, "mask": mask,
+                "prefix": source.new_zeros((source.shape[0], 0))}
+
+    def step(self, state, token):
+        """Append `token` (batch,) to the prefix, run the decoder over it: returns the
+        last position's logits, the new state and its attention weights over the
+        source (batch, source length)."""
+        prefix = torch.cat([state["prefix"], token[:, None]], dim=1)
+        logits, weights = self.decode(state["memory"], state["mask"], prefix,
+                                      need_weights=True)
+        return logits[:, -1], {**state, "prefix": prefix}, weights[:, -1]
+
+
+# End of the code carried from chapter 11.
+
+
+def torch_gelu(x):
+    """PyTorch's tanh-approximated GELU: the reference for the `gelu` kernel."""
+    return F.gelu(x, approximate="tanh")
+
+
+def flash_attend(q, k, v, mask):
+    """Chapter 11's attention core `attend(q, k, v, mask)` on `flash_attention`. The mask
+    must let every query see every key, or be exactly causal."""
+    causal = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    if bool(mask.all()):
+        return flash_attention(q, k, v, causal=False)
+    if bool((mask == causal).all()):
+        return flash_attention(q, k, v, causal=True)
+    raise ValueError("flash_attention takes no padding mask: use batches without padding")
+
+
+def use_operations(model, attend, normalise, activation):
+    """Point every attention, norm and feed-forward block of `model` at these functions."""
+    for module in model.modules():
+        if isinstance(module, MultiHeadAttention):
+            module.attend = attend
+        elif isinstance(module, LayerNorm):
+            module.normalise = normalise
+        elif isinstance(module, FeedForward):
+            module.activation = activation
+    return model
+
+
+def transformer_batch(source_vocab, target_vocab, batch, source_length, target_length,
+                      generator):
+    """Random token ids without padding, and targets whose last position is padding."""
+    source = torch.randint(4, source_vocab, (batch, source_length), generator=generator)
+    target_input = torch.randint(4, target_vocab, (batch, target_length), generator=generator)
+    target_output = torch.randint(4, target_vocab, (batch, target_length), generator=generator)
+    target_output[:, -1] = PAD
+    return source, target_input, target_output
+
+
+def flatten(tensors):
+    """All of `tensors` as one vector."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def check_transformer(quick=False, seed=0, device=torch.device("cpu")):
+    """Run chapter 11's transformer with PyTorch operations and with the kernels, from the
+    same weights on the same batch; return the relative errors of the logits, the loss
+    and the gradients of all parameters together. (Together, because some gradients are
+    exactly zero in theory: adding a bias to every key shifts a query's scores all by the
+    same amount, which the softmax ignores, so the key biases' gradients are rounding
+    noise, and a relative error per parameter would divide noise by noise.)"""
+    source_vocab, target_vocab = 37, 41
+    size = dict(model_size=32, heads=2, layers=1, hidden_size=64) if quick else \
+        dict(model_size=64, heads=4, layers=2, hidden_size=128)
+    torch.manual_seed(seed)
+    reference = Transformer(source_vocab, target_vocab, dropout=0.0, **size).to(device)
+    kernels = Transformer(source_vocab, target_vocab, dropout=0.0, **size).to(device)
+    kernels.load_state_dict(reference.state_dict())
+    use_operations(reference, scaled_dot_product_attention, torch_layer_norm, torch_gelu)
+    use_operations(kernels, flash_attend, layer_norm, gelu)
+    generator = torch.Generator().manual_seed(seed)
+    batch = [t.to(device) for t in transformer_batch(source_vocab, target_vocab, 3, 13, 11,
+                                                     generator)]
+    results = []
+    for model, loss_function in ((reference, F.cross_entropy), (kernels, cross_entropy)):
+        source, target_input, target_output = batch
+        logits = model(source, target_input)
+        loss = loss_function(logits.reshape(-1, target_vocab), target_output.reshape(-1),
+                             ignore_index=PAD)
+        loss.backward()
+        results.append((logits, loss, [p.grad for p in model.parameters()]))
+    (logits, loss, grads), (kernel_logits, kernel_loss, kernel_grads) = results
+    return {"logits": relative_error(kernel_logits, logits),
+            "loss": relative_error(kernel_loss, loss),
+            "gradients": relative_error(flatten(kernel_grads), flatten(grads)),
+            "parameters": sum(p.numel() for p in kernels.parameters())}
+
+
+# %% [markdown]
+# ## Benchmarks: how fast, measured against what the card can do
+#
+# A kernel's speed means little alone; compare it with the card's limits.
+# - A memory-bound kernel is judged by its *effective bandwidth*: the bytes it must move
+#   at the very least (each input read once, each output written once) divided by its
+#   time, as a percentage of the card's HBM peak. 80% or more is about as good as it gets.
+# - Attention and matmul are judged by TFLOP/s: a matmul of (M, K) by (K, N) is `2 M N K`
+#   floating-point operations; attention's forward pass is two of them per head,
+#   `4 * seq^2 * head_dim` (half that when causal), and its backward pass five, 2.5 times
+#   the forward.
+#
+# `triton.testing.do_bench` runs a function repeatedly, flushing the L2 cache between
+# runs so no input is served from cache, and returns the median time. Shapes are
+# GPT-2 small's, in bf16: 16 sequences of 1,024 tokens give 16,384 rows of 768 features;
+# the feed-forward layer is 3,072 wide; the vocabulary 50,257; attention 12 heads of 64.
+
+# %%
+# HBM bandwidth in TB/s by device name; the first entry whose text is in the name wins,
+# so the more specific names come first.
+HBM_PEAK_TB_S = [
+    ("GH200", 4.0), ("H200", 4.8), ("H100 NVL", 3.9), ("H100 PCIe", 2.0), ("H100", 3.35),
+    ("B200", 8.0), ("A100-SXM4-80GB", 2.039), ("A100 80GB", 1.935), ("A100", 1.555),
+    ("L40S", 0.864), ("L40", 0.864), ("L4", 0.3), ("A10G", 0.6), ("A10", 0.6),
+    ("RTX 4090", 1.008), ("RTX 3090", 0.936), ("V100", 0.9), ("T4", 0.32),
+]
+
+
+def hbm_peak(device_name):
+    """The card's HBM bandwidth in bytes per second, or None for a card not in the table."""
+    for text, terabytes in HBM_PEAK_TB_S:
+        if text in device_name:
+            return terabytes * 1e12
+    return None
+
+
+def median_ms(function):
+    """Median time of `function()` in milliseconds (do_bench returns a one-element list
+    or a float depending on the Triton version)."""
+    result = triton.testing.do_bench(function, quantiles=[0.5])
+    return result[0] if isinstance(result, (list, tuple)) else result
+
+
+def forward_and_backward(function, inputs, upstream):
+    """A callable that runs `function(*inputs)` and its backward pass."""
+    def run():
+        function(*inputs).backward(upstream)
+    return run
+
+
+def eager_attention(q, k, v):
+    """Causal attention in eager PyTorch operations: the score matrix in memory."""
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    causal = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    return torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1) @ v
+
+
+def benchmark_cases(quick=False):
+    """(name, shapes, kernel, PyTorch version, direction, work, unit). `work` is the
+    minimum bytes moved (unit GB/s) or the FLOPs (unit TFLOP/s) for the given shapes;
+    direction is "fwd" or "fwd+bwd"."""
+    rows, width, hidden, vocab = (4096, 768, 3072, 50257) if quick else (16384, 768, 3072, 50257)
+    batch, heads, seq, head_dim = (2, 12, 1024, 64) if quick else (8, 12, 1024, 64)
+    two = 2  # bytes per bf16 number
+    attention_flops = 4 * batch * heads * seq * seq * head_dim / 2  # causal: half
+    big = 2048 if quick else 4096
+    return [
+        ("add", [(rows, hidden)] * 2, add, torch.add, "fwd", 3 * rows * hidden * two, "GB/s"),
+        ("softmax", [(batch * heads * seq, seq)], softmax, lambda x: torch.softmax(x, -1),
+         "fwd", 2 * batch * heads * seq * seq * two, "GB/s"),
+        ("softmax", [(batch * heads * seq, seq)], softmax, lambda x: torch.softmax(x, -1),
+         "fwd+bwd", 5 * batch * heads * seq * seq * two, "GB/s"),
+        ("softmax (online)", [(1024, vocab)], softmax, lambda x: torch.softmax(x, -1), "fwd",
+         2 * 1024 * vocab * two, "GB/s"),
+        ("layer_norm", [(rows, width), (width,), (width,)], layer_norm, torch_layer_norm, "fwd",
+         2 * rows * width * two, "GB/s"),
+        ("layer_norm", [(rows, width), (width,), (width,)], layer_norm, torch_layer_norm,
+         "fwd+bwd", 5 * rows * width * two, "GB/s"),
+        ("rms_norm", [(rows, width), (width,)], rms_norm, torch_rms_norm, "fwd+bwd",
+         5 * rows * width * two, "GB/s"),
+        ("gelu", [(rows, hidden)], gelu, torch_gelu, "fwd", 2 * rows * hidden * two, "GB/s"),
+        ("gelu", [(rows, hidden)], gelu, torch_gelu, "fwd+bwd", 5 * rows * hidden * two, "GB/s"),
+        ("swiglu", [(rows, hidden)] * 2, swiglu, lambda a, b: F.silu(a) * b, "fwd+bwd",
+         8 * rows * hidden * two, "GB/s"),
+        ("cross_entropy", [(rows // 2, vocab), ("targets", rows // 2, vocab)], cross_entropy,
+         F.cross_entropy, "fwd+bwd", 2 * rows // 2 * vocab * two, "GB/s"),
+        ("flash_attention", [(batch, heads, seq, head_dim)] * 3, flash_attention,
+         eager_attention, "fwd", attention_flops, "TFLOP/s"),
+        ("flash_attention", [(batch, heads, seq, head_dim)] * 3, flash_attention,
+         eager_attention, "fwd+bwd", 3.5 * attention_flops, "TFLOP/s"),
+        ("matmul", [(big, big), (big, big)], matmul, torch.matmul, "fwd", 2 * big ** 3,
+         "TFLOP/s"),
+        ("matmul", [(rows, width), (width, hidden)], matmul, torch.matmul, "fwd",
+         2 * rows * width * hidden, "TFLOP/s"),
+    ]
+
+
+def time_case(function, inputs, direction):
+    """Median milliseconds of one direction of `function` on `inputs`."""
+    if direction == "fwd":
+        with torch.no_grad():
+            return median_ms(lambda: function(*inputs))
+    leaves = [x.requires_grad_() if x.is_floating_point() else x for x in inputs]
+    upstream = torch.randn_like(function(*leaves))
+    return median_ms(forward_and_backward(function, leaves, upstream))
+
+
+def run_benchmarks(quick=False, seed=0):
+    """Time every benchmark case, ours against PyTorch (and SDPA for attention)."""
+    device = torch.device("cuda")
+    peak = hbm_peak(torch.cuda.get_device_name())
+    results = []
+    for name, shapes, kernel, eager, direction, work, unit in benchmark_cases(quick):
+        generator = torch.Generator().manual_seed(seed)
+        inputs = draw_inputs(shapes, torch.bfloat16, device, generator)
+        competitors = [("PyTorch eager", eager)]
+        if name == "flash_attention":
+            competitors.append(("PyTorch SDPA", lambda q, k, v: sdpa(q, k, v, True)))
+        ours = time_case(kernel, [x.detach().clone() for x in inputs], direction)
+        theirs = {label: time_case(function, [x.detach().clone() for x in inputs], direction)
+                  for label, function in competitors}
+        rate = work / (ours * 1e-3) / (1e9 if unit == "GB/s" else 1e12)
+        row = {"kernel": name, "direction": direction,
+               "shape": describe_shapes(shapes),
+               "ms": ours, "rate": rate, "unit": unit,
+               "peak_percent": (100 * work / (ours * 1e-3) / peak
+                                if unit == "GB/s" and peak else None),
+               "versus": {label: {"ms": ms, "speedup": ms / ours} for label, ms in theirs.items()}}
+        results.append(row)
+        print_benchmark_row(row)
+    return results
+
+
+def print_benchmark_row(row):
+    peak = "" if row["peak_percent"] is None else f" {row['peak_percent']:5.1f}% of HBM"
+    versus = ", ".join(f"{label} {v['ms']:.3f} ms ({v['speedup']:.2f}x)"
+                       for label, v in row["versus"].items())
+    print(f"{row['kernel']:16s} {row['direction']:8s} {row['shape'][:40]:40s} "
+          f"{row['ms']:8.3f} ms {row['rate']:8.1f} {row['unit']:8s}{peak} | {versus}")
+
+
+# %% [markdown]
+# ## Running the chapter
+#
+# The chapter's command line: `--seed` for the random inputs, `--quick` for a run of a few
+# seconds (used by the tests), `--out` for where the results are written as JSON, and
+# `--bench` to time the kernels on a GPU instead of checking them. (This chapter reads no
+# data set: its inputs are random tensors and chapter 11's model.) The last line of output
+# is `summary:` and a line of JSON with the headline figures.
+
+# %%
+class DataError(Exception):
+    """A problem with the learner's input (a file, a flag). `main` reports it in one
+    sentence and exits with code 2 instead of showing a traceback."""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a run of a few seconds, for tests and a first look")
+    parser.add_argument("--out", default="out",
+                        help="folder for the results, as JSON (default out/)")
+    parser.add_argument("--bench", action="store_true",
+                        help="time every kernel against PyTorch on a CUDA GPU instead of "
+                             "checking correctness (without a GPU: a message, nothing timed)")
+    return parser.parse_args(argv)
+
+
+def print_summary(figures):
+    """The chapter's last line: `summary: ` and its headline figures as JSON."""
+    print("summary: " + json.dumps(figures))
+
+
+def prepare_out(folder):
+    """Create the output folder; DataError if the path exists and is not a folder."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise DataError(f"--out {folder} is a file, not a folder: give a folder path")
+    os.makedirs(folder, exist_ok=True)
+
+
+def save_json(path, content):
+    """Write JSON through a temporary file and a rename, so a crash leaves no half file."""
+    temporary = path + ".part"
+    with open(temporary, "w") as handle:
+        json.dump(content, handle, indent=1)
+    os.replace(temporary, path)
+
+
+def bench_summary(results):
+    """Headline figures of the benchmark: the worst memory-bound kernel's share of HBM
+    peak, attention TFLOP/s and against SDPA, and the matmul against cuBLAS."""
+    def find(kernel, direction):
+        return next(row for row in results if row["kernel"] == kernel and row["direction"] == direction)
+    memory = [row["peak_percent"] for row in results if row["peak_percent"] is not None]
+    forward, both = find("flash_attention", "fwd"), find("flash_attention", "fwd+bwd")
+    return {"device": torch.cuda.get_device_name(),
+            "min_hbm_percent": round(min(memory), 1) if memory else None,
+            "attention_fwd_tflops": round(forward["rate"], 1),
+            "attention_fwd_bwd_vs_sdpa": round(both["versus"]["PyTorch SDPA"]["speedup"], 2),
+            "matmul_vs_cublas": round(find("matmul", "fwd")["versus"]["PyTorch eager"]["speedup"], 2)}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    started = time.perf_counter()
+    prepare_out(args.out)
+    print(f"kernels: {backend_name()}")
+    if args.bench:
+        if not (HAS_TRITON and torch.cuda.is_available()):
+            print("--bench times compiled kernels on a CUDA GPU with Triton; this machine has "
+                  "none, so nothing was timed (run without --bench for the correctness table)")
+            print_summary({"chapter": CHAPTER, "bench": "skipped: no CUDA GPU",
+                           "seconds": round(time.perf_counter() - started, 1)})
+            return
+        print(f"benchmark on {torch.cuda.get_device_name()}, bf16, median of do_bench")
+        results = run_benchmarks(args.quick, args.seed)
+        save_json(os.path.join(args.out, "12_triton_bench.json"), results)
+        print_summary({"chapter": CHAPTER, **bench_summary(results),
+                       "seconds": round(time.perf_counter() - started, 1)})
+        return
+    if not HAS_TRITON:
+        print("Triton is not installed: every function runs its PyTorch path, so the table "
+              "below compares PyTorch with itself")
+    on_gpu = HAS_TRITON and torch.cuda.is_available() and not INTERPRET
+    device = torch.device("cuda" if on_gpu else "cpu")
+    dtypes = [torch.float32, torch.bfloat16, torch.float16] if on_gpu else [torch.float32]
+    print("\nEvery kernel against PyTorch: max |kernel - PyTorch| / max |PyTorch|, forward "
+          "output and worst input gradient")
+    rows = check_kernels(dtypes, device, quick=args.quick, large=on_gpu and not args.quick,
+                         seed=args.seed)
+    print_check_table(rows)
+    model = check_transformer(args.quick, args.seed, device)
+    print(f"\nChapter 11's transformer ({model['parameters']:,} parameters), PyTorch operations "
+          f"against the kernels (flash attention, layer norm, GELU, cross-entropy):")
+    print(f"  logits {model['logits']:.1e}   loss {model['loss']:.1e}   "
+          f"all parameter gradients {model['gradients']:.1e}")
+    model_limit = TF32_TOLERANCE if on_gpu else TOLERANCE[torch.float32]
+    model_ok = max(model["logits"], model["loss"], model["gradients"]) <= model_limit
+    save_json(os.path.join(args.out, "12_triton_checks.json"), {"kernels": rows, "transformer": model})
+    failed = [f"{row['kernel']} {row['dtype']}" for row in rows if not row["ok"]]
+    if failed or not model_ok:
+        print(f"\nOUTSIDE THE LIMIT: {', '.join(failed) or 'the transformer'}")
+    else:
+        print(f"\nall {len(rows)} checks and the transformer within their limits")
+    fp32 = [row for row in rows if row["dtype"] == "float32"]
+    print_summary({"chapter": CHAPTER, "backend": backend_name(), "checks": len(rows),
+                   "failed": len(failed) + (not model_ok),
+                   "worst_fp32_error": max(max(r["forward"], r["backward"] or 0.0) for r in fp32),
+                   "model_logits_error": model["logits"], "model_gradient_error": model["gradients"],
+                   "seconds": round(time.perf_counter() - started, 1)})
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

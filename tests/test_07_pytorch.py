@@ -49,7 +49,7 @@ def test_dense_net_initialises_like_init_dense():
     model = chapter.DenseNet([400, 300, 1])
     assert [tuple(weight.shape) for weight in model.weights] == [(400, 300), (300, 1)]
     assert [tuple(bias.shape) for bias in model.biases] == [(1, 300), (1, 1)]
-    assert abs(float(model.weights[0].std()) - np.sqrt(2 / 400)) < 0.005  # He
+    assert abs(float(model.weights[0].detach().std()) - np.sqrt(2 / 400)) < 0.005  # He
     assert len(list(model.parameters())) == 4
 
 

@@ -6,6 +6,7 @@ round trip through a checkpoint, every bad input with its clear error and the
 checkpoint left untouched, and a `--quick` run that must beat the unigram baseline.
 All on tiny models so the file runs in about a minute and a half on 2 CPU cores.
 """
+import base64
 import copy
 import math
 import os
@@ -20,6 +21,16 @@ import torch
 from conftest import OFFLINE_ENV, ROOT, ChapterRun, assert_clean_error, load_chapter, run_chapter
 
 gpt = load_chapter("13_gpt")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for
+    cores); the thread count is put back afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 # A tiny model and a short run: 2 layers, width 32, context 16, 4 windows a step.
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16",
@@ -199,6 +210,24 @@ def test_tokenizer_survives_a_checkpoint_round_trip(tmp_path):
     assert table[loaded.eot_token] == 0
 
 
+def test_trains_on_a_folder_of_chapter_09_shards(tmp_path):
+    """Chapter 09 writes DIR/shards/valid_000000.bin, train_*.bin and DIR/course-bpe.tiktoken
+    (tiktoken's format: base64 of the token's bytes, then its rank, one per line)."""
+    text = gpt.python_docs_text()[:30_000]
+    ranks = gpt.train_bpe(text[:27_000], 300)
+    encoding = gpt.make_encoding(ranks, "course-bpe")
+    (tmp_path / "shards").mkdir()
+    for name, part in (("valid_000000.bin", text[27_000:]), ("train_000001.bin", text[:27_000])):
+        gpt.write_shard(str(tmp_path / "shards" / name),
+                        encoding.encode_ordinary(part) + [encoding.eot_token], 300)
+    with open(tmp_path / "course-bpe.tiktoken", "w") as file:
+        for piece, rank in sorted(ranks.items(), key=lambda item: item[1]):
+            file.write(f"{base64.b64encode(piece).decode()} {rank}\n")
+    summary = train(str(tmp_path / "shards"), tmp_path / "out", "--max-iters", "2")
+    assert summary["tokenizer"] == "course-bpe" and summary["iterations"] == 2
+    assert math.isfinite(summary["val_bpb"])
+
+
 # --- bad inputs ---------------------------------------------------------------------
 
 def test_every_bad_input_is_one_clear_error_and_the_checkpoint_survives(corpus, tmp_path):
@@ -235,7 +264,8 @@ def test_every_bad_input_is_one_clear_error_and_the_checkpoint_survives(corpus, 
 # --- the chapter as a learner runs it ----------------------------------------------
 
 def test_quick_run_beats_the_unigram_baseline_and_samples(tmp_path):
-    run = run_chapter("13_gpt", "--quick", "--out", tmp_path / "out", cwd=tmp_path)
+    run = run_chapter("13_gpt", "--quick", "--out", tmp_path / "out", cwd=tmp_path,
+                      env={"OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run
     summary = run.summary
     assert summary["chapter"] == "13_gpt"

@@ -1,0 +1,1197 @@
+"""Chapter 05b: a gated recurrent unit (GRU) remembers further back than a plain RNN.
+
+What this chapter teaches
+-------------------------
+Chapter 05's recurrent network rewrites its whole hidden state every day, so what it
+read at the start of a window fades quickly, and so does the gradient that would teach
+it to use those early days. A gated recurrent unit (GRU) adds two gates, numbers
+between 0 and 1 computed at every step: an *update gate* that decides how much of the
+state to keep unchanged, and a *reset gate* that decides how much of it the new
+candidate state may see. A unit whose update gate stays near 0 copies its value, and
+its gradient, from day to day untouched. Here you write the GRU's forward pass and
+its backward pass by hand, check them numerically, train it on the weather next to
+chapter 05's RNN and chapter 03's dense network, and measure the difference on a task
+that needs a long memory: recalling the first day of a window.
+
+New since chapter 05
+--------------------
+* the sigmoid gates (carried from chapter 04) and the GRU cell: `init_gru`,
+  `gru_forward`, `gru_backward`, derived in the comments;
+* a memory task (recall the first of `--memory-window` unrelated days), on which the
+  GRU and the RNN are compared, with how far back each one's gradient reaches.
+Everything else is chapter 05's code, unchanged: `diff 05_rnn.py 05b_gru.py` shows
+the gates.
+
+How to run it
+-------------
+    python 05b_gru.py                 # about a minute on a 2-core CPU
+    python 05b_gru.py --quick         # a few seconds: smaller, shorter runs
+    python 05b_gru.py --window 30 --memory-window 20 --data path/to/clean_weather.csv
+    python 05b_gru.py --help          # every flag
+
+It downloads the weather table into `data/` when it can, otherwise it generates a
+stand-in table and says so. Plots go to `out/` when matplotlib is installed.
+"""
+
+# %% [markdown]
+# # Chapter 05b: gated recurrent units
+#
+# A dense network maps a fixed-size row of numbers to an output. To predict tomorrow's
+# highest temperature from the last `N` days we could lay those days out in one long
+# row of `3 N` numbers and hand it to chapter 03's network; we do exactly that below,
+# as the baseline to beat. But that network has to learn separately what "the day
+# before yesterday was warm" means at each position of the row, and its size grows
+# with `N`.
+#
+# A recurrent network instead reads the days in order and carries a *hidden state*
+# `h`, a vector of `hidden_size` numbers that summarises everything read so far:
+#
+#     h_0 = 0
+#     h_t = tanh(x_t W_x + h_{t-1} W_h + b)        for t = 1 .. N
+#     prediction = h_N W_y + b_y
+#
+# `x_t` is day `t` of the window (tmax, tmin, rain). The same `W_x`, `W_h`, `b` are used
+# at every step, so the network has the same number of weights whatever `N` is, and
+# what it learns about "a warm day followed by rain" applies wherever that happens.
+
+# %%
+import argparse
+import csv
+import hashlib
+import json
+import os
+import sys
+import time
+import urllib.request
+
+import numpy as np
+
+try:  # plots are optional: without matplotlib the chapter prints text views only
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+except ImportError:
+    plt = None
+
+CHAPTER = "05b_gru"
+
+
+# %% [markdown]
+# ## The weather table
+#
+# Every weather chapter (01-08) reads the same table: one row a day, from
+# 1970-01-01 to 2022-11-26, with the day's highest temperature (`tmax`, °F), lowest
+# temperature (`tmin`, °F), rainfall (`rain`, inches) and the next day's highest
+# temperature (`tmax_tomorrow`), the number we learn to predict.
+#
+# The loader below is carried unchanged from chapter to chapter. It downloads the
+# table once into `data/`, checks it against a recorded SHA-256 digest (so a
+# truncated or tampered download is never used), and writes it to a temporary file
+# that is renamed into place only when complete, so an interrupted download never
+# leaves half a file behind. Without a network it generates a stand-in table of the
+# same shape, so the chapter still runs; it says so in one line.
+
+# %%
+WEATHER_URL = ("https://raw.githubusercontent.com/VikParuchuri/zero_to_gpt/"
+               "master/data/clean_weather.csv")
+WEATHER_SHA256 = "70d75ac02ccf0c0f45aed0077919fee302c6428b9f3c3401aadf090b0f6dfc8c"
+WEATHER_COLUMNS = ["tmax", "tmin", "rain", "tmax_tomorrow"]
+FEATURES = ["tmax", "tmin", "rain"]     # what the models see
+TARGET = "tmax_tomorrow"                # what they predict
+
+
+class DataError(Exception):
+    """A problem with the learner's input (a file, a flag). `main` reports it in one
+    sentence and exits with code 2 instead of showing a traceback."""
+
+
+def sha256_of(path):
+    """The SHA-256 digest of a file, read in 1 MiB pieces so big files fit in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for piece in iter(lambda: file.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def download(url, path, sha256, timeout=20):
+    """Fetch `url` into `path` unless a verified copy is already there.
+
+    The bytes go to `path + ".part"` first and are renamed into place only after the
+    digest matches, so `path` is either absent or complete and correct. Returns True
+    when `path` holds the verified file, False when the download failed (no network,
+    a wrong digest); the caller then falls back to generated data."""
+    if os.path.exists(path) and sha256_of(path) == sha256:
+        return True
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    partial = path + ".part"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as file:
+            total = int(response.headers.get("Content-Length") or 0)
+            done = 0
+            while piece := response.read(1 << 16):
+                file.write(piece)
+                done += len(piece)
+                if total:
+                    print(f"\rdownloading {os.path.basename(path)}: {100 * done // total}%",
+                          end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+        if sha256_of(partial) != sha256:
+            os.remove(partial)
+            print(f"download of {url} did not match its recorded SHA-256; not using it",
+                  file=sys.stderr)
+            return False
+        os.replace(partial, path)
+        return True
+    except (OSError, ValueError):  # no network, refused, timed out, disk full
+        if os.path.exists(partial):
+            os.remove(partial)
+        return False
+
+
+def read_weather_csv(path):
+    """Read the weather CSV at `path` into a float array of shape (days, 4) whose
+    columns are WEATHER_COLUMNS, and the list of dates from its first column.
+
+    A missing cell means the station recorded nothing that day; we fill it with the
+    previous day's value ("forward fill"), the usual choice for slowly changing
+    measurements. Any other problem is the learner's to fix, so it raises DataError
+    with a sentence that names the file, the line and what to do."""
+    if not os.path.isfile(path):
+        raise DataError(f"weather file {path} does not exist; pass --data with the path "
+                        f"of a CSV with columns {', '.join(WEATHER_COLUMNS)}")
+    try:
+        with open(path, newline="", encoding="utf-8") as file:
+            rows = list(csv.reader(file))
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"weather file {path} is not a readable CSV text file ({error})")
+    if not rows or not any(cell.strip() for cell in rows[0]):
+        raise DataError(f"weather file {path} is empty; it needs a header line and one "
+                        f"row per day")
+    header = [cell.strip() for cell in rows[0]]
+    missing = [name for name in WEATHER_COLUMNS if name not in header]
+    if missing:
+        raise DataError(f"weather file {path} has no column {', '.join(missing)}; the header "
+                        f"must name {', '.join(WEATHER_COLUMNS)} (it has {', '.join(header)})")
+    where = [header.index(name) for name in WEATHER_COLUMNS]
+    dates, table = [], []
+    for line_number, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue  # a blank line, e.g. at the end of the file
+        values = []
+        for column, name in zip(where, WEATHER_COLUMNS):
+            cell = row[column].strip() if column < len(row) else ""
+            try:
+                values.append(float(cell) if cell else np.nan)
+            except ValueError:
+                raise DataError(f"weather file {path}, line {line_number}: {name} is "
+                                f"{cell!r}, not a number")
+        dates.append(row[0].strip())
+        table.append(values)
+    if not table:
+        raise DataError(f"weather file {path} has a header but no rows of data")
+    table = np.array(table)
+    for column in range(table.shape[1]):  # forward fill, then back fill a leading gap
+        values = table[:, column]
+        known = np.where(~np.isnan(values), np.arange(len(values)), 0)
+        np.maximum.accumulate(known, out=known)
+        values[:] = values[known]
+        if np.isnan(values).all():
+            raise DataError(f"weather file {path}: column {WEATHER_COLUMNS[column]} has no values")
+        values[np.isnan(values)] = values[~np.isnan(values)][0]
+    return dates, table
+
+
+def generate_weather(seed=0, days=13509):
+    """A stand-in for the real table, used when it cannot be downloaded.
+
+    It has the real table's columns and its main features, so every model in the
+    course has something genuine to learn: a yearly seasonal cycle (about 66 °F on
+    average, ±7 °F over the year), day-to-day persistence (today's weather is
+    yesterday's plus a random step, pulled back towards the season), tmin about 16 °F
+    below tmax, and rain on about 17% of days, which cools the day a little.
+    Deterministic from `seed`."""
+    rng = np.random.default_rng(seed)
+    day_of_year = np.arange(days) % 365.25
+    season = 66 + 7 * np.sin(2 * np.pi * (day_of_year - 110) / 365.25)
+    anomaly = np.zeros(days)  # how far each day is from its season: an AR(1) process
+    steps = rng.normal(0, 4.0, days)
+    for day in range(1, days):
+        anomaly[day] = 0.7 * anomaly[day - 1] + steps[day]
+    rainy = rng.random(days) < 0.17
+    rain = np.where(rainy, np.round(rng.exponential(0.27, days), 2), 0.0)
+    tmax = np.round(season + anomaly - 4 * rainy)
+    tmin = np.round(tmax - 16 + 4 * np.sin(2 * np.pi * day_of_year / 365.25)
+                    + rng.normal(0, 3.5, days))
+    tmax_tomorrow = np.append(tmax[1:], tmax[-1])
+    start = np.datetime64("1970-01-01")
+    dates = [str(start + day) for day in range(days)]
+    return dates, np.stack([tmax, tmin, rain, tmax_tomorrow], axis=1)
+
+
+def load_weather(path=None, seed=0):
+    """The weather table as (dates, table, source). `path` (from --data) wins; then the
+    downloaded copy in data/; then generated data, announced in one line."""
+    if path:
+        return (*read_weather_csv(path), path)
+    cached = os.path.join("data", "clean_weather.csv")
+    if download(WEATHER_URL, cached, WEATHER_SHA256):
+        return (*read_weather_csv(cached), cached)
+    print("note: could not download the weather table (offline?); using generated "
+          "weather of the same shape instead", file=sys.stderr)
+    return (*generate_weather(seed), "generated")
+
+
+def split_data(inputs, targets, train_fraction=0.7, valid_fraction=0.15):
+    """Split rows in time order into train, validation and test sets.
+
+    Weather is a time series: shuffling before splitting would let the model peek at
+    tomorrow while training on today, and its test score would flatter it. So the
+    first 70% of days train, the next 15% tune choices, the last 15% are the test."""
+    rows = len(inputs)
+    train_end = int(rows * train_fraction)
+    valid_end = int(rows * (train_fraction + valid_fraction))
+    return ((inputs[:train_end], targets[:train_end]),
+            (inputs[train_end:valid_end], targets[train_end:valid_end]),
+            (inputs[valid_end:], targets[valid_end:]))
+
+
+# %% [markdown]
+# ## Carried from chapter 03: losses, scaling and the dense network
+#
+# The losses, the scaling of inputs and the dense network of chapter 03, carried
+# unchanged; see chapter 03 for their derivations. In short:
+#
+#     MSE = (1/n) sum_i (p_i - t_i)^2          d MSE / d p_i = 2 (p_i - t_i) / n
+#     MAE = (1/n) sum_i |p_i - t_i|            (the error we report, in °F)
+#
+# `standardise` shifts and scales every column to mean 0 and spread 1 with numbers
+# measured on the training set only. Applied to an array of windows, shape
+# (examples, days, features), it standardises each (day, feature) column, which here
+# amounts to standardising each feature.
+
+# %%
+def mse(predictions, targets):
+    """Mean squared error: the average of (prediction - target)^2."""
+    return float(np.mean((predictions - targets) ** 2))
+
+
+def mae(predictions, targets):
+    """Mean absolute error: the average distance between prediction and target."""
+    return float(np.mean(np.abs(predictions - targets)))
+
+
+def mse_grad(predictions, targets):
+    """The gradient of `mse` with respect to each prediction: 2 (p - t) / n."""
+    return 2 * (predictions - targets) / predictions.size
+
+
+def standardise(train, *others):
+    """Scale every column of `train` to mean 0 and standard deviation 1, and apply the
+    same shift and scale (measured on `train` only) to each array in `others`.
+    Returns the scaled arrays in the order given. A constant column (spread 0) is only
+    shifted, never divided by zero."""
+    mean = train.mean(axis=0)
+    spread = train.std(axis=0)
+    spread = np.where(spread > 0, spread, 1.0)
+    return tuple((array - mean) / spread for array in (train, *others))
+
+
+# %% [markdown]
+# The dense network of chapter 03 is our baseline: it gets the same window of days as
+# the recurrent network, laid out flat as one row of `3 * window` numbers. Its layers
+# are a list of `(weight, bias)` pairs; the forward pass applies a ReLU after every
+# layer but the last, and the backward pass walks back through the layers with the
+# chain rule (chapter 03 derives it line by line).
+
+# %%
+def relu(x):
+    """The rectified linear unit: x where x > 0, else 0, elementwise."""
+    return np.maximum(x, 0)
+
+
+def init_dense(layer_sizes, rng):
+    """A dense network with the given layer sizes, e.g. [3, 32, 32, 1], as a list of
+    (weight, bias) pairs: weight (inputs, outputs) drawn from a normal distribution
+    with standard deviation sqrt(2 / inputs) (He initialisation), bias (1, outputs)
+    zeros."""
+    return [(rng.normal(0.0, np.sqrt(2.0 / inputs), size=(inputs, outputs)),
+             np.zeros((1, outputs)))
+            for inputs, outputs in zip(layer_sizes[:-1], layer_sizes[1:])]
+
+
+def dense_forward(layers, inputs):
+    """Run `inputs` (rows, features) through the network. Returns the outputs (rows,
+    last layer size) and the cache: one (layer input, pre-activation) pair a layer."""
+    cache = []
+    activations = inputs
+    for index, (weight, bias) in enumerate(layers):
+        pre_activation = activations @ weight + bias
+        cache.append((activations, pre_activation))
+        is_last = index == len(layers) - 1
+        activations = pre_activation if is_last else relu(pre_activation)
+    return activations, cache
+
+
+def dense_backward(layers, cache, output_grad):
+    """Backpropagation: given `cache` from `dense_forward` and `output_grad`, the
+    loss's gradient with respect to the network's outputs, return one (weight_grad,
+    bias_grad) pair per layer, in the order of `layers`."""
+    gradients = []
+    grad = output_grad
+    for index in reversed(range(len(layers))):
+        weight, _ = layers[index]
+        layer_inputs, pre_activation = cache[index]
+        if index < len(layers) - 1:
+            grad = grad * (pre_activation > 0)       # back through the ReLU
+        gradients.append((layer_inputs.T @ grad, grad.sum(axis=0, keepdims=True)))
+        grad = grad @ weight.T                       # on to the layer below
+    return gradients[::-1]
+
+
+# %% [markdown]
+# Two more helpers come from chapter 03: the central finite difference that checks a
+# gradient, and the test for a training loss that has blown up.
+
+# %%
+def numerical_gradient(loss_of, array, step=1e-6):
+    """The gradient of `loss_of()` with respect to every entry of `array`, by central
+    differences. `array` is nudged in place and restored after each entry."""
+    gradient = np.zeros_like(array)
+    for index in np.ndindex(array.shape):
+        original = array[index]
+        array[index] = original + step
+        loss_up = loss_of()
+        array[index] = original - step
+        loss_down = loss_of()
+        array[index] = original
+        gradient[index] = (loss_up - loss_down) / (2 * step)
+    return gradient
+
+
+def diverged(loss):
+    """True when a training loss has blown up: overflowed to inf or nan, or grown past
+    1e12 °F² (errors of a million degrees), where no later step can recover."""
+    return not np.isfinite(loss) or loss > 1e12
+
+
+# %% [markdown]
+# ## From a table of days to sequences
+#
+# Each example is now a *window*: the features of `window` consecutive days, ending
+# today, and the target is today's `tmax_tomorrow`. With days `d` numbered from 0, the
+# example ending on day `d` is
+#
+#     sequence = features[d - window + 1 .. d]      shape (window, 3)
+#     target   = tmax_tomorrow[d]
+#
+# so a table of `D` days gives `D - window + 1` examples, stacked into an array of
+# shape (examples, window, 3): examples, time steps, features. That is the shape every
+# recurrent network in this course reads. The windows overlap (day `d` appears in
+# `window` of them); numpy's `sliding_window_view` builds them without copying.
+#
+# We then split the examples in time order with the carried `split_data`, so the test
+# windows are all later than the training windows, as in every weather chapter.
+
+# %%
+def make_sequences(table, window):
+    """Cut the weather table into overlapping windows of `window` days.
+
+    Returns (sequences, targets): sequences of shape (examples, window, features) with
+    the FEATURES columns, targets of shape (examples, 1) with tomorrow's tmax after the
+    last day of each window. A window longer than the table is a DataError."""
+    if window < 1:
+        raise DataError(f"--window must be at least 1 day, not {window}")
+    if window > len(table):
+        raise DataError(f"--window {window} is longer than the data ({len(table)} days); "
+                        f"use a window of at most {len(table)} days")
+    features = table[:, [WEATHER_COLUMNS.index(name) for name in FEATURES]]
+    # sliding_window_view gives (examples, features, window); put time before features.
+    sequences = np.lib.stride_tricks.sliding_window_view(features, window, axis=0)
+    sequences = np.ascontiguousarray(sequences.transpose(0, 2, 1))
+    targets = table[window - 1:, [WEATHER_COLUMNS.index(TARGET)]]
+    return sequences, targets
+
+
+# %% [markdown]
+# ## The recurrent cell, forward over time
+#
+# For a batch of `B` windows, `x_t` is a (B, features) matrix (day `t` of every window)
+# and `h_t` a (B, hidden_size) matrix. One step of the cell is
+#
+#     a_t = x_t W_x + h_{t-1} W_h + b          (B, hidden_size)
+#     h_t = tanh(a_t)
+#
+# `tanh` squashes every unit into (-1, 1), which keeps the hidden state bounded however
+# long the sequence is: a linear recurrence `h_t = h_{t-1} W_h` would grow or shrink
+# geometrically. After the last day a linear read-out gives the prediction,
+# `h_N W_y + b_y`, of shape (B, 1).
+#
+# Initialisation: `W_x` and `W_h` are drawn with standard deviation `1/sqrt(inputs)`, so
+# each `a_t` starts with a variance near 1 and tanh is neither flat (saturated) nor
+# merely linear; biases start at zero. The term `x_t W_x + b` does not depend on the
+# hidden state, so we compute it for all days in one matrix product before the loop;
+# only `h_{t-1} W_h` has to wait for the previous step.
+
+# %%
+def init_rnn(input_size, hidden_size, rng):
+    """The recurrent network's weights, a dict of named arrays."""
+    return {
+        "input_weight": rng.normal(0.0, 1 / np.sqrt(input_size), (input_size, hidden_size)),
+        "hidden_weight": rng.normal(0.0, 1 / np.sqrt(hidden_size), (hidden_size, hidden_size)),
+        "hidden_bias": np.zeros((1, hidden_size)),
+        "output_weight": rng.normal(0.0, 1 / np.sqrt(hidden_size), (hidden_size, 1)),
+        "output_bias": np.zeros((1, 1)),
+    }
+
+
+def rnn_forward(params, sequences):
+    """Run the RNN over `sequences` (batch, steps, features). Returns the predictions
+    (batch, 1) and the cache that the backward pass needs: the inputs and every hidden
+    state h_0 .. h_N."""
+    batch, steps, _ = sequences.shape
+    input_part = sequences @ params["input_weight"] + params["hidden_bias"]
+    hidden = np.zeros((batch, params["hidden_weight"].shape[0]))
+    hiddens = [hidden]
+    for step in range(steps):
+        hidden = np.tanh(input_part[:, step] + hidden @ params["hidden_weight"])
+        hiddens.append(hidden)
+    predictions = hidden @ params["output_weight"] + params["output_bias"]
+    return predictions, {"sequences": sequences, "hiddens": hiddens}
+
+
+# %% [markdown]
+# ## Backpropagation through time, derived
+#
+# Unroll the loop and the RNN is just a deep dense network, one layer per day, whose
+# layers all share the same weights. Backpropagation through time (BPTT) is ordinary
+# backpropagation on that unrolled network. Let `g = d loss / d prediction`, (B, 1);
+# for the mean squared error over a batch of `B`, `g = 2 (prediction - target) / B`.
+#
+# **Read-out.** `prediction = h_N W_y + b_y`, exactly a dense layer, so
+#
+#     d loss / d W_y = h_N^T g        d loss / d b_y = sum of g over the batch
+#     d loss / d h_N = g W_y^T
+#
+# **One step back.** Write `delta_t = d loss / d h_t`: everything the loss knows about
+# `h_t`. `h_t` reaches the loss only through `a_{t+1}` (and, for `t = N`, the read-out),
+# so with `tanh'(a) = 1 - tanh(a)^2 = 1 - h_t^2` (elementwise):
+#
+#     d loss / d a_t = delta_t * (1 - h_t^2)                    (elementwise product)
+#     delta_{t-1}    = (d loss / d a_t) W_h^T
+#     d loss / d x_t = (d loss / d a_t) W_x^T
+#
+# **Shared weights add up.** `W_x`, `W_h` and `b` are used at every step, so their
+# gradient is the sum of what each step contributes (the multivariate chain rule sums
+# over every path from a weight to the loss):
+#
+#     d loss / d W_x = sum over t of x_t^T     (d loss / d a_t)
+#     d loss / d W_h = sum over t of h_{t-1}^T (d loss / d a_t)
+#     d loss / d b   = sum over t and the batch of d loss / d a_t
+#
+# **Why gradients explode or vanish.** Chain the step rule `k` times:
+#
+#     delta_{t-k} = delta_t  J_t J_{t-1} ... J_{t-k+1},   J_s = diag(1 - h_s^2) W_h^T
+#
+# a product of `k` matrices. If they tend to stretch vectors (large `W_h`), the
+# gradient of the earliest days grows geometrically with `k`: it *explodes*, one update
+# throws the weights far away and training diverges. If they tend to shrink vectors
+# (small `W_h`, or saturated units where `1 - h^2` is near 0), it *vanishes*: the
+# network cannot learn how early days matter. Clipping, below, treats the first;
+# gates (chapter 05b) treat the second.
+
+# %%
+def rnn_backward(params, cache, output_grad, with_input_grad=False):
+    """Backpropagation through time. `output_grad` is d loss / d predictions (batch, 1).
+    Returns the gradients, a dict with the same names as `params`; with
+    `with_input_grad=True`, also d loss / d sequences (batch, steps, features), which
+    training does not need but which shows how far back the loss reaches."""
+    sequences, hiddens = cache["sequences"], cache["hiddens"]
+    steps = sequences.shape[1]
+    grads = {
+        "output_weight": hiddens[-1].T @ output_grad,
+        "output_bias": output_grad.sum(axis=0, keepdims=True),
+    }
+    hidden_grad = output_grad @ params["output_weight"].T         # delta_N
+    preactivation_grads = np.zeros(sequences.shape[:2] + hidden_grad.shape[1:])
+    hidden_weight_grad = np.zeros_like(params["hidden_weight"])
+    for step in reversed(range(steps)):
+        # hiddens[step + 1] is h_t and hiddens[step] is h_{t-1} for this step.
+        preactivation_grad = hidden_grad * (1 - hiddens[step + 1] ** 2)
+        preactivation_grads[:, step] = preactivation_grad
+        hidden_weight_grad += hiddens[step].T @ preactivation_grad
+        hidden_grad = preactivation_grad @ params["hidden_weight"].T    # delta_{t-1}
+    grads["hidden_weight"] = hidden_weight_grad
+    # The sums over time of x_t^T (d loss / d a_t), in one product over (batch, time).
+    flat_inputs = sequences.reshape(-1, sequences.shape[2])
+    flat_grads = preactivation_grads.reshape(-1, preactivation_grads.shape[2])
+    grads["input_weight"] = flat_inputs.T @ flat_grads
+    grads["hidden_bias"] = flat_grads.sum(axis=0, keepdims=True)
+    if with_input_grad:
+        return grads, preactivation_grads @ params["input_weight"].T
+    return grads
+
+
+# %% [markdown]
+# ## The gated recurrent unit (GRU)
+#
+# The plain RNN rewrites its whole hidden state at every step, `h_t = tanh(...)`, so
+# whatever it wants to remember from day 1 has to survive `N` multiplications by
+# `W_h` and `N` squashings by tanh, and the gradient travels back through the same
+# product of Jacobians: it fades. A GRU (Cho et al., 2014) adds two *gates*, vectors of
+# numbers between 0 and 1 computed from the day and the state, that decide how much
+# of the state to keep and how much of it to use:
+#
+#     z_t = sigmoid(x_t W_xz + h_{t-1} W_hz + b_z)          update gate
+#     r_t = sigmoid(x_t W_xr + h_{t-1} W_hr + b_r)          reset gate
+#     n_t = tanh(x_t W_xn + (r_t * h_{t-1}) W_hn + b_n)     candidate state
+#     h_t = (1 - z_t) * h_{t-1} + z_t * n_t                 new state
+#
+# (`*` is the elementwise product.) The update gate `z_t` chooses, unit by unit,
+# between keeping the old value (`z = 0`) and taking the candidate (`z = 1`); the
+# reset gate `r_t` chooses how much of the old state the candidate is allowed to see,
+# so a unit can start afresh. The last line is the point: a unit whose update gate is
+# near 0 copies its value forward *unchanged*, with no weight matrix and no tanh in
+# the way. Along that path the gradient is copied back unchanged too (see the
+# backward pass), so information from the start of a long window, and the gradient
+# that teaches the network to use it, can travel the whole way.
+#
+# The sigmoid, `1 / (1 + exp(-x))`, comes from chapter 04. Each gate has the weights
+# of a small RNN, so a GRU has three times the recurrent weights of an RNN with the
+# same hidden size. As in `rnn_forward`, the parts that depend only on the day
+# (`x_t W_x* + b_*`) are computed for every day at once before the loop.
+#
+# Initialisation as for the RNN, with one twist: the update gate's bias starts at
+# -1, so `z` starts near `sigmoid(-1) = 0.27` and every unit keeps about three
+# quarters of its state each day. The network starts out remembering, and learns
+# where to forget.
+
+# %%
+def sigmoid(x):
+    """The logistic function 1 / (1 + exp(-x)), elementwise, without overflow."""
+    return np.exp(-np.logaddexp(0.0, -x))
+
+
+GATES = ("update", "reset", "candidate")
+
+
+def init_gru(input_size, hidden_size, rng):
+    """The GRU's weights, a dict of named arrays: for each of the update gate, reset
+    gate and candidate, an input weight, a hidden weight and a bias; then the read-out."""
+    params = {}
+    for gate in GATES:
+        params[f"{gate}_input_weight"] = rng.normal(0.0, 1 / np.sqrt(input_size),
+                                                    (input_size, hidden_size))
+        params[f"{gate}_hidden_weight"] = rng.normal(0.0, 1 / np.sqrt(hidden_size),
+                                                     (hidden_size, hidden_size))
+        params[f"{gate}_bias"] = np.zeros((1, hidden_size))
+    params["update_bias"] -= 1.0  # start by keeping most of the state: z ~ 0.27
+    params["output_weight"] = rng.normal(0.0, 1 / np.sqrt(hidden_size), (hidden_size, 1))
+    params["output_bias"] = np.zeros((1, 1))
+    return params
+
+
+def gru_forward(params, sequences):
+    """Run the GRU over `sequences` (batch, steps, features). Returns the predictions
+    (batch, 1) and the cache for the backward pass: the inputs, every hidden state
+    h_0 .. h_N, and each step's gates z_t, r_t and candidate n_t."""
+    batch, steps, _ = sequences.shape
+    input_part = {gate: sequences @ params[f"{gate}_input_weight"] + params[f"{gate}_bias"]
+                  for gate in GATES}
+    hidden = np.zeros((batch, params["update_hidden_weight"].shape[0]))
+    hiddens, updates, resets, candidates = [hidden], [], [], []
+    for step in range(steps):
+        update = sigmoid(input_part["update"][:, step] + hidden @ params["update_hidden_weight"])
+        reset = sigmoid(input_part["reset"][:, step] + hidden @ params["reset_hidden_weight"])
+        candidate = np.tanh(input_part["candidate"][:, step]
+                            + (reset * hidden) @ params["candidate_hidden_weight"])
+        hidden = (1 - update) * hidden + update * candidate
+        hiddens.append(hidden)
+        updates.append(update)
+        resets.append(reset)
+        candidates.append(candidate)
+    predictions = hidden @ params["output_weight"] + params["output_bias"]
+    return predictions, {"sequences": sequences, "hiddens": hiddens, "updates": updates,
+                         "resets": resets, "candidates": candidates}
+
+
+# %% [markdown]
+# ## The GRU's backward pass, derived
+#
+# The read-out is the RNN's, so `delta_N = g W_y^T` as before. For one step, given
+# `delta_t = d loss / d h_t`, follow the forward lines backwards, each with the rule
+# of the elementwise product (`d(u * v) = du * v + u * dv`). Write `h = h_{t-1}`.
+#
+# **New state** `h_t = (1 - z) * h + z * n`:
+#
+#     d loss / d n = delta_t * z
+#     d loss / d z = delta_t * (n - h)
+#     d loss / d h = delta_t * (1 - z)      + (the two paths below)
+#
+# **Candidate** `n = tanh(a_n)`, `a_n = x W_xn + (r * h) W_hn + b_n`:
+#
+#     d loss / d a_n   = (d loss / d n) * (1 - n^2)
+#     d loss / d W_hn += (r * h)^T (d loss / d a_n)
+#     d loss / d (r*h) = (d loss / d a_n) W_hn^T
+#     d loss / d r     = (d loss / d (r*h)) * h
+#     d loss / d h    += (d loss / d (r*h)) * r
+#
+# **Gates** `z = sigmoid(a_z)`, `r = sigmoid(a_r)`, with `sigmoid' = sigmoid (1 - sigmoid)`:
+#
+#     d loss / d a_z = (d loss / d z) * z * (1 - z)
+#     d loss / d a_r = (d loss / d r) * r * (1 - r)
+#     d loss / d W_hz += h^T (d loss / d a_z)    d loss / d h += (d loss / d a_z) W_hz^T
+#     d loss / d W_hr += h^T (d loss / d a_r)    d loss / d h += (d loss / d a_r) W_hr^T
+#
+# As for the RNN, the input weights and biases collect `x_t^T (d loss / d a_*)` and
+# `d loss / d a_*` summed over every step, and `d loss / d x_t` is the sum of
+# `(d loss / d a_*) W_x*^T` over the three.
+#
+# **Why the gradient travels further.** The first term, `delta_t * (1 - z)`, carries
+# the gradient from `h_t` to `h_{t-1}` multiplied only by `1 - z`: no weight matrix,
+# no tanh derivative. Where a unit has learned to keep its value (`z` near 0), the
+# factor is near 1 and the gradient arrives at early days almost intact, however
+# long the window; the RNN's only path multiplies by `diag(1 - h^2) W_h^T` at every
+# step. The other terms still go through the weights, so a GRU's gradient can also
+# shrink, and also explode: clipping stays.
+
+# %%
+def gru_backward(params, cache, output_grad, with_input_grad=False):
+    """Backpropagation through time for the GRU. `output_grad` is d loss / d
+    predictions (batch, 1). Returns the gradients, a dict with the same names as
+    `params`; with `with_input_grad=True`, also d loss / d sequences."""
+    sequences, hiddens = cache["sequences"], cache["hiddens"]
+    steps = sequences.shape[1]
+    grads = {
+        "output_weight": hiddens[-1].T @ output_grad,
+        "output_bias": output_grad.sum(axis=0, keepdims=True),
+    }
+    hidden_grad = output_grad @ params["output_weight"].T         # delta_N
+    preactivation_grads = {gate: np.zeros(sequences.shape[:2] + hidden_grad.shape[1:])
+                           for gate in GATES}
+    for gate in GATES:
+        grads[f"{gate}_hidden_weight"] = np.zeros_like(params[f"{gate}_hidden_weight"])
+    for step in reversed(range(steps)):
+        previous = hiddens[step]                                    # h_{t-1}
+        update, reset = cache["updates"][step], cache["resets"][step]
+        candidate = cache["candidates"][step]
+        candidate_grad = hidden_grad * update
+        update_grad = hidden_grad * (candidate - previous)
+        previous_grad = hidden_grad * (1 - update)                  # the direct path
+        candidate_preactivation_grad = candidate_grad * (1 - candidate ** 2)
+        grads["candidate_hidden_weight"] += (reset * previous).T @ candidate_preactivation_grad
+        reset_hidden_grad = candidate_preactivation_grad @ params["candidate_hidden_weight"].T
+        previous_grad += reset_hidden_grad * reset
+        update_preactivation_grad = update_grad * update * (1 - update)
+        reset_preactivation_grad = reset_hidden_grad * previous * reset * (1 - reset)
+        grads["update_hidden_weight"] += previous.T @ update_preactivation_grad
+        grads["reset_hidden_weight"] += previous.T @ reset_preactivation_grad
+        previous_grad += (update_preactivation_grad @ params["update_hidden_weight"].T
+                          + reset_preactivation_grad @ params["reset_hidden_weight"].T)
+        preactivation_grads["update"][:, step] = update_preactivation_grad
+        preactivation_grads["reset"][:, step] = reset_preactivation_grad
+        preactivation_grads["candidate"][:, step] = candidate_preactivation_grad
+        hidden_grad = previous_grad                                 # delta_{t-1}
+    # The sums over time of x_t^T (d loss / d a_*), in one product over (batch, time).
+    flat_inputs = sequences.reshape(-1, sequences.shape[2])
+    input_grad = np.zeros_like(sequences)
+    for gate in GATES:
+        flat_grads = preactivation_grads[gate].reshape(-1, hidden_grad.shape[1])
+        grads[f"{gate}_input_weight"] = flat_inputs.T @ flat_grads
+        grads[f"{gate}_bias"] = flat_grads.sum(axis=0, keepdims=True)
+        input_grad += preactivation_grads[gate] @ params[f"{gate}_input_weight"].T
+    if with_input_grad:
+        return grads, input_grad
+    return grads
+
+
+# %% [markdown]
+# ## Checking the gradients
+#
+# A backward pass written by hand is easy to get subtly wrong, and a wrong gradient
+# often still trains, just badly. Chapter 03 checked its dense network against finite
+# differences; `network_gradient_error` does the same for any network given as its
+# weights, its forward function and its backward function, so one check serves the
+# RNN and the dense baseline. The weights come as a dict of named arrays (the RNN) or
+# a list of `(weight, bias)` pairs (the dense network); `parameter_list` lays either
+# out as one list of arrays in a fixed order, and the same function lays out their
+# gradients, which have the same structure. The training loop and clipping below use
+# it too. The check costs two forward passes per weight, so it runs on a small
+# network of each kind and a few windows.
+
+# %%
+def parameter_list(params):
+    """A network's weight arrays (or their gradients) in a fixed order: a dict of
+    named arrays in the order of its names, or a list of (weight, bias) pairs."""
+    if isinstance(params, dict):
+        return [params[name] for name in sorted(params)]
+    return [array for pair in params for array in pair]
+
+
+def network_gradient_error(params, forward, backward, inputs, targets):
+    """The largest difference between the gradients from `backward` and finite
+    differences of the MSE, over every weight, relative to the largest gradient."""
+    predictions, cache = forward(params, inputs)
+    by_hand = backward(params, cache, mse_grad(predictions, targets))
+
+    def loss_of():
+        return mse(forward(params, inputs)[0], targets)
+
+    worst, largest = 0.0, 1e-12
+    for parameter, gradient in zip(parameter_list(params), parameter_list(by_hand)):
+        numeric = numerical_gradient(loss_of, parameter)
+        worst = max(worst, float(np.abs(numeric - gradient).max()))
+        largest = max(largest, float(np.abs(numeric).max()))
+    return worst / largest
+
+
+# %% [markdown]
+# ## Gradient clipping
+#
+# When a gradient explodes, one update of `learning_rate * gradient` can move the
+# weights so far that the loss jumps up by orders of magnitude, or overflows to `inf`
+# and `nan`, and training never recovers. *Clipping by global norm* caps the length of
+# the whole gradient, all weight arrays seen as one long vector:
+#
+#     norm = sqrt(sum over every weight w of (d loss / d w)^2)
+#     if norm > max_norm:  every gradient *= max_norm / norm
+#
+# The direction of the step is kept; only its length is limited, so an unusual batch
+# can no longer throw the weights across the landscape. Scaling all arrays by the same
+# factor matters: clipping each array (or each number) on its own would change the
+# direction. Ordinary steps, with a norm below `max_norm`, are untouched.
+
+# %%
+def global_norm(grads):
+    """The length of all gradients seen as one vector."""
+    return float(np.sqrt(sum(np.sum(grad ** 2) for grad in parameter_list(grads))))
+
+
+def clip_by_global_norm(grads, max_norm):
+    """Scale `grads` in place so their global norm is at most `max_norm` (no clipping
+    when max_norm is None or 0). Returns the norm before clipping."""
+    norm = global_norm(grads)
+    if max_norm and norm > max_norm:
+        for grad in parameter_list(grads):
+            grad *= max_norm / norm
+    return norm
+
+
+# %% [markdown]
+# ## Training
+#
+# The loop of chapter 03, for any network: mini-batches in a shuffled order (shuffling
+# the *windows* of the training years is safe; each window is a self-contained
+# example and all of them come before the test years), the forward pass, the mean
+# squared error and its gradient, the backward pass, clipping, and a plain gradient
+# descent step `w -= learning_rate * d loss / d w`. It records the loss of every epoch
+# on the training and validation windows and the gradient norm of every step, and it
+# stops at once if the loss stops being a finite number (it has diverged).
+#
+# With a constant learning rate the weights never settle: each step jumps around the
+# bottom of the valley by a random amount, and the last epoch is not always the best.
+# So the loop keeps a copy of the weights from the epoch with the lowest validation
+# loss and puts them back at the end. Choosing by the validation windows, never the
+# test windows, keeps the test error an honest estimate.
+
+# %%
+def train(params, forward, backward, train_set, valid_set, learning_rate, epochs,
+          batch_size, rng, max_norm=None):
+    """Mini-batch gradient descent on the MSE with clipping, training `params` in place
+    and ending with the weights of the epoch with the lowest validation loss. Returns
+    the params and the history: train and valid MSE per epoch, gradient norm per step,
+    and whether training diverged (then it stops at once)."""
+    inputs, targets = train_set
+    history = {"train_loss": [], "valid_loss": [], "grad_norm": [], "diverged": False}
+    best = [array.copy() for array in parameter_list(params)]
+    for _ in range(epochs):
+        order = rng.permutation(len(inputs))
+        losses = []
+        for start in range(0, len(inputs), batch_size):
+            batch = order[start:start + batch_size]
+            predictions, cache = forward(params, inputs[batch])
+            losses.append(mse(predictions, targets[batch]))
+            if diverged(losses[-1]):
+                history["diverged"] = True
+                return params, history  # more steps cannot bring it back
+            grads = backward(params, cache, mse_grad(predictions, targets[batch]))
+            history["grad_norm"].append(clip_by_global_norm(grads, max_norm))
+            for param, grad in zip(parameter_list(params), parameter_list(grads)):
+                param -= learning_rate * grad
+        history["train_loss"].append(float(np.mean(losses)))
+        history["valid_loss"].append(mse(forward(params, valid_set[0])[0], valid_set[1]))
+        if history["valid_loss"][-1] <= min(history["valid_loss"]):
+            best = [array.copy() for array in parameter_list(params)]
+    for array, saved in zip(parameter_list(params), best):
+        array[...] = saved
+    return params, history
+
+
+# %% [markdown]
+# ## Exploding and vanishing gradients, measured
+#
+# Two experiments make the products of Jacobians above visible.
+#
+# **How far back the gradient reaches.** `gradient_by_lag` runs the backward pass with
+# `with_input_grad=True` and measures the size of `d loss / d x_{N-k}`, the gradient
+# that reaches the day `k` days before the last one. We take one freshly initialised
+# RNN and multiply its recurrent weights `W_h` by 0.5, 1 and 3. Small recurrent
+# weights shrink the gradient at every step back in time (it vanishes: by 20 days back
+# it is millions of times smaller than for the last day); large ones stretch it, and it
+# grows geometrically with the lag (it explodes). The trained RNN's own curve, printed
+# as well, fades with the lag too: it barely learns from the start of a long window.
+#
+# **Training with a learning rate that is too large.** `clipping_experiment` trains
+# two copies of the same RNN with a large learning rate, one with clipping and one
+# without. Without clipping each step makes the weights larger, larger weights give a
+# larger gradient and hence a larger next step: the gradient norm grows by orders of
+# magnitude every few steps until the loss overflows. Clipping caps every step at
+# `learning_rate * max_norm` and the same learning rate trains.
+
+# %%
+def gradient_by_lag(params, forward, backward, sequences, targets):
+    """The size (2-norm over the batch and features) of d loss / d x for each day of the
+    window, listed from the last day (lag 0) back to the first."""
+    predictions, cache = forward(params, sequences)
+    _, input_grad = backward(params, cache, mse_grad(predictions, targets),
+                             with_input_grad=True)
+    return np.sqrt((input_grad ** 2).sum(axis=(0, 2)))[::-1]
+
+
+def recurrent_scale_experiment(sequences, targets, hidden_size, scales, rng):
+    """gradient_by_lag for one fresh RNN whose recurrent weights are multiplied by each
+    of `scales` in turn: a dict from scale to the gradient size at every lag."""
+    params = init_rnn(sequences.shape[2], hidden_size, rng)
+    hidden_weight = params["hidden_weight"].copy()
+    reach = {}
+    for scale in scales:
+        params["hidden_weight"] = hidden_weight * scale
+        reach[scale] = gradient_by_lag(params, rnn_forward, rnn_backward, sequences, targets)
+    return reach
+
+
+def clipping_experiment(params, forward, backward, train_set, valid_set, learning_rate,
+                        epochs, batch_size, max_norm, seed):
+    """Train two copies of `params` with the same (large) learning rate and the same
+    order of batches, first without clipping and then with it. Returns both histories."""
+    histories = []
+    for clip in (None, max_norm):
+        copy = {name: array.copy() for name, array in params.items()}
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is the point here
+            histories.append(train(copy, forward, backward, train_set, valid_set,
+                                   learning_rate, epochs, batch_size,
+                                   np.random.default_rng(seed), clip)[1])
+    return histories
+
+
+# %% [markdown]
+# ## A task that needs a long memory
+#
+# Tomorrow's weather depends mostly on the last few days, so the weather task barely
+# rewards a long memory. To see what the gates buy, we ask for one: each example is a
+# window of `memory_window` days drawn *at random* from the whole table (so no day
+# says anything about another), and the target is the first day's tmax. The
+# network must read that first day, hold it through every later day, and ignore all
+# of them. Predicting the average scores an MSE of 1 (the targets are standardised);
+# anything lower means the network remembered.
+#
+# The RNN and the GRU train with the same loop, learning rate, clipping and number of
+# steps. The RNN's gradient for the first day has been multiplied by `memory_window`
+# Jacobians before it reaches it, so the signal that would teach it to remember is
+# weak, and it usually stalls well above the GRU. The GRU learns to close the update
+# gate of a few units after the first day, and the gradient then flows back through
+# `1 - z` near 1. Training is random, so one run can go against the rule; try a few
+# `--seed`s.
+
+# %%
+def make_memory_task(table, window, examples, rng):
+    """`examples` windows of `window` days drawn at random from `table`, standardised,
+    and as targets the (standardised) tmax of each window's first day."""
+    every_day = standardise(make_sequences(table, 1)[0][:, 0])[0]   # (days, features)
+    sequences = every_day[rng.integers(0, len(table), size=(examples, window))]
+    return sequences, sequences[:, :1, FEATURES.index("tmax")]
+
+
+def memory_experiment(networks, table, window, examples, hidden_size, learning_rate,
+                      epochs, batch_size, max_norm, rng):
+    """Train each of `networks` (name -> (make, forward, backward)) on the memory
+    task. Returns, for each name, its validation MSE per epoch and how far back its
+    gradient reaches after training (gradient_by_lag on the validation windows)."""
+    sequences, targets = make_memory_task(table, window, examples + 1000, rng)
+    train_set = (sequences[:examples], targets[:examples])
+    valid_set = (sequences[examples:], targets[examples:])
+    results = {}
+    for name, (make, forward, backward) in networks.items():
+        params, history = train(make(hidden_size), forward, backward, train_set,
+                                valid_set, learning_rate, epochs, batch_size, rng, max_norm)
+        results[name] = (history["valid_loss"],
+                         gradient_by_lag(params, forward, backward, *valid_set))
+    return results
+
+
+# %% [markdown]
+# ## Pictures
+#
+# One small helper draws every plot of the chapter: a few named curves against their
+# index, optionally on a logarithmic axis (gradient sizes span many orders of
+# magnitude). Without matplotlib it does nothing; the numbers are printed anyway.
+
+# %%
+def plot_curves(path, title, xlabel, ylabel, curves, log_scale=False):
+    """Save a line plot of `curves` (label -> sequence of y values) to `path`."""
+    if plt is None:
+        return
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for label, values in curves.items():
+        axes.plot(np.arange(len(values)), values, label=label)
+    if log_scale:
+        axes.set_yscale("log")
+    axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+# %% [markdown]
+# ## Running the chapter
+#
+# Every chapter shares this command line: `--seed` for repeatable runs, `--data` for a
+# local copy of the data, `--quick` for a run of a few seconds (used by the tests) and
+# `--out` for where files are written. Its last line of output is `summary:` and a
+# line of JSON with the chapter's headline figures, so scripts and tests can read it.
+#
+# This chapter adds the shape of the networks and of their training. Flags are checked
+# before any work starts, so a typing mistake costs no time; a window longer than the
+# data can only be caught once the data is loaded.
+
+# %%
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--data", default=None,
+                        help="path of a local weather CSV (default: download, else generate)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a run of a few seconds, for tests and a first look")
+    parser.add_argument("--out", default="out", help="folder for plots (default out/)")
+    parser.add_argument("--window", type=int, default=14,
+                        help="days of weather each prediction reads (default 14)")
+    parser.add_argument("--hidden-size", type=int, default=32,
+                        help="units in the hidden state, and in each of the dense "
+                             "baseline's two hidden layers (default 32)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="passes over the training windows (default 20, --quick 3)")
+    parser.add_argument("--learning-rate", type=float, default=0.02,
+                        help="step size of gradient descent (default 0.02)")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="windows per mini-batch (default 32)")
+    parser.add_argument("--max-norm", type=float, default=1.0,
+                        help="clip gradients to this global norm (default 1.0)")
+    parser.add_argument("--large-learning-rate", type=float, default=0.5,
+                        help="the too-large learning rate of the clipping demonstration "
+                             "(default 0.5)")
+    parser.add_argument("--memory-window", type=int, default=15,
+                        help="days in each window of the memory task (default 15)")
+    args = parser.parse_args(argv)
+    if args.epochs is None:
+        args.epochs = 3 if args.quick else 20
+    for flag in ("window", "hidden_size", "epochs", "batch_size", "memory_window"):
+        value = getattr(args, flag)
+        if value < 1:
+            raise DataError(f"--{flag.replace('_', '-')} must be at least 1, not {value}")
+    for flag in ("learning_rate", "max_norm", "large_learning_rate"):
+        value = getattr(args, flag)
+        if not (value > 0 and np.isfinite(value)):
+            raise DataError(f"--{flag.replace('_', '-')} must be a positive number, "
+                            f"not {value}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise DataError(f"--out {args.out} is a file; give a folder for the plots")
+    return args
+
+
+def print_summary(figures):
+    """The chapter's last line: `summary: ` and its headline figures as JSON."""
+    print("summary: " + json.dumps(figures))
+
+
+# %% [markdown]
+# ## The experiment
+#
+# `main` loads the weather, cuts it into windows, splits them in time order and scales
+# inputs and targets with the training set's mean and standard deviation (the networks
+# learn faster on numbers near 0 and 1; predictions are turned back into °F to report
+# them). Then, for the RNN and for chapter 03's dense network fed the same window laid
+# out flat, it checks the gradients, trains with the same loop, learning rate and
+# clipping, and measures the test error in °F next to the simplest forecast of all,
+# "tomorrow's tmax = today's". Last come the two gradient experiments.
+
+# %%
+def flatten_windows(sequences):
+    """(examples, days, features) -> (examples, days * features): a window as one row,
+    the input of a dense network."""
+    return sequences.reshape(len(sequences), -1)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    started = time.perf_counter()
+    rng = np.random.default_rng(args.seed)
+    dates, table, source = load_weather(args.data, args.seed)
+    print(f"weather: {len(table)} days from {source} ({dates[0]} to {dates[-1]})")
+    sequences, targets = make_sequences(table, args.window)
+    splits = split_data(sequences, targets)
+    if min(len(inputs) for inputs, _ in splits) < 1:
+        raise DataError(f"{len(table)} days make only {len(sequences)} windows of "
+                        f"{args.window} days, too few to split into train, valid and "
+                        f"test; use a shorter --window or more data")
+    (train_inputs, train_targets), _, (test_inputs, test_targets) = splits
+    scaled_inputs = standardise(*(inputs for inputs, _ in splits))
+    scaled_targets = standardise(*(targets for _, targets in splits))
+    print(f"windows of {args.window} days: {len(train_inputs)} train, "
+          f"{len(splits[1][0])} valid, {len(test_inputs)} test")
+
+    # The simplest forecast: tomorrow's tmax equals the last day's tmax in the window.
+    persistence_mae = mae(test_inputs[:, -1, [FEATURES.index("tmax")]], test_targets)
+    print(f"test MAE of 'tomorrow = today': {persistence_mae:.2f} °F")
+
+    # Each network: how to make one of a given hidden size, its forward and backward
+    # functions, and the shape of input it reads (windows, or windows laid out flat).
+    features = len(FEATURES)
+    models = {
+        "rnn": (lambda hidden_size: init_rnn(features, hidden_size, rng),
+                rnn_forward, rnn_backward, lambda windows: windows),
+        "gru": (lambda hidden_size: init_gru(features, hidden_size, rng),
+                gru_forward, gru_backward, lambda windows: windows),
+        "dense": (lambda hidden_size: init_dense(
+                      [args.window * features, hidden_size, hidden_size, 1], rng),
+                  dense_forward, dense_backward, flatten_windows),
+    }
+    figures = {"chapter": CHAPTER, "source": source, "window": args.window,
+               "persistence_mae": round(persistence_mae, 3)}
+    losses, predictions, reach, worst_check = {}, {}, {}, 0.0
+    print(f"\ntraining {args.epochs} epochs, learning rate {args.learning_rate:g}, batch "
+          f"{args.batch_size}, gradients clipped at norm {args.max_norm:g}:")
+    for name, (make, forward, backward, shape) in models.items():
+        sets = [(shape(inputs), targets)
+                for inputs, targets in zip(scaled_inputs, scaled_targets)]
+        # The hand-written gradients against finite differences: a small network of
+        # the same kind (hidden size 4) and three windows are enough to catch a bug.
+        check = network_gradient_error(make(4), forward, backward, sets[0][0][:3],
+                                       sets[0][1][:3])
+        worst_check = max(worst_check, check)
+        params, history = train(make(args.hidden_size), forward, backward, sets[0],
+                                sets[1], args.learning_rate, args.epochs,
+                                args.batch_size, rng, args.max_norm)
+        if history["diverged"]:
+            raise DataError(f"training the {name} network diverged; use a smaller "
+                            f"--learning-rate or --max-norm")
+        # Back from standardised units to °F: multiply by the spread, add the mean.
+        predictions[name] = (forward(params, sets[2][0])[0] * train_targets.std()
+                             + train_targets.mean())
+        test_mae = mae(predictions[name], test_targets)
+        losses[name] = history["valid_loss"]
+        figures[f"{name}_test_mae"] = round(test_mae, 3)
+        weights = sum(array.size for array in parameter_list(params))
+        print(f"  {name:>5}: {weights} weights, gradient check {check:.1e}, valid MSE "
+              f"{history['valid_loss'][0]:.3f} -> {min(history['valid_loss']):.3f} (best), "
+              f"test MAE {test_mae:.2f} °F")
+        if name != "dense":
+            reach[name] = gradient_by_lag(params, forward, backward, *sets[2])
+    figures["gradient_error"] = float(f"{worst_check:.1e}")
+
+    # Exploding gradients: a learning rate that is too large, without and with clipping.
+    demo_windows = min(3000, len(train_inputs))
+    unclipped, clipped = clipping_experiment(
+        init_rnn(features, args.hidden_size, rng), rnn_forward, rnn_backward,
+        (scaled_inputs[0][:demo_windows], scaled_targets[0][:demo_windows]),
+        (scaled_inputs[1], scaled_targets[1]), args.large_learning_rate, 3,
+        args.batch_size, args.max_norm, args.seed)
+    largest = max(unclipped["grad_norm"])
+    print(f"\nlearning rate {args.large_learning_rate:g} without clipping: gradient norm "
+          f"{unclipped['grad_norm'][0]:.2g} at the first step, "
+          + (f"{largest:.2g}" if np.isfinite(largest) else "overflowing")
+          + f" after {len(unclipped['grad_norm'])} steps; "
+          + ("the loss blew up (diverged)" if unclipped["diverged"] else
+             f"valid MSE {min(unclipped['valid_loss']):.3f}"))
+    print(f"learning rate {args.large_learning_rate:g} clipped at {args.max_norm:g}: "
+          f"largest norm before clipping {max(clipped['grad_norm']):.2g}, "
+          + ("diverged" if clipped["diverged"] else
+             f"valid MSE {min(clipped['valid_loss']):.3f}"))
+    figures["unclipped_diverged"] = unclipped["diverged"]
+    figures["clipped_diverged"] = clipped["diverged"]
+
+    # How far back the gradient reaches: a fresh RNN with scaled recurrent weights on
+    # long windows, then the trained networks on their own windows.
+    long_window = min(60, len(table))
+    long_inputs, long_targets = make_sequences(table, long_window)
+    long_inputs, long_targets = (standardise(long_inputs[:256])[0],
+                                 standardise(long_targets[:256])[0])
+    scales = {f"RNN, W_h x {scale:g}": curve for scale, curve in recurrent_scale_experiment(
+        long_inputs, long_targets, args.hidden_size, (0.5, 1, 3), rng).items()}
+    scales["GRU"] = gradient_by_lag(init_gru(features, args.hidden_size, rng), gru_forward,
+                                    gru_backward, long_inputs, long_targets)
+    lags = [lag for lag in (0, 1, 2, 5, 10, 20, 40, 59) if lag < long_window]
+    print(f"\nsize of d loss / d x for the day k days before the last (freshly "
+          f"initialised networks, {long_window}-day windows):")
+    print("  lag k          " + "".join(f"{lag:>9}" for lag in lags))
+    for label, curve in scales.items():
+        print(f"  {label:<15}" + "".join(f"{curve[lag]:9.1e}" for lag in lags))
+    fresh = scales["RNN, W_h x 1"]
+    figures["fresh_rnn_first_day_gradient"] = float(f"{fresh[-1] / fresh[0]:.2g}")
+    figures["fresh_gru_first_day_gradient"] = float(f"{scales['GRU'][-1] / scales['GRU'][0]:.2g}")
+    for name, curve in reach.items():
+        shown = [lag for lag in lags if lag < args.window]
+        print(f"  trained {name} ({args.window}-day windows), relative to lag 0: "
+              + ", ".join(f"lag {lag} {curve[lag] / curve[0]:.2g}" for lag in shown))
+        figures[f"{name}_first_day_gradient"] = float(f"{curve[-1] / curve[0]:.2g}")
+
+    # A task that needs a long memory: the RNN against the GRU, same training.
+    memory_examples, memory_epochs, memory_learning_rate = (500, 1, 0.1) if args.quick \
+        else (4000, 8, 0.1)
+    memory = memory_experiment({name: models[name][:3] for name in ("rnn", "gru")}, table,
+                               args.memory_window, memory_examples, args.hidden_size,
+                               memory_learning_rate, memory_epochs, args.batch_size,
+                               args.max_norm, rng)
+    print(f"\nmemory task: recall the tmax of the first of {args.memory_window} random days "
+          f"({memory_examples} windows, {memory_epochs} epochs, learning rate "
+          f"{memory_learning_rate:g}); predicting the average scores an MSE of 1:")
+    for name, (valid_losses, curve) in memory.items():
+        print(f"  {name:>5}: valid MSE {min(valid_losses):.3f}; the gradient reaching the "
+              f"first day is {curve[-1] / curve[0]:.2g} of the last day's")
+        figures[f"{name}_memory_mse"] = round(min(valid_losses), 3)
+
+    if plt is None:
+        print("note: matplotlib is not installed; the numbers above are the only view")
+    else:
+        os.makedirs(args.out, exist_ok=True)
+        plot_curves(os.path.join(args.out, f"{CHAPTER}_loss.png"), "Validation loss",
+                    "epoch", "MSE (standardised units)", losses)
+        plot_curves(os.path.join(args.out, f"{CHAPTER}_clipping.png"),
+                    f"Gradient norm at learning rate {args.large_learning_rate:g}", "step",
+                    "global gradient norm", {"without clipping": unclipped["grad_norm"],
+                                             "with clipping": clipped["grad_norm"]},
+                    log_scale=True)
+        plot_curves(os.path.join(args.out, f"{CHAPTER}_reach.png"),
+                    "How far back the gradient reaches", "days before the last (lag)",
+                    "size of d loss / d x", scales, log_scale=True)
+        plot_curves(os.path.join(args.out, f"{CHAPTER}_memory.png"),
+                    f"Recalling the first of {args.memory_window} days", "epoch",
+                    "validation MSE (1 = no memory)",
+                    {name: valid_losses for name, (valid_losses, _) in memory.items()})
+        last = slice(-120, None)
+        plot_curves(os.path.join(args.out, f"{CHAPTER}_predictions.png"),
+                    "The last 120 test days", "day", "tmax tomorrow (°F)",
+                    {"truth": test_targets[last, 0],
+                     **{name: values[last, 0] for name, values in predictions.items()}})
+        print(f"plots saved in {args.out}/")
+    figures["seconds"] = round(time.perf_counter() - started, 1)
+    print_summary(figures)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

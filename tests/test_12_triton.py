@@ -1,0 +1,243 @@
+"""Tests for 12_triton.py: every kernel, forward and backward, against PyTorch and against
+finite differences, at awkward shapes, in Triton's interpreter (fp32); bf16, fp16 and
+GPT-2-sized shapes on a GPU (`gpu` marker); the transformer swap; the command line."""
+import importlib.util
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT, assert_clean_error, load_chapter, run_chapter
+
+chapter = load_chapter("12_triton")
+# The interpreter computes with numpy, which warns when exp overflows to inf or a masked
+# lane computes inf - inf; the kernels are written so those values are never used.
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
+                                        "ignore:invalid value encountered:RuntimeWarning")
+FP32 = 1e-4  # relative error limit in fp32
+
+
+def draw(*shape, scale=2.0, seed=0):
+    return scale * torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_matches(kernel, reference, inputs, limit=FP32):
+    """Forward output and every input gradient of `kernel` within `limit` of PyTorch."""
+    forward, backward = chapter.compare(kernel, reference, inputs)
+    assert forward < limit and backward < limit, (forward, backward)
+
+
+def test_interpreter_is_used_without_gpu():
+    if not torch.cuda.is_available():
+        assert chapter.INTERPRET and chapter.triton_runs_on(torch.zeros(1))
+
+
+def test_add_spans_blocks_and_a_ragged_end():
+    x, y = draw(7, 215), draw(7, 215, seed=1)  # 1,505 elements: two blocks, the last partial
+    assert torch.equal(chapter.add(x, y), x + y)
+    with pytest.raises(ValueError, match="equal shapes"):
+        chapter.add(x, y[:, :3])
+
+
+@pytest.mark.parametrize("shape", [(6, 77), (3, 5, 300), (2, 128)])
+def test_softmax_one_block_and_online_loop(shape):
+    # 77 and 128 fit one tile; 300 streams three chunks of 128 in the interpreter.
+    assert_matches(chapter.softmax, lambda x: torch.softmax(x, -1), [draw(*shape, scale=4.0)])
+
+
+def test_softmax_with_leading_masked_chunk_has_no_nan():
+    x = draw(4, 300)
+    x[:, :150] = float("-inf")  # the whole first chunk is -inf
+    x[1, 200:] = float("-inf")
+    y = chapter.softmax(x)
+    assert not torch.isnan(y).any()
+    assert torch.allclose(y, torch.softmax(x, -1), atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 77), (21, 33)])
+def test_layer_norm_forward_backward(shape):
+    width = shape[-1]
+    inputs = [draw(*shape) + 1.0, draw(width, seed=1), draw(width, seed=2)]
+    assert_matches(chapter.layer_norm, chapter.torch_layer_norm, inputs)
+
+
+def test_rms_norm_forward_backward():
+    inputs = [draw(13, 77) + 0.5, draw(77, seed=1)]
+    assert_matches(chapter.rms_norm, chapter.torch_rms_norm, inputs)
+    # and against RMS norm written out: x / sqrt(mean(x^2) + eps) * weight
+    x, weight = inputs
+    expected = x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-6) * weight
+    assert chapter.relative_error(chapter.rms_norm(x, weight), expected) < FP32
+
+
+def test_norm_rejects_rows_wider_than_a_tile():
+    x = torch.zeros(1, chapter.NORM_MAX_COLS + 1)
+    with pytest.raises(ValueError, match="features"):
+        chapter.layer_norm(x, torch.ones(x.shape[1]), torch.zeros(x.shape[1]))
+
+
+def test_gelu_and_swiglu_forward_backward_including_large_inputs():
+    x = draw(7, 131, scale=4.0)
+    x[0, :4] = torch.tensor([-40.0, 40.0, -90.0, 90.0])  # exp would overflow if done naively
+    assert_matches(chapter.gelu, chapter.torch_gelu, [x])
+    assert_matches(chapter.swiglu, lambda a, b: F.silu(a) * b, [x, draw(7, 131, seed=1)])
+    assert torch.isfinite(chapter.gelu(x)).all()
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 7])
+def test_cross_entropy_chunks_and_ignored_rows(ignore_index):
+    # A vocabulary of 301 streams in chunks of 128: the last one is ragged.
+    logits = draw(9, 301, scale=3.0)
+    targets = torch.randint(0, 301, (9,), generator=torch.Generator().manual_seed(3))
+    targets[::3] = ignore_index
+    targets[1] = 300  # the very last class
+    assert_matches(lambda x: chapter.cross_entropy(x, targets, ignore_index),
+                   lambda x: F.cross_entropy(x, targets, ignore_index=ignore_index), [logits])
+    grad_logits = logits.clone().requires_grad_()
+    chapter.cross_entropy(grad_logits, targets, ignore_index).backward()
+    assert torch.all(grad_logits.grad[::3] == 0)  # ignored rows get no gradient
+    with torch.no_grad():  # the loss without the gradient sweep is the same number
+        assert chapter.relative_error(chapter.cross_entropy(logits, targets, ignore_index),
+                                      F.cross_entropy(logits, targets, ignore_index=ignore_index)) < FP32
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("q_len, kv_len, head_dim", [(37, 37, 24), (19, 45, 16), (45, 19, 64)])
+def test_flash_attention_forward_backward(causal, q_len, kv_len, head_dim):
+    # 37 and 45 are not multiples of the 32x16 blocks; 24 pads to 32 inside the kernel;
+    # unequal lengths are cross-attention (causal: query i sees keys 0..i, like SDPA).
+    q = draw(2, 2, q_len, head_dim, seed=1)
+    k, v = draw(2, 2, kv_len, head_dim, seed=2), draw(2, 2, kv_len, head_dim, seed=3)
+    assert_matches(lambda q, k, v: chapter.flash_attention(q, k, v, causal=causal),
+                   lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+                   [q, k, v])
+
+
+def test_flash_attention_custom_scale_and_bad_head_size():
+    q, k, v = (draw(1, 1, 20, 32, seed=s) for s in range(3))
+    assert_matches(lambda q, k, v: chapter.flash_attention(q, k, v, causal=True, scale=0.3),
+                   lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                  scale=0.3), [q, k, v])
+    with pytest.raises(ValueError, match="head_dim"):
+        chapter.flash_attention(*(torch.zeros(1, 1, 4, 8) for _ in range(3)))
+
+
+def test_matmul_forward_backward_and_strided_inputs():
+    a, b = draw(37, 29), draw(29, 45, seed=1)
+    assert_matches(chapter.matmul, torch.matmul, [a, b])
+    wide = draw(45, 29, seed=2)
+    assert chapter.relative_error(chapter.matmul(a, wide.t()), a @ wide.t()) < FP32  # a view
+
+
+@pytest.mark.parametrize("name", ["softmax", "layer_norm", "rms_norm", "gelu", "swiglu",
+                                  "cross_entropy", "flash_attention", "matmul"])
+def test_gradients_against_finite_differences(name):
+    """d/dh L(x + h d) at h = 0, by a central difference, against <grad L, d> from the
+    kernels' backward passes, where L = sum(output * fixed random weights)."""
+    targets = torch.tensor([3, -100, 0, 10, 5])
+    functions = {
+        "softmax": (chapter.softmax, [(5, 150)]),
+        "layer_norm": (chapter.layer_norm, [(5, 33), (33,), (33,)]),
+        "rms_norm": (chapter.rms_norm, [(5, 33), (33,)]),
+        "gelu": (chapter.gelu, [(5, 33)]),
+        "swiglu": (chapter.swiglu, [(5, 33), (5, 33)]),
+        "cross_entropy": (lambda x: chapter.cross_entropy(x, targets), [(5, 140)]),
+        "flash_attention": (chapter.flash_attention, [(1, 1, 21, 16)] * 3),
+        "matmul": (chapter.matmul, [(17, 19), (19, 18)]),
+    }
+    function, shapes = functions[name]
+    inputs = [draw(*shape, scale=1.0, seed=i).requires_grad_() for i, shape in enumerate(shapes)]
+    output = function(*inputs)
+    weights = draw(*output.shape, scale=1.0, seed=9)
+    (output * weights).sum().backward()
+    directions = [draw(*shape, scale=1.0, seed=20 + i) for i, shape in enumerate(shapes)]
+    analytic = sum((x.grad * d).sum() for x, d in zip(inputs, directions)).item()
+    step = 1e-2
+    with torch.no_grad():
+        def loss_at(h):
+            moved = [x + h * d for x, d in zip(inputs, directions)]
+            return (function(*moved).double() * weights).sum().item()
+        numeric = (loss_at(step) - loss_at(-step)) / (2 * step)
+    assert abs(numeric - analytic) <= 2e-3 * max(1.0, abs(analytic)), (numeric, analytic)
+
+
+def test_transformer_with_kernels_matches_pytorch():
+    model = chapter.check_transformer(quick=True, seed=1)
+    assert model["logits"] < FP32 and model["loss"] < FP32 and model["gradients"] < FP32, model
+
+
+def test_flash_attend_refuses_padding_masks():
+    q = torch.zeros(1, 1, 4, 16)
+    padding = torch.tensor([True, True, True, False])[None, None, None, :]
+    with pytest.raises(ValueError, match="padding"):
+        chapter.flash_attend(q, q, q, padding)
+
+
+def test_pytorch_path_without_triton(monkeypatch):
+    """Where Triton is not installed the file still imports and every function falls back
+    to PyTorch's operation."""
+    monkeypatch.setitem(sys.modules, "triton", None)
+    monkeypatch.setitem(sys.modules, "triton.language", None)
+    spec = importlib.util.spec_from_file_location("chapter_12_no_triton", ROOT / "12_triton.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert not module.HAS_TRITON and "not installed" in module.backend_name()
+    x = draw(3, 40)
+    assert torch.equal(module.softmax(x), torch.softmax(x, -1))
+    q = draw(1, 2, 9, 16)
+    assert torch.allclose(module.flash_attention(q, q, q),
+                          F.scaled_dot_product_attention(q, q, q, is_causal=True))
+    rows = module.check_kernels([torch.float32], torch.device("cpu"), quick=True)
+    assert all(row["ok"] for row in rows)
+
+
+def test_bench_without_gpu_says_so(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this checks the message shown where there is no GPU")
+    chapter.main(["--bench", "--out", str(tmp_path)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert any("no" in line.lower() and "gpu" in line.lower() for line in lines[:-1])
+    assert '"bench": "skipped: no CUDA GPU"' in lines[-1]
+
+
+def test_quick_run_prints_a_passing_table(tmp_path):
+    run = run_chapter("12_triton", "--quick", "--out", tmp_path, cwd=tmp_path)
+    assert run.returncode == 0, run
+    assert run.summary["chapter"] == "12_triton" and run.summary["failed"] == 0, run
+    assert run.summary["worst_fp32_error"] < 1e-4
+    assert run.summary["model_gradient_error"] < 1e-4
+    assert (tmp_path / "12_triton_checks.json").exists()
+
+
+def test_out_path_that_is_a_file_is_a_clean_error(tmp_path):
+    blocker = tmp_path / "taken"
+    blocker.write_text("keep me")
+    run = run_chapter("12_triton", "--quick", "--out", blocker, cwd=tmp_path)
+    assert_clean_error(run, "--out", "folder")
+    assert blocker.read_text() == "keep me"
+
+
+# GPU: bf16, fp16 and GPT-2-sized shapes, compiled.
+
+@pytest.mark.gpu
+def test_every_kernel_on_gpu_in_every_dtype_and_large_shapes():
+    rows = chapter.check_kernels([torch.float32, torch.bfloat16, torch.float16],
+                                 torch.device("cuda"), large=True)
+    bad = [row for row in rows if not row["ok"]]
+    assert not bad, bad
+
+
+@pytest.mark.gpu
+def test_transformer_with_kernels_on_gpu():
+    model = chapter.check_transformer(seed=2, device=torch.device("cuda"))
+    assert max(model["logits"], model["loss"], model["gradients"]) < chapter.TF32_TOLERANCE, model
+
+
+@pytest.mark.gpu
+def test_flash_attention_bf16_gpt2_shape_against_sdpa():
+    q, k, v = (torch.randn(2, 12, 1024, 64, device="cuda", dtype=torch.bfloat16,
+                           requires_grad=True) for _ in range(3))
+    out = chapter.flash_attention(q, k, v)
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    assert chapter.relative_error(out, expected) < 2e-2
