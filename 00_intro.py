@@ -114,7 +114,11 @@ def download(url, path, sha256, timeout=20):
 # only), those chapters run their plain PyTorch path instead.
 #
 # No GPU is needed until chapter 12: chapters 00-11 are sized for a laptop's CPU,
-# and every chapter's tests pass without a GPU. If the report below says "not
+# and every chapter's tests pass without a GPU. A GPU makes the later chapters
+# faster, and only chapter 13's full-size training really needs one. The device
+# line below names the GPU torch can use, if any; the versions of torch and triton
+# decide which of their features the later chapters can rely on (the course needs
+# torch 2.6 or newer). If the report below says "not
 # installed" for a package you need, `pip install -r requirements.txt` installs it.
 
 # %%
@@ -212,7 +216,10 @@ def load_text(path=None):
 #     P(b | a) = count(a followed by b) / count(a followed by anything)
 #
 # This is a **bigram** model. Its parameters are a table of counts, one row per
-# previous character and one column per next character.
+# previous character and one column per next character. "Training" it is a single
+# pass over the text that adds one to a cell for every pair of neighbours; numpy's
+# `bincount` does the whole pass at once, after turning each pair (a, b) into the
+# single number a * V + b, its cell's position in the flattened table.
 #
 # **Smoothing.** A pair never seen in training would get probability 0, and if it
 # then appears in new text the model is infinitely surprised (log 0 = -inf). So we

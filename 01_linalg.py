@@ -227,6 +227,11 @@ def split_data(inputs, targets, train_fraction=0.7, valid_fraction=0.15):
 #
 # Two vectors' difference says how two days differ; its **length** (the square
 # root of the sum of squares, `np.linalg.norm`) says by how much in one number.
+#
+# Every array has a **shape**, the size along each of its dimensions: a day's
+# vector has shape (3,), the whole table (days, 4). Most mistakes with arrays are
+# shape mistakes, so the chapter prints the shape next to every result; it is a
+# good habit to check it in your own code too.
 
 # %%
 def describe(name, array):
@@ -280,6 +285,11 @@ def dot(a, b):
 #
 # `matmul_by_loops` writes the definition out with three loops. It gives the same
 # numbers as `@`, and the timing below shows why we never write it that way.
+#
+# The cost of a product is about n * k * m multiplications and as many additions.
+# A GPT spends almost all of its time in such products, which is why GPUs, built to
+# do thousands of them at once, made large models possible, and why chapter 12
+# writes its own.
 
 # %%
 def matmul_by_loops(a, b):

@@ -477,6 +477,18 @@ def least_squares(inputs, targets):
 # Each experiment trains a fresh model for a few epochs and reports the validation
 # MAE, so the choices are made on validation days and the test days stay untouched
 # until the end.
+#
+# * **Learning rate against normalisation.** The same training with learning rates
+#   a factor of ten apart, once on the raw features and once standardised. Why it
+#   matters: the largest safe learning rate is set by the steepest direction of the
+#   error surface, and raw temperatures around 60 make that direction thousands of
+#   times steeper than the others.
+# * **Batch size.** The same number of epochs, so the same amount of arithmetic,
+#   with one batch of every training day, with batches of 256 and with batches of
+#   32. Smaller batches give noisier steps but many more of them.
+#
+# Every run starts from the same model and the same shuffling (the same seed), so
+# the differences come from the setting being varied and nothing else.
 
 # %%
 def fresh_model(train_set):

@@ -981,7 +981,7 @@ def parse_args(argv=None):
                         help="units in the hidden state, and in each of the dense "
                              "baseline's two hidden layers (default 32)")
     parser.add_argument("--epochs", type=int, default=None,
-                        help="passes over the training windows (default 20, --quick 3)")
+                        help="passes over the training windows (default 20, --quick 2)")
     parser.add_argument("--learning-rate", type=float, default=0.02,
                         help="step size of gradient descent (default 0.02)")
     parser.add_argument("--batch-size", type=int, default=32,
@@ -995,7 +995,7 @@ def parse_args(argv=None):
                         help="days in each window of the memory task (default 15)")
     args = parser.parse_args(argv)
     if args.epochs is None:
-        args.epochs = 3 if args.quick else 20
+        args.epochs = 2 if args.quick else 20
     for flag in ("window", "hidden_size", "epochs", "batch_size", "memory_window"):
         value = getattr(args, flag)
         if value < 1:

@@ -445,18 +445,21 @@ def rnn_backward(params, cache, output_grad, with_input_grad=False):
 # %% [markdown]
 # ## From chapter 06 to PyTorch: what replaces what
 #
-# Chapter 06's miniature engine and PyTorch are built on the same three ideas, so
-# every piece you wrote has a counterpart:
+# Chapter 06's miniature engine and PyTorch are built on the same ideas, so every
+# piece you wrote has a counterpart:
 #
-# | chapter 06 (yours)                         | PyTorch                                    |
-# |--------------------------------------------|--------------------------------------------|
-# | a `Tensor` wrapping a numpy array           | `torch.Tensor` (CPU or GPU memory)         |
-# | the tensor's parents and backward rule      | `tensor.grad_fn`, built as you compute     |
-# | `loss.backward()` walking the graph         | `loss.backward()`, written in C++          |
-# | a tensor's `.grad`                          | `tensor.grad`, for tensors that ask for it |
-# | the list of weights to train                | `nn.Parameter`s inside an `nn.Module`      |
-# | the SGD and Adam classes                    | `torch.optim.SGD`, `torch.optim.Adam`      |
-# | cutting shuffled rows into batches          | `Dataset`, `Sampler`, `DataLoader`         |
+# | chapter 06 (yours)                               | PyTorch                                       |
+# |--------------------------------------------------|-----------------------------------------------|
+# | `Tensor(data, requires_grad=True)` around numpy  | `torch.tensor(data, requires_grad=True)`      |
+# | `tensor._parents` and `tensor._backward`          | `tensor.grad_fn` and its `next_functions`     |
+# | `loss.backward()`: topological order, then rules | `loss.backward()`, the same walk in C++       |
+# | `tensor.grad`, `optimizer.zero_grad()`            | `tensor.grad`, `optimizer.zero_grad()`        |
+# | a list of weight Tensors                         | `nn.Parameter`s in an `nn.Module`             |
+# | `SGD(parameters, learning_rate)`, `Adam`, `step` | `torch.optim.SGD(parameters, lr)`, `Adam`     |
+# | slicing shuffled rows into batches by hand       | `Dataset`, `Sampler`, `DataLoader`            |
+#
+# The names are the same on purpose: chapter 06 followed PyTorch's design, so a
+# training step reads identically in both, `zero_grad`, `backward`, `step`.
 #
 # What PyTorch adds is speed and breadth: hundreds of operations each with a tested
 # backward rule, kernels tuned for CPUs and GPUs, and the same code running on either.
@@ -780,6 +783,12 @@ def compare_recurrent(params, sequences, targets):
 #   them into batch tensors (its `collate` step). With `num_workers > 0` it would load
 #   batches in background processes while the model trains, which matters when
 #   examples come from disk; for a table already in memory it would only add overhead.
+#
+# The split pays off as data grows: the same training loop works whether the
+# examples are rows of a table, windows of days (below), images on disk or, in
+# chapter 09, tokens streamed from shards; only the `Dataset` changes. The last
+# batch of an epoch is smaller when the rows do not divide evenly, exactly as in
+# chapter 03's loop (`drop_last=True` would skip it).
 
 # %%
 class WeatherDataset(Dataset):
@@ -936,6 +945,16 @@ def load_weights(model, path):
 # it honestly means waiting for the GPU to finish (`torch.cuda.synchronize()`)
 # before reading the clock, and a few warm-up steps first (the first calls load
 # kernels and allocate memory).
+#
+# **Threads.** PyTorch can split one large operation across several CPU cores
+# (`torch.set_num_threads`). For the small matrices of our networks the
+# coordination costs more than it saves, and on a machine busy with other programs
+# extra threads can slow a run several times over, so this chapter uses one thread
+# unless `--threads` asks for more. Try `--threads 2` and compare the large
+# network's time: that is where more cores pay.
+#
+# Read the numbers as orders of magnitude, not as a contest: they depend on the
+# machine, its load, and the libraries numpy and PyTorch were built with.
 
 # %%
 def time_step(step, repeats, device=None):

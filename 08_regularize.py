@@ -849,7 +849,7 @@ def run_cure(data, args, device, weight_decay=0.0, dropout_p=0.0, hand_dropout=F
              layer_norm=False, residual=False, max_norm=None, patience=None, schedule=False):
     """Train one over-sized network with the given cures. Returns a dict with the
     history, the best validation loss and its epoch (from 1), the final validation
-    loss of the weights kept, and their test MAE in °F."""
+    and training loss of the weights kept, and their test MAE in °F."""
     train_set, valid_set, test_set, target_mean, target_spread = data
     torch.manual_seed(args.seed)
     model = RegularNet(train_set[0].shape[1], args.width, args.depth, dropout_p, hand_dropout,
@@ -872,6 +872,7 @@ def run_cure(data, args, device, weight_decay=0.0, dropout_p=0.0, hand_dropout=F
     return {"history": history,
             "best": float(min(valid_losses)), "best_epoch": int(np.argmin(valid_losses)) + 1,
             "final": mse(predict(model, valid_set[0], device), valid_set[1]),
+            "train": mse(predict(model, train_set[0], device), train_set[1]),
             "test_mae": mae(test_predictions, test_set[1] * target_spread + target_mean)}
 
 
@@ -942,15 +943,17 @@ def save_plots(out_dir, results):
     epochs = range(1, len(baseline) + 1)
     left.plot(epochs, [train for train, _ in baseline], label="training")
     left.plot(epochs, [valid for _, valid in baseline], label="validation")
-    left.set(xlabel="epoch", ylabel="MSE (standardised)", yscale="log",
+    top = 1.4 * max(valid for _, valid in baseline[len(baseline) // 10:])
+    left.set(xlabel="epoch", ylabel="MSE (standardised)", ylim=(0, top),
              title="The baseline overfits")
     left.legend()
     for name, result in results.items():
         losses = [valid for _, valid in result["history"]]
         right.plot(range(1, len(losses) + 1), losses, label=name,
                    linewidth=2.5 if name == "all cures together" else 1.2)
+    lowest = min(result["best"] for result in results.values())
     right.set(xlabel="epoch", ylabel="validation MSE (standardised)",
-              title="Validation loss under each cure")
+              ylim=(0.9 * lowest, top), title="Validation loss under each cure")
     right.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
@@ -1097,17 +1100,20 @@ def main(argv=None):
         print(f"  {name:<22} best {result['best']:.3f} at epoch {result['best_epoch']:3d}, "
               f"final {result['final']:.3f} ({time.perf_counter() - clock:.1f} s)")
 
-    # The table: how low each run ever got, where it ended, and the test MAE of the
-    # weights it ended with. "final vs baseline" compares where the runs ended.
+    # The table: how low each run ever got, where it ended, and the training loss
+    # and test MAE of the weights it ended with. "final vs baseline" compares where
+    # the runs ended; a training loss near 0 beside a high validation loss is
+    # memorisation.
     baseline = results["baseline (no cure)"]
     print(f"\nvalidation MSE (standardised; baseline best {baseline['best']:.3f}, "
           f"final {baseline['final']:.3f}):")
     print(f"  {'':<22} {'best':>6} {'epoch':>6} {'final':>7} {'final vs baseline':>18} "
-          f"{'test MAE':>9}")
+          f"{'train':>6} {'test MAE':>9}")
     for name, result in results.items():
         change = 100 * (result["final"] / baseline["final"] - 1)
         print(f"  {name:<22} {result['best']:6.3f} {result['best_epoch']:6d} "
-              f"{result['final']:7.3f} {change:+17.0f}% {result['test_mae']:7.2f} °F")
+              f"{result['final']:7.3f} {change:+17.0f}% {result['train']:6.3f} "
+              f"{result['test_mae']:7.2f} °F")
     for path in save_plots(args.out, results):
         print(f"saved {path}")
     figures = {"chapter": CHAPTER, "source": source, "persistence_mse": round(persistence, 4),

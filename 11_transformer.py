@@ -291,11 +291,11 @@ def draw_numbers(rng, count, exclude=()):
     `exclude`."""
     chosen, excluded = [], set(exclude)
     while len(chosen) < count:
-        digits = int(rng.integers(4, 7))
-        number = int(rng.integers(10 ** (digits - 1), 10 ** digits))
-        if number not in excluded:
-            excluded.add(number)
-            chosen.append(number)
+        digits = rng.integers(4, 7, size=count)  # a batch of draws at a time: faster
+        for number in rng.integers(10 ** (digits - 1), 10 ** digits).tolist():
+            if number not in excluded and len(chosen) < count:
+                excluded.add(number)
+                chosen.append(number)
     return chosen
 
 

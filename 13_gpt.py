@@ -1,0 +1,3284 @@
+"""Chapter 13: train your own GPT, on hand-written Triton kernels, on one CPU or many GPUs.
+
+This is where the course has been heading. Chapter 11 built the transformer, chapter 12
+wrote its hot operations as Triton kernels, chapter 09 turned text into token shards.
+Here they become one program: a decoder-only transformer (a GPT) and a trainer that
+runs on whatever the machine has, from a 2-core laptop to a node of GPUs.
+
+What is new since chapter 12:
+
+* the GPT itself: decoder only, causal attention, learned positions, tied input and
+  output embeddings, in the layout of GPT-2; and the upgrades that later models made,
+  each a switch that you can measure: rotary positions (RoPE), RMSNorm, SwiGLU, no biases;
+* the trainer: AdamW with weight decay on matrices only, warm-up then cosine decay,
+  gradient clipping, gradient accumulation, bf16 mixed precision on GPUs,
+  `torch.compile`, and data parallelism with `torchrun` and DistributedDataParallel;
+* evaluation in bits per byte, which compares models with different tokenizers;
+* checkpoints that are written atomically and resume exactly, clear errors for every
+  bad input, and a loss that turns into NaN stopping the run before it can do damage;
+* sampling with a KV cache, so generation costs one token's work per token.
+
+How to run it:
+
+    python 13_gpt.py                       # train on this machine (about 100 s on a
+                                           # 2-core CPU) and print a sample
+    python 13_gpt.py --quick               # a few seconds, for a first look and tests
+    python 13_gpt.py --sample "The list"   # continue a prompt from the saved checkpoint
+    python 13_gpt.py --resume              # carry on from out/ckpt.pt exactly
+    torchrun --standalone --nproc_per_node=2 13_gpt.py      # data parallel, 2 processes
+    python 13_gpt.py --preset gpt2 --bench # GPT-2 small's speed on a GPU (tokens/s, MFU)
+
+`--data` takes a `.txt` file, a folder of text files or a folder of chapter 09's token
+shards; without it the chapter reads the course's text corpus (tiny Shakespeare, or the
+Python documentation when offline). The default run takes about 100 seconds on a
+2-core CPU: 90 seconds of training, then evaluation and a sample.
+"""
+
+# %% [markdown]
+# # Chapter 13: a GPT of your own
+#
+# A GPT reads a stretch of text as tokens and, at every position, predicts the next
+# token. Training shows it billions (here: a few hundred thousand) of such predictions
+# and nudges its weights to make the true next token more likely. Everything in this
+# file serves that loop: tokens come in (the tokenizer and the loader), a model turns
+# them into predictions (the transformer, on the kernels of chapter 12), an optimiser
+# improves it (AdamW and its schedule), and around it sits what makes a real training
+# run dependable: several processes sharing the work, checkpoints that survive a crash,
+# a measure of progress that is honest (bits per byte on text the model never saw),
+# and errors that say what went wrong.
+#
+# The file is long because a trainer has many small duties; each section below is one
+# of them and can be read on its own. In order:
+#
+# 1. carried code: errors and downloads (01), the text corpus and the tokenizer,
+#    shards and loader (09), the Triton kernels (12), each unchanged;
+# 2. the tokenizer of this run and how it is stored with the model;
+# 3. the data: text split into training and validation, written as shards;
+# 4. the two kernel sets, Triton's and PyTorch's, behind one interface;
+# 5. the model: `GPTConfig`, attention with rotary positions and a KV cache, the MLP,
+#    the block, the GPT and its sampler;
+# 6. the machinery of training: processes (DDP), the optimiser and its schedule,
+#    evaluation in bits per byte, checkpoints, FLOPs, one training step;
+# 7. the run itself, sampling and benchmarking, presets and the command line.
+#
+# What to watch when you run it: the log prints the loss every few dozen steps (it
+# starts near ln(vocabulary), the loss of a uniform guess, about 6.2 for 512 tokens,
+# and falls fast, then slowly), the learning rate rising and then decaying, the
+# gradient norm (large and jumpy at first, then calm), and the speed. Every few
+# hundred steps the validation loss and bits per byte on text the model never trains
+# on. At the end: the unigram baseline for comparison, a plot of the losses, and a
+# sample: text the model writes itself, continuing the first words of the held-out
+# text. After 90 seconds on a laptop it has learned spelling, punctuation, the shape of
+# the documentation (indented code examples, ">>>" prompts) and common phrases, but
+# not meaning. That takes a thousand times more compute: the `gpt2` preset.
+
+# %%
+import argparse
+import contextlib
+import hashlib
+import heapq
+import inspect
+import json
+import math
+import os
+import struct
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import warnings
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import regex          # installed with tiktoken; it knows \p{L}, "any letter"
+import tiktoken
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+CHAPTER = "13_gpt"
+
+# %% [markdown]
+# ## Carried from the earlier chapters: errors, downloads and the text corpus
+#
+# `DataError` is how every chapter reports a problem with the learner's input: one
+# sentence, exit code 2, no traceback. `download` fetches a file once, checks its
+# SHA-256 digest and renames it into place only when complete. `load_text` reads the
+# course's corpus. All three are carried unchanged from chapters 01 and 09.
+
+# %%
+class DataError(Exception):
+    """A problem with the learner's input (a file, a flag). `main` reports it in one
+    sentence and exits with code 2 instead of showing a traceback."""
+
+
+def sha256_of(path):
+    """The SHA-256 digest of a file, read in 1 MiB pieces so big files fit in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for piece in iter(lambda: file.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def download(url, path, sha256, timeout=20):
+    """Fetch `url` into `path` unless a verified copy is already there.
+
+    The bytes go to `path + ".part"` first and are renamed into place only after the
+    digest matches, so `path` is either absent or complete and correct. Returns True
+    when `path` holds the verified file, False when the download failed (no network,
+    a wrong digest); the caller then falls back to generated data."""
+    if os.path.exists(path) and sha256_of(path) == sha256:
+        return True
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    partial = path + ".part"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as file:
+            total = int(response.headers.get("Content-Length") or 0)
+            done = 0
+            while piece := response.read(1 << 16):
+                file.write(piece)
+                done += len(piece)
+                if total:
+                    print(f"\rdownloading {os.path.basename(path)}: {100 * done // total}%",
+                          end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+        if sha256_of(partial) != sha256:
+            os.remove(partial)
+            print(f"download of {url} did not match its recorded SHA-256; not using it",
+                  file=sys.stderr)
+            return False
+        os.replace(partial, path)
+        return True
+    except (OSError, ValueError):  # no network, refused, timed out, disk full
+        if os.path.exists(partial):
+            os.remove(partial)
+        return False
+
+
+
+# %% [markdown]
+# ## The text corpus
+#
+# The text chapters (00, 04, 09, 13) read one corpus: tiny Shakespeare, about a million
+# characters of plays, downloaded once into `data/` and checked against its recorded
+# SHA-256 digest. Offline, they use real English prose that ships with every Python
+# installation: the language reference and library topics behind `help()`
+# (`pydoc_data.topics`, about 465 KB). `--data` takes a local `.txt` file instead.
+
+# %%
+TEXT_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
+            "tinyshakespeare/input.txt")
+TEXT_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+
+def python_docs_text():
+    """The offline corpus: every help() topic of the Python documentation, in a fixed
+    order, separated by blank lines."""
+    from pydoc_data.topics import topics
+    return "\n\n".join(topics[name].strip() for name in sorted(topics)) + "\n"
+
+
+def load_text(path=None):
+    """The corpus as (text, source). `path` (from --data) wins; then the downloaded
+    tiny Shakespeare in data/; then the Python documentation, announced in one line."""
+    if path:
+        if not os.path.isfile(path):
+            raise DataError(f"text file {path} does not exist; pass --data with the path "
+                            f"of a UTF-8 .txt file")
+        try:
+            with open(path, encoding="utf-8") as file:
+                text = file.read()
+        except UnicodeDecodeError as error:
+            raise DataError(f"text file {path} is not valid UTF-8 (byte {error.start}); "
+                            f"convert it to UTF-8 first")
+        if not text.strip():
+            raise DataError(f"text file {path} is empty; the model needs text to learn from")
+        return text, path
+    cached = os.path.join("data", "tinyshakespeare.txt")
+    if download(TEXT_URL, cached, TEXT_SHA256):
+        with open(cached, encoding="utf-8") as file:
+            return file.read(), cached
+    print("note: could not download tiny Shakespeare (offline?); using the Python "
+          "documentation text instead", file=sys.stderr)
+    return python_docs_text(), "python-docs"
+
+
+# %% [markdown]
+# ## Carried from chapter 09: the tokenizer and the token shards
+#
+# A worked example of what BPE learns. On the Python documentation the first merges
+# are a space and a letter (" t", " a"), then "th", "in", " the", "re", "on"...; after
+# 250 merges whole frequent words are single tokens (" the", " function", " is"),
+# rare words are a few pieces (" deco" + "rator"), and any byte sequence at all can
+# still be written with the 256 single bytes. A vocabulary of 512 tokens shortens the
+# documentation about 2.3 times compared with bytes; GPT-2's 50,257 tokens shorten
+# English web text about 4 times.
+#
+# A GPT does not read characters but *tokens*: frequent pieces of text, each with an
+# id. Byte-pair encoding (BPE) builds them: start from the 256 byte values, then again
+# and again merge the most frequent neighbouring pair into a new token, until the
+# vocabulary has the size you asked for. The text is first cut into chunks (words,
+# numbers, runs of punctuation or spaces) so that a merge never crosses a word
+# boundary. tiktoken then encodes with the learned merges at the speed of Rust.
+# GPT-2's own tokenizer is the same machinery with 50,000 merges learned on web text.
+#
+# Chapter 09 also writes token ids to binary *shards* and reads them back; this
+# chapter reads such a folder directly with `--data`.
+
+# %%
+# ---- carried unchanged from 09_data.py ----
+# GPT-2's pre-tokenisation rule, exactly as tiktoken's "gpt2" encoding writes it:
+#   '(?:[sdmt]|ll|ve|re)   English contractions: 's 'd 'm 't 'll 've 're
+#    ?\p{L}+              letters of any script, with one optional leading space
+#    ?\p{N}+              digits and other numbers, same
+#    ?[^\s\p{L}\p{N}]+    punctuation and symbols (neither space, letter nor number)
+#   \s+(?!\S)             whitespace, but leave the last space for the next word
+#   \s+                   any remaining whitespace
+# The lookahead `(?!\S)` is why "a   b" splits as "a", "  ", " b": the final space
+# travels with the word, so " b" is the same token whether one space or three came
+# before it.
+GPT2_SPLIT_PATTERN = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+"""
+                      r"""|\s+(?!\S)|\s+""")
+END_OF_TEXT = "<|endoftext|>"   # the special token that separates documents
+
+
+def train_bpe(text, vocab_size):
+    """Learn byte-level BPE merges on `text` for a vocabulary of `vocab_size` tokens,
+    counting END_OF_TEXT: the 256 single bytes, `vocab_size - 257` merges, and the
+    special token, whose id (`vocab_size - 1`) comes after them. END_OF_TEXT in
+    `text` separates documents and is never merged into anything.
+
+    Returns tiktoken's `mergeable_ranks`: a dict from each token's bytes to its id,
+    the 256 single bytes first (id = byte value), then the merges in the order they
+    were learned. Ties between equally frequent pairs go to the pair of smaller ids,
+    so training is deterministic.
+
+    Speed comes from two ideas. (1) Count each distinct chunk once: " the" occurs
+    thousands of times but is one entry with a count. (2) Never recount: keep every
+    pair's count and, for each pair, the chunks it occurs in; a merge then touches
+    only those chunks, subtracting their old pairs and adding their new ones. A heap
+    finds the most frequent pair without scanning them all."""
+    if vocab_size < 257:
+        raise DataError(f"vocabulary size {vocab_size} is too small; a byte-level BPE "
+                        f"needs at least 257 tokens (the 256 single bytes and "
+                        f"{END_OF_TEXT})")
+    chunk_counts = Counter()
+    for document in text.split(END_OF_TEXT):
+        chunk_counts.update(regex.findall(GPT2_SPLIT_PATTERN, document))
+    words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]   # chunks as ids
+    counts = list(chunk_counts.values())
+
+    token_bytes = [bytes([value]) for value in range(256)]   # id -> bytes
+    id_of_bytes = {piece: rank for rank, piece in enumerate(token_bytes)}
+    pair_counts = Counter()            # (left id, right id) -> occurrences in the text
+    pair_words = defaultdict(set)      # (left id, right id) -> chunks that contain it
+    for index, (word, count) in enumerate(zip(words, counts)):
+        for pair in zip(word, word[1:]):
+            pair_counts[pair] += count
+            pair_words[pair].add(index)
+    # Python's heapq pops the smallest item, so we store (-count, pair). A count that
+    # changes gets a fresh entry; the old one is left behind and skipped when popped.
+    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
+
+    while len(token_bytes) < vocab_size - 1 and heap:
+        negative_count, pair = heapq.heappop(heap)
+        if pair_counts.get(pair) != -negative_count:
+            continue                                   # stale entry: count changed
+        merged_bytes = token_bytes[pair[0]] + token_bytes[pair[1]]
+        # Rarely, two different pairs spell the same bytes ("a"+"bc", "ab"+"c").
+        # tiktoken keys tokens by their bytes, so the second merge reuses the id.
+        new_id = id_of_bytes.get(merged_bytes)
+        if new_id is None:
+            new_id = id_of_bytes[merged_bytes] = len(token_bytes)
+            token_bytes.append(merged_bytes)
+        changed = set()
+        for index in pair_words.pop(pair):
+            word, count = words[index], counts[index]
+            merged, position = [], 0                   # replace the pair, left to right:
+            while position < len(word):                # (a, a, a) -> (aa, a)
+                if position + 1 < len(word) and (word[position], word[position + 1]) == pair:
+                    merged.append(new_id)
+                    position += 2
+                else:
+                    merged.append(word[position])
+                    position += 1
+            if len(merged) == len(word):
+                continue                               # the pair had left this chunk
+            for old in zip(word, word[1:]):            # forget the chunk's old pairs ...
+                pair_counts[old] -= count
+                changed.add(old)
+            for new in zip(merged, merged[1:]):        # ... and count its new ones
+                pair_counts[new] += count
+                pair_words[new].add(index)
+                changed.add(new)
+            words[index] = merged
+        for changed_pair in changed:
+            count = pair_counts[changed_pair]
+            if count > 0:
+                heapq.heappush(heap, (-count, changed_pair))
+            else:                                      # gone from every chunk
+                del pair_counts[changed_pair]
+                pair_words.pop(changed_pair, None)
+    return id_of_bytes
+
+
+def make_encoding(mergeable_ranks, name="course-bpe"):
+    """A `tiktoken.Encoding` with our learned merges and GPT-2's splitting rule, and
+    END_OF_TEXT as the one special token, numbered right after the merges."""
+    return tiktoken.Encoding(name=name, pat_str=GPT2_SPLIT_PATTERN,
+                             mergeable_ranks=mergeable_ranks,
+                             special_tokens={END_OF_TEXT: len(mergeable_ranks)})
+
+
+def gpt2_encoding(timeout=15.0):
+    """GPT-2's own tokenizer from tiktoken (50,257 tokens), or None when its two files
+    are neither cached (under data/tiktoken) nor downloadable.
+
+    tiktoken fetches the files with no time limit, so a network that swallows packets
+    could hang it for minutes; we wait at most `timeout` seconds in a background
+    thread and then carry on without it. Offline it usually fails at once."""
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join("data", "tiktoken"))
+    found = []
+
+    def fetch():
+        try:
+            found.append(tiktoken.get_encoding("gpt2"))
+        except Exception:  # whatever tiktoken's HTTP client raises offline, or a bad hash
+            pass
+
+    worker = threading.Thread(target=fetch, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return found[0] if found else None
+
+
+SHARD_MAGIC = b"Z2GTOKEN"
+SHARD_VERSION = 1
+SHARD_HEADER = struct.Struct("<8sIIQ")   # magic, version, bytes per token, token count
+
+
+def write_shard(path, tokens, vocab_size=None):
+    """Write token ids to `path` as a shard: header, then uint16 ids when they fit
+    (all below 65,536, or `vocab_size` at most 65,536 when given, so every shard of one
+    corpus gets the same type), else uint32. Atomic: temporary file, then rename."""
+    tokens = np.asarray(tokens)
+    largest = (vocab_size - 1) if vocab_size else (int(tokens.max()) if tokens.size else 0)
+    if tokens.size and (tokens.min() < 0 or tokens.max() > largest or largest >= 2**32):
+        raise DataError(f"token ids for shard {path} must lie in 0..{min(largest, 2**32 - 1)}")
+    dtype = np.dtype("<u2") if largest < 2**16 else np.dtype("<u4")   # little-endian
+    temporary = path + ".part"
+    try:
+        with open(temporary, "wb") as file:
+            file.write(SHARD_HEADER.pack(SHARD_MAGIC, SHARD_VERSION,
+                                         dtype.itemsize, tokens.size))
+            file.write(tokens.astype(dtype).tobytes())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def read_shard(path):
+    """The token ids of the shard at `path` as a read-only numpy array (memory-mapped:
+    pages are read from disk only when used). Raises DataError for a missing file, a
+    foreign file (bad magic), an unknown version or id size, or a wrong length."""
+    if not os.path.isfile(path):
+        raise DataError(f"token shard {path} does not exist; write shards with 09_data.py")
+    size = os.path.getsize(path)
+    if size < SHARD_HEADER.size:
+        raise DataError(f"token shard {path} is truncated: {size} bytes, shorter than "
+                        f"its {SHARD_HEADER.size}-byte header")
+    with open(path, "rb") as file:
+        magic, version, itemsize, count = SHARD_HEADER.unpack(file.read(SHARD_HEADER.size))
+    if magic != SHARD_MAGIC:
+        raise DataError(f"{path} is not a token shard (bad magic {magic!r}, expected "
+                        f"{SHARD_MAGIC!r})")
+    if version != SHARD_VERSION:
+        raise DataError(f"token shard {path} has format version {version}; this code "
+                        f"reads version {SHARD_VERSION}")
+    if itemsize not in (2, 4):
+        raise DataError(f"token shard {path} says each id takes {itemsize} bytes; "
+                        f"expected 2 or 4")
+    expected = SHARD_HEADER.size + count * itemsize
+    if size != expected:
+        raise DataError(f"token shard {path} has the wrong length: its header promises "
+                        f"{count} tokens ({expected} bytes) but the file has {size} bytes "
+                        f"(truncated or damaged; write it again)")
+    dtype = np.dtype("<u2" if itemsize == 2 else "<u4")
+    if count == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=SHARD_HEADER.size, shape=(count,))
+
+
+class ShardLoader:
+    """Batches of (inputs, targets), int64 arrays of shape (batch_size, block_size),
+    read from token shards. Rank `rank` of `world_size` gets its own disjoint share;
+    `seed=None` keeps the windows in stream order (useful for evaluation)."""
+
+    def __init__(self, paths, batch_size, block_size, rank=0, world_size=1, seed=0):
+        if batch_size < 1 or block_size < 1:
+            raise DataError(f"batch size and block size must be at least 1 (got "
+                            f"{batch_size} and {block_size})")
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is not in 0..{world_size - 1}")
+        if not paths:
+            raise DataError("no token shards given to the loader")
+        self.shards = [read_shard(path) for path in paths]
+        # starts[i] is the position of shard i's first token in the joined stream.
+        self.starts = np.cumsum([0] + [len(shard) for shard in self.shards])
+        self.tokens = int(self.starts[-1])
+        self.batch_size, self.block_size = batch_size, block_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.windows = max(self.tokens - 1, 0) // block_size
+        self.steps_per_epoch = self.windows // (batch_size * world_size)
+        if self.steps_per_epoch == 0:
+            raise DataError(f"the shards hold {self.tokens} tokens: too few for one batch "
+                            f"of {batch_size} x {block_size + 1} tokens on each of "
+                            f"{world_size} ranks; use more text or smaller batches")
+        self.epoch, self.step, self.order = 0, 0, None
+
+    def window_order(self, epoch):
+        """The order in which epoch `epoch` visits the windows."""
+        if self.seed is None:
+            return np.arange(self.windows)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.windows)
+
+    def read(self, start, length):
+        """`length` tokens of the joined stream from position `start`, as int64,
+        stitched across shard boundaries."""
+        pieces = []
+        shard = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while length > 0:
+            offset = start - int(self.starts[shard])
+            piece = self.shards[shard][offset:offset + length]
+            pieces.append(piece)
+            start, length, shard = start + len(piece), length - len(piece), shard + 1
+        return np.concatenate(pieces).astype(np.int64)
+
+    def next_batch(self):
+        """The next (inputs, targets) for this rank; targets are inputs shifted by one."""
+        if self.step == self.steps_per_epoch:
+            self.epoch, self.step, self.order = self.epoch + 1, 0, None
+        if self.order is None:
+            self.order = self.window_order(self.epoch)
+        first = (self.step * self.world_size + self.rank) * self.batch_size
+        rows = np.stack([self.read(int(window) * self.block_size, self.block_size + 1)
+                         for window in self.order[first:first + self.batch_size]])
+        self.step += 1
+        return np.ascontiguousarray(rows[:, :-1]), np.ascontiguousarray(rows[:, 1:])
+
+    def state_dict(self):
+        """The position, as plain integers (JSON- and torch.save-friendly). Every rank
+        is at the same position, so one rank's state restores them all."""
+        return {"epoch": self.epoch, "step": self.step, "seed": self.seed,
+                "tokens": self.tokens, "batch_size": self.batch_size,
+                "block_size": self.block_size, "world_size": self.world_size}
+
+    def load_state_dict(self, state):
+        """Continue from a position saved by `state_dict()` on the same shards and
+        settings; anything else would silently feed different batches, so it refuses."""
+        for key in ("seed", "tokens", "batch_size", "block_size", "world_size"):
+            if state.get(key) != getattr(self, key):
+                raise DataError(f"cannot resume the loader: saved {key} is "
+                                f"{state.get(key)}, now {getattr(self, key)}; resume with "
+                                f"the same shards and settings")
+        self.epoch, self.step, self.order = int(state["epoch"]), int(state["step"]), None
+# ---- end of the code carried from 09_data.py ----
+
+
+# %% [markdown]
+# ## Carried from chapter 12: the Triton kernels
+#
+# The whole kernel section of chapter 12, unchanged: each kernel with its launcher,
+# its hand-written backward pass and its autograd wrapper. Each public function
+# falls back to PyTorch where Triton cannot run on its tensors.
+
+# ---- carried unchanged from 12_triton.py ----
+# %% [markdown]
+# ## The kernels
+#
+# This section is self-contained: chapter 13 carries it unchanged. It decides how Triton
+# runs (compiled, interpreted, or not at all), then defines each kernel, its launcher and
+# its autograd wrapper. Each public function falls back to PyTorch where Triton cannot
+# run on its tensors (no Triton, or tensors on the CPU while a GPU compiles the kernels),
+# so code that calls these functions runs anywhere.
+
+# %%
+# Triton's interpreter runs kernels with numpy on the CPU. It is switched on by an
+# environment variable that Triton reads when a kernel is defined, so it must be set
+# before `import triton`. A learner who sets it themselves keeps their choice.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # macOS and Windows: no Triton wheels
+    HAS_TRITON = False
+
+    class _NoTriton:
+        """Stands in for `triton` and `triton.language` when Triton is not installed:
+        the decorators leave each kernel a plain Python function that is never called,
+        so this file still imports and every public function takes its PyTorch path."""
+        constexpr = None
+
+        @staticmethod
+        def jit(function):
+            return function
+
+        @staticmethod
+        def autotune(configs, key):
+            return lambda function: function
+
+        @staticmethod
+        def Config(*args, **kwargs):
+            return None
+
+    triton = tl = _NoTriton()
+
+INTERPRET = HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
+if INTERPRET:
+    # The interpreter computes with numpy, which warns when an exp overflows to inf or a
+    # masked lane computes inf - inf. The compiled kernels meet the same values silently,
+    # and every formula below is written so that such a value is never used.
+    warnings.filterwarnings("ignore", "overflow encountered", RuntimeWarning)
+    warnings.filterwarnings("ignore", "invalid value encountered", RuntimeWarning)
+
+
+def triton_runs_on(tensor):
+    """True when the Triton kernels can process `tensor`: compiled for a CUDA tensor, or
+    interpreted (any tensor, on the CPU) when TRITON_INTERPRET=1."""
+    return HAS_TRITON and (tensor.is_cuda or INTERPRET)
+
+
+def backend_name():
+    """One phrase saying how the kernels run in this process."""
+    if not HAS_TRITON:
+        return "PyTorch reference path (Triton is not installed)"
+    if INTERPRET:
+        return f"Triton {triton.__version__} interpreter on the CPU"
+    return f"Triton {triton.__version__} compiled for {torch.cuda.get_device_name()}"
+
+
+def tuning_configs(gpu_configs, interpreter_config):
+    """Autotuning candidates. On a GPU Triton times every candidate the first time it
+    meets a new shape and keeps the fastest. In the interpreter timing means nothing and
+    each run is slow, so there is one fixed, small candidate (and no timing at all)."""
+    return [interpreter_config] if INTERPRET else gpu_configs
+
+
+def row_block(n_cols, limit):
+    """The tile width for a row of `n_cols`: the next power of two, at most `limit`."""
+    return min(triton.next_power_of_2(n_cols), limit)
+
+
+def row_warps(block):
+    """Warps (groups of 32 threads) for a program that holds `block` numbers of a row:
+    more threads for wider tiles, so each thread keeps a few dozen values in registers."""
+    return 4 if block <= 2048 else (8 if block <= 8192 else 16)
+
+
+# Widest row tile. On a GPU 8,192 numbers of a row fit in registers; the interpreter uses
+# small tiles so that modest test shapes already exercise the loop over a long row.
+ROW_BLOCK_LIMIT = 128 if INTERPRET else 8192
+# Widest feature dimension for the norms, which keep one whole row in one tile.
+NORM_MAX_COLS = 16384
+# Elements per program for the element-wise kernels.
+ELEMENTWISE_BLOCK = 1024
+
+
+def rows_of(x):
+    """View `x` as a contiguous (rows, last dimension) matrix, the shape the row-wise
+    kernels work on."""
+    return x.contiguous().view(-1, x.shape[-1])
+
+
+# %% [markdown]
+# ### 1. `add`: programs, blocks and masks
+#
+# The simplest kernel. The grid has `ceil(n / BLOCK)` programs; program `p` handles
+# elements `p * BLOCK ... p * BLOCK + BLOCK - 1`. The last program's tile hangs over the
+# end of the tensor unless `n` is a multiple of `BLOCK`, so a mask switches those lanes
+# off: a masked load reads nothing and a masked store writes nothing. Pointers are plain
+# addresses: `x_ptr + offsets` is a tile of addresses, one per lane.
+#
+# Memory traffic: read `x` and `y`, write the sum: 3 numbers per element, the minimum
+# possible, which is why even this kernel reaches nearly the full HBM bandwidth.
+
+# %%
+@triton.jit
+def _add_kernel(x_ptr, y_ptr, out_ptr, n_elements, BLOCK: tl.constexpr):
+    # 64-bit program id: with 32-bit offsets a tensor over 2**31 elements would wrap.
+    pid = tl.program_id(0).to(tl.int64)
+    offsets = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n_elements
+    x = tl.load(x_ptr + offsets, mask=mask)
+    y = tl.load(y_ptr + offsets, mask=mask)
+    tl.store(out_ptr + offsets, x + y, mask=mask)
+
+
+def add(x, y):
+    """`x + y` for two tensors of the same shape and dtype, by a Triton kernel."""
+    if x.shape != y.shape or x.dtype != y.dtype:
+        raise ValueError(f"add needs equal shapes and dtypes, got {tuple(x.shape)} {x.dtype} "
+                         f"and {tuple(y.shape)} {y.dtype}")
+    if not triton_runs_on(x):
+        return x + y
+    x, y = x.contiguous(), y.contiguous()
+    out = torch.empty_like(x)
+    n_elements = out.numel()
+    grid = (triton.cdiv(n_elements, ELEMENTWISE_BLOCK),)
+    _add_kernel[grid](x, y, out, n_elements, BLOCK=ELEMENTWISE_BLOCK)
+    return out
+
+
+# %% [markdown]
+# ### 2. Softmax: one row per program, online for long rows
+#
+# `softmax(x)_j = exp(x_j - m) / sum_k exp(x_k - m)`, with `m = max_k x_k` subtracted so
+# that no `exp` overflows. Eager PyTorch composes it from a max, a subtract, an exp, a sum
+# and a divide, each a trip through HBM; a fused kernel gives each row to one program,
+# which loads the row once, does everything in registers and stores the result once.
+#
+# A row wider than one tile (more than `ROW_BLOCK_LIMIT` numbers) cannot sit in registers.
+# The *online softmax* streams it in chunks keeping two numbers: the running maximum `m`
+# and the running sum `s = sum exp(x_k - m)` of the chunks seen so far. When a chunk
+# raises the maximum from `m` to `m'`, the old sum is rescaled,
+#
+#     s' = s * exp(m - m') + sum_{k in chunk} exp(x_k - m'),
+#
+# because `exp(x_k - m) * exp(m - m') = exp(x_k - m')`. One sweep gives `m` and `s`; a
+# second sweep writes `exp(x_j - m) / s`. (The rescaling trick is also the heart of flash
+# attention below and of the cross-entropy kernel.)
+#
+# Masked lanes load `-inf`: `exp(-inf) = 0` adds nothing to a sum and `-inf` never wins
+# a max. An input may hold `-inf` itself (a masked attention score): while every number
+# seen so far is `-inf`, the running max is `-inf` too and `exp(m - m')` would be the
+# undefined `exp(-inf - (-inf))`, so the loop subtracts 0 instead in that case. (A row
+# that is *all* `-inf` has no softmax; the result is NaN, as in PyTorch.)
+#
+# Backward. With `y = softmax(x)` and incoming gradient `dy`,
+# `dy_j/dx_k = y_j (delta_jk - y_k)`, so
+#
+#     dx_k = sum_j dy_j y_j (delta_jk - y_k) = y_k (dy_k - sum_j dy_j y_j),
+#
+# one dot product per row and an element-wise step: again one program per row, reading
+# `y` (saved by the forward pass) and `dy` once each when the row fits in a tile.
+
+# %%
+@triton.jit
+def _row_max_and_sum(row_ptr, n_cols, BLOCK: tl.constexpr):
+    """Online softmax statistics of one row: its maximum m and sum(exp(x - m)), streaming
+    the row in chunks of BLOCK. Shared by the softmax and cross-entropy kernels."""
+    running_max = -float("inf")
+    running_sum = 0.0
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(row_ptr + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32)
+        new_max = tl.maximum(running_max, tl.max(x, axis=0))
+        # While every number so far is -inf (a chunk fully masked by the caller), subtract
+        # 0 instead: exp(-inf - 0) = 0, where exp(-inf - (-inf)) would be NaN.
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        running_sum = running_sum * tl.exp(running_max - safe_max) + tl.sum(tl.exp(x - safe_max), axis=0)
+        running_max = new_max
+    return running_max, running_sum
+
+
+@triton.jit
+def _softmax_forward_kernel(x_ptr, y_ptr, n_cols, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * n_cols
+    y_row = y_ptr + row * n_cols
+    if ONE_BLOCK:
+        # The whole row fits in one tile: read once, write once.
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(x_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
+        numerator = tl.exp(x - tl.max(x, axis=0))
+        y = numerator / tl.sum(numerator, axis=0)
+        tl.store(y_row + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        # Sweep 1: running max and sum. Sweep 2: normalise and write.
+        row_max, row_sum = _row_max_and_sum(x_row, n_cols, BLOCK)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            x = tl.load(x_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
+            y = tl.exp(x - row_max) / row_sum
+            tl.store(y_row + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _softmax_backward_kernel(y_ptr, dy_ptr, dx_ptr, n_cols, BLOCK: tl.constexpr,
+                             ONE_BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    y_row = y_ptr + row * n_cols
+    dy_row = dy_ptr + row * n_cols
+    dx_row = dx_ptr + row * n_cols
+    if ONE_BLOCK:
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        y = tl.load(y_row + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
+        dx = y * (dy - tl.sum(y * dy, axis=0))
+        tl.store(dx_row + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    else:
+        # Sweep 1: the dot product sum_j dy_j y_j. Sweep 2: dx.
+        dot = 0.0
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            y = tl.load(y_row + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
+            dot += tl.sum(y * dy, axis=0)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            y = tl.load(y_row + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(dx_row + cols, (y * (dy - dot)).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+class _Softmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        x_rows = rows_of(x)
+        n_rows, n_cols = x_rows.shape
+        block = row_block(n_cols, ROW_BLOCK_LIMIT)
+        y = torch.empty_like(x_rows)
+        _softmax_forward_kernel[(n_rows,)](x_rows, y, n_cols, BLOCK=block,
+                                           ONE_BLOCK=n_cols <= block, num_warps=row_warps(block))
+        ctx.save_for_backward(y)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        n_rows, n_cols = y.shape
+        block = row_block(n_cols, ROW_BLOCK_LIMIT)
+        dy_rows = rows_of(dy)
+        dx = torch.empty_like(y)
+        _softmax_backward_kernel[(n_rows,)](y, dy_rows, dx, n_cols, BLOCK=block,
+                                            ONE_BLOCK=n_cols <= block, num_warps=row_warps(block))
+        return dx.view(dy.shape)
+
+
+def softmax(x):
+    """Softmax over the last dimension of `x`, forward and backward in Triton."""
+    if not triton_runs_on(x):
+        return torch.softmax(x, dim=-1)
+    return _Softmax.apply(x)
+
+
+# %% [markdown]
+# ### 3. Layer norm and RMS norm: a row per program forward, rows reduced backward
+#
+# Layer norm of a row `x` of width `n`: `mean = sum(x) / n`,
+# `rstd = 1 / sqrt(sum((x - mean)^2) / n + eps)`, `xhat = (x - mean) * rstd`, and
+# `y = weight * xhat + bias`. RMS norm (used by chapter 13) skips the mean and the bias:
+# `rstd = 1 / sqrt(sum(x^2) / n + eps)`, `xhat = x * rstd`, `y = weight * xhat`. One kernel
+# serves both (the constexpr `RMS` removes the mean and bias at compile time). The forward
+# pass keeps a whole row in registers: read `x` once, write `y` once, and save the two
+# per-row numbers `mean` and `rstd` for the backward pass, so it need not recompute them.
+#
+# Backward. Write `g = weight * dy`, the gradient reaching `xhat`. For layer norm,
+# differentiating `xhat_i = (x_i - mean) * rstd` through both `mean` and `rstd` gives
+#
+#     dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
+#
+# and for RMS norm, with no mean, `dx = rstd * (g - xhat * mean(g * xhat))`.
+# (`mean` here averages over the row.) These are per-row, like the forward pass.
+#
+# The weight and bias gradients are sums *down the rows*: `dweight = sum_rows dy * xhat`,
+# `dbias = sum_rows dy`. Adding 16,384 rows into one vector from 16,384 programs would
+# need atomic additions, which serialise and make the result depend on their order. Instead
+# a fixed number of programs (a few per SM) each walk a stripe of rows, accumulate their
+# partial sums in registers, and write one partial row each; a small second kernel adds
+# the partial rows up, column by column. The result is deterministic, and the only extra
+# memory traffic is a few hundred partial rows.
+
+# %%
+@triton.jit
+def _norm_forward_kernel(x_ptr, weight_ptr, bias_ptr, y_ptr, mean_ptr, rstd_ptr, n_cols, eps,
+                         BLOCK: tl.constexpr, RMS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if RMS:
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+        y = x * rstd * weight
+    else:
+        mean = tl.sum(x, axis=0) / n_cols
+        # Masked lanes hold 0, and 0 - mean is not 0: zero them before the variance.
+        centred = tl.where(mask, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / n_cols + eps)
+        bias = tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        y = centred * rstd * weight + bias
+        tl.store(mean_ptr + row, mean)
+    tl.store(rstd_ptr + row, rstd)
+    tl.store(y_ptr + row * n_cols + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _norm_backward_kernel(x_ptr, weight_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr,
+                          weight_partial_ptr, bias_partial_ptr, n_rows, n_cols,
+                          BLOCK: tl.constexpr, RMS: tl.constexpr):
+    pid = tl.program_id(0)
+    n_programs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    weight_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    bias_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    # This program takes rows pid, pid + n_programs, pid + 2 * n_programs, ...
+    # `offset` is the row's first element, kept in 64 bits.
+    offset = pid.to(tl.int64) * n_cols
+    for row in range(pid, n_rows, n_programs):
+        x = tl.load(x_ptr + offset + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offset + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row)
+        g = weight * dy  # 0 in masked lanes, where weight was loaded as 0
+        if RMS:
+            xhat = x * rstd
+            dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / n_cols))
+        else:
+            xhat = tl.where(mask, (x - tl.load(mean_ptr + row)) * rstd, 0.0)
+            dx = rstd * (g - tl.sum(g, axis=0) / n_cols - xhat * (tl.sum(g * xhat, axis=0) / n_cols))
+            bias_sum += dy
+        weight_sum += dy * xhat
+        tl.store(dx_ptr + offset + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        offset += n_programs * n_cols
+    tl.store(weight_partial_ptr + pid * n_cols + cols, weight_sum, mask=mask)
+    if not RMS:
+        tl.store(bias_partial_ptr + pid * n_cols + cols, bias_sum, mask=mask)
+
+
+@triton.jit
+def _column_sum_kernel(partial_ptr, out_ptr, n_rows, n_cols, BLOCK_ROWS: tl.constexpr,
+                       BLOCK_COLS: tl.constexpr):
+    """out[c] = sum over r of partial[r, c]: each program adds up BLOCK_COLS columns."""
+    cols = tl.program_id(0) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    total = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
+    for start in range(0, n_rows, BLOCK_ROWS):
+        rows = start + tl.arange(0, BLOCK_ROWS)
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        total += tl.load(partial_ptr + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
+    tl.store(out_ptr + cols, tl.sum(total, axis=0).to(out_ptr.dtype.element_ty), mask=cols < n_cols)
+
+
+def column_sum(partial, like):
+    """Sum the fp32 matrix `partial` over its rows into a new tensor shaped and typed like
+    `like` (a weight or bias)."""
+    out = torch.empty_like(like)
+    n_rows, n_cols = partial.shape
+    _column_sum_kernel[(triton.cdiv(n_cols, 64),)](partial, out, n_rows, n_cols,
+                                                   BLOCK_ROWS=32, BLOCK_COLS=64)
+    return out
+
+
+def norm_programs(x, n_rows):
+    """How many programs share the rows in the norm backward pass: a few per SM on a
+    GPU, so every SM is busy while the partial sums stay few; four in the interpreter."""
+    if x.is_cuda:
+        return min(n_rows, 4 * torch.cuda.get_device_properties(x.device).multi_processor_count)
+    return min(n_rows, 4)
+
+
+class _Norm(torch.autograd.Function):
+    """Layer norm (bias given) or RMS norm (bias None) over the last dimension."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        x_rows = rows_of(x)
+        n_rows, n_cols = x_rows.shape
+        if n_cols > NORM_MAX_COLS:
+            raise ValueError(f"the norm kernels keep a row in one tile: at most "
+                             f"{NORM_MAX_COLS} features, got {n_cols}")
+        rms = bias is None
+        block = triton.next_power_of_2(n_cols)
+        y = torch.empty_like(x_rows)
+        mean = torch.empty(n_rows, device=x.device, dtype=torch.float32)
+        rstd = torch.empty(n_rows, device=x.device, dtype=torch.float32)
+        # RMS norm reads no bias: the weight stands in for the unused pointer.
+        _norm_forward_kernel[(n_rows,)](x_rows, weight, weight if rms else bias, y, mean, rstd,
+                                        n_cols, eps, BLOCK=block, RMS=rms,
+                                        num_warps=row_warps(block))
+        ctx.save_for_backward(x_rows, weight, mean, rstd)
+        ctx.rms = rms
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_rows, weight, mean, rstd = ctx.saved_tensors
+        n_rows, n_cols = x_rows.shape
+        block = triton.next_power_of_2(n_cols)
+        programs = norm_programs(x_rows, n_rows)
+        dx = torch.empty_like(x_rows)
+        weight_partial = torch.empty(programs, n_cols, device=dx.device, dtype=torch.float32)
+        bias_partial = torch.empty_like(weight_partial)
+        _norm_backward_kernel[(programs,)](x_rows, weight, rows_of(dy), dx, mean, rstd,
+                                           weight_partial, bias_partial, n_rows, n_cols,
+                                           BLOCK=block, RMS=ctx.rms, num_warps=row_warps(block))
+        dweight = column_sum(weight_partial, weight)
+        dbias = None if ctx.rms else column_sum(bias_partial, weight)
+        return dx.view(dy.shape), dweight, dbias, None
+
+
+def layer_norm(x, weight, bias, eps=1e-5):
+    """Layer norm over the last dimension (like `F.layer_norm`), forward and backward in
+    Triton."""
+    if not triton_runs_on(x):
+        return torch_layer_norm(x, weight, bias, eps)
+    return _Norm.apply(x, weight, bias, eps)
+
+
+def rms_norm(x, weight, eps=1e-6):
+    """RMS norm over the last dimension: `x / sqrt(mean(x^2) + eps) * weight`, forward
+    and backward in Triton."""
+    if not triton_runs_on(x):
+        return torch_rms_norm(x, weight, eps)
+    return _Norm.apply(x, weight, None, eps)
+
+
+def torch_layer_norm(x, weight, bias, eps=1e-5):
+    """PyTorch's layer norm: the reference, and the path where Triton cannot run."""
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def torch_rms_norm(x, weight, eps=1e-6):
+    """RMS norm in PyTorch operations, computed in fp32 like the kernel."""
+    rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    return (x.float() * rstd).to(x.dtype) * weight
+
+
+# %% [markdown]
+# ### 4. GELU and SwiGLU: fused element-wise activations
+#
+# GELU, tanh approximation (GPT-2's activation):
+#
+#     gelu(x) = 0.5 x (1 + tanh(u)),   u = c (x + 0.044715 x^3),   c = sqrt(2 / pi).
+#
+# Since `0.5 (1 + tanh(u)) = sigmoid(2u) = 1 / (1 + exp(-2u))`, the kernel computes
+# `x * sigmoid(2u)` with one `exp`; it tends to exactly 0 and 1 at the ends instead of
+# overflowing. The derivative, with `t = tanh(u)`:
+#
+#     gelu'(x) = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2).
+#
+# SwiGLU (chapter 13's feed-forward) gates one projection by another:
+# `swiglu(a, b) = silu(a) * b` with `silu(a) = a * sigmoid(a)`. With `s = sigmoid(a)`,
+# `silu'(a) = s + a s (1 - s) = s (1 + a (1 - s))`, so
+#
+#     d(out)/da = dy * b * s (1 + a (1 - s)),   d(out)/db = dy * silu(a).
+#
+# In eager PyTorch each of these is a string of operations, each reading and writing the
+# whole tensor; fused, the forward pass reads the input(s) once and writes once, and the
+# backward pass recomputes the cheap activation from the saved input instead of storing
+# intermediate tensors.
+
+# %%
+GELU_C = math.sqrt(2.0 / math.pi)
+
+
+@triton.jit
+def _gelu_forward_kernel(x_ptr, y_ptr, n_elements, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n_elements
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)  # c = sqrt(2 / pi)
+    y = x / (1.0 + tl.exp(-2.0 * u))
+    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gelu_backward_kernel(x_ptr, dy_ptr, dx_ptr, n_elements, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n_elements
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    tanh_u = 2.0 / (1.0 + tl.exp(-2.0 * u)) - 1.0
+    slope = 0.5 * (1.0 + tanh_u) + 0.5 * x * (1.0 - tanh_u * tanh_u) * 0.7978845608028654 * (
+        1.0 + 3.0 * 0.044715 * x * x)
+    tl.store(dx_ptr + offsets, (dy * slope).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_forward_kernel(a_ptr, b_ptr, y_ptr, n_elements, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n_elements
+    a = tl.load(a_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    y = a / (1.0 + tl.exp(-a)) * b
+    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_backward_kernel(a_ptr, b_ptr, dy_ptr, da_ptr, db_ptr, n_elements, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n_elements
+    a = tl.load(a_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    sig = 1.0 / (1.0 + tl.exp(-a))
+    tl.store(da_ptr + offsets, (dy * b * sig * (1.0 + a * (1.0 - sig))).to(da_ptr.dtype.element_ty),
+             mask=mask)
+    tl.store(db_ptr + offsets, (dy * a * sig).to(db_ptr.dtype.element_ty), mask=mask)
+
+
+def elementwise_grid(tensor):
+    """One program per ELEMENTWISE_BLOCK elements."""
+    return (triton.cdiv(tensor.numel(), ELEMENTWISE_BLOCK),)
+
+
+class _Gelu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        x = x.contiguous()
+        y = torch.empty_like(x)
+        _gelu_forward_kernel[elementwise_grid(x)](x, y, x.numel(), BLOCK=ELEMENTWISE_BLOCK)
+        ctx.save_for_backward(x)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        dx = torch.empty_like(x)
+        _gelu_backward_kernel[elementwise_grid(x)](x, dy.contiguous(), dx, x.numel(),
+                                                   BLOCK=ELEMENTWISE_BLOCK)
+        return dx
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        a, b = a.contiguous(), b.contiguous()
+        y = torch.empty_like(a)
+        _swiglu_forward_kernel[elementwise_grid(a)](a, b, y, a.numel(), BLOCK=ELEMENTWISE_BLOCK)
+        ctx.save_for_backward(a, b)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        a, b = ctx.saved_tensors
+        da, db = torch.empty_like(a), torch.empty_like(b)
+        _swiglu_backward_kernel[elementwise_grid(a)](a, b, dy.contiguous(), da, db, a.numel(),
+                                                     BLOCK=ELEMENTWISE_BLOCK)
+        return da, db
+
+
+def gelu(x):
+    """GELU, tanh approximation (`F.gelu(x, approximate="tanh")`), in Triton."""
+    if not triton_runs_on(x):
+        return F.gelu(x, approximate="tanh")
+    return _Gelu.apply(x)
+
+
+def swiglu(a, b):
+    """`silu(a) * b` for two tensors of the same shape, in Triton."""
+    if a.shape != b.shape:
+        raise ValueError(f"swiglu needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if not triton_runs_on(a):
+        return F.silu(a) * b
+    return _SwiGLU.apply(a, b)
+
+
+# %% [markdown]
+# ### 5. Cross-entropy: loss and gradient in one kernel, chunked over the vocabulary
+#
+# A GPT's last layer gives, for each of `N` positions, a row of `V` logits (GPT-2:
+# `V = 50,257`). The loss of a row with target `t` is `lse - x_t`, where
+# `lse = log sum_j exp(x_j)` is the log-sum-exp; the mean is taken over the rows whose
+# target is not `ignore_index`. Its gradient with respect to the logits is
+#
+#     dloss/dx_j = (softmax(x)_j - [j == t]) / n_valid,
+#
+# and 0 for ignored rows. Eager PyTorch materialises `log_softmax(x)`, an N x V tensor
+# as big as the logits, then reads it again in the backward pass. Here one program per
+# row streams its row twice: sweep 1 computes `lse` with the online max and sum of the
+# softmax kernel, sweep 2 writes the gradient chunk by chunk. The second sweep mostly
+# hits the L2 cache, the loss costs no extra tensor, and the backward pass has nothing
+# left to compute except scaling the stored gradient by the incoming one (1 for a loss
+# that is not scaled further).
+#
+# `n_valid` is counted on the device and read by the kernel from memory, so the host
+# never waits for the GPU to learn it.
+
+# %%
+@triton.jit
+def _cross_entropy_kernel(logits_ptr, targets_ptr, valid_count_ptr, loss_ptr, grad_ptr, n_cols,
+                          ignore_index, BLOCK: tl.constexpr, WRITE_GRAD: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    logits_row = logits_ptr + row * n_cols
+    target = tl.load(targets_ptr + row)
+    valid = target != ignore_index
+    row_max, row_sum = _row_max_and_sum(logits_row, n_cols, BLOCK)
+    lse = row_max + tl.log(row_sum)
+    target_logit = tl.load(logits_row + target, mask=valid, other=0.0).to(tl.float32)
+    tl.store(loss_ptr + row, tl.where(valid, lse - target_logit, 0.0))
+    if WRITE_GRAD:
+        # 1 / n_valid for a row that counts, 0 for an ignored one (whose whole gradient
+        # row is then written as zeros).
+        scale = tl.where(valid, 1.0 / tl.load(valid_count_ptr).to(tl.float32), 0.0)
+        grad_row = grad_ptr + row * n_cols
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            x = tl.load(logits_row + cols, mask=mask, other=0.0).to(tl.float32)
+            grad = (tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)) * scale
+            tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index):
+        logits = logits.contiguous()
+        targets = targets.contiguous()
+        n_rows, n_cols = logits.shape
+        valid_count = (targets != ignore_index).sum()
+        losses = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
+        write_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(logits) if write_grad else losses  # unused without grad
+        block = row_block(n_cols, min(ROW_BLOCK_LIMIT, 4096))
+        _cross_entropy_kernel[(n_rows,)](logits, targets, valid_count, losses, grad, n_cols,
+                                         ignore_index, BLOCK=block, WRITE_GRAD=write_grad,
+                                         num_warps=row_warps(block))
+        if write_grad:
+            ctx.save_for_backward(grad)
+        return (losses.sum() / valid_count).to(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output, None, None
+
+
+def cross_entropy(logits, targets, ignore_index=-100):
+    """Mean cross-entropy of `logits` (rows, vocabulary) against integer `targets` (rows,),
+    leaving out rows whose target is `ignore_index` (like `F.cross_entropy`). Targets
+    must lie in [0, vocabulary) or equal `ignore_index`; the kernel does not check."""
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"cross_entropy needs logits (rows, vocabulary) and targets (rows,), "
+                         f"got {tuple(logits.shape)} and {tuple(targets.shape)}")
+    if not triton_runs_on(logits):
+        return F.cross_entropy(logits, targets, ignore_index=ignore_index)
+    return _CrossEntropy.apply(logits, targets, ignore_index)
+
+
+# %% [markdown]
+# ### 6. Flash attention: attention without the attention matrix
+#
+# Attention for one head: `S = scale * Q K^T` (seq x seq), `P = softmax(S)` row-wise,
+# with the causal mask setting `S_ij = -inf` for `j > i`, and `O = P V`. Eager PyTorch
+# writes `S` and `P` to HBM: at sequence 1,024 with 12 heads and batch 8 that is
+# 100 million numbers per layer, read and written several times, while `Q`, `K`, `V` and
+# `O` are 0.5 million rows of 64. Flash attention never stores `S` or `P`:
+#
+# **Forward** (FlashAttention-2). Each program owns a block of `BLOCK_M` query rows and
+# keeps them in registers. It loops over blocks of `BLOCK_N` keys and values; for each,
+# `S_block = Q_block K_block^T` on the tensor cores, then the online softmax of section 2,
+# row by row: a running max `m`, a running sum `l`, and a running output `acc` that is
+# rescaled by `exp(m_old - m_new)` whenever the max grows, exactly as the running sum is:
+#
+#     m' = max(m, rowmax(S_block));   P_block = exp(S_block - m')
+#     l' = l * exp(m - m') + rowsum(P_block);   acc' = acc * exp(m - m') + P_block V_block
+#
+# and at the end `O = acc / l`. HBM traffic: read Q, K, V, write O, whatever the
+# sequence length; the work is the same `4 * seq^2 * head_dim` FLOPs per head as before,
+# now on data in registers and shared memory. A causal program stops at the diagonal,
+# halving the work. The kernel works in base 2 (`exp2`, with `log2(e)` folded into the
+# scale), which the hardware computes natively.
+#
+# It also stores, per query row, the log-sum-exp `lse = m + log2(l)` (in base 2): the
+# one number per row that lets the backward pass rebuild `P` exactly.
+#
+# **Backward**, recomputing instead of storing. With `dO` the incoming gradient:
+#
+#     dV = P^T dO,   dP = dO V^T,   dS = P * (dP - D),   dQ = scale * dS K,
+#     dK = scale * dS^T Q,   where D_i = sum_j P_ij dP_ij = dO_i . O_i
+#
+# (the `D` term is the softmax backward of section 2, `D` computed cheaply from `O` and
+# `dO` by a small preprocessing kernel). `P` is recomputed block by block from Q, K and
+# the saved `lse`: `P_ij = exp2(S_ij * log2(e) - lse_i)`. Doing the matrix multiplies
+# again costs less than reading a stored `P` would. One kernel gives each program a block
+# of keys and accumulates its `dK` and `dV` over all query blocks; a second gives each
+# program a block of queries and accumulates `dQ` over all key blocks. No two programs
+# write the same output, so there are no atomics.
+#
+# Any sequence length works: loads past the end are masked to 0 and those scores to
+# `-inf`; any head size from 16 to 128 works, padded up to a power of two inside the
+# kernel. The queries may be shorter or longer than the keys (cross-attention); the
+# causal mask then lets query `i` see keys `0..i`, like PyTorch's `is_causal`. Every
+# query row sees key 0, so the running max is finite after the first block; the kernel
+# still guards the `(-inf) - (-inf)` case so a row with nothing to see yields 0, not NaN.
+
+# %%
+LOG2_E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
+
+
+@triton.jit
+def _load_rows(base_ptr, rows, n_rows, dims, HEAD_DIM: tl.constexpr):
+    """A (len(rows), len(dims)) tile of a contiguous (n_rows, HEAD_DIM) matrix, with zeros
+    past the last row and past the head size."""
+    mask = (rows[:, None] < n_rows) & (dims[None, :] < HEAD_DIM)
+    return tl.load(base_ptr + rows[:, None] * HEAD_DIM + dims[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rows(base_ptr, tile, rows, n_rows, dims, HEAD_DIM: tl.constexpr):
+    mask = (rows[:, None] < n_rows) & (dims[None, :] < HEAD_DIM)
+    tl.store(base_ptr + rows[:, None] * HEAD_DIM + dims[None, :],
+             tile.to(base_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _visible(q_rows, kv_cols, q_len, kv_len, CAUSAL: tl.constexpr):
+    """Which (query, key) pairs of a block take part: both inside the sequences and,
+    when causal, the key not after the query."""
+    visible = (q_rows[:, None] < q_len) & (kv_cols[None, :] < kv_len)
+    if CAUSAL:
+        visible = visible & (kv_cols[None, :] <= q_rows[:, None])
+    return visible
+
+
+@triton.jit
+def _flash_forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_len, kv_len, scale_log2,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)  # batch * heads + head
+    q_base = q_ptr + head * q_len * HEAD_DIM
+    kv_offset = head * kv_len * HEAD_DIM
+    q_rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    q = _load_rows(q_base, q_rows, q_len, dims, HEAD_DIM)
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if CAUSAL:
+        # Keys after this block's last query are masked for every row: skip them.
+        end = tl.minimum((pid_m + 1) * BLOCK_M, kv_len)
+    else:
+        end = kv_len
+    for start_n in range(0, end, BLOCK_N):
+        kv_cols = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_ptr + kv_offset, kv_cols, kv_len, dims, HEAD_DIM)
+        v = _load_rows(v_ptr + kv_offset, kv_cols, kv_len, dims, HEAD_DIM)
+        scores = tl.dot(q, tl.trans(k)) * scale_log2
+        scores = tl.where(_visible(q_rows, kv_cols, q_len, kv_len, CAUSAL), scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        # A row that has seen only masked keys keeps max -inf; subtract 0 instead so
+        # exp2 gives 0 rather than exp2(-inf - (-inf)) = NaN.
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        rescale = tl.exp2(row_max - safe_max)
+        p = tl.exp2(scores - safe_max[:, None])
+        row_sum = row_sum * rescale + tl.sum(p, axis=1)
+        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+        row_max = new_max
+    safe_sum = tl.where(row_sum == 0.0, 1.0, row_sum)
+    _store_rows(o_ptr + head * q_len * HEAD_DIM, acc / safe_sum[:, None], q_rows, q_len, dims,
+                HEAD_DIM)
+    tl.store(lse_ptr + head * q_len + q_rows, row_max + tl.log2(safe_sum), mask=q_rows < q_len)
+
+
+@triton.jit
+def _flash_backward_preprocess_kernel(o_ptr, do_ptr, delta_ptr, q_len, HEAD_DIM: tl.constexpr,
+                                      BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """D_i = dO_i . O_i for a block of query rows."""
+    head = tl.program_id(1).to(tl.int64)
+    q_rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    o = _load_rows(o_ptr + head * q_len * HEAD_DIM, q_rows, q_len, dims, HEAD_DIM).to(tl.float32)
+    do = _load_rows(do_ptr + head * q_len * HEAD_DIM, q_rows, q_len, dims, HEAD_DIM).to(tl.float32)
+    tl.store(delta_ptr + head * q_len + q_rows, tl.sum(o * do, axis=1), mask=q_rows < q_len)
+
+
+@triton.jit
+def _recompute_probabilities(q, k, lse, q_rows, kv_cols, q_len, kv_len, scale_log2,
+                             CAUSAL: tl.constexpr):
+    """P for one (query block, key block) pair, rebuilt from the saved log-sum-exp."""
+    scores = tl.dot(q, tl.trans(k)) * scale_log2
+    visible = _visible(q_rows, kv_cols, q_len, kv_len, CAUSAL)
+    return tl.where(visible, tl.exp2(scores - lse[:, None]), 0.0)
+
+
+@triton.jit
+def _flash_backward_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+                                q_len, kv_len, scale, scale_log2, HEAD_DIM: tl.constexpr,
+                                BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    pid_n = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    q_offset = head * q_len * HEAD_DIM
+    kv_offset = head * kv_len * HEAD_DIM
+    kv_cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    k = _load_rows(k_ptr + kv_offset, kv_cols, kv_len, dims, HEAD_DIM)
+    v = _load_rows(v_ptr + kv_offset, kv_cols, kv_len, dims, HEAD_DIM)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if CAUSAL:
+        # Queries before this block's first key see none of it: start at the query block
+        # that holds row pid_n * BLOCK_N.
+        start = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
+    else:
+        start = 0
+    for start_m in range(start, q_len, BLOCK_M):
+        q_rows = start_m + tl.arange(0, BLOCK_M)
+        q = _load_rows(q_ptr + q_offset, q_rows, q_len, dims, HEAD_DIM)
+        do = _load_rows(do_ptr + q_offset, q_rows, q_len, dims, HEAD_DIM)
+        lse = tl.load(lse_ptr + head * q_len + q_rows, mask=q_rows < q_len, other=0.0)
+        delta = tl.load(delta_ptr + head * q_len + q_rows, mask=q_rows < q_len, other=0.0)
+        p = _recompute_probabilities(q, k, lse, q_rows, kv_cols, q_len, kv_len, scale_log2, CAUSAL)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    _store_rows(dk_ptr + kv_offset, dk * scale, kv_cols, kv_len, dims, HEAD_DIM)
+    _store_rows(dv_ptr + kv_offset, dv, kv_cols, kv_len, dims, HEAD_DIM)
+
+
+@triton.jit
+def _flash_backward_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, q_len,
+                              kv_len, scale, scale_log2, HEAD_DIM: tl.constexpr,
+                              BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              CAUSAL: tl.constexpr):
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    q_offset = head * q_len * HEAD_DIM
+    kv_offset = head * kv_len * HEAD_DIM
+    q_rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    q = _load_rows(q_ptr + q_offset, q_rows, q_len, dims, HEAD_DIM)
+    do = _load_rows(do_ptr + q_offset, q_rows, q_len, dims, HEAD_DIM)
+    lse = tl.load(lse_ptr + head * q_len + q_rows, mask=q_rows < q_len, other=0.0)
+    delta = tl.load(delta_ptr + head * q_len + q_rows, mask=q_rows < q_len, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if CAUSAL:
+        end = tl.minimum((pid_m + 1) * BLOCK_M, kv_len)
+    else:
+        end = kv_len
+    for start_n in range(0, end, BLOCK_N):
+        kv_cols = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_ptr + kv_offset, kv_cols, kv_len, dims, HEAD_DIM)
+        v = _load_rows(v_ptr + kv_offset, kv_cols, kv_len, dims, HEAD_DIM)
+        p = _recompute_probabilities(q, k, lse, q_rows, kv_cols, q_len, kv_len, scale_log2, CAUSAL)
+        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    _store_rows(dq_ptr + q_offset, dq * scale, q_rows, q_len, dims, HEAD_DIM)
+
+
+# Autotuning candidates: on a GPU Triton times each the first time it meets a shape
+# (the key) and keeps the fastest. A candidate that needs more shared memory than the
+# card has fails to compile and is skipped.
+FLASH_FORWARD_CONFIGS = tuning_configs(
+    [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)],
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1))
+FLASH_BACKWARD_CONFIGS = tuning_configs(
+    [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+     triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)],
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1))
+FLASH_TUNING_KEY = ["q_len", "kv_len", "HEAD_DIM", "CAUSAL"]
+flash_forward = triton.autotune(FLASH_FORWARD_CONFIGS, key=FLASH_TUNING_KEY)(_flash_forward_kernel)
+flash_backward_dkdv = triton.autotune(FLASH_BACKWARD_CONFIGS,
+                                      key=FLASH_TUNING_KEY)(_flash_backward_dkdv_kernel)
+flash_backward_dq = triton.autotune(FLASH_BACKWARD_CONFIGS,
+                                    key=FLASH_TUNING_KEY)(_flash_backward_dq_kernel)
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        batch, heads, q_len, head_dim = q.shape
+        kv_len = k.shape[2]
+        block_d = max(16, triton.next_power_of_2(head_dim))
+        o = torch.empty_like(q)
+        lse = torch.empty(batch * heads, q_len, device=q.device, dtype=torch.float32)
+
+        def grid(meta):
+            return (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)
+
+        flash_forward[grid](q, k, v, o, lse, q_len, kv_len, scale * LOG2_E, HEAD_DIM=head_dim,
+                            BLOCK_D=block_d, CAUSAL=causal)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal, ctx.scale, ctx.block_d = causal, scale, block_d
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        do = do.contiguous()
+        batch, heads, q_len, head_dim = q.shape
+        kv_len = k.shape[2]
+        delta = torch.empty_like(lse)
+        preprocess_block = 64
+        _flash_backward_preprocess_kernel[(triton.cdiv(q_len, preprocess_block), batch * heads)](
+            o, do, delta, q_len, HEAD_DIM=head_dim, BLOCK_D=ctx.block_d, BLOCK_M=preprocess_block)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        common = dict(HEAD_DIM=head_dim, BLOCK_D=ctx.block_d, CAUSAL=ctx.causal)
+        flash_backward_dkdv[lambda meta: (triton.cdiv(kv_len, meta["BLOCK_N"]), batch * heads)](
+            q, k, v, do, lse, delta, dk, dv, q_len, kv_len, ctx.scale, ctx.scale * LOG2_E, **common)
+        flash_backward_dq[lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)](
+            q, k, v, do, lse, delta, dq, q_len, kv_len, ctx.scale, ctx.scale * LOG2_E, **common)
+        return dq, dk, dv, None, None
+
+
+def flash_attention(q, k, v, causal=True, scale=None):
+    """Scaled dot-product attention of q (batch, heads, q_len, head_dim) over k and v
+    (batch, heads, kv_len, head_dim), causal or not, by FlashAttention-2 in Triton
+    (like `F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)`).
+    head_dim from 16 to 128; scale defaults to 1 / sqrt(head_dim)."""
+    if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"flash_attention needs q (batch, heads, q_len, head_dim) and equal k, v "
+                         f"(batch, heads, kv_len, head_dim), got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if not 16 <= q.shape[-1] <= 128:
+        raise ValueError(f"flash_attention supports head_dim 16 to 128, got {q.shape[-1]}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if not triton_runs_on(q):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    return _FlashAttention.apply(q, k, v, causal, scale)
+
+
+# %% [markdown]
+# ### 7. Matrix multiply: tiles, grouped ordering, autotuning
+#
+# `C = A B` with A (M, K) and B (K, N) does `2 M N K` FLOPs on `M K + K N + M N` numbers:
+# at 4,096^3 that is 1,365 FLOPs per number, so a good matmul is bound by arithmetic,
+# not memory, *if* each number is fetched from HBM only a few times. Each program
+# computes one `BLOCK_M x BLOCK_N` tile of C, walking K in steps of `BLOCK_K`: it loads a
+# `BLOCK_M x BLOCK_K` tile of A and a `BLOCK_K x BLOCK_N` tile of B into shared memory,
+# multiplies them on the tensor cores (`tl.dot`) and accumulates in fp32 registers. Each
+# element of A loaded is used `BLOCK_N` times, each of B `BLOCK_M` times: that reuse is
+# the whole game. `num_stages` lets the compiler prefetch the next tiles while the
+# tensor cores work on these (software pipelining).
+#
+# *Grouped ordering.* Programs run roughly in order of their id. Numbered row by row,
+# consecutive programs share a row of A but each needs a different column of B, so the
+# L2 cache churns through all of B. Numbered in groups of `GROUP_M` rows, consecutive
+# programs cover a `GROUP_M x (few)` patch of C and reuse both A's rows and B's columns
+# from L2.
+#
+# *Autotuning.* The best tile shape depends on the card and the matrix shapes, so the
+# kernel lists candidates and Triton times them on first use. Even so, cuBLAS (what
+# `torch.matmul` calls) has years of hand tuning per architecture; the benchmark shows
+# how close a page of Triton gets, and why the course then keeps `torch.matmul` for the
+# big products and saves Triton for the fusions PyTorch cannot do.
+#
+# Backward: `dA = dC B^T`, `dB = A^T dC`, the same kernel on transposed views: the
+# kernel takes strides, so a transpose is free (no copy).
+
+# %%
+@triton.jit
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                   stride_cm, stride_cn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    # Grouped ordering: programs pid = 0, 1, 2, ... walk down a group of GROUP_M tile
+    # rows before moving one tile column to the right.
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    tiles_per_group = GROUP_M * tiles_n
+    first_tile_m = (pid // tiles_per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_tile_m, GROUP_M)  # the last group may be short
+    tile_m = first_tile_m + (pid % tiles_per_group) % group_rows
+    tile_n = (pid % tiles_per_group) // group_rows
+    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    inner = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + inner[None, :] * stride_ak
+    b_ptrs = b_ptr + inner[:, None] * stride_bk + cols[None, :] * stride_bn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for step in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - step * BLOCK_K
+        a = tl.load(a_ptrs, mask=(rows[:, None] < M) & (inner[None, :] < k_left), other=0.0)
+        b = tl.load(b_ptrs, mask=(inner[:, None] < k_left) & (cols[None, :] < N), other=0.0)
+        acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    c_ptrs = c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+MATMUL_CONFIGS = tuning_configs(
+    [triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8,
+                   num_stages=3),
+     triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8,
+                   num_stages=3),
+     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8,
+                   num_stages=4),
+     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4,
+                   num_stages=4),
+     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4,
+                   num_stages=4),
+     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4,
+                   num_stages=4),
+     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4,
+                   num_stages=3)],
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4,
+                  num_stages=1))
+matmul_tuned = triton.autotune(MATMUL_CONFIGS, key=["M", "N", "K"])(_matmul_kernel)
+
+
+def matmul_forward(a, b):
+    """C = A B for 2-D tensors of any strides, one launch of the tuned kernel."""
+    M, K = a.shape
+    N = b.shape[1]
+    c = torch.empty(M, N, device=a.device, dtype=a.dtype)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    matmul_tuned[grid](a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                       c.stride(0), c.stride(1))
+    return c
+
+
+class _Matmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return matmul_forward(a, b)
+
+    @staticmethod
+    def backward(ctx, dc):
+        a, b = ctx.saved_tensors
+        return matmul_forward(dc, b.t()), matmul_forward(a.t(), dc)
+
+
+def matmul(a, b):
+    """`a @ b` for 2-D tensors a (M, K) and b (K, N) of one dtype, by a tiled Triton
+    kernel, forward and backward."""
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0] or a.dtype != b.dtype:
+        raise ValueError(f"matmul needs a (M, K) and b (K, N) of one dtype, got "
+                         f"{tuple(a.shape)} {a.dtype} and {tuple(b.shape)} {b.dtype}")
+    if not triton_runs_on(a):
+        return a @ b
+    return _Matmul.apply(a, b)
+# ---- end of the code carried from 12_triton.py ----
+
+
+# %% [markdown]
+# ## The tokenizer this run uses, and how it travels with the model
+#
+# A model is only meaningful with the tokenizer it learned on: token 300 is "the" for
+# one BPE and " def" for another. So the tokenizer is saved inside every checkpoint,
+# as plain data (its merges, its split pattern, its special tokens), and sampling
+# rebuilds it from there instead of trusting whatever tokenizer the machine has now.
+#
+# Which tokenizer: `--tokenizer gpt2` wants GPT-2's (its 50,257 tokens suit a big model
+# on a big corpus); `--tokenizer bpe` trains one on the training text with
+# `--vocab-size` tokens, `<|endoftext|>` included (257 means plain bytes, no merges).
+# A small model on a CPU spends most of its few parameters on the embedding table when
+# the vocabulary is large, so the CPU preset uses a small vocabulary trained on the
+# spot, while
+# `--tokenizer auto` (the GPU presets) takes GPT-2's when it can get it and falls back
+# to a trained BPE when offline.
+
+# %%
+def tokenizer_to_dict(encoding):
+    """The tokenizer as plain data (str, bytes, int), fit for a checkpoint that is
+    loaded with `torch.load(weights_only=True)`."""
+    return {"name": encoding.name, "pat_str": encoding._pat_str,
+            "mergeable_ranks": dict(encoding._mergeable_ranks),
+            "special_tokens": dict(encoding._special_tokens)}
+
+
+def tokenizer_from_dict(saved):
+    """Rebuild the `tiktoken.Encoding` that `tokenizer_to_dict` stored."""
+    return tiktoken.Encoding(name=saved["name"], pat_str=saved["pat_str"],
+                             mergeable_ranks=saved["mergeable_ranks"],
+                             special_tokens=saved["special_tokens"])
+
+
+def build_tokenizer(kind, vocab_size, train_text):
+    """The tokenizer for a new run: GPT-2's, or a BPE learned on the training text."""
+    if kind in ("gpt2", "auto"):
+        encoding = gpt2_encoding()
+        if encoding is not None:
+            return encoding
+        if kind == "gpt2":
+            raise DataError("GPT-2's tokenizer is neither cached in data/tiktoken nor "
+                            "downloadable; go online once or use --tokenizer bpe")
+        print(f"note: GPT-2's tokenizer is not available (offline?); training a BPE of "
+              f"{vocab_size} tokens on the training text instead", file=sys.stderr)
+    return make_encoding(train_bpe(train_text, vocab_size), f"bpe{vocab_size}")
+
+
+def bytes_per_token(encoding, table_size):
+    """How many UTF-8 bytes each token id stands for; special tokens and the unused
+    ids that pad the embedding table count zero. This table turns a loss per token into
+    a loss per byte (see `evaluate`)."""
+    table = np.zeros(table_size, dtype=np.int64)
+    special = set(encoding._special_tokens.values())
+    for token in range(encoding.n_vocab):
+        if token not in special:
+            table[token] = len(encoding.decode_single_token_bytes(token))
+    return table
+
+
+# %% [markdown]
+# ## The data: text or shards in, token shards out
+#
+# Why hold out text at all: a model with enough parameters can memorise its training
+# text, and its training loss then keeps falling while its predictions on anything
+# new get worse (over-fitting, chapter 08). Only text the model never trained on tells
+# which is happening. For the same reason the tokenizer does not see the validation
+# text: merges learned on it would make the held-out text look more familiar than
+# truly new text would.
+#
+# `--data` may be a `.txt` file, a folder of text files (each one a document) or a
+# folder of chapter 09's token shards. Text is split *before* anything learns from
+# it: the last 10% of the characters are held out for validation, cut at a line
+# break, and the tokenizer is trained on the first 90% only, so the validation score
+# measures what the model learned about language, not what it memorised. Each
+# document ends with the END_OF_TEXT token, so the model learns where one ends.
+#
+# The encoded text is then written as chapter 09's token shards, into a temporary
+# folder that disappears when the run ends, so text and shards go down the same road
+# from here on: chapter 09's `ShardLoader` streams batches from them.
+#
+# A folder of shards is already tokenized: the shards whose name contains "val" are
+# the validation set (else the last shard is), and the tokenizer is the one chapter 09
+# saved next to them (`course-bpe.tiktoken`), or GPT-2's.
+
+# %%
+VALIDATION_FRACTION = 0.1
+
+
+def split_documents(documents):
+    """(train documents, validation documents): the last VALIDATION_FRACTION of all
+    characters go to validation, the cut moved to the nearest line break before it."""
+    total = sum(len(document) for document in documents)
+    remaining = int(total * (1 - VALIDATION_FRACTION))
+    for index, document in enumerate(documents):
+        if remaining < len(document):
+            cut = document.rfind("\n", 0, remaining) + 1 or remaining
+            train = documents[:index] + ([document[:cut]] if cut else [])
+            return train, [document[cut:]] + documents[index + 1:]
+        remaining -= len(document)
+    return documents, []
+
+
+def read_text_folder(folder):
+    """Every `.txt` file under `folder`, in sorted order, as a list of documents."""
+    paths = sorted(os.path.join(root, name) for root, _, names in os.walk(folder)
+                   for name in names if name.endswith(".txt"))
+    documents = [load_text(path)[0] for path in paths if os.path.getsize(path) > 0]
+    documents = [document for document in documents if document.strip()]
+    if not documents:
+        raise DataError(f"folder {folder} holds no non-empty .txt file and no token "
+                        f"shards; point --data at text or at chapter 09's shards")
+    return documents
+
+
+def encode_documents(encoding, documents):
+    """Token ids of the documents, END_OF_TEXT after each, as one numpy array."""
+    ids = []
+    for document in documents:
+        ids.extend(encoding.encode_ordinary(document))
+        ids.append(encoding.eot_token)
+    return np.array(ids, dtype=np.int64)
+
+
+def read_shard_folder(folder, shard_paths):
+    """(train shard paths, validation shard paths, tokenizer) of chapter 09's output:
+    `valid_*.bin` and `train_*.bin` shards, and the merges it saved in tiktoken's file
+    format (`course-bpe.tiktoken`) in the folder or the one above it."""
+    validation = [path for path in shard_paths if "val" in os.path.basename(path)]
+    train = [path for path in shard_paths if path not in validation]
+    if not validation:
+        if len(train) < 2:
+            raise DataError(f"folder {folder} has one token shard; validation needs a "
+                            f"second one (a shard with 'val' in its name)")
+        train, validation = train[:-1], train[-1:]
+    if not train:
+        raise DataError(f"folder {folder} has only validation shards; it needs training "
+                        f"shards too")
+    candidates = [os.path.join(place, name)
+                  for place in (folder, os.path.dirname(os.path.abspath(folder)))
+                  for name in sorted(os.listdir(place)) if name.endswith(".tiktoken")]
+    if candidates:
+        import tiktoken.load
+        try:
+            ranks = tiktoken.load.load_tiktoken_bpe(candidates[0])
+        except Exception:  # a damaged file: bad base64, a missing rank
+            raise DataError(f"{candidates[0]} is not a tokenizer file written by "
+                            f"chapter 09; write the shards again")
+        return train, validation, make_encoding(ranks, "course-bpe")
+    encoding = gpt2_encoding()
+    if encoding is None:
+        raise DataError(f"the shards in {folder} come without chapter 09's "
+                        f"course-bpe.tiktoken and GPT-2's tokenizer is not available "
+                        f"offline; copy the tokenizer file next to the shards")
+    return train, validation, encoding
+
+
+def load_corpus(data, tokenizer_kind, vocab_size, saved_tokenizer=None):
+    """Everything the trainer needs from the data, as a dict: `train_paths` and
+    `val_paths` (token shards), `train` and `val` (their token arrays), `encoding`,
+    `source` (a phrase for the log) and `workspace` (the temporary folder that holds
+    the shards of a text corpus; it is deleted with the dict). `saved_tokenizer`, from
+    a checkpoint being resumed, is used instead of building a new tokenizer."""
+    if data and os.path.isdir(data):
+        if os.path.isdir(os.path.join(data, "shards")):   # chapter 09's --out folder
+            data = os.path.join(data, "shards")
+        shard_paths = sorted(os.path.join(data, name) for name in os.listdir(data)
+                             if name.endswith(".bin"))
+        if shard_paths:
+            train_paths, val_paths, encoding = read_shard_folder(data, shard_paths)
+            if saved_tokenizer:
+                encoding = tokenizer_from_dict(saved_tokenizer)
+            return {"train_paths": train_paths, "val_paths": val_paths,
+                    "train": [read_shard(path) for path in train_paths],
+                    "val": [read_shard(path) for path in val_paths], "encoding": encoding,
+                    "source": f"{len(shard_paths)} token shards in {data}", "workspace": None}
+        documents, source = read_text_folder(data), f"text files in {data}"
+    else:
+        text, source = load_text(data)  # a missing or empty file is a DataError there
+        documents = [text]
+    train_documents, val_documents = split_documents(documents)
+    if not "".join(train_documents).strip() or not "".join(val_documents).strip():
+        raise DataError(f"the corpus from {source} is too short to hold out validation "
+                        f"text; give it at least a few lines")
+    encoding = (tokenizer_from_dict(saved_tokenizer) if saved_tokenizer else
+                build_tokenizer(tokenizer_kind, vocab_size, "".join(train_documents)))
+    workspace = tempfile.TemporaryDirectory(prefix="gpt-tokens-")
+    paths = {}
+    for split, split_documents_ in (("train", train_documents), ("val", val_documents)):
+        paths[split] = os.path.join(workspace.name, f"{split}.bin")
+        write_shard(paths[split], encode_documents(encoding, split_documents_),
+                    vocab_size=encoding.n_vocab)
+    return {"train_paths": [paths["train"]], "val_paths": [paths["val"]],
+            "train": [read_shard(paths["train"])], "val": [read_shard(paths["val"])],
+            "encoding": encoding, "source": source, "workspace": workspace}
+
+
+# %% [markdown]
+# ## The kernels: chapter 12's Triton code, and PyTorch's operations as the reference
+#
+# Why kernels matter for a GPT: most of a transformer's operations other than the
+# matrix multiplies (norms, activations, the softmax of attention, the loss) do only
+# a few arithmetic operations per number they read. On a GPU, whose arithmetic is
+# hundreds of times faster than its memory, such an operation is *memory-bound*: its
+# time is the time to read and write its tensors. Written one PyTorch operation at a
+# time, a LayerNorm reads and writes the activations several times (mean, variance,
+# normalise, scale, shift); fused into one kernel, it reads them once and writes once.
+# Attention is the big one: computed plainly it writes a (time x time) score matrix
+# per head to memory and reads it back; flash attention keeps the tiles of that matrix
+# on the chip and never stores it, which is faster and lets the context grow without
+# the memory growing with its square. The cross-entropy kernel similarly never stores
+# the softmax of the 50,257 logits of each position.
+#
+# The model never calls a normalisation, an activation, attention or the loss
+# directly: it asks a *kernel set* for them. There are two sets with the same five
+# functions. `TorchKernels` uses PyTorch's operations and runs everywhere;
+# `TritonKernels` uses the kernels written in chapter 12 (fused, with hand-written
+# backward passes) and runs compiled on a CUDA GPU, or interpreted on a CPU for the
+# test that proves the two sets agree. The matrix multiplies of the linear layers stay
+# with PyTorch (cuBLAS) in both: chapter 12's tiled matmul is there to teach how a
+# matmul works, and cuBLAS is the faster one to train with.
+
+# %%
+class TorchKernels:
+    """The reference kernel set: plain PyTorch operations."""
+    name = "torch"
+
+    @staticmethod
+    def layer_norm(x, weight, bias, eps=1e-5):
+        # (x - mean) / sqrt(variance + eps) * weight + bias, over the last dimension.
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+    @staticmethod
+    def rms_norm(x, weight, eps=1e-5):
+        # x / sqrt(mean(x^2) + eps) * weight: LayerNorm without the mean and the bias.
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+    @staticmethod
+    def gelu(x):
+        # GPT-2's GELU, the tanh approximation of x * P(N(0,1) < x).
+        return F.gelu(x, approximate="tanh")
+
+    @staticmethod
+    def swiglu(gate, up):
+        # SiLU(gate) * up, where SiLU(g) = g * sigmoid(g).
+        return F.silu(gate) * up
+
+    @staticmethod
+    def attention(q, k, v):
+        # softmax(q k^T / sqrt(d) + causal mask) v, fused by PyTorch (flash attention
+        # on GPUs). q, k, v: (batch, heads, time, head_size).
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    @staticmethod
+    def cross_entropy(logits, targets):
+        # Mean over the rows of -log softmax(logits)[target]; autocast keeps it float32.
+        return F.cross_entropy(logits, targets)
+
+
+class TritonKernels:
+    """Chapter 12's kernels, the same five functions."""
+    name = "triton"
+
+    @staticmethod
+    def layer_norm(x, weight, bias, eps=1e-5):
+        return layer_norm(x, weight, bias, eps)
+
+    @staticmethod
+    def rms_norm(x, weight, eps=1e-5):
+        return rms_norm(x, weight, eps)
+
+    @staticmethod
+    def gelu(x):
+        return gelu(x)
+
+    @staticmethod
+    def swiglu(gate, up):
+        return swiglu(gate, up)
+
+    @staticmethod
+    def attention(q, k, v):
+        # Chapter 12's flash attention handles head sizes 16 to 128, GPT-2's among them.
+        if 16 <= q.shape[-1] <= 128:
+            return flash_attention(q, k, v, causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    @staticmethod
+    def cross_entropy(logits, targets):
+        return cross_entropy(logits, targets)
+
+
+KERNEL_SETS = {"torch": TorchKernels, "triton": TritonKernels}
+
+
+def choose_kernels(requested, device):
+    """`--kernels auto`: Triton's on a CUDA GPU when triton is installed, else PyTorch's."""
+    if requested == "auto":
+        requested = "triton" if device.type == "cuda" and HAS_TRITON else "torch"
+    if requested == "triton" and not HAS_TRITON:
+        raise DataError("--kernels triton needs the triton package, which is not "
+                        "installed here; use --kernels torch")
+    if requested == "triton" and device.type == "cpu":
+        print("note: on the CPU the Triton kernels run in Triton's interpreter: the same "
+              "results, but very slowly", file=sys.stderr)
+    return KERNEL_SETS[requested]
+
+
+# %% [markdown]
+# ## The model: a GPT in the layout of GPT-2, with the newer upgrades as switches
+#
+# ### Attention, once more, in the form a GPT uses
+#
+# Chapter 11 met attention inside an encoder-decoder. A GPT keeps only the decoder's
+# *self*-attention, and makes it *causal*: position t may look at positions 1..t,
+# never at t+1 and later, because during training every position predicts its own
+# next token in parallel, and a position that could peek ahead would simply copy the
+# answer. For one head with queries Q, keys K and values V (one row per position,
+# `head_size` columns each):
+#
+#     scores  S = Q K^T / sqrt(head_size)          (time x time)
+#     S[t, s] = -infinity for every s > t          (the causal mask)
+#     weights P = softmax of each row of S         (each row sums to 1)
+#     output  O = P V                              (a weighted mix of the values)
+#
+# Why divide by sqrt(head_size)? If the entries of q and k have variance 1, their dot
+# product is a sum of `head_size` such products and has variance `head_size`; without
+# the division the softmax would see huge scores and put all its weight on one
+# position, with gradients near zero everywhere else. Dividing brings the variance
+# back to 1.
+#
+# *Multi-head* attention runs `n_head` such heads side by side on slices of width
+# `n_embd / n_head`, so one head can follow syntax while another follows a name, and
+# joins their outputs with one more matrix (`proj`). All heads' queries, keys and
+# values come out of one matrix multiply (`qkv`), which is faster than three.
+#
+# ### The residual stream and pre-norm
+#
+# A block computes x + f(norm(x)): the branch f sees a normalised copy of the stream
+# and *adds* its result. The gradient of a sum passes to both terms unchanged, so the
+# loss reaches the first layers through the chain of additions without being shrunk
+# by every layer on the way; that is what lets transformers stack dozens of blocks.
+# GPT-2 moved the norm to the branch input ("pre-norm", unlike the original
+# transformer of chapter 11), which keeps the stream itself free to grow and makes
+# training stable without careful warm-up tricks.
+#
+# ### Tied embeddings
+#
+# The first layer maps a token id to a vector (a row of the table E) and the last
+# maps a vector to a score per token. GPT-2 uses the same matrix for both: the score
+# of token j is the dot product of the final vector with row j of E. A token that
+# should be predicted in a context then gets an embedding that resembles that context,
+# which is a sensible thing to learn anyway, and the model saves `vocab x n_embd`
+# parameters (38M of GPT-2 small's 124M would otherwise be doubled).
+#
+# Tokens become vectors of `n_embd` numbers through an embedding table. Then
+# `n_layer` identical blocks each add two things to this *residual stream*: what
+# attention gathers from earlier positions, and what a small MLP computes from it.
+# Each branch reads a normalised copy of the stream ("pre-norm") and adds its result
+# back, so gradients flow straight down the sum. A last norm and the embedding table,
+# used a second time (tied embeddings: the same matrix reads tokens in and writes
+# scores out), give a score (a logit) for every possible next token.
+#
+# The upgrades that came after GPT-2, each one a switch in `GPTConfig`:
+#
+# * `rope`: instead of adding a learned position vector to the token, rotate each pair
+#   of numbers in the queries and keys by an angle proportional to the position. The
+#   score q·k then depends only on the *distance* between two tokens, and there are
+#   no position parameters to learn.
+# * `rmsnorm`: divide by the root mean square only (no mean subtraction, no bias);
+#   cheaper, and it trains as well.
+# * `swiglu`: the MLP becomes SiLU(x W_gate) * (x W_up), a learned gate on each
+#   hidden unit. Its hidden width is 8/3 of `n_embd` instead of 4x, so that the
+#   three matrices cost what GPT-2's two did.
+# * `bias=False`: no bias vectors in linear layers and norms; they help little.
+
+# %%
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304    # GPT-2's 50,257 rounded up to a multiple of 64 (speed)
+    block_size: int = 1024     # the longest context the model sees
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    rope: bool = False         # rotary positions instead of learned ones
+    rmsnorm: bool = False      # RMSNorm instead of LayerNorm
+    swiglu: bool = False       # SwiGLU MLP instead of GELU
+    bias: bool = True          # biases in linear layers and LayerNorm
+    dropout: float = 0.0
+
+
+class Norm(nn.Module):
+    """LayerNorm (with or without bias) or RMSNorm, computed by the kernel set."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.rms = config.rmsnorm
+        self.weight = nn.Parameter(torch.ones(config.n_embd))
+        self.bias = (nn.Parameter(torch.zeros(config.n_embd))
+                     if config.bias and not config.rmsnorm else None)
+
+    def forward(self, x, kernels):
+        if self.rms:
+            return kernels.rms_norm(x, self.weight)
+        return kernels.layer_norm(x, self.weight, self.bias)
+
+
+# Why rotations encode distance: write a pair of numbers of q as the complex number
+# q = a + ib. Rotating by angle m*w multiplies it by e^{i m w}. The score between a
+# query at position m and a key at position n, for that pair, is the real part of
+# (q e^{i m w}) * conj(k e^{i n w}) = q conj(k) e^{i (m - n) w}: the absolute positions
+# cancel and only m - n remains. Each pair uses its own frequency w, from one turn
+# per few tokens to one turn per tens of thousands, like the hands of a clock.
+def rope_tables(block_size, head_size, base=10000.0):
+    """cos and sin of the rotation angles, (block_size, head_size / 2): pair i of a
+    head is turned by position * base^(-2i / head_size), fast for the first pairs and
+    slow for the last, so both near and far distances are told apart."""
+    frequencies = base ** (-torch.arange(0, head_size, 2).float() / head_size)
+    angles = torch.outer(torch.arange(block_size).float(), frequencies)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (x[i], x[i + d/2]) of x (batch, heads, time, d) by their angles:
+    (a, b) -> (a cos - b sin, a sin + b cos)."""
+    half = x.shape[-1] // 2
+    first, second = x[..., :half], x[..., half:]
+    return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
+
+
+# What the KV cache saves. To sample token t+1 the model needs the last position's
+# output, which depends on the keys and values of all t positions. Without a cache,
+# each new token reruns the whole context: about t * (cost per token) for token t, so
+# n tokens cost n^2 / 2 token-passes. With the cache, the keys and values of earlier
+# positions are computed once and kept (2 * n_layer * n_embd numbers per position),
+# and each new token costs one token-pass plus reading the cache: n tokens cost n.
+# For a 200-token sample that is a 100-fold saving in the big matrix multiplies.
+class CausalSelfAttention(nn.Module):
+    """Multi-head attention where each position sees only itself and the past.
+
+    With a KV cache (for sampling) the keys and values of earlier positions are kept,
+    so a new token needs only its own query, key and value: one token's work per
+    token instead of recomputing the whole context."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.n_embd = config.n_head, config.n_embd
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.proj.residual = True   # marks a projection into the residual stream (init)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, kernels, rope=None, cache=None):
+        batch, time_steps, width = x.shape
+        q, k, v = self.qkv(x).split(width, dim=2)
+        # (batch, time, width) -> (batch, heads, time, head_size)
+        q, k, v = (t.view(batch, time_steps, self.n_head, -1).transpose(1, 2)
+                   for t in (q, k, v))
+        past = 0 if cache is None or cache.get("k") is None else cache["k"].shape[2]
+        if rope is not None:
+            cos, sin = (table[past:past + time_steps] for table in rope)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            if past:
+                k = torch.cat([cache["k"], k], dim=2)
+                v = torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        if past == 0:
+            y = kernels.attention(q, k, v)          # causal over the whole window
+        else:
+            # One new query looks at every cached position: nothing is in its future.
+            assert time_steps == 1, "the KV cache extends one token at a time"
+            y = F.scaled_dot_product_attention(q, k, v)
+        y = y.transpose(1, 2).contiguous().view(batch, time_steps, width)
+        return self.dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    """The per-position feed-forward network: GELU (GPT-2) or SwiGLU."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.swiglu = config.swiglu
+        if config.swiglu:
+            hidden = 64 * math.ceil(8 * config.n_embd / 3 / 64)
+            self.up = nn.Linear(config.n_embd, 2 * hidden, bias=config.bias)  # gate, up
+        else:
+            hidden = 4 * config.n_embd
+            self.up = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.down = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.down.residual = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, kernels):
+        h = self.up(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = kernels.swiglu(gate, up)
+        else:
+            h = kernels.gelu(h)
+        return self.dropout(self.down(h))
+
+
+class Block(nn.Module):
+    """x + attention(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.norm1, self.attention = Norm(config), CausalSelfAttention(config)
+        self.norm2, self.mlp = Norm(config), MLP(config)
+
+    def forward(self, x, kernels, rope=None, cache=None):
+        x = x + self.attention(self.norm1(x, kernels), kernels, rope, cache)
+        return x + self.mlp(self.norm2(x, kernels), kernels)
+
+
+class GPT(nn.Module):
+    """The decoder-only transformer. `kernels` picks the kernel set at run time."""
+
+    def __init__(self, config, kernels=TorchKernels):
+        super().__init__()
+        self.config, self.kernels = config, kernels
+        self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
+        self.position_embedding = (None if config.rope else
+                                   nn.Embedding(config.block_size, config.n_embd))
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = Norm(config)
+        if config.rope:
+            cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    # Why 1/sqrt(2 n_layer): the stream is a sum of 2 n_layer branch outputs. Adding
+    # independent terms adds their variances, so if each branch added variance v the
+    # stream would end with variance 2 n_layer v; shrinking each branch's last matrix
+    # by 1/sqrt(2 n_layer) keeps the total where a single branch would put it.
+    def _init_weights(self, module):
+        # GPT-2's initialisation: small normal weights (std 0.02), zero biases, and the
+        # projections that add into the residual stream scaled by 1/sqrt(2 n_layer), so
+        # the stream's variance does not grow with depth (2 additions per block).
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            std = 0.02
+            if getattr(module, "residual", False):
+                std /= math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, idx, targets=None, caches=None):
+        """Logits (batch, time, vocab) for token ids `idx` (batch, time), and the mean
+        cross-entropy when `targets` are given. `caches` (one dict a block) turns on
+        the KV cache; positions then continue after what is cached."""
+        past = 0
+        if caches is not None and caches[0].get("k") is not None:
+            past = caches[0]["k"].shape[2]
+        x = self.token_embedding(idx)
+        if self.position_embedding is not None:
+            positions = torch.arange(past, past + idx.shape[1], device=idx.device)
+            x = x + self.position_embedding(positions)
+        rope = (self.rope_cos, self.rope_sin) if self.config.rope else None
+        x = self.dropout(x)
+        for index, block in enumerate(self.blocks):
+            x = block(x, self.kernels, rope, None if caches is None else caches[index])
+        x = self.norm(x, self.kernels)
+        logits = F.linear(x, self.token_embedding.weight)   # tied output embedding
+        if targets is None:
+            return logits, None
+        loss = self.kernels.cross_entropy(logits.view(-1, logits.shape[-1]),
+                                          targets.reshape(-1))
+        return logits, loss
+
+    # Sampling, written out. The model gives logits z_j for every token j; dividing by a
+    # temperature T and applying softmax gives p_j = exp(z_j / T) / sum_i exp(z_i / T).
+    # T = 1 samples from the model's own distribution; T -> 0 always picks the top
+    # token (greedy: safe and repetitive); T > 1 flattens it (surprising, often
+    # nonsense). Top-k sets every logit outside the k largest to -infinity first, so
+    # the long tail of unlikely tokens, each rare but many together, cannot be drawn.
+    @torch.no_grad()
+    def generate(self, idx, new_tokens, temperature=1.0, top_k=None, generator=None,
+                 allowed=None):
+        """Continue `idx` (1, time) by `new_tokens` sampled tokens.
+
+        The KV cache holds at most `block_size` positions. When it is full we crop the
+        context to its last half and rebuild the cache from that in one pass, then go
+        on one token at a time: learned positions are absolute, so old cached keys
+        cannot simply slide along. Ids from `allowed` on (the padding of the embedding
+        table) are never sampled."""
+        block_size = self.config.block_size
+        caches = [{} for _ in self.blocks]
+        logits, _ = self(idx[:, -block_size:], caches=caches)
+        for _ in range(new_tokens):
+            logits = logits[:, -1, :].float() / max(temperature, 1e-6)
+            if allowed is not None:
+                logits[:, allowed:] = float("-inf")
+            if top_k:
+                threshold = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                logits = logits.masked_fill(logits < threshold, float("-inf"))
+            probabilities = F.softmax(logits, dim=-1)
+            next_token = torch.multinomial(probabilities, 1, generator=generator)
+            idx = torch.cat([idx, next_token], dim=1)
+            if caches[0]["k"].shape[2] < block_size:
+                logits, _ = self(next_token, caches=caches)      # one token's work
+            else:                                               # full: crop, rebuild
+                caches = [{} for _ in self.blocks]
+                logits, _ = self(idx[:, -(block_size // 2):], caches=caches)
+        return idx
+
+
+# %% [markdown]
+# ## Several processes, one model: DistributedDataParallel
+#
+# How the averaging is done: a *ring all-reduce*. Arrange the N processes in a ring
+# and cut the gradient into N pieces. In N - 1 rounds each process passes one piece to
+# its neighbour, which adds its own; after them each process holds the full sum of one
+# piece. N - 1 more rounds pass the finished pieces around. Every process sends and
+# receives about twice the gradient's size in total, whatever N is, so adding GPUs
+# does not make the exchange longer. DDP also cuts the gradients into *buckets* and
+# starts reducing a bucket as soon as the backward pass has filled it, so most of the
+# communication hides behind the computation of the layers below.
+#
+# The batch geometry: `--batch-size` is the number of windows per optimiser step over
+# all processes. Each of the R ranks gets batch_size / R of them from chapter 09's
+# `ShardLoader`, which deals every step's windows out to the ranks like cards (rank r
+# takes the r-th slice), so R processes see exactly the windows that one process with
+# the whole batch would see. Within a rank, `--micro-batch` windows go through the
+# model at a time, the rest by gradient accumulation.
+#
+# `torchrun --nproc_per_node=N 13_gpt.py` starts N copies of this program and tells
+# each its `RANK` (0..N-1), the `WORLD_SIZE` N and where to meet. Each copy holds the
+# whole model and trains on its own part of every batch; after the backward pass,
+# DistributedDataParallel averages the gradients of all copies (an *all-reduce*, over
+# NCCL between GPUs or gloo between CPU processes), so every copy takes the same
+# optimiser step and the copies stay identical. Only rank 0 writes logs and
+# checkpoints. Anything that every rank must agree on (stop now? what is the
+# validation loss?) is decided by a reduction that every rank takes part in, so no
+# rank is ever left waiting for one that went its own way.
+
+# %%
+def distributed_environment():
+    """(world_size, rank, local_rank) from torchrun's variables; (1, 0, 0) alone."""
+    return (int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")),
+            int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def choose_device(requested, local_rank):
+    """The device this process trains on: its own GPU under torchrun, else the CPU."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise DataError("--device cuda was asked for but PyTorch sees no CUDA GPU; "
+                            "use --device cpu")
+        torch.cuda.set_device(local_rank)
+        # What autocast leaves in float32 may use TF32 tensor cores (10-bit mantissa).
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def all_reduce(tensor, op=None):
+    """Sum (or `op`) a tensor over all processes, in place; a no-op when alone."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+    return tensor
+
+
+def gather_from_ranks(value):
+    """The list of `value` from every rank (rank order); [value] when alone."""
+    if not dist.is_initialized():
+        return [value]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+# %% [markdown]
+# ## The optimiser and the learning-rate schedule
+#
+# AdamW keeps, for every weight, running averages of its gradient (m) and squared
+# gradient (v) and steps by lr * m / (sqrt(v) + eps): each weight gets a step size
+# suited to its own gradient scale. Weight decay pulls weights towards zero, a
+# regulariser; we apply it to matrices only (embeddings and linear weights), never to
+# biases and norm gains, whose job is to shift and scale and which gain nothing from
+# shrinking. The *fused* AdamW updates all weights in one kernel instead of a loop.
+#
+# The update, written out for one weight w with gradient g at step t (AdamW, as in
+# Loshchilov and Hutter's paper, with beta1 = 0.9, beta2 = 0.95 as in GPT-3):
+#
+#     m = beta1 m + (1 - beta1) g              running mean of the gradient
+#     v = beta2 v + (1 - beta2) g^2            running mean of its square
+#     m_hat = m / (1 - beta1^t), v_hat = v / (1 - beta2^t)   (both start at 0: unbias)
+#     w = w - lr (m_hat / (sqrt(v_hat) + eps) + weight_decay w)
+#
+# The decay term sits outside the m / sqrt(v) ratio ("decoupled"): in plain Adam an L2
+# penalty added to g would be divided by sqrt(v) like the rest, so weights with large
+# gradients would hardly be decayed at all. A beta2 of 0.95 rather than 0.999 lets v
+# follow the gradient's scale quickly, which keeps a transformer's rare gradient
+# spikes from producing giant steps.
+#
+# The learning rate warms up linearly over the first steps (Adam's averages start
+# empty, and big early steps can throw the model somewhere bad), then follows a cosine
+# from its peak down to a tenth of it. Progress along the cosine is the larger of
+# step / `lr_decay_iters` and elapsed / `time_budget`, so a run that is stopped by the
+# clock still ends its schedule at the low learning rate, where the loss drops most.
+#
+# The cosine, with p the progress from 0 to 1 and lr_min = lr_max / 10:
+#
+#     lr(p) = lr_min + (lr_max - lr_min) * (1 + cos(pi p)) / 2
+#
+# It stays near the peak for a while (fast progress), then glides down; the last
+# stretch at a small learning rate averages out the noise of the mini-batches, which
+# is where much of the final improvement comes from. Schedules with a constant rate
+# and a short decay at the end work as well; the point is to end low.
+
+# %%
+def make_optimizer(model, learning_rate, weight_decay, device):
+    """AdamW with decay on parameters of two or more dimensions (the matrices)."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in parameters if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0}]
+    fused = "fused" in inspect.signature(torch.optim.AdamW).parameters
+    try:
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
+                                 fused=fused)
+    except (RuntimeError, TypeError):  # this device has no fused kernel
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8)
+
+
+def learning_rate_at(step, progress, peak, warmup_iters):
+    """Linear warm-up over `warmup_iters` steps, then cosine from `peak` to peak / 10
+    as `progress` goes from 0 to 1."""
+    if step < warmup_iters:
+        return peak * (step + 1) / warmup_iters
+    progress = min(max(progress, 0.0), 1.0)
+    return peak / 10 + 0.5 * (peak - peak / 10) * (1 + math.cos(math.pi * progress))
+
+
+# %% [markdown]
+# ## Evaluation in bits per byte
+#
+# The loss is the average, over predicted tokens, of -ln p(true next token), in nats.
+# It cannot compare two tokenizers: a tokenizer with bigger tokens has fewer, harder
+# predictions. Bits per byte can: add up the loss over the validation text, divide by
+# ln 2 to get bits, and divide by the number of UTF-8 bytes the predicted tokens stand
+# for (the `bytes_per_token` table). It is what the model would need to compress the
+# text. Special tokens stand for no bytes, so their loss is left out. On plain ASCII
+# text a byte is a character, so a character-level model reads the same scale.
+#
+# An example: a model with a loss of 1.2 nats per token on a BPE whose tokens stand
+# for 2.5 bytes on average gives 1.2 / ln 2 / 2.5 = 0.69 bits per byte. A character
+# model with a loss of 1.2 nats per character gives 1.2 / ln 2 = 1.73: the loss alone
+# would call them equal, bits per byte shows the first compresses the text 2.5 times
+# better. For scale, storing ASCII text costs 8 bits per byte, the unigram model of
+# English letters about 4.1 to 4.7, and a good large model around 0.7 to 0.9.
+#
+# The yardstick is the *unigram* model, which ignores context and predicts every token
+# with its frequency in the training text; a GPT that does not beat it learned nothing
+# about context.
+#
+# Every rank evaluates its share of the validation windows and the sums are reduced,
+# so the figure is the same on every rank and no rank sits idle at a barrier.
+
+# %%
+def evaluation_windows(arrays, block_size, max_tokens):
+    """Non-overlapping windows (array index, start) over the validation arrays, at most
+    `max_tokens // block_size` of them, spread evenly."""
+    windows = [(index, start) for index, array in enumerate(arrays)
+               for start in range(0, len(array) - block_size, block_size)]
+    count = max(1, max_tokens // block_size)
+    if len(windows) > count:
+        windows = [windows[int(i * len(windows) / count)] for i in range(count)]
+    return windows
+
+
+@torch.no_grad()
+def evaluate(model, arrays, token_bytes, block_size, batch_size, max_tokens, device,
+             autocast, rank=0, world_size=1):
+    """(validation loss in nats per token, bits per byte) over up to `max_tokens`."""
+    was_training = model.training
+    model.eval()
+    windows = evaluation_windows(arrays, block_size, max_tokens)[rank::world_size]
+    token_bytes = torch.as_tensor(token_bytes, device=device)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, bytes, tokens
+    for first in range(0, len(windows), batch_size):
+        rows = [np.asarray(arrays[index][start:start + block_size + 1])
+                for index, start in windows[first:first + batch_size]]
+        batch = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        with autocast:
+            logits, _ = model(inputs)
+        nats = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                               targets.reshape(-1), reduction="none")
+        counted = token_bytes[targets.reshape(-1)]
+        keep = counted > 0
+        totals += torch.stack([nats[keep].sum().double(), counted.sum().double(),
+                               keep.sum().double()])
+    all_reduce(totals)
+    model.train(was_training)
+    nats, byte_count, tokens = totals.tolist()
+    return nats / max(tokens, 1), nats / math.log(2) / max(byte_count, 1)
+
+
+def unigram_baseline(train_arrays, val_arrays, token_bytes, max_tokens=10_000_000):
+    """(loss, bits per byte) of predicting each validation token by its frequency in
+    the training tokens (add-one smoothing, so no token has probability zero)."""
+    counts = np.ones(len(token_bytes), dtype=np.float64)
+    for array in train_arrays:
+        part = np.asarray(array[:max_tokens])
+        counts += np.bincount(part, minlength=len(counts))[:len(counts)]
+    log_p = np.log(counts / counts.sum())
+    targets = np.concatenate([np.asarray(array[1:max_tokens]) for array in val_arrays])
+    targets = targets[token_bytes[targets] > 0]
+    nats = -log_p[targets].sum()
+    return nats / len(targets), nats / math.log(2) / token_bytes[targets].sum()
+
+
+# %% [markdown]
+# ## Checkpoints that survive a crash, and refuse to mix runs
+#
+# A checkpoint holds everything needed to continue as if nothing had happened: the
+# weights, the optimiser's running averages, the step, the tokens seen, the time
+# spent, every rank's loader position, the random-number generators' states, the
+# configuration as a plain dict, and the tokenizer. It is written to a temporary file,
+# flushed to the disk (`fsync`) and only then renamed over the old one (`os.replace`,
+# atomic): a crash mid-write leaves the previous checkpoint whole.
+#
+# Why the rename makes it safe: on POSIX file systems `os.replace` swaps the
+# directory entry in one step, so anyone opening `ckpt.pt` gets either the old file
+# or the new one, never a mixture. The `fsync` before it forces the new file's bytes
+# onto the disk first; without it, a power cut right after the rename could leave the
+# new name pointing at a file whose contents never reached the disk.
+#
+# Loading uses `torch.load(weights_only=True)`, which rebuilds tensors and plain
+# Python values only and never runs code hidden in the file: a checkpoint from
+# someone else cannot take over your machine. A truncated file, a checkpoint of a
+# different model, or one from a different configuration is refused with a sentence
+# that says so, before anything is written.
+
+# %%
+# What a checkpoint holds, key by key:
+#
+#     model             the weights (a state dict of tensors)
+#     optimizer         AdamW's m and v for every weight, and its step counts
+#     step, tokens_seen, elapsed      how far the run got, in steps, tokens, seconds
+#     loader_positions  each rank's ShardLoader position (epoch, step, and checks)
+#     rng               each rank's random-number generator states (CPU and GPU)
+#     config            the model's GPTConfig and the data settings, a plain dict
+#     tokenizer         the merges, split pattern and special tokens
+#     history, last_eval            the losses so far, for the plot and the summary
+#
+# Everything is a tensor, a number, a string, bytes, or a list or dict of them: what
+# `weights_only=True` accepts.
+CHECKPOINT_NAME = "ckpt.pt"
+# Settings that must match to resume: the model, the tokenizer, the batch geometry.
+RESUME_MUST_MATCH = ("tokenizer", "vocab_size", "batch_size", "seed")
+
+
+def save_checkpoint(path, state):
+    """Write `state` to `path` atomically: temporary file, fsync, rename."""
+    temporary = path + ".tmp"
+    with open(temporary, "wb") as file:
+        torch.save(state, file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+    with contextlib.suppress(OSError):   # make the rename itself durable (POSIX)
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        os.fsync(folder)
+        os.close(folder)
+
+
+def load_checkpoint(path):
+    """The checkpoint at `path`, checked to be whole; DataError when it is not."""
+    if not os.path.isfile(path):
+        raise DataError(f"there is no checkpoint {path} to resume or sample from; train "
+                        f"first, or point --out at the folder that holds {CHECKPOINT_NAME}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, bad pickle, not a torch file at all
+        raise DataError(f"checkpoint {path} is truncated or corrupt "
+                        f"({type(error).__name__}); delete it or restore a good copy")
+    needed = {"model", "optimizer", "step", "config", "tokenizer", "loader_positions"}
+    if not isinstance(checkpoint, dict) or not needed <= set(checkpoint):
+        raise DataError(f"checkpoint {path} is not one of this chapter's checkpoints "
+                        f"(it lacks model, optimizer, step, config or tokenizer)")
+    return checkpoint
+
+
+def check_same_configuration(saved, current, path):
+    """Refuse to resume a checkpoint whose model or data settings differ from now."""
+    pairs = [(f"model {key}", saved["model"].get(key), value)
+             for key, value in current["model"].items()]
+    pairs += [(key, saved.get(key), current[key]) for key in RESUME_MUST_MATCH]
+    for name, old, new in pairs:
+        if old != new:
+            raise DataError(f"checkpoint {path} comes from another configuration "
+                            f"({name} was {old}, now {new}); use the same settings to "
+                            f"resume, or another --out for a new run")
+
+
+# %% [markdown]
+# ## Mixed precision and compilation
+#
+# On a GPU the matrix multiplies run in bfloat16 under `torch.autocast`: 16-bit
+# numbers with float32's 8-bit exponent and a 7-bit mantissa (about 2-3 significant
+# digits). Tensor cores multiply them several times faster than float32 and they take
+# half the memory traffic. Because the exponent range is float32's, gradients do not
+# underflow, and no loss scaling is needed (float16, with its 5-bit exponent, needs
+# it). Autocast keeps the sensitive parts in float32: the weights themselves and the
+# optimiser's averages (the update lr * m / sqrt(v) is far smaller than the weight and
+# would vanish in bfloat16's rounding), reductions such as the norms' means, and the
+# softmax of the loss.
+#
+# `--compile` hands the model to `torch.compile`, which traces the Python code once
+# into a graph, fuses chains of element-wise operations into generated Triton kernels
+# and removes Python's overhead between operations. The first steps are slow (the
+# compilation), the rest faster. The hand-written kernels of chapter 12 and the
+# compiler are two routes to the same fusion; comparing them with `--bench
+# --kernels triton` and `--bench --kernels torch --compile` is a good exercise.
+
+# %% [markdown]
+# ## How fast: tokens per second and model FLOPs utilisation
+#
+# Where 6 comes from: a linear layer with weight W (n x m) does n*m multiply-adds per
+# token going forward, 2 n m FLOPs. Going backward it computes two products of the
+# same size: the gradient for its input (g W^T) and for its weight (x^T g): 4 n m
+# FLOPs. So 6 FLOPs per weight per token, and the weights of the linear layers are
+# nearly all of a GPT's parameters. Training a transformer costs about 6
+# floating-point operations per parameter per
+# token (2 for the forward multiply-add, 4 for the two backward products), plus the
+# attention scores: 12 * n_layer * n_embd * block_size per token. Multiply by the
+# tokens per second and divide by what the hardware could do at most, and you get the
+# model FLOPs utilisation (MFU): the share of the machine that goes into the model.
+# 40-50% is very good on a GPU. Peak figures (dense bf16) come from the table below,
+# or from `--peak-tflops` for anything else, a CPU included.
+
+# %%
+PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0,
+               "H100": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0,
+               "L40S": 362.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0, "RTX 4090": 165.0,
+               "RTX 3090": 71.0, "V100": 125.0, "T4": 65.0}
+
+
+def peak_flops(device, override_tflops):
+    """Peak FLOP/s of one device: `--peak-tflops`, else the table, else None."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in PEAK_TFLOPS.items():   # most specific names come first
+            if key in name:
+                return tflops * 1e12
+    return None
+
+
+def flops_per_token(model):
+    """6 N + 12 L C T: the training FLOPs for one token (N without position table)."""
+    config = model.config
+    parameters = sum(p.numel() for p in model.parameters())
+    if model.position_embedding is not None:
+        parameters -= model.position_embedding.weight.numel()
+    return 6 * parameters + 12 * config.n_layer * config.n_embd * config.block_size
+
+
+# %% [markdown]
+# ## One training step, with gradient accumulation
+#
+# A step sees `batch_size` windows. When they do not fit in memory at once, the step
+# is cut into micro-batches: each runs forward and backward, and the gradients add up
+# in `.grad` (scaled by 1/accumulation, so the sum is the mean over the whole batch).
+# Under DDP, gradients are averaged across ranks during the backward pass; on all
+# micro-batches but the last, `no_sync` skips that exchange, since only the final sum
+# matters. Then the gradient is clipped to a norm of at most `grad_clip` (a rare huge
+# gradient would otherwise wreck the weights) and the optimiser steps.
+#
+# Why the sum of scaled micro-batch gradients is the full batch's gradient: the loss
+# of the batch is the mean of its k micro-batches' mean losses, L = (L_1 + ... + L_k)
+# / k (all micro-batches have the same size), and the gradient of a sum is the sum of
+# the gradients. DDP's average over R ranks is one more mean of equal-sized means, so
+# R ranks with k micro-steps each compute exactly the gradient of the whole batch of
+# R * k micro-batches, up to the order of floating-point additions (about 1e-7).
+#
+# The loss that the log shows under DDP is rank 0's own; the gradient norm is the
+# global one, since it is taken after the all-reduce. A NaN or infinite norm stops
+# the run on every rank at the same step, before the optimiser could spread the NaN
+# into the weights, and without a checkpoint being written.
+#
+# The clipping, written out: with G the vector of all gradients and c = `grad_clip`,
+#
+#     G = G * min(1, c / |G|)
+#
+# so the direction of the step is kept and only its length is capped.
+
+# %%
+# Why a loss becomes NaN: a learning rate so high that a step overshoots into a region
+# where the activations overflow float range (inf), after which inf - inf or 0 * inf
+# gives NaN, and NaN spreads to every weight it touches. Clipping makes this rare but
+# not impossible. Once it happens, nothing the run does afterwards is worth keeping,
+# so the right response is to stop, keep the last checkpoint written before it, and
+# tell the learner to lower the learning rate and `--resume`.
+class TrainingDiverged(DataError):
+    """The loss or the gradient became NaN or infinite; training stops."""
+
+
+def train_step(training_model, model, optimizer, loader, micro_batch, device, autocast,
+               grad_clip):
+    """One optimiser step; returns (mean loss on this rank, gradient norm) as floats."""
+    inputs, targets = (torch.from_numpy(array) for array in loader.next_batch())
+    micro_steps = inputs.shape[0] // micro_batch
+    total = torch.zeros((), device=device)
+    for index in range(micro_steps):
+        part = slice(index * micro_batch, (index + 1) * micro_batch)
+        last = index == micro_steps - 1
+        sync = (training_model.no_sync() if hasattr(training_model, "no_sync") and not last
+                else contextlib.nullcontext())
+        with sync:
+            with autocast:
+                _, loss = training_model(inputs[part].to(device, non_blocking=True),
+                                         targets[part].to(device, non_blocking=True))
+            (loss / micro_steps).backward()
+        total += loss.detach()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    return total.item() / micro_steps, norm.item()
+
+
+def apply_step(optimizer, step, grad_norm, out_path):
+    """Take the optimiser step, unless the gradient is NaN or infinite: then stop, with
+    the last good checkpoint left as it was. The gradient norm is the same on every
+    rank (gradients are averaged first), so every rank stops at the same step."""
+    if not math.isfinite(grad_norm):
+        raise TrainingDiverged(f"the gradient became NaN or infinite at step {step} "
+                               f"(learning rate too high?); training stopped and the last "
+                               f"good checkpoint ({out_path}) was kept")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+# %% [markdown]
+# ## The training run
+#
+# The order of business, and why:
+#
+# 1. `Run.__init__` reads the checkpoint (when resuming), the data and the tokenizer,
+#    checks the block size against the data and the configuration against the
+#    checkpoint, and builds the loader. Each failure here is a `DataError`, and
+#    nothing has been written yet.
+# 2. `Run.setup` joins the process group (under torchrun), builds the model and the
+#    optimiser on this process's device, restores them from the checkpoint, and
+#    wraps the model for compilation and DDP.
+# 3. `Run.train` loops: schedule, step, log, and every `eval_interval` steps evaluate
+#    and save. Seeds and loader positions make every run repeatable: the same flags
+#    give the same weights, and a resumed run continues bit for bit.
+# 4. The end: a full evaluation, a final checkpoint, the unigram baseline, the plot,
+#    a sample, and the summary line.
+#
+# Everything that can be wrong with the input (flags, data, a checkpoint to resume) is
+# checked *before* the first byte is written, so a mistake never costs you the
+# checkpoint of a good run. Then the loop: set the learning rate, take a step, log now
+# and then, evaluate and save now and then, until `max_iters` steps or `time_budget`
+# seconds; then evaluate on all the validation text, save, and show a sample.
+
+# %%
+def pad_vocabulary(size):
+    """Round the embedding table up to a multiple of 64: GPU matmuls run faster, and
+    the extra ids are simply never seen."""
+    return 64 * math.ceil(size / 64)
+
+
+def check_block_size(corpus, block_size):
+    """The data must hold at least one window of block_size + 1 tokens in each split."""
+    for split in ("train", "val"):
+        longest = max(len(array) for array in corpus[split])
+        if longest <= block_size:
+            raise DataError(f"block size {block_size} is larger than the {split} data "
+                            f"({longest} tokens); use a smaller --block-size or more text")
+
+
+def model_config_from(args, vocab_size):
+    """The GPTConfig that the command line describes, for a vocabulary of vocab_size."""
+    return GPTConfig(vocab_size=vocab_size, block_size=args.block_size,
+                     n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                     rope=args.rope, rmsnorm=args.rmsnorm, swiglu=args.swiglu,
+                     bias=args.bias, dropout=args.dropout)
+
+
+def autocast_for(device):
+    """bf16 autocast on GPUs: matmuls in bfloat16 (twice the speed, half the memory),
+    sums and the loss kept in float32. On the CPU: full float32."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def sample_text(model, encoding, prompt, new_tokens, temperature, top_k, seed, device):
+    """`prompt` continued by the model: the prompt, then the sampled text."""
+    ids = encoding.encode_ordinary(prompt) or [encoding.eot_token]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    out = model.generate(idx, new_tokens, temperature, top_k, generator,
+                         allowed=encoding.n_vocab)
+    return encoding.decode(out[0].tolist())
+
+
+class Run:
+    """The state of one training run and the steps that act on it."""
+
+    def __init__(self, args):
+        self.args = args
+        self.world_size, self.rank, self.local_rank = distributed_environment()
+        self.device = choose_device(args.device, self.local_rank)
+        self.kernels = choose_kernels(args.kernels, self.device)
+        self.autocast = autocast_for(self.device)
+        self.out_path = os.path.join(args.out, CHECKPOINT_NAME)
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        # Under `torchrun --max-restarts`, a restarted job resumes by itself.
+        resume = args.resume or (restarted and os.path.isfile(self.out_path))
+        self.checkpoint = load_checkpoint(self.out_path) if resume else None
+        saved_tokenizer = self.checkpoint["tokenizer"] if self.checkpoint else None
+        self.corpus = load_corpus(args.data, args.tokenizer, args.vocab_size, saved_tokenizer)
+        check_block_size(self.corpus, args.block_size)
+        # Chapter 09's loader: each rank its own share of every step's windows.
+        self.loader = ShardLoader(self.corpus["train_paths"], args.batch_size // self.world_size,
+                                  args.block_size, self.rank, self.world_size, args.seed)
+        self.encoding = self.corpus["encoding"]
+        self.model_config = model_config_from(args, pad_vocabulary(self.encoding.n_vocab))
+        self.config = {"model": asdict(self.model_config), "tokenizer": args.tokenizer,
+                       "vocab_size": args.vocab_size, "batch_size": args.batch_size,
+                       "seed": args.seed, "learning_rate": args.learning_rate,
+                       "warmup_iters": args.warmup_iters, "weight_decay": args.weight_decay,
+                       "grad_clip": args.grad_clip, "data": self.corpus["source"]}
+        if self.checkpoint:
+            check_same_configuration(self.checkpoint["config"], self.config, self.out_path)
+        # Every check has passed: from here on the run may write.
+
+    def log(self, message):
+        """Print on rank 0 only: N processes would otherwise print every line N times."""
+        if self.rank == 0:
+            print(message, flush=True)
+
+    def setup(self):
+        """Join the other processes, build the model and optimiser, restore them when
+        resuming, and wrap the model for compilation and DDP. The seed is set before
+        the model is built, so every rank starts from the same weights (DDP also
+        copies rank 0's weights to the others when it wraps the model)."""
+        args = self.args
+        if self.world_size > 1:
+            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+        torch.manual_seed(args.seed)
+        self.model = GPT(self.model_config, self.kernels).to(self.device)
+        self.optimizer = make_optimizer(self.model, args.learning_rate, args.weight_decay,
+                                        self.device)
+        self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
+        self.history = {"steps": [], "train_loss": [], "val_steps": [], "val_loss": []}
+        self.last_eval = None
+        if self.checkpoint:
+            self.restore(self.checkpoint)
+        self.training_model = self.model
+        if args.compile:
+            self.training_model = torch.compile(self.model)
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            self.training_model = DistributedDataParallel(
+                self.training_model,
+                device_ids=[self.local_rank] if self.device.type == "cuda" else None)
+        self.token_bytes = bytes_per_token(self.encoding, self.model_config.vocab_size)
+        self.flops_per_token = flops_per_token(self.model)
+        self.peak = peak_flops(self.device, args.peak_tflops)
+
+    def restore(self, checkpoint):
+        """Put everything back as it was at the save: weights, AdamW's averages, the
+        counters, this rank's loader position and its random-number generators."""
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.step = int(checkpoint["step"])
+        self.tokens_seen = int(checkpoint["tokens_seen"])
+        self.elapsed_before = float(checkpoint["elapsed"])
+        self.history = checkpoint["history"]
+        self.last_eval = checkpoint.get("last_eval")
+        positions = checkpoint["loader_positions"]
+        self.loader.load_state_dict(positions[min(self.rank, len(positions) - 1)])
+        states = checkpoint["rng"]
+        state = states[min(self.rank, len(states) - 1)]
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+        self.log(f"resumed from {self.out_path} at step {self.step} "
+                 f"({self.tokens_seen:,} tokens seen)")
+
+    def save(self):
+        """Every rank hands over its loader position and RNG state; rank 0 writes."""
+        positions = gather_from_ranks(self.loader.state_dict())
+        rng = gather_from_ranks({
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda"
+            else None})
+        if self.rank != 0:
+            return
+        os.makedirs(self.args.out, exist_ok=True)
+        save_checkpoint(self.out_path, {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "step": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed(),
+            "loader_positions": positions, "rng": rng, "config": self.config,
+            "tokenizer": tokenizer_to_dict(self.encoding), "history": self.history,
+            "last_eval": self.last_eval})
+
+    def elapsed(self):
+        """Seconds of training in this run and in the runs it resumes."""
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def evaluate(self, max_tokens):
+        """Validation loss and bits per byte, logged and remembered for the plot."""
+        args = self.args
+        loss, bpb = evaluate(self.model, self.corpus["val"], self.token_bytes,
+                             args.block_size, max(args.batch_size // self.world_size, 1),
+                             max_tokens, self.device, self.autocast, self.rank,
+                             self.world_size)
+        self.history["val_steps"].append(self.step)
+        self.history["val_loss"].append(loss)
+        self.last_eval = {"val_loss": loss, "val_bpb": bpb, "step": self.step}
+        self.log(f"step {self.step:5d} | validation loss {loss:.4f} | "
+                 f"{bpb:.4f} bits per byte")
+        return loss, bpb
+
+    def should_stop(self):
+        """Out of steps or out of time; under DDP the ranks agree (any rank's clock)."""
+        args = self.args
+        stop = self.step >= args.max_iters or bool(
+            args.time_budget and self.elapsed() >= args.time_budget)
+        if self.world_size > 1 and args.time_budget:
+            flag = torch.tensor([float(stop)], device=self.device)
+            stop = bool(all_reduce(flag, dist.ReduceOp.MAX).item())
+        return stop
+
+    def train(self):
+        """The loop. Each pass: decide whether to stop, set the learning rate for this
+        step, take the step (all micro-batches, clipping, AdamW), count the tokens, and
+        now and then log, evaluate and save. Speed is measured between log lines, so
+        the first line's figure includes start-up costs and the later ones do not."""
+        args = self.args
+        self.started = time.perf_counter()
+        tokens_per_step = args.batch_size * args.block_size
+        micro_batch = args.micro_batch or args.batch_size // self.world_size
+        window_start, window_step = time.perf_counter(), self.step
+        first_step, run_start = self.step, time.perf_counter()
+        while not self.should_stop():
+            progress = self.step / args.lr_decay_iters
+            if args.time_budget:
+                progress = max(progress, self.elapsed() / args.time_budget)
+            lr = learning_rate_at(self.step, progress, args.learning_rate, args.warmup_iters)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss, grad_norm = train_step(self.training_model, self.model, self.optimizer,
+                                         self.loader, micro_batch, self.device,
+                                         self.autocast, args.grad_clip)
+            # The guard against NaN comes before the step, so bad gradients never reach
+            # the weights, and before any save, so the last checkpoint stays good.
+            apply_step(self.optimizer, self.step, grad_norm, self.out_path)
+            self.step += 1
+            self.tokens_seen += tokens_per_step
+            if self.step % args.log_interval == 0 or self.step == 1:
+                seconds = time.perf_counter() - window_start
+                speed = (self.step - window_step) * tokens_per_step / max(seconds, 1e-9)
+                mfu = (f"{100 * self.flops_per_token * speed / (self.peak * self.world_size):.1f}%"
+                       if self.peak else "n/a")
+                self.history["steps"].append(self.step)
+                self.history["train_loss"].append(loss)
+                self.log(f"step {self.step:5d} | loss {loss:.4f} | lr {lr:.2e} | grad norm "
+                         f"{grad_norm:.3f} | {speed:,.0f} tokens/s | mfu {mfu}")
+                window_start, window_step = time.perf_counter(), self.step
+            # Evaluate and save at intervals; the last interval is left to the final,
+            # larger evaluation after the loop. Every rank takes part in both (the
+            # evaluation's all-reduce, the save's gathering of loader positions).
+            if self.step % args.eval_interval == 0 and not self.should_stop():
+                self.evaluate(args.eval_tokens)
+                self.save()
+        seconds = time.perf_counter() - run_start
+        self.tokens_per_second = (self.step - first_step) * tokens_per_step / max(seconds, 1e-9)
+        self.mfu = (self.flops_per_token * self.tokens_per_second / (self.peak * self.world_size)
+                    if self.peak else None)
+
+
+# Reading a log line:
+#
+#     step   500 | loss 3.1802 | lr 2.71e-03 | grad norm 0.412 | 24,310 tokens/s | mfu n/a
+#
+# `loss` is this step's training loss in nats per token (rank 0's share of the batch:
+# noisy from step to step, so watch its trend); `lr` the learning rate the schedule
+# chose; `grad norm` the length of the gradient before clipping: values far above
+# `grad_clip`, again and again, mean the learning rate is too high for this model;
+# `tokens/s` counts all processes' tokens since the previous line; `mfu` needs a known
+# peak (a GPU from the table, or `--peak-tflops`). The validation lines give the loss
+# and bits per byte on held-out text: if they rise while the training loss keeps
+# falling, the model has started to memorise its training text.
+def plot_history(history, out, baseline):
+    """Training and validation loss against step: a PNG, or a text table."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed; validation loss by step instead of a plot:")
+        for step, loss in zip(history["val_steps"], history["val_loss"]):
+            print(f"  step {step:6d}  {loss:.4f}")
+        return None
+    figure, axes = plt.subplots(figsize=(7, 4))
+    axes.plot(history["steps"], history["train_loss"], label="training loss", alpha=0.7)
+    axes.plot(history["val_steps"], history["val_loss"], "o-", label="validation loss")
+    axes.axhline(baseline, color="grey", linestyle="--", label="unigram baseline")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss (nats per token)")
+    axes.legend()
+    figure.tight_layout()
+    path = os.path.join(out, "loss.png")
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def run_training(args, started):
+    """Train, evaluate, save, sample; return the summary (None on ranks other than 0)."""
+    run = Run(args)          # every check happens here, before anything is written
+    run.setup()
+    try:
+        run.log(f"data: {run.corpus['source']}; tokenizer {run.encoding.name} "
+                f"({run.encoding.n_vocab} tokens); "
+                f"{sum(len(a) for a in run.corpus['train']):,} training and "
+                f"{sum(len(a) for a in run.corpus['val']):,} validation tokens")
+        run.log(f"model: {sum(p.numel() for p in run.model.parameters()):,} parameters, "
+                f"{args.n_layer} layers, {args.n_head} heads, width {args.n_embd}, context "
+                f"{args.block_size}, kernels {run.kernels.name}, device {run.device}, "
+                f"{run.world_size} process(es)")
+        run.train()
+        val_loss, val_bpb = run.evaluate(FINAL_EVAL_TOKENS)
+        run.save()
+        if run.rank != 0:
+            return None
+        base_loss, base_bpb = unigram_baseline(run.corpus["train"], run.corpus["val"],
+                                               run.token_bytes)
+        print(f"unigram baseline: loss {base_loss:.4f}, {base_bpb:.4f} bits per byte")
+        plot = plot_history(run.history, args.out, base_loss)
+        if plot:
+            print(f"saved {plot}")
+        prompt = args.prompt if args.prompt is not None else held_out_prompt(run)
+        text = sample_text(run.model, run.encoding, prompt, args.num_tokens,
+                           args.temperature, args.top_k, args.seed, run.device)
+        print(f"sample (temperature {args.temperature}, top-k {args.top_k}):\n{text}\n")
+        return {"chapter": CHAPTER, "val_loss": round(val_loss, 4),
+                "val_bpb": round(val_bpb, 4), "unigram_loss": round(base_loss, 4),
+                "unigram_bpb": round(base_bpb, 4),
+                "tokens_per_second": round(run.tokens_per_second),
+                "mfu": None if run.mfu is None else round(run.mfu, 4),
+                "iterations": run.step, "tokens_seen": run.tokens_seen,
+                "parameters": sum(p.numel() for p in run.model.parameters()),
+                "tokenizer": run.encoding.name, "kernels": run.kernels.name,
+                "device": str(run.device), "world_size": run.world_size,
+                "seconds": round(time.perf_counter() - started, 1)}
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+FINAL_EVAL_TOKENS = 1 << 20   # the final evaluation reads up to a million tokens
+
+
+def held_out_prompt(run):
+    """The first words of the validation text: a prompt the model has never seen."""
+    start = np.asarray(run.corpus["val"][0][:64]).tolist()
+    text = run.encoding.decode(start)
+    return text[:text.rfind(" ", 0, 40) + 1] if " " in text[:40] else text[:20]
+
+
+# %% [markdown]
+# ## Sampling from a checkpoint, and the speed benchmark
+#
+# `--sample "prompt"` trains nothing: it rebuilds the model and its tokenizer from the
+# checkpoint and continues the prompt. `--temperature` divides the logits before the
+# softmax (below 1: safer, more repetitive; above 1: wilder), `--top-k` keeps only the
+# k likeliest tokens at each step.
+#
+# `--bench` measures speed only: a number of training steps on random tokens after a
+# few warm-up steps (which include `torch.compile`'s compilation), reported as tokens
+# per second and MFU. No data is read and no checkpoint is written.
+
+# %%
+def run_sampling(args, started):
+    """`--sample`: continue a prompt with the checkpoint's model and tokenizer."""
+    _, _, local_rank = distributed_environment()
+    device = choose_device(args.device, local_rank)
+    path = os.path.join(args.out, CHECKPOINT_NAME)
+    checkpoint = load_checkpoint(path)
+    encoding = tokenizer_from_dict(checkpoint["tokenizer"])
+    model = GPT(GPTConfig(**checkpoint["config"]["model"]),
+                choose_kernels(args.kernels, device)).to(device)
+    model.load_state_dict(checkpoint["model"])
+    model.eval()
+    begin = time.perf_counter()
+    text = sample_text(model, encoding, args.sample, args.num_tokens, args.temperature,
+                       args.top_k, args.seed, device)
+    seconds = time.perf_counter() - begin
+    print(text)
+    last = checkpoint.get("last_eval") or {}
+    return {"chapter": CHAPTER, "sampled_tokens": args.num_tokens,
+            "sample_tokens_per_second": round(args.num_tokens / max(seconds, 1e-9)),
+            "val_loss": last.get("val_loss"), "val_bpb": last.get("val_bpb"),
+            "iterations": int(checkpoint["step"]),
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def run_bench(args, started):
+    """`--bench`: tokens per second and MFU of training steps on random tokens."""
+    world_size, rank, local_rank = distributed_environment()
+    device = choose_device(args.device, local_rank)
+    kernels = choose_kernels(args.kernels, device)
+    if world_size > 1:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        vocab = 50257 if args.tokenizer in ("gpt2", "auto") else args.vocab_size
+        torch.manual_seed(args.seed)
+        model = GPT(model_config_from(args, pad_vocabulary(vocab)), kernels).to(device)
+        optimizer = make_optimizer(model, args.learning_rate, args.weight_decay, device)
+        workspace = tempfile.TemporaryDirectory(prefix="gpt-bench-")
+        path = os.path.join(workspace.name, "random.bin")
+        write_shard(path, np.random.default_rng(args.seed).integers(
+            0, vocab, size=args.batch_size * args.block_size * 4 + 1), vocab_size=vocab)
+        loader = ShardLoader([path], args.batch_size // world_size, args.block_size, rank,
+                             world_size, args.seed)
+        training_model = torch.compile(model) if args.compile else model
+        if world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            training_model = DistributedDataParallel(
+                training_model, device_ids=[local_rank] if device.type == "cuda" else None)
+        micro_batch = args.micro_batch or args.batch_size // world_size
+        autocast = autocast_for(device)
+        for phase, steps in (("warm-up", BENCH_WARMUP), ("timed", args.bench_iters)):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            begin = time.perf_counter()
+            for step in range(steps):
+                _, grad_norm = train_step(training_model, model, optimizer, loader,
+                                          micro_batch, device, autocast, args.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - begin
+        speed = args.bench_iters * args.batch_size * args.block_size / seconds
+        peak = peak_flops(device, args.peak_tflops)
+        mfu = flops_per_token(model) * speed / (peak * world_size) if peak else None
+        if rank != 0:
+            return None
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+        print(f"bench: {args.bench_iters} steps of {args.batch_size * args.block_size:,} "
+              f"tokens on {world_size} x {name}, kernels {kernels.name}: {speed:,.0f} "
+              f"tokens/s, MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}")
+        return {"chapter": CHAPTER, "tokens_per_second": round(speed),
+                "mfu": None if mfu is None else round(mfu, 4), "iterations": args.bench_iters,
+                "parameters": sum(p.numel() for p in model.parameters()), "device": name,
+                "world_size": world_size, "kernels": kernels.name,
+                "seconds": round(time.perf_counter() - started, 1)}
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+BENCH_WARMUP = 5
+
+
+# %% [markdown]
+# ## Presets and the command line
+#
+# A preset is a set of defaults; any flag you give wins over it.
+#
+# * `cpu` (the default without a GPU): a small model sized to learn as much as it can
+#   in 90 seconds on a laptop CPU: 4 layers, width 128, context 128, a 512-token BPE,
+#   all the upgrades on, and a high learning rate (small models take big steps).
+# * `gpu` (the default with a GPU): a 6-layer, width-384 model trained for 5 minutes.
+# * `gpt2`: GPT-2 small, 124M parameters, context 1,024, 512 windows (0.5M tokens) a
+#   step through gradient accumulation, GPT-2's tokenizer; the configuration to
+#   reproduce GPT-2 on a real corpus (chapter 09's shards) on GPUs.
+# * `--quick` (for tests and a first look): a tiny model, a few seconds.
+
+# %%
+PRESETS = {
+    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16,
+                learning_rate=3e-3, warmup_iters=50, max_iters=100_000, time_budget=90.0,
+                rope=True, rmsnorm=True, swiglu=True, bias=False, tokenizer="bpe",
+                vocab_size=512, eval_interval=250, eval_tokens=16_384, log_interval=50),
+    "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64,
+                learning_rate=1e-3, warmup_iters=100, max_iters=100_000, time_budget=300.0,
+                rope=True, rmsnorm=True, swiglu=True, bias=False, tokenizer="bpe",
+                vocab_size=2048, eval_interval=250, eval_tokens=131_072, log_interval=50),
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=512,
+                 micro_batch=32, learning_rate=6e-4, warmup_iters=700, max_iters=19_073,
+                 rope=False, rmsnorm=False, swiglu=False, bias=True, tokenizer="auto",
+                 vocab_size=8192, eval_interval=250, eval_tokens=1 << 20, log_interval=10),
+    "quick": dict(n_layer=2, n_head=2, n_embd=64, block_size=32, batch_size=16,
+                  learning_rate=1e-2, warmup_iters=10, max_iters=100, time_budget=None,
+                  rope=True, rmsnorm=True, swiglu=True, bias=False, tokenizer="bpe",
+                  vocab_size=257, eval_interval=30, eval_tokens=4096, log_interval=10,
+                  num_tokens=60),
+}
+# What a preset leaves unset.
+DEFAULTS = dict(micro_batch=None, time_budget=None, lr_decay_iters=None, weight_decay=0.1,
+                grad_clip=1.0, dropout=0.0, num_tokens=200)
+
+
+def parse_args(argv=None):
+    """The flags, then the preset's values for every flag the learner did not give."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--data", default=None,
+                        help="a .txt file, a folder of .txt files or a folder of chapter 09's "
+                             "token shards (default: tiny Shakespeare, else the Python docs)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a run of a few seconds with a tiny model, for tests and a "
+                             "first look")
+    parser.add_argument("--out", default="out",
+                        help="folder for the checkpoint ckpt.pt and plots (default out/)")
+    parser.add_argument("--preset", choices=sorted(set(PRESETS) - {"quick"}), default=None,
+                        help="defaults for everything below: cpu (default without a GPU), "
+                             "gpu (default with one), gpt2 (GPT-2 small, 124M)")
+    group = parser.add_argument_group("model")
+    group.add_argument("--n-layer", type=int, help="transformer blocks")
+    group.add_argument("--n-head", type=int, help="attention heads per block")
+    group.add_argument("--n-embd", type=int, help="width of the residual stream")
+    group.add_argument("--block-size", type=int, help="context length in tokens")
+    group.add_argument("--dropout", type=float, help="dropout probability (default 0)")
+    for name, text in (("rope", "rotary positions instead of learned ones"),
+                       ("rmsnorm", "RMSNorm instead of LayerNorm"),
+                       ("swiglu", "SwiGLU MLP instead of GELU"),
+                       ("bias", "biases in linear layers and LayerNorm (GPT-2 has them)")):
+        group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, help=text)
+    group.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
+                       help="attention, norms, activations and loss from chapter 12's "
+                            "Triton kernels or from PyTorch (auto: Triton on a CUDA GPU)")
+    group = parser.add_argument_group("tokens")
+    group.add_argument("--tokenizer", choices=["auto", "gpt2", "bpe"],
+                       help="gpt2: GPT-2's; bpe: trained on the training text; auto: "
+                            "GPT-2's when available, else bpe")
+    group.add_argument("--vocab-size", type=int,
+                       help="tokens of the trained BPE (256 = plain bytes)")
+    group = parser.add_argument_group("training")
+    group.add_argument("--batch-size", type=int,
+                       help="windows per optimiser step, over all processes together")
+    group.add_argument("--micro-batch", type=int,
+                       help="windows per forward pass on one process (default: the whole "
+                            "share; smaller means gradient accumulation)")
+    group.add_argument("--learning-rate", "--lr", type=float, help="peak learning rate")
+    group.add_argument("--warmup-iters", type=int, help="steps of linear warm-up")
+    group.add_argument("--lr-decay-iters", type=int,
+                       help="steps over which the cosine decays (default --max-iters)")
+    group.add_argument("--weight-decay", type=float, help="AdamW weight decay (matrices)")
+    group.add_argument("--grad-clip", type=float, help="largest gradient norm (default 1)")
+    group.add_argument("--max-iters", type=int, help="stop after this many steps")
+    group.add_argument("--time-budget", type=float,
+                       help="stop training after this many seconds of training (wall "
+                            "clock; 0: no limit; cpu preset: 90)")
+    group.add_argument("--compile", action="store_true", help="torch.compile the model")
+    group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                       help="where to train (auto: the GPU when there is one)")
+    group.add_argument("--resume", action="store_true",
+                       help="continue exactly from the checkpoint in --out")
+    group = parser.add_argument_group("evaluation, logging, sampling, speed")
+    group.add_argument("--eval-interval", type=int, help="evaluate and save every N steps")
+    group.add_argument("--eval-tokens", type=int,
+                       help="validation tokens read by each evaluation during training")
+    group.add_argument("--log-interval", type=int, help="log every N steps")
+    group.add_argument("--peak-tflops", type=float,
+                       help="peak TFLOP/s of one device, for MFU (default: a table of GPUs)")
+    group.add_argument("--sample", metavar="PROMPT", default=None,
+                       help="only sample: continue PROMPT with the model in --out/ckpt.pt")
+    group.add_argument("--prompt", default=None,
+                       help="prompt of the sample after training (default: the first "
+                            "words of the validation text)")
+    group.add_argument("--num-tokens", type=int, help="tokens to sample (default 200)")
+    group.add_argument("--temperature", type=float, default=0.8,
+                       help="sampling temperature (default 0.8)")
+    group.add_argument("--top-k", type=int, default=40,
+                       help="sample from the k likeliest tokens (default 40; 0: all)")
+    group.add_argument("--bench", action="store_true",
+                       help="only measure tokens/s and MFU over --bench-iters steps")
+    group.add_argument("--bench-iters", type=int, default=20,
+                       help="timed steps of --bench (after 5 warm-up steps)")
+    args = parser.parse_args(argv)
+    preset = "quick" if args.quick else (args.preset or
+                                         ("gpu" if torch.cuda.is_available() else "cpu"))
+    for key, value in {**DEFAULTS, **PRESETS[preset]}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.preset = preset
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.max_iters
+    return args
+
+
+# The clear errors, and what each one protects. Flags that cannot work (a negative
+# size, heads that do not divide the width) are caught here, in one sentence each.
+# Data problems (a missing path, an empty file, a folder with no text, text shorter
+# than one window) are caught while reading it. A batch that cannot be shared equally
+# among the processes is caught here too, since every rank must do the same number of
+# steps or the all-reduce would wait forever for a rank that has stopped. A checkpoint
+# that is truncated, not ours, or from another configuration is refused before its
+# folder is touched. All of these happen before the first write, so a typo never costs
+# the checkpoint of a long run.
+def check_args(args):
+    """Reject impossible settings with one sentence each, before any work is done."""
+    positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "eval_interval",
+                "eval_tokens", "log_interval", "lr_decay_iters", "bench_iters")
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise DataError(f"--{name.replace('_', '-')} must be positive, not "
+                            f"{getattr(args, name)}")
+    for name in ("max_iters", "warmup_iters", "num_tokens", "top_k", "weight_decay"):
+        if getattr(args, name) < 0:
+            raise DataError(f"--{name.replace('_', '-')} must not be negative, not "
+                            f"{getattr(args, name)}")
+    for name in ("learning_rate", "grad_clip", "temperature"):
+        if not getattr(args, name) > 0:
+            raise DataError(f"--{name.replace('_', '-')} must be positive, not "
+                            f"{getattr(args, name)}")
+    if args.time_budget is not None and not args.time_budget >= 0:
+        raise DataError(f"--time-budget must be a number of seconds (0: no limit), not "
+                        f"{args.time_budget}")
+    args.time_budget = args.time_budget or None
+    if not 0 <= args.dropout < 1:
+        raise DataError(f"--dropout must be in [0, 1), not {args.dropout}")
+    if args.n_embd % args.n_head:
+        raise DataError(f"--n-embd {args.n_embd} does not divide into {args.n_head} heads; "
+                        f"make it a multiple of --n-head")
+    if args.rope and (args.n_embd // args.n_head) % 2:
+        raise DataError(f"rotary positions need an even head size, not "
+                        f"{args.n_embd // args.n_head}; change --n-embd or --n-head")
+    if args.tokenizer != "gpt2" and not 257 <= args.vocab_size < 2 ** 32:
+        raise DataError(f"--vocab-size must be at least 257 (the 256 single bytes and "
+                        f"{END_OF_TEXT}), not {args.vocab_size}")
+    world_size = distributed_environment()[0]
+    if args.batch_size % world_size:
+        raise DataError(f"batch size {args.batch_size} does not divide across {world_size} "
+                        f"ranks; make --batch-size a multiple of {world_size}")
+    share = args.batch_size // world_size
+    if args.micro_batch is not None and (args.micro_batch <= 0 or share % args.micro_batch):
+        raise DataError(f"micro-batch {args.micro_batch} does not divide each rank's batch "
+                        f"of {share} windows; choose a divisor of {share}")
+
+
+# %% [markdown]
+# ## From here to GPT-2
+#
+# The same file trains GPT-2 small (124M parameters) when given the compute. The
+# recipe, as the original GPT-2 and its open reproductions used it:
+#
+# 1. A corpus of good web text, about 10 billion tokens (for example a FineWeb-Edu
+#    sample), cleaned and sharded by chapter 09 with GPT-2's tokenizer
+#    (`python 09_data.py --data corpus/ --vocab-size ...` or GPT-2's own merges).
+# 2. `torchrun --standalone --nproc_per_node=8 13_gpt.py --preset gpt2 --data
+#    out/shards --compile`: 524,288 tokens a step (512 windows of 1,024), peak
+#    learning rate 6e-4 after 700 warm-up steps, cosine to 6e-5 over 19,073 steps,
+#    which is one pass over the 10 billion tokens.
+# 3. Check `--bench` first: at 470,000 tokens per second per H100 the run takes about
+#    19073 * 524288 / (8 * 470000) seconds, 45 minutes on 8 GPUs, or 6 hours on one.
+#    The validation loss should end near 3.3 nats per token, where GPT-2 small
+#    itself is on such text.
+# 4. Checkpoints every `eval_interval` steps and `torchrun --max-restarts 3` make the
+#    run survive a crashed process: the restarted job finds `ckpt.pt` and resumes
+#    from it by itself, at the exact batch where it stopped.
+#
+# ## Things to try
+#
+# * Switch the upgrades off one at a time (`--no-rope`, `--no-rmsnorm`, `--no-swiglu`,
+#   `--bias`) and compare bits per byte at equal time: which one buys the most?
+# * Change the tokenizer: `--vocab-size 257` (bytes), 512, 1024, 4096. A larger
+#   vocabulary makes each token carry more bytes, but leaves fewer parameters and
+#   fewer examples per token. Where is the sweet spot for a 90-second budget?
+# * Raise the learning rate until the run diverges, and watch the NaN guard stop it
+#   and keep the last good checkpoint; then `--resume` with a lower rate.
+# * Kill a run with Ctrl-C after an evaluation and `--resume` it: the final weights
+#   are the same as without the interruption.
+# * Run `torchrun --standalone --nproc_per_node=2 13_gpt.py --quick` on a laptop and
+#   compare the weights with a one-process run of the same batch size.
+# * Sample at temperature 0.2, 0.8 and 1.5 from the same checkpoint.
+
+# %%
+def main(argv=None):
+    started = time.perf_counter()
+    args = parse_args(argv)
+    check_args(args)
+    if args.sample is not None:
+        summary = run_sampling(args, started)
+    elif args.bench:
+        summary = run_bench(args, started)
+    else:
+        summary = run_training(args, started)
+    if summary is not None:            # rank 0 only under torchrun
+        print_summary(summary)
+    return summary
+
+
+def print_summary(figures):
+    """The chapter's last line: `summary: ` and its headline figures as JSON."""
+    print("summary: " + json.dumps(figures))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -131,18 +131,20 @@ def test_resume_continues_exactly(corpus, tmp_path):
 def test_triton_kernels_match_pytorch_loss_and_every_gradient(switches):
     """The same tiny model on chapter 12's kernels (Triton's interpreter on the CPU) and
     on PyTorch's operations: same loss, same gradient for every parameter."""
-    assert gpt.HAS_TRITON and gpt.INTERPRET
+    device = "cuda" if torch.cuda.is_available() else "cpu"   # compiled, or interpreted
+    assert gpt.triton_runs_on(torch.empty(1, device=device))
     config = gpt.GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32,
                            **switches)
     torch.manual_seed(0)
-    reference = gpt.GPT(config, gpt.TorchKernels)
+    reference = gpt.GPT(config, gpt.TorchKernels).to(device)
     with torch.no_grad():   # non-trivial norm gains and biases, so their gradients count
         for name, parameter in reference.named_parameters():
             if parameter.dim() == 1:
                 parameter.add_(0.1 * torch.randn_like(parameter))
     triton_model = copy.deepcopy(reference)
     triton_model.kernels = gpt.TritonKernels
-    inputs, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    inputs = torch.randint(0, 64, (2, 16), device=device)
+    targets = torch.randint(0, 64, (2, 16), device=device)
     _, loss = reference(inputs, targets)
     loss.backward()
     _, triton_loss = triton_model(inputs, targets)
@@ -226,6 +228,16 @@ def test_trains_on_a_folder_of_chapter_09_shards(tmp_path):
     summary = train(str(tmp_path / "shards"), tmp_path / "out", "--max-iters", "2")
     assert summary["tokenizer"] == "course-bpe" and summary["iterations"] == 2
     assert math.isfinite(summary["val_bpb"])
+
+
+def test_bench_reports_speed_only(tmp_path):
+    summary = gpt.main(["--bench", "--bench-iters", "2", "--n-layer", "1", "--n-head", "2",
+                        "--n-embd", "32", "--block-size", "16", "--batch-size", "4",
+                        "--tokenizer", "bpe", "--vocab-size", "300", "--out", str(tmp_path),
+                        "--peak-tflops", "1"])
+    assert summary["tokens_per_second"] > 0 and summary["iterations"] == 2
+    assert 0 < summary["mfu"] < 1
+    assert not os.listdir(tmp_path)                  # a benchmark writes nothing
 
 
 # --- bad inputs ---------------------------------------------------------------------

@@ -1,0 +1,239 @@
+"""Tests of 04b_cnn.py: convolution (loops and im2col) and max pooling, forward and
+backward, against each other, finite differences and PyTorch; the whole network's
+gradients; the generated digits; the MNIST idx reader; bad inputs; the quick run."""
+import gzip
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_clean_error, load_chapter, run_chapter
+
+chapter = load_chapter("04b_cnn")
+
+
+def random_conv(rng, batch=2, channels=3, height=7, width=6, filters=4, kernel=(3, 2)):
+    """Random images, weight, bias and output gradient for one convolution layer."""
+    images = rng.normal(size=(batch, channels, height, width))
+    weight = rng.normal(size=(filters, channels, *kernel))
+    bias = rng.normal(size=filters)
+    output_grad = rng.normal(size=(batch, filters, height - kernel[0] + 1, width - kernel[1] + 1))
+    return images, weight, bias, output_grad
+
+
+@pytest.mark.parametrize("kernel", [(3, 2), (5, 5), (1, 1)])
+def test_im2col_and_loop_convolutions_agree(kernel):
+    images, weight, bias, output_grad = random_conv(np.random.default_rng(0), height=8,
+                                                    width=7, kernel=kernel)
+    np.testing.assert_allclose(chapter.conv_forward(images, weight, bias),
+                               chapter.conv_forward_loops(images, weight, bias), atol=1e-12)
+    for fast, loop in zip(chapter.conv_backward(images, weight, output_grad),
+                          chapter.conv_backward_loops(images, weight, output_grad)):
+        assert fast.shape == loop.shape
+        np.testing.assert_allclose(fast, loop, atol=1e-12)
+
+
+def test_convolution_gradients_against_finite_differences_and_torch():
+    rng = np.random.default_rng(1)
+    images, weight, bias, output_grad = random_conv(rng)
+    # The loss sum(outputs * output_grad) has exactly output_grad as d loss / d outputs.
+    images_grad, weight_grad, bias_grad = chapter.conv_backward(images, weight, output_grad)
+
+    def loss_of():
+        return float(np.sum(chapter.conv_forward(images, weight, bias) * output_grad))
+
+    for array, gradient in ((images, images_grad), (weight, weight_grad), (bias, bias_grad)):
+        np.testing.assert_allclose(gradient, chapter.numerical_gradient(loss_of, array),
+                                   rtol=1e-6, atol=1e-8)
+    torch_images = torch.tensor(images, requires_grad=True)
+    torch_weight = torch.tensor(weight, requires_grad=True)
+    torch_bias = torch.tensor(bias, requires_grad=True)
+    outputs = torch.nn.functional.conv2d(torch_images, torch_weight, torch_bias)
+    np.testing.assert_allclose(chapter.conv_forward(images, weight, bias),
+                               outputs.detach().numpy(), rtol=1e-10, atol=1e-12)
+    (outputs * torch.tensor(output_grad)).sum().backward()
+    for ours, theirs in ((images_grad, torch_images), (weight_grad, torch_weight),
+                         (bias_grad, torch_bias)):
+        np.testing.assert_allclose(ours, theirs.grad.numpy(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("size, height, width", [(2, 6, 8), (2, 7, 9), (3, 8, 7)])
+def test_max_pool_against_finite_differences_and_torch(size, height, width):
+    rng = np.random.default_rng(2)
+    inputs = rng.normal(size=(2, 3, height, width))  # no ties, so the max is smooth
+    pooled = chapter.max_pool_forward(inputs, size)
+    output_grad = rng.normal(size=pooled.shape)
+    inputs_grad = chapter.max_pool_backward(inputs, output_grad, size)
+
+    def loss_of():
+        return float(np.sum(chapter.max_pool_forward(inputs, size) * output_grad))
+
+    np.testing.assert_allclose(inputs_grad, chapter.numerical_gradient(loss_of, inputs),
+                               rtol=1e-6, atol=1e-8)
+    torch_inputs = torch.tensor(inputs, requires_grad=True)
+    torch_pooled = torch.nn.functional.max_pool2d(torch_inputs, size)
+    (torch_pooled * torch.tensor(output_grad)).sum().backward()
+    np.testing.assert_array_equal(pooled, torch_pooled.detach().numpy())
+    np.testing.assert_array_equal(inputs_grad, torch_inputs.grad.numpy())
+
+
+def test_max_pool_ties_go_to_the_first_maximum_like_torch():
+    rng = np.random.default_rng(3)
+    inputs = np.maximum(rng.normal(size=(2, 2, 6, 6)), 0.0)  # after a ReLU: many ties at 0
+    inputs[0, 0, :2, :2] = 0.5
+    output_grad = rng.normal(size=(2, 2, 3, 3))
+    torch_inputs = torch.tensor(inputs, requires_grad=True)
+    (torch.nn.functional.max_pool2d(torch_inputs, 2) * torch.tensor(output_grad)).sum().backward()
+    ours = chapter.max_pool_backward(inputs, output_grad, 2)
+    np.testing.assert_array_equal(ours, torch_inputs.grad.numpy())
+    assert ours[0, 0, 0, 0] == output_grad[0, 0, 0, 0] and not ours[0, 0, :2, :2].ravel()[1:].any()
+
+
+def test_whole_network_gradients_against_finite_differences_and_torch():
+    rng = np.random.default_rng(4)
+    model = chapter.init_cnn([3, 4], 3, [6], rng, image_size=12)
+    conv_layers, head = model
+    model = ([(weight, rng.normal(size=bias.shape)) for weight, bias in conv_layers],
+             [(weight, rng.normal(size=bias.shape) * 0.1) for weight, bias in head])
+    images = rng.random((3, 1, 12, 12))
+    labels = rng.integers(0, 10, 3)
+    targets = chapter.one_hot(labels, 10)
+    assert chapter.cnn_gradient_error(model, images, targets) < 1e-6
+    logits, cache = chapter.cnn_forward(model, images)
+    ours = chapter.model_parameters(
+        chapter.cnn_backward(model, cache, chapter.cross_entropy_grad(logits, targets)))
+    parameters = [torch.tensor(array, requires_grad=True)
+                  for array in chapter.model_parameters(model)]
+    hidden = torch.tensor(images)
+    for index in range(len(model[0])):
+        hidden = torch.nn.functional.conv2d(hidden, parameters[2 * index],
+                                            parameters[2 * index + 1])
+        hidden = torch.nn.functional.max_pool2d(torch.relu(hidden), 2)
+    hidden = hidden.flatten(1)
+    dense = parameters[2 * len(model[0]):]
+    for index in range(0, len(dense), 2):
+        hidden = hidden @ dense[index] + dense[index + 1]
+        if index < len(dense) - 2:
+            hidden = torch.relu(hidden)
+    np.testing.assert_allclose(logits, hidden.detach().numpy(), rtol=1e-10, atol=1e-12)
+    torch.nn.functional.cross_entropy(hidden, torch.tensor(labels)).backward()
+    for gradient, parameter in zip(ours, parameters):
+        np.testing.assert_allclose(gradient, parameter.grad.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_dense_backward_without_input_gradient_is_chapter_04s():
+    rng = np.random.default_rng(5)
+    layers = chapter.init_dense([4, 5, 3], rng)
+    inputs = rng.normal(size=(6, 4))
+    outputs, cache = chapter.dense_forward(layers, inputs)
+    output_grad = rng.normal(size=outputs.shape)
+    plain = chapter.dense_backward(layers, cache, output_grad)
+    with_input, input_grad = chapter.dense_backward(layers, cache, output_grad,
+                                                    with_input_grad=True)
+    for (weight_grad, bias_grad), (weight_grad_2, bias_grad_2) in zip(plain, with_input):
+        np.testing.assert_array_equal(weight_grad, weight_grad_2)
+        np.testing.assert_array_equal(bias_grad, bias_grad_2)
+
+    def loss_of():
+        return float(np.sum(chapter.dense_forward(layers, inputs)[0] * output_grad))
+
+    np.testing.assert_allclose(input_grad, chapter.numerical_gradient(loss_of, inputs),
+                               rtol=1e-6, atol=1e-8)
+
+
+def test_generated_digits_are_deterministic_balanced_and_mnist_shaped():
+    images, labels = chapter.generate_digits(200, (7, 0))
+    again, labels_again = chapter.generate_digits(200, (7, 0))
+    np.testing.assert_array_equal(images, again)
+    np.testing.assert_array_equal(labels, labels_again)
+    other, _ = chapter.generate_digits(200, (7, 1))
+    assert not np.array_equal(images, other)
+    assert images.shape == (200, 28, 28) and labels.shape == (200,)
+    assert images.min() >= 0.0 and images.max() <= 1.0
+    assert np.bincount(labels, minlength=10).tolist() == [20] * 10
+    assert len(set(labels[:10].tolist())) > 1  # shuffled, not in blocks of one digit
+    # Ink like MNIST's: a dark background, strokes near 1 in the middle 20 x 20.
+    assert 0.05 < images.mean() < 0.3
+    assert images[:, 4:24, 4:24].mean() > 2 * images[:, :3, :].mean()
+    assert np.mean(images.max(axis=(1, 2)) > 0.7) == 1.0
+    # Two drawings of the same digit differ (random hands), yet are alike on average.
+    sevens = images[labels == 7]
+    assert not np.allclose(sevens[0], sevens[1], atol=0.1)
+
+
+def write_idx(path, array, magic):
+    """Write `array` (uint8) as a gzip-compressed idx file."""
+    header = magic.to_bytes(4, "big") + b"".join(size.to_bytes(4, "big") for size in array.shape)
+    with gzip.open(path, "wb") as file:
+        file.write(header + array.astype(np.uint8).tobytes())
+
+
+def write_fake_mnist(folder, count=100):
+    """A folder shaped like MNIST, filled with generated digits."""
+    os.makedirs(folder, exist_ok=True)
+    for prefix, seed in (("train", 0), ("t10k", 1)):
+        images, labels = chapter.generate_digits(count, (9, seed))
+        write_idx(os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz"),
+                  np.round(images * 255), 2051)
+        write_idx(os.path.join(folder, f"{prefix}-labels-idx1-ubyte.gz"), labels, 2049)
+
+
+def test_mnist_folder_is_read_and_trained_on(tmp_path, capsys):
+    folder = tmp_path / "mnist"
+    write_fake_mnist(folder)
+    train_images, train_labels, test_images, test_labels = chapter.read_mnist(str(folder))
+    assert train_images.shape == (100, 28, 28) and test_labels.shape == (100,)
+    assert train_images.max() <= 1.0 and train_labels.max() <= 9
+    chapter.main(["--data", str(folder), "--quick", "--epochs", "1", "--train-size", "50",
+                  "--out", str(tmp_path / "out")])
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary.startswith("summary: ") and '"train_images": 50' in summary
+
+
+def test_offline_falls_back_to_generated_digits(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train_images, train_labels, test_images, test_labels, source = chapter.load_digits(
+        None, 0, 30, 20)
+    assert source == "generated"
+    assert train_images.shape == (30, 28, 28) and test_images.shape == (20, 28, 28)
+    assert not any(name.endswith(".part") for _, _, names in os.walk(tmp_path) for name in names)
+
+
+def test_bad_idx_files_raise_data_error(tmp_path):
+    labels_as_images = tmp_path / "labels.gz"
+    write_idx(labels_as_images, np.arange(5), 2049)
+    with pytest.raises(chapter.DataError, match="magic"):
+        chapter.read_idx(str(labels_as_images), "images")
+    truncated = tmp_path / "truncated"
+    truncated.write_bytes((2051).to_bytes(4, "big") + (3).to_bytes(4, "big")
+                          + (28).to_bytes(4, "big") * 2 + bytes(100))
+    with pytest.raises(chapter.DataError, match="truncated"):
+        chapter.read_idx(str(truncated), "images")
+
+
+def test_bad_inputs_exit_cleanly(tmp_path):
+    run = run_chapter("04b_cnn", "--data", tmp_path / "nowhere", "--quick", cwd=tmp_path)
+    assert_clean_error(run, "does not exist")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in chapter.MNIST_FILES:
+        (broken / name).write_text("these are not digits\n")
+    run = run_chapter("04b_cnn", "--data", broken, "--quick", cwd=tmp_path)
+    assert_clean_error(run, "cannot be read")
+    run = run_chapter("04b_cnn", "--quick", "--filters", "8", "8", "8", cwd=tmp_path)
+    assert_clean_error(run, "shrink")
+
+
+def test_quick_run_reads_digits(tmp_path):
+    run = run_chapter("04b_cnn", "--quick", "--out", tmp_path / "out", cwd=tmp_path,
+                      env={"OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run
+    summary = run.summary
+    assert summary["chapter"] == "04b_cnn" and summary["source"] == "generated"
+    # A stated figure: 2,000 generated digits, 3 epochs, scored on 500 held-out ones.
+    assert summary["test_accuracy"] > 0.9, run
+    assert summary["conv_difference"] < 1e-10 and summary["gradient_error"] < 1e-6
+    assert "confusion matrix" in run.stdout
+    assert (tmp_path / "out" / "04b_cnn_filters.png").exists()
+    assert (tmp_path / "out" / "04b_cnn_confusion.png").exists()
