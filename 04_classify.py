@@ -912,6 +912,11 @@ def parse_args(argv=None):
             raise DataError(f"{flag} must be at least 1, not {value}")
     if not (args.learning_rate > 0 and np.isfinite(args.learning_rate)):
         raise DataError(f"--learning-rate must be a positive number, not {args.learning_rate}")
+    if args.text is not None and not os.path.isfile(args.text):
+        # Checked here because the carried `load_text` names the flag --data, which in
+        # this chapter is the weather table's.
+        raise DataError(f"text file {args.text} does not exist; pass --text with the path "
+                        f"of a UTF-8 .txt file")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise DataError(f"--out {args.out} is a file; give a folder for the plots")
     return args

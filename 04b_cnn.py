@@ -59,8 +59,9 @@ CHAPTER = "04b_cnn"
 # %%
 MNIST_MIRRORS = ["https://ossci-datasets.s3.amazonaws.com/mnist/",
                  "https://storage.googleapis.com/cvdf-datasets/mnist/"]
-# The four files and their SHA-256 digests, as published alongside the mirrors above
-# and recorded identically by several independent projects that download them.
+# The four files and their SHA-256 digests (the same files on both mirrors), as
+# recorded identically by several independent projects that download them. Beyond
+# the digest, `read_idx` below checks each file's magic number and length.
 MNIST_FILES = {
     "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
     "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
@@ -318,6 +319,9 @@ def read_mnist(folder):
     """MNIST from the four idx files in `folder`, as (train_images, train_labels,
     test_images, test_labels): images float (count, 28, 28) scaled to [0, 1], labels
     int64."""
+    if os.path.isfile(folder):
+        raise DataError(f"--data {folder} is a file; give the folder that holds the four "
+                        f"MNIST idx files")
     if not os.path.isdir(folder):
         raise DataError(f"digits folder {folder} does not exist; pass --data with a folder "
                         f"holding the four MNIST idx files")
@@ -1063,7 +1067,7 @@ def filter_text(weight):
             low, high = kernel.min(), kernel.max()
             levels = (kernel[row] - low) / max(high - low, 1e-12) * (len(SHADES) - 1)
             pieces.append("".join(SHADES[int(round(level))] for level in levels))
-        rows.append("  ".join(pieces))
+        rows.append(" | ".join(pieces))
     return rows
 
 
@@ -1205,12 +1209,13 @@ def print_summary(figures):
     print("summary: " + json.dumps(figures))
 
 
-def check_convolutions(rng, batch=4):
-    """Loops against im2col on random images and a random layer: the largest
-    difference of the outputs and of the three gradients, and both times."""
-    images = rng.random((batch, 3, 12, 12))
-    weight, bias = rng.normal(size=(4, 3, 5, 5)), rng.normal(size=4)
-    output_grad = rng.normal(size=(batch, 4, 8, 8))
+def check_convolutions(rng, batch=2):
+    """Loops against im2col on random images and a random layer shaped like the
+    network's first: the largest difference of the outputs and of the three
+    gradients, and the time each version took."""
+    images = rng.random((batch, 1, IMAGE_SIZE, IMAGE_SIZE))
+    weight, bias = rng.normal(size=(8, 1, 5, 5)), rng.normal(size=8)
+    output_grad = rng.normal(size=(batch, 8, IMAGE_SIZE - 4, IMAGE_SIZE - 4))
     timings = []
     results = []
     for forward, backward in ((conv_forward_loops, conv_backward_loops),

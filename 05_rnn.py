@@ -386,7 +386,9 @@ def diverged(loss):
 # so a table of `D` days gives `D - window + 1` examples, stacked into an array of
 # shape (examples, window, 3): examples, time steps, features. That is the shape every
 # recurrent network in this course reads. The windows overlap (day `d` appears in
-# `window` of them); numpy's `sliding_window_view` builds them without copying.
+# `window` of them); numpy's `sliding_window_view` finds them all without a Python
+# loop, and we copy the result into one compact array (a few megabytes) so the matrix
+# products that read it later run at full speed.
 #
 # We then split the examples in time order with the carried `split_data`, so the test
 # windows are all later than the training windows, as in every weather chapter.

@@ -562,9 +562,10 @@ def rnn_backward(params, cache, output_grad, with_input_grad=False):
 # (`x_t W_x* + b_*`) are computed for every day at once before the loop.
 #
 # Initialisation as for the RNN, with one twist: the update gate's bias starts at
-# -1, so `z` starts near `sigmoid(-1) = 0.27` and every unit keeps about three
-# quarters of its state each day. The network starts out remembering, and learns
-# where to forget.
+# -2, so `z` starts near `sigmoid(-2) = 0.12` and every unit keeps about 88% of its
+# state each day (`0.88^k` of a value is left `k` days later: a memory of a week or
+# two). The network starts out remembering, and learns where to forget; with a bias
+# of 0 it would start by halving everything it holds every day.
 
 # %%
 def sigmoid(x):
@@ -585,7 +586,7 @@ def init_gru(input_size, hidden_size, rng):
         params[f"{gate}_hidden_weight"] = rng.normal(0.0, 1 / np.sqrt(hidden_size),
                                                      (hidden_size, hidden_size))
         params[f"{gate}_bias"] = np.zeros((1, hidden_size))
-    params["update_bias"] -= 1.0  # start by keeping most of the state: z ~ 0.27
+    params["update_bias"] -= 2.0  # start by keeping most of the state: z ~ 0.12
     params["output_weight"] = rng.normal(0.0, 1 / np.sqrt(hidden_size), (hidden_size, 1))
     params["output_bias"] = np.zeros((1, 1))
     return params
@@ -991,8 +992,8 @@ def parse_args(argv=None):
     parser.add_argument("--large-learning-rate", type=float, default=0.5,
                         help="the too-large learning rate of the clipping demonstration "
                              "(default 0.5)")
-    parser.add_argument("--memory-window", type=int, default=15,
-                        help="days in each window of the memory task (default 15)")
+    parser.add_argument("--memory-window", type=int, default=25,
+                        help="days in each window of the memory task (default 25)")
     args = parser.parse_args(argv)
     if args.epochs is None:
         args.epochs = 2 if args.quick else 20
@@ -1148,7 +1149,7 @@ def main(argv=None):
 
     # A task that needs a long memory: the RNN against the GRU, same training.
     memory_examples, memory_epochs, memory_learning_rate = (500, 1, 0.1) if args.quick \
-        else (4000, 8, 0.1)
+        else (4000, 6, 0.1)
     memory = memory_experiment({name: models[name][:3] for name in ("rnn", "gru")}, table,
                                args.memory_window, memory_examples, args.hidden_size,
                                memory_learning_rate, memory_epochs, args.batch_size,

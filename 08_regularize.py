@@ -608,7 +608,9 @@ class RegularNet(nn.Module):
 # We decay the weight matrices only: biases and layer-norm gains do not make the
 # network more complex when they grow, and decaying a gain towards 0 would fight
 # the normalisation. AdamW takes two groups of parameters with their own settings,
-# the same split nanoGPT and most transformer trainers use.
+# the same split nanoGPT and most transformer trainers use. (`foreach=True` asks
+# AdamW to update all tensors of a group in one call instead of a Python loop over
+# them: the same arithmetic, less overhead.)
 
 # %%
 def make_optimizer(model, learning_rate, weight_decay):
@@ -617,7 +619,8 @@ def make_optimizer(model, learning_rate, weight_decay):
     matrices = [parameter for parameter in model.parameters() if parameter.dim() >= 2]
     others = [parameter for parameter in model.parameters() if parameter.dim() < 2]
     return torch.optim.AdamW([{"params": matrices, "weight_decay": weight_decay},
-                              {"params": others, "weight_decay": 0.0}], lr=learning_rate)
+                              {"params": others, "weight_decay": 0.0}], lr=learning_rate,
+                             foreach=True)
 
 
 # %% [markdown]

@@ -488,13 +488,15 @@ class Encoder(nn.Module):
     def forward(self, source):
         """source (batch, source length) -> outputs (batch, source length,
         2 * hidden), the decoder's first hidden state (batch, hidden)."""
-        lengths = (source != PAD).sum(dim=1)
-        embedded = self.dropout(self.embedding(source))
+        lengths = (source != PAD).sum(dim=1)  # padding comes last, so this is the length
+        embedded = self.dropout(self.embedding(source))  # (batch, length, embed size)
         packed = nn.utils.rnn.pack_padded_sequence(embedded, lengths.cpu(), batch_first=True,
                                                    enforce_sorted=False)
         outputs, final = self.gru(packed)  # final: (2 directions, batch, hidden)
         outputs, _ = nn.utils.rnn.pad_packed_sequence(outputs, batch_first=True,
                                                       total_length=source.shape[1])
+        # final[0] has read the sentence left to right, final[1] right to left: together
+        # they summarise all of it, and the bridge turns them into the decoder's size.
         hidden = torch.tanh(self.bridge(torch.cat([final[0], final[1]], dim=1)))
         return outputs, hidden
 
@@ -529,9 +531,12 @@ class AdditiveAttention(nn.Module):
         """query (batch, query size), keys (batch, source length, key size),
         projected_keys = self.key(keys), mask (batch, source length), True where real.
         Returns the context (batch, key size) and the weights (batch, source length)."""
+        # W s is (batch, attention size); [:, None, :] lines it up with every source
+        # position of U h, (batch, source length, attention size), by broadcasting.
         scores = self.score(torch.tanh(self.query(query)[:, None, :] + projected_keys))
-        scores = scores.squeeze(-1).masked_fill(~mask, float("-inf"))
+        scores = scores.squeeze(-1).masked_fill(~mask, float("-inf"))  # e^-inf = 0
         weights = torch.softmax(scores, dim=-1)
+        # (batch, 1, source length) @ (batch, source length, key size): the weighted sum
         context = torch.bmm(weights[:, None, :], keys).squeeze(1)
         return context, weights
 
@@ -584,11 +589,15 @@ class Seq2Seq(nn.Module):
         (batch, target vocabulary), the new state and the attention weights (batch,
         source length)."""
         embedded = self.dropout(self.embedding(token))
+        # Attend with the state *before* this step (Bahdanau's choice): the context is
+        # what the decoder needs to write the next word.
         context, weights = self.attention(state["hidden"], state["keys"],
                                           state["projected_keys"], state["mask"])
         hidden = self.gru(torch.cat([embedded, context], dim=1), state["hidden"])
+        # The output layer sees the new state, the context and the previous word: the
+        # context carries *which* source word is being translated, straight through.
         logits = self.output(self.dropout(torch.cat([hidden, context, embedded], dim=1)))
-        return logits, {**state, "hidden": hidden}, weights
+        return logits, {**state, "hidden": hidden}, weights  # a new dict: no side effects
 
     def forward(self, source, target_input, teacher_forcing=1.0):
         """Logits (batch, target length, vocabulary) for every position of
@@ -602,7 +611,7 @@ class Seq2Seq(nn.Module):
             all_logits.append(logits)
             if position + 1 < target_input.shape[1]:
                 token = target_input[:, position + 1]
-                if teacher_forcing < 1.0:
+                if teacher_forcing < 1.0:  # each sentence tosses its own coin each step
                     own = torch.rand(token.shape, device=token.device) >= teacher_forcing
                     token = torch.where(own, logits.argmax(dim=-1), token)
         return torch.stack(all_logits, dim=1)
@@ -620,11 +629,15 @@ def add_model_args(parser):
                         help="peak learning rate of Adam (default 0.003)")
 
 
+def model_checks(args):
+    """(condition, message) pairs: the model flags must make a possible model."""
+    return [(args.hidden_size >= 1 and args.embed_size >= 1,
+             f"--hidden-size and --embed-size must be at least 1 (got {args.hidden_size} "
+             f"and {args.embed_size})")]
+
+
 def build_model(args, source_vocab_size, target_vocab_size):
-    """The model the flags ask for; DataError for an impossible one."""
-    if args.hidden_size < 1 or args.embed_size < 1:
-        raise DataError(f"--hidden-size and --embed-size must be at least 1 (got "
-                        f"{args.hidden_size} and {args.embed_size})")
+    """The model the flags ask for."""
     return Seq2Seq(source_vocab_size, target_vocab_size, args.embed_size, args.hidden_size,
                    args.dropout)
 
@@ -644,10 +657,15 @@ def build_model(args, source_vocab_size, target_vocab_size):
 # - the learning rate rises linearly over the first 5% (*warm-up*: Adam's running
 #   averages start empty, and early large steps can wreck a fresh network), then
 #   follows half a cosine down to a tenth of its peak;
-# - the teacher-forcing probability falls from 1 to 0.5.
+# - the teacher-forcing probability falls from 1 to 0.5 (a model that cannot use it,
+#   such as chapter 11's, says so and ignores it).
 #
-# Gradients are clipped to a total norm of 1, as in chapter 05: recurrent networks can
-# produce the occasional huge gradient.
+# Gradients are clipped to a total norm of 1, as in chapter 05: a cheap guard against
+# the occasional huge gradient.
+#
+# Every fifth of the way the loop stops the clock and measures the exact match on 100
+# held-out pairs. These points (`curve` in the summary) show how fast a model learns,
+# not only where it ends, which is what "at equal training time" is about.
 
 # %%
 def learning_rate(progress, peak, warmup=0.05):
@@ -678,12 +696,13 @@ def train(model, examples, args, device, monitor):
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     rng = np.random.default_rng(args.seed)
     started, step, losses, curve, next_report = time.perf_counter(), 0, [], [], 0.2
-    model.train()
-    while True:
+    model.train()  # dropout on; evaluate() turns it off and back on
+    while True:  # one pass of this loop is one epoch over the training pairs
         for indices in make_batches(examples, args.batch_size, rng):
             elapsed = time.perf_counter() - started
             progress = step / args.steps if args.steps else elapsed / args.time_budget
-            if progress >= next_report or progress >= 1.0:
+            finished = step > 0 and progress >= 1.0  # always at least one step
+            if step > 0 and (progress >= next_report or finished):
                 paused = time.perf_counter()
                 curve.append((round(elapsed, 1), round(monitor(model), 3)))
                 print(f"step {step:5d}  {elapsed:5.1f}s  loss {np.mean(losses[-50:]):.3f}  "
@@ -691,14 +710,15 @@ def train(model, examples, args, device, monitor):
                       f"held-out exact match {curve[-1][1]:.1%}")
                 next_report += 0.2
                 started += time.perf_counter() - paused  # checking is not training
-            if progress >= 1.0:
+            if finished:
                 return step, elapsed, losses, curve
-            for group in optimizer.param_groups:
+            for group in optimizer.param_groups:  # the schedule sets each step's rate
                 group["lr"] = learning_rate(progress, args.lr)
             source, target = collate(examples, indices, device)
+            # The decoder reads <bos> w1 ... wn and must predict w1 ... wn <eos>.
             logits = model(source, target[:, :-1], teacher_forcing_ratio(progress))
             loss = sequence_loss(logits, target[:, 1:])
-            optimizer.zero_grad()
+            optimizer.zero_grad()  # gradients add up in PyTorch: clear last step's
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -721,17 +741,17 @@ def train(model, examples, args, device, monitor):
 def greedy_decode(model, source, max_length):
     """Translate a batch: returns tokens (batch, steps) and the attention weights
     (batch, steps, source length) of every step."""
-    state = model.start(source)
+    state = model.start(source)  # the source is read once, whatever the output length
     token = torch.full((source.shape[0],), BOS, dtype=torch.long, device=source.device)
     finished = torch.zeros_like(token, dtype=torch.bool)
     tokens, weights = [], []
     for _ in range(max_length):
         logits, state, attention = model.step(state, token)
-        token = logits.argmax(dim=-1).masked_fill(finished, PAD)
+        token = logits.argmax(dim=-1).masked_fill(finished, PAD)  # greedy: the likeliest
         tokens.append(token)
         weights.append(attention)
         finished |= token == EOS
-        if finished.all():
+        if finished.all():  # the whole batch has written <eos>: no need to go on
             break
     return torch.stack(tokens, dim=1), torch.stack(weights, dim=1)
 
@@ -756,23 +776,27 @@ def greedy_decode(model, source, max_length):
 @torch.no_grad()
 def evaluate(model, examples, batch_size, max_length, device):
     """(exact match, token accuracy, predicted index lists in the order of examples)."""
-    model.eval()
+    model.eval()  # no dropout: we measure the model, not a random thinned copy of it
     exact, correct, counted = 0, 0, 0
     predictions = [None] * len(examples)
+    # Batches of similar source length waste little padding; `predictions` is filled
+    # in the original order so that it lines up with `examples`.
     order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
     for start in range(0, len(order), batch_size):
         indices = order[start:start + batch_size]
         source, target = collate(examples, indices, device)
+        # Token accuracy: one teacher-forced pass, every position at once.
         predicted = model(source, target[:, :-1]).argmax(dim=-1)
         real = target[:, 1:] != PAD
         correct += ((predicted == target[:, 1:]) & real).sum().item()
         counted += real.sum().item()
+        # Exact match: the model writes alone; compare up to and with its <eos>.
         tokens, _ = greedy_decode(model, source, max_length)
         for row, i in enumerate(indices):
             answer = tokens[row].tolist()
             answer = answer[:answer.index(EOS) + 1] if EOS in answer else answer
             predictions[i] = answer
-            exact += answer == examples[i][1][1:]
+            exact += answer == examples[i][1][1:]  # the reference without its <bos>
     model.train()
     return exact / len(examples), correct / counted, predictions
 
@@ -881,7 +905,7 @@ def parse_args(argv=None):
               (args.held_out is None or args.held_out >= 1,
                f"--held-out must be at least 1 (got {args.held_out})"),
               (0 <= args.dropout < 1, f"--dropout must be from 0 to below 1 (got {args.dropout})"),
-              (args.lr > 0, f"--lr must be positive (got {args.lr})")]
+              (args.lr > 0, f"--lr must be positive (got {args.lr})")] + model_checks(args)
     for ok, message in checks:
         if not ok:
             raise DataError(message)
@@ -894,18 +918,21 @@ def print_summary(figures):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = parse_args(argv)  # bad flags stop here, before anything is loaded or written
     started = time.perf_counter()
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # weights, dropout and teacher forcing repeat
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     training, held_out, source, malformed = load_pairs(args.data, args.train_size, args.seed)
     if malformed:
         print(f"skipped {malformed} malformed lines (not two tab-separated sentences)")
     held_out = held_out[:args.held_out]
+    # The vocabularies come from the training pairs only: a held-out word never seen in
+    # training becomes <unk>, as a new word would in real use.
     source_vocab = Vocabulary(english for english, _ in training)
     target_vocab = Vocabulary(french for _, french in training)
     train_examples = encode_pairs(training, source_vocab, target_vocab)
     held_out_examples = encode_pairs(held_out, source_vocab, target_vocab)
+    # Room for a translation a little longer than any seen in training, and no more.
     max_length = max(len(target) for _, target in train_examples) + 5
     print(f"data: {source}, {len(training)} training pairs, {len(held_out)} held-out pairs, "
           f"vocabularies {len(source_vocab)} / {len(target_vocab)} tokens, on {device}")

@@ -807,16 +807,19 @@ def add_model_args(parser):
                         help="peak learning rate of Adam (default 0.002)")
 
 
+def model_checks(args):
+    """(condition, message) pairs: the model flags must make a possible model."""
+    sizes = (args.model_size, args.heads, args.layers, args.hidden_size)
+    return [(min(sizes) >= 1, f"--model-size, --heads, --layers and --hidden-size must be "
+                              f"at least 1 (got {', '.join(map(str, sizes))})"),
+            (min(sizes) < 1 or args.model_size % (2 * args.heads) == 0,
+             f"--model-size ({args.model_size}) must be an even multiple of --heads "
+             f"({args.heads}): each head gets an equal share, and position vectors come "
+             f"in sine-cosine pairs")]
+
+
 def build_model(args, source_vocab_size, target_vocab_size):
-    """The model the flags ask for; DataError for an impossible one."""
-    if min(args.model_size, args.heads, args.layers, args.hidden_size) < 1:
-        raise DataError(f"--model-size, --heads, --layers and --hidden-size must be at "
-                        f"least 1 (got {args.model_size}, {args.heads}, {args.layers}, "
-                        f"{args.hidden_size})")
-    if args.model_size % (2 * args.heads):
-        raise DataError(f"--model-size ({args.model_size}) must be an even multiple of "
-                        f"--heads ({args.heads}): each head gets an equal share, and "
-                        f"position vectors come in sine-cosine pairs")
+    """The model the flags ask for."""
     return Transformer(source_vocab_size, target_vocab_size, args.model_size, args.heads,
                        args.layers, args.hidden_size, args.dropout)
 
@@ -836,10 +839,15 @@ def build_model(args, source_vocab_size, target_vocab_size):
 # - the learning rate rises linearly over the first 5% (*warm-up*: Adam's running
 #   averages start empty, and early large steps can wreck a fresh network), then
 #   follows half a cosine down to a tenth of its peak;
-# - the teacher-forcing probability falls from 1 to 0.5.
+# - the teacher-forcing probability falls from 1 to 0.5 (a model that cannot use it,
+#   such as chapter 11's, says so and ignores it).
 #
-# Gradients are clipped to a total norm of 1, as in chapter 05: recurrent networks can
-# produce the occasional huge gradient.
+# Gradients are clipped to a total norm of 1, as in chapter 05: a cheap guard against
+# the occasional huge gradient.
+#
+# Every fifth of the way the loop stops the clock and measures the exact match on 100
+# held-out pairs. These points (`curve` in the summary) show how fast a model learns,
+# not only where it ends, which is what "at equal training time" is about.
 
 # %%
 def learning_rate(progress, peak, warmup=0.05):
@@ -870,12 +878,13 @@ def train(model, examples, args, device, monitor):
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     rng = np.random.default_rng(args.seed)
     started, step, losses, curve, next_report = time.perf_counter(), 0, [], [], 0.2
-    model.train()
-    while True:
+    model.train()  # dropout on; evaluate() turns it off and back on
+    while True:  # one pass of this loop is one epoch over the training pairs
         for indices in make_batches(examples, args.batch_size, rng):
             elapsed = time.perf_counter() - started
             progress = step / args.steps if args.steps else elapsed / args.time_budget
-            if progress >= next_report or progress >= 1.0:
+            finished = step > 0 and progress >= 1.0  # always at least one step
+            if step > 0 and (progress >= next_report or finished):
                 paused = time.perf_counter()
                 curve.append((round(elapsed, 1), round(monitor(model), 3)))
                 print(f"step {step:5d}  {elapsed:5.1f}s  loss {np.mean(losses[-50:]):.3f}  "
@@ -883,14 +892,15 @@ def train(model, examples, args, device, monitor):
                       f"held-out exact match {curve[-1][1]:.1%}")
                 next_report += 0.2
                 started += time.perf_counter() - paused  # checking is not training
-            if progress >= 1.0:
+            if finished:
                 return step, elapsed, losses, curve
-            for group in optimizer.param_groups:
+            for group in optimizer.param_groups:  # the schedule sets each step's rate
                 group["lr"] = learning_rate(progress, args.lr)
             source, target = collate(examples, indices, device)
+            # The decoder reads <bos> w1 ... wn and must predict w1 ... wn <eos>.
             logits = model(source, target[:, :-1], teacher_forcing_ratio(progress))
             loss = sequence_loss(logits, target[:, 1:])
-            optimizer.zero_grad()
+            optimizer.zero_grad()  # gradients add up in PyTorch: clear last step's
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -913,17 +923,17 @@ def train(model, examples, args, device, monitor):
 def greedy_decode(model, source, max_length):
     """Translate a batch: returns tokens (batch, steps) and the attention weights
     (batch, steps, source length) of every step."""
-    state = model.start(source)
+    state = model.start(source)  # the source is read once, whatever the output length
     token = torch.full((source.shape[0],), BOS, dtype=torch.long, device=source.device)
     finished = torch.zeros_like(token, dtype=torch.bool)
     tokens, weights = [], []
     for _ in range(max_length):
         logits, state, attention = model.step(state, token)
-        token = logits.argmax(dim=-1).masked_fill(finished, PAD)
+        token = logits.argmax(dim=-1).masked_fill(finished, PAD)  # greedy: the likeliest
         tokens.append(token)
         weights.append(attention)
         finished |= token == EOS
-        if finished.all():
+        if finished.all():  # the whole batch has written <eos>: no need to go on
             break
     return torch.stack(tokens, dim=1), torch.stack(weights, dim=1)
 
@@ -948,23 +958,27 @@ def greedy_decode(model, source, max_length):
 @torch.no_grad()
 def evaluate(model, examples, batch_size, max_length, device):
     """(exact match, token accuracy, predicted index lists in the order of examples)."""
-    model.eval()
+    model.eval()  # no dropout: we measure the model, not a random thinned copy of it
     exact, correct, counted = 0, 0, 0
     predictions = [None] * len(examples)
+    # Batches of similar source length waste little padding; `predictions` is filled
+    # in the original order so that it lines up with `examples`.
     order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
     for start in range(0, len(order), batch_size):
         indices = order[start:start + batch_size]
         source, target = collate(examples, indices, device)
+        # Token accuracy: one teacher-forced pass, every position at once.
         predicted = model(source, target[:, :-1]).argmax(dim=-1)
         real = target[:, 1:] != PAD
         correct += ((predicted == target[:, 1:]) & real).sum().item()
         counted += real.sum().item()
+        # Exact match: the model writes alone; compare up to and with its <eos>.
         tokens, _ = greedy_decode(model, source, max_length)
         for row, i in enumerate(indices):
             answer = tokens[row].tolist()
             answer = answer[:answer.index(EOS) + 1] if EOS in answer else answer
             predictions[i] = answer
-            exact += answer == examples[i][1][1:]
+            exact += answer == examples[i][1][1:]  # the reference without its <bos>
     model.train()
     return exact / len(examples), correct / counted, predictions
 
@@ -1073,7 +1087,7 @@ def parse_args(argv=None):
               (args.held_out is None or args.held_out >= 1,
                f"--held-out must be at least 1 (got {args.held_out})"),
               (0 <= args.dropout < 1, f"--dropout must be from 0 to below 1 (got {args.dropout})"),
-              (args.lr > 0, f"--lr must be positive (got {args.lr})")]
+              (args.lr > 0, f"--lr must be positive (got {args.lr})")] + model_checks(args)
     for ok, message in checks:
         if not ok:
             raise DataError(message)
@@ -1086,18 +1100,21 @@ def print_summary(figures):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = parse_args(argv)  # bad flags stop here, before anything is loaded or written
     started = time.perf_counter()
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # weights, dropout and teacher forcing repeat
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     training, held_out, source, malformed = load_pairs(args.data, args.train_size, args.seed)
     if malformed:
         print(f"skipped {malformed} malformed lines (not two tab-separated sentences)")
     held_out = held_out[:args.held_out]
+    # The vocabularies come from the training pairs only: a held-out word never seen in
+    # training becomes <unk>, as a new word would in real use.
     source_vocab = Vocabulary(english for english, _ in training)
     target_vocab = Vocabulary(french for _, french in training)
     train_examples = encode_pairs(training, source_vocab, target_vocab)
     held_out_examples = encode_pairs(held_out, source_vocab, target_vocab)
+    # Room for a translation a little longer than any seen in training, and no more.
     max_length = max(len(target) for _, target in train_examples) + 5
     print(f"data: {source}, {len(training)} training pairs, {len(held_out)} held-out pairs, "
           f"vocabularies {len(source_vocab)} / {len(target_vocab)} tokens, on {device}")

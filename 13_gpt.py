@@ -1769,7 +1769,7 @@ def load_corpus(data, tokenizer_kind, vocab_size, saved_tokenizer=None):
 
 
 # %% [markdown]
-# ## The kernels: chapter 12's Triton code, and PyTorch's operations as the reference
+# ## Two kernel sets: chapter 12's Triton kernels and PyTorch's operations
 #
 # Why kernels matter for a GPT: most of a transformer's operations other than the
 # matrix multiplies (norms, activations, the softmax of attention, the loss) do only

@@ -171,5 +171,7 @@ def test_bad_text_file_and_context_are_refused(tmp_path):
     with pytest.raises(chapter.DataError, match="--context"):
         chapter.main(["--quick", "--text", str(short), "--context", "5",
                       "--out", str(tmp_path / "out")])
+    with pytest.raises(chapter.DataError, match="pass --text"):
+        chapter.parse_args(["--text", str(tmp_path / "missing.txt")])
     with pytest.raises(chapter.DataError, match="--steps"):
         chapter.parse_args(["--steps", "0"])

@@ -3,6 +3,7 @@ backward, against each other, finite differences and PyTorch; the whole network'
 gradients; the generated digits; the MNIST idx reader; bad inputs; the quick run."""
 import gzip
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -210,6 +211,10 @@ def test_bad_idx_files_raise_data_error(tmp_path):
                           + (28).to_bytes(4, "big") * 2 + bytes(100))
     with pytest.raises(chapter.DataError, match="truncated"):
         chapter.read_idx(str(truncated), "images")
+    with pytest.raises(chapter.DataError, match="is a file"):
+        chapter.read_mnist(str(truncated))
+    with pytest.raises(chapter.DataError, match="has no train-images"):
+        chapter.read_mnist(str(tmp_path))
 
 
 def test_bad_inputs_exit_cleanly(tmp_path):
@@ -237,3 +242,22 @@ def test_quick_run_reads_digits(tmp_path):
     assert "confusion matrix" in run.stdout
     assert (tmp_path / "out" / "04b_cnn_filters.png").exists()
     assert (tmp_path / "out" / "04b_cnn_confusion.png").exists()
+
+
+def test_without_matplotlib_the_filters_are_printed_as_text(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    weight = np.random.default_rng(6).normal(size=(3, 1, 5, 5))
+    images, labels = chapter.generate_digits(10, (0, 0))
+    paths = chapter.save_plots(str(tmp_path), weight, np.eye(10, dtype=np.int64),
+                               images[:, None], labels, labels)
+    assert paths == [] and not any(tmp_path.iterdir())
+    printed = capsys.readouterr().out
+    assert "matplotlib is not installed" in printed
+    lines = chapter.filter_text(weight)
+    assert len(lines) == 5 and all(len(line.split(" | ")) == 3 for line in lines)
+    # Each filter's largest weight is drawn darkest, its smallest as a blank.
+    first = [line.split(" | ")[0] for line in lines]
+    row, column = np.unravel_index(weight[0, 0].argmax(), (5, 5))
+    assert first[row][column] == chapter.SHADES[-1]
+    row, column = np.unravel_index(weight[0, 0].argmin(), (5, 5))
+    assert first[row][column] == chapter.SHADES[0]

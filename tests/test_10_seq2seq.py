@@ -228,7 +228,7 @@ def test_bad_flags_and_files_raise_data_error(tmp_path):
     with pytest.raises(chapter.DataError, match="dropout"):
         chapter.parse_args(["--dropout", "1.5"])
     with pytest.raises(chapter.DataError, match="hidden-size"):
-        chapter.build_model(chapter.parse_args(["--hidden-size", "-4"]), 10, 10)
+        chapter.parse_args(["--hidden-size", "-4"])
     no_tabs = tmp_path / "no_tabs.txt"
     no_tabs.write_text("just one language here\n" * 300, encoding="utf-8")
     with pytest.raises(chapter.DataError, match="tab-separated"):

@@ -161,7 +161,9 @@ def test_bad_flags_and_files_raise_data_error(tmp_path):
     with pytest.raises(chapter.DataError, match="steps"):
         chapter.parse_args(["--steps", "0"])
     with pytest.raises(chapter.DataError, match="heads"):
-        chapter.build_model(chapter.parse_args(["--model-size", "30", "--heads", "4"]), 9, 9)
+        chapter.parse_args(["--model-size", "30", "--heads", "4"])
+    with pytest.raises(chapter.DataError, match="layers"):
+        chapter.parse_args(["--layers", "0"])
     with pytest.raises(chapter.DataError, match="does not exist"):
         chapter.main(["--data", str(tmp_path / "nothing.txt"), "--out", str(tmp_path)])
 
