@@ -22,8 +22,8 @@ New since chapter 03 (and 04)
 
 How to run it
 -------------
-    python 05_rnn.py                  # about a minute on a 2-core CPU
-    python 05_rnn.py --quick          # a few seconds: smaller, shorter runs
+    python 05_rnn.py                  # about 15 seconds on a 2-core CPU
+    python 05_rnn.py --quick          # about 3 seconds: 2 epochs instead of 20
     python 05_rnn.py --window 30 --hidden-size 64 --data path/to/clean_weather.csv
     python 05_rnn.py --help           # every flag
 
@@ -672,8 +672,11 @@ def train(params, forward, backward, train_set, valid_set, learning_rate, epochs
 # two copies of the same RNN with a large learning rate, one with clipping and one
 # without. Without clipping each step makes the weights larger, larger weights give a
 # larger gradient and hence a larger next step: the gradient norm grows by orders of
-# magnitude every few steps until the loss overflows. Clipping caps every step at
-# `learning_rate * max_norm` and the same learning rate trains.
+# magnitude every few steps until the loss blows up (chapter 03's `diverged`). This
+# runaway is not special to recurrent networks, but the product of Jacobians makes
+# an RNN prone to it: a small change in `W_h` is raised to the power of the window.
+# Clipping caps every step at `learning_rate * max_norm`, and the same learning rate
+# trains.
 
 # %%
 def gradient_by_lag(params, forward, backward, sequences, targets):
@@ -805,6 +808,14 @@ def print_summary(figures):
 # out flat, it checks the gradients, trains with the same loop, learning rate and
 # clipping, and measures the test error in °F next to the simplest forecast of all,
 # "tomorrow's tmax = today's". Last come the two gradient experiments.
+#
+# What to expect, with 14-day windows: on the real table the RNN's test MAE is about
+# 3.43 °F, the dense network's about 3.46 °F, "tomorrow = today" 3.60 °F (least
+# squares on one day's features, chapter 02, 3.45 °F). The RNN wins, by a little and
+# with half the weights: tomorrow depends mostly on the last day or two, which the
+# dense network reads directly, and the fading gradient means the RNN hardly uses
+# the first week of its window anyway (the last lines of the output show it).
+# Results move by a few hundredths of a degree with `--seed`.
 
 # %%
 def flatten_windows(sequences):
@@ -854,8 +865,11 @@ def main(argv=None):
         sets = [(shape(inputs), targets)
                 for inputs, targets in zip(scaled_inputs, scaled_targets)]
         # The hand-written gradients against finite differences: a small network of
-        # the same kind (hidden size 4) and three windows are enough to catch a bug.
-        check = network_gradient_error(make(4), forward, backward, sets[0][0][:3],
+        # the same kind and three windows are enough to catch a bug. Not too small: with
+        # a handful of units a window can switch off every unit of a ReLU layer, and
+        # the next layer's pre-activation then sits exactly on the ReLU's kink at 0,
+        # where a finite difference sees half a slope and the check fails for nothing.
+        check = network_gradient_error(make(8), forward, backward, sets[0][0][:3],
                                        sets[0][1][:3])
         worst_check = max(worst_check, check)
         params, history = train(make(args.hidden_size), forward, backward, sets[0],
@@ -901,7 +915,7 @@ def main(argv=None):
 
     # How far back the gradient reaches: a fresh RNN with scaled recurrent weights on
     # long windows, then the trained networks on their own windows.
-    long_window = min(60, len(table))
+    long_window = min(60, len(table) // 2)  # at least two windows, even from a tiny file
     long_inputs, long_targets = make_sequences(table, long_window)
     long_inputs, long_targets = (standardise(long_inputs[:256])[0],
                                  standardise(long_targets[:256])[0])

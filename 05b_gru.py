@@ -24,8 +24,8 @@ the gates.
 
 How to run it
 -------------
-    python 05b_gru.py                 # about a minute on a 2-core CPU
-    python 05b_gru.py --quick         # a few seconds: smaller, shorter runs
+    python 05b_gru.py                 # about 40 seconds on a 2-core CPU
+    python 05b_gru.py --quick         # about 5 seconds: 2 epochs, a tiny memory task
     python 05b_gru.py --window 30 --memory-window 20 --data path/to/clean_weather.csv
     python 05b_gru.py --help          # every flag
 
@@ -388,7 +388,9 @@ def diverged(loss):
 # so a table of `D` days gives `D - window + 1` examples, stacked into an array of
 # shape (examples, window, 3): examples, time steps, features. That is the shape every
 # recurrent network in this course reads. The windows overlap (day `d` appears in
-# `window` of them); numpy's `sliding_window_view` builds them without copying.
+# `window` of them); numpy's `sliding_window_view` finds them all without a Python
+# loop, and we copy the result into one compact array (a few megabytes) so the matrix
+# products that read it later run at full speed.
 #
 # We then split the examples in time order with the carried `split_data`, so the test
 # windows are all later than the training windows, as in every weather chapter.
@@ -846,8 +848,11 @@ def train(params, forward, backward, train_set, valid_set, learning_rate, epochs
 # two copies of the same RNN with a large learning rate, one with clipping and one
 # without. Without clipping each step makes the weights larger, larger weights give a
 # larger gradient and hence a larger next step: the gradient norm grows by orders of
-# magnitude every few steps until the loss overflows. Clipping caps every step at
-# `learning_rate * max_norm` and the same learning rate trains.
+# magnitude every few steps until the loss blows up (chapter 03's `diverged`). This
+# runaway is not special to recurrent networks, but the product of Jacobians makes
+# an RNN prone to it: a small change in `W_h` is raised to the power of the window.
+# Clipping caps every step at `learning_rate * max_norm`, and the same learning rate
+# trains.
 
 # %%
 def gradient_by_lag(params, forward, backward, sequences, targets):
@@ -899,10 +904,14 @@ def clipping_experiment(params, forward, backward, train_set, valid_set, learnin
 # The RNN and the GRU train with the same loop, learning rate, clipping and number of
 # steps. The RNN's gradient for the first day has been multiplied by `memory_window`
 # Jacobians before it reaches it, so the signal that would teach it to remember is
-# weak, and it usually stalls well above the GRU. The GRU learns to close the update
-# gate of a few units after the first day, and the gradient then flows back through
-# `1 - z` near 1. Training is random, so one run can go against the rule; try a few
-# `--seed`s.
+# faint, and it usually stalls near an MSE of 1. The GRU starts with its update gates
+# mostly closed, so the gradient reaches the first day (the table of gradient sizes
+# above gains a row for a fresh GRU: thousands of times more of it arrives 60 days
+# back than for the RNN); it learns to hold the first day in a few units, and its MSE
+# falls well below 1. On the generated weather with 25-day windows we measured MSE
+# 0.98 for the RNN and 0.29 for the GRU; over other seeds the GRU reached 0.1 to 0.4,
+# the RNN 0.5 at best. Training is random, so one run can go against the rule: try
+# a few `--seed`s, and a longer `--memory-window` to widen the gap.
 
 # %%
 def make_memory_task(table, window, examples, rng):
@@ -1026,6 +1035,14 @@ def print_summary(figures):
 # out flat, it checks the gradients, trains with the same loop, learning rate and
 # clipping, and measures the test error in °F next to the simplest forecast of all,
 # "tomorrow's tmax = today's". Last come the two gradient experiments.
+#
+# What to expect, with 14-day windows: on the real table the RNN's test MAE is about
+# 3.43 °F, the dense network's about 3.46 °F, "tomorrow = today" 3.60 °F (least
+# squares on one day's features, chapter 02, 3.45 °F). The RNN wins, by a little and
+# with half the weights: tomorrow depends mostly on the last day or two, which the
+# dense network reads directly, and the fading gradient means the RNN hardly uses
+# the first week of its window anyway (the last lines of the output show it).
+# Results move by a few hundredths of a degree with `--seed`.
 
 # %%
 def flatten_windows(sequences):
@@ -1077,8 +1094,11 @@ def main(argv=None):
         sets = [(shape(inputs), targets)
                 for inputs, targets in zip(scaled_inputs, scaled_targets)]
         # The hand-written gradients against finite differences: a small network of
-        # the same kind (hidden size 4) and three windows are enough to catch a bug.
-        check = network_gradient_error(make(4), forward, backward, sets[0][0][:3],
+        # the same kind and three windows are enough to catch a bug. Not too small: with
+        # a handful of units a window can switch off every unit of a ReLU layer, and
+        # the next layer's pre-activation then sits exactly on the ReLU's kink at 0,
+        # where a finite difference sees half a slope and the check fails for nothing.
+        check = network_gradient_error(make(8), forward, backward, sets[0][0][:3],
                                        sets[0][1][:3])
         worst_check = max(worst_check, check)
         params, history = train(make(args.hidden_size), forward, backward, sets[0],
@@ -1124,7 +1144,7 @@ def main(argv=None):
 
     # How far back the gradient reaches: a fresh RNN with scaled recurrent weights on
     # long windows, then the trained networks on their own windows.
-    long_window = min(60, len(table))
+    long_window = min(60, len(table) // 2)  # at least two windows, even from a tiny file
     long_inputs, long_targets = make_sequences(table, long_window)
     long_inputs, long_targets = (standardise(long_inputs[:256])[0],
                                  standardise(long_targets[:256])[0])

@@ -699,7 +699,7 @@ def train_torch(model, loader, optimizer, epochs, train_set, valid_set, device,
     """Train `model`; returns the history, one (train_mse, valid_mse) pair per epoch.
     With `patience`, stops early and restores the best weights saved at `checkpoint`."""
     history = []
-    best_loss, epochs_without_best, step = np.inf, 0, 0
+    best_loss, epochs_without_best, step, saved = np.inf, 0, 0, False
     for _ in range(epochs):
         model.train()
         for inputs, targets in loader:
@@ -720,13 +720,13 @@ def train_torch(model, loader, optimizer, epochs, train_set, valid_set, device,
             break  # more steps cannot bring it back
         if patience is not None:
             if history[-1][1] < best_loss:
-                best_loss, epochs_without_best = history[-1][1], 0
+                best_loss, epochs_without_best, saved = history[-1][1], 0, True
                 save_weights(model, checkpoint)
             else:
                 epochs_without_best += 1
                 if epochs_without_best >= patience:
                     break
-    if patience is not None:
+    if saved:  # this run's best weights (never a file left by an earlier run)
         load_weights(model, checkpoint)
     return history
 
@@ -992,12 +992,12 @@ def parse_args(argv=None):
     parser.add_argument("--window", type=int, default=14,
                         help="days of weather in each example (default 14: 42 inputs)")
     parser.add_argument("--train-days", type=int, default=None,
-                        help="training examples kept (default 500, --quick 300)")
+                        help="training examples kept (default 500, --quick 200)")
     parser.add_argument("--width", type=int, default=None,
                         help="units in each hidden layer (default 256, --quick 128)")
     parser.add_argument("--depth", type=int, default=3, help="hidden layers (default 3)")
     parser.add_argument("--epochs", type=int, default=None,
-                        help="epochs of every run (default 100, --quick 40)")
+                        help="epochs of every run (default 100, --quick 30)")
     parser.add_argument("--learning-rate", type=float, default=3e-4,
                         help="peak learning rate of AdamW (default 0.0003)")
     parser.add_argument("--batch-size", type=int, default=32,
@@ -1022,11 +1022,11 @@ def parse_args(argv=None):
                              "cpu or cuda (default auto)")
     args = parser.parse_args(argv)
     if args.train_days is None:
-        args.train_days = 300 if args.quick else 500
+        args.train_days = 200 if args.quick else 500
     if args.width is None:
         args.width = 128 if args.quick else 256
     if args.epochs is None:
-        args.epochs = 40 if args.quick else 100
+        args.epochs = 30 if args.quick else 100
     for name in ("window", "width", "depth", "epochs", "batch_size", "patience", "threads"):
         if getattr(args, name) < 1:
             raise DataError(f"--{name.replace('_', '-')} must be at least 1, "

@@ -568,6 +568,8 @@ class AdditiveAttention(nn.Module):
 
 # %%
 class Seq2Seq(nn.Module):
+    scheduled_sampling = True  # it can be fed its own predictions while training
+
     def __init__(self, source_vocab_size, target_vocab_size, embed_size=64,
                  hidden_size=128, dropout=0.1):
         super().__init__()
@@ -657,8 +659,9 @@ def build_model(args, source_vocab_size, target_vocab_size):
 # - the learning rate rises linearly over the first 5% (*warm-up*: Adam's running
 #   averages start empty, and early large steps can wreck a fresh network), then
 #   follows half a cosine down to a tenth of its peak;
-# - the teacher-forcing probability falls from 1 to 0.5 (a model that cannot use it,
-#   such as chapter 11's, says so and ignores it).
+# - the teacher-forcing probability falls from 1 to 0.5, for a model that can be fed
+#   its own predictions (`scheduled_sampling`); chapter 11's model cannot, and stays
+#   at 1.
 #
 # Gradients are clipped to a total norm of 1, as in chapter 05: a cheap guard against
 # the occasional huge gradient.
@@ -701,12 +704,14 @@ def train(model, examples, args, device, monitor):
         for indices in make_batches(examples, args.batch_size, rng):
             elapsed = time.perf_counter() - started
             progress = step / args.steps if args.steps else elapsed / args.time_budget
+            teacher_forcing = (teacher_forcing_ratio(progress) if model.scheduled_sampling
+                               else 1.0)
             finished = step > 0 and progress >= 1.0  # always at least one step
             if step > 0 and (progress >= next_report or finished):
                 paused = time.perf_counter()
                 curve.append((round(elapsed, 1), round(monitor(model), 3)))
                 print(f"step {step:5d}  {elapsed:5.1f}s  loss {np.mean(losses[-50:]):.3f}  "
-                      f"teacher forcing {teacher_forcing_ratio(progress):.2f}  "
+                      f"teacher forcing {teacher_forcing:.2f}  "
                       f"held-out exact match {curve[-1][1]:.1%}")
                 next_report += 0.2
                 started += time.perf_counter() - paused  # checking is not training
@@ -716,7 +721,7 @@ def train(model, examples, args, device, monitor):
                 group["lr"] = learning_rate(progress, args.lr)
             source, target = collate(examples, indices, device)
             # The decoder reads <bos> w1 ... wn and must predict w1 ... wn <eos>.
-            logits = model(source, target[:, :-1], teacher_forcing_ratio(progress))
+            logits = model(source, target[:, :-1], teacher_forcing)
             loss = sequence_loss(logits, target[:, 1:])
             optimizer.zero_grad()  # gradients add up in PyTorch: clear last step's
             loss.backward()
@@ -867,6 +872,12 @@ def show_attention(maps, out_dir):
 # `--time-budget` is the training time in seconds; give chapters 10 and 11 the same
 # one to compare them fairly. Timed training depends on how fast the machine is at
 # that moment; `--steps` trains a fixed number of steps instead, which repeats exactly.
+#
+# `--threads` is how many CPU cores PyTorch may use for one operation. The matrices
+# here are small, so splitting each product between cores saves little, and on a busy
+# machine it costs a lot: every operation then waits for its slowest thread, and a
+# thread that the system has paused to run another program can stall it for a whole
+# time slice. One thread is the steady default; try `--threads 2` on an idle machine.
 
 # %%
 def parse_args(argv=None):
@@ -888,20 +899,27 @@ def parse_args(argv=None):
     parser.add_argument("--train-size", type=int, default=None,
                         help="training pairs of the generated number task, at least 1000 "
                              "(default 50000; --quick: 20000)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for PyTorch (default 1: these models are small, "
+                             "and one thread is nearly as fast and far steadier on a busy "
+                             "machine)")
     parser.add_argument("--held-out", type=int, default=None,
                         help="how many held-out pairs to evaluate (default all; "
                              "--quick: 50)")
     add_model_args(parser)
     args = parser.parse_args(argv)
-    if args.quick:
-        args.steps = args.steps or 100
-        args.held_out = args.held_out or 50
-        args.train_size = args.train_size or 20_000
-    args.train_size = args.train_size or 50_000
+    if args.quick:  # quick defaults; flags given explicitly still win
+        args.steps = 100 if args.steps is None else args.steps
+        args.held_out = 50 if args.held_out is None else args.held_out
+        args.train_size = 20_000 if args.train_size is None else args.train_size
+    args.train_size = 50_000 if args.train_size is None else args.train_size
     checks = [(args.time_budget > 0, f"--time-budget must be positive (got {args.time_budget})"),
-              (args.steps is None or args.steps >= 1, f"--steps must be at least 1 (got {args.steps})"),
+              (args.steps is None or args.steps >= 1,
+               f"--steps must be at least 1 (got {args.steps})"),
               (args.batch_size >= 1, f"--batch-size must be at least 1 (got {args.batch_size})"),
-              (args.train_size >= 1000, f"--train-size must be at least 1000 (got {args.train_size})"),
+              (args.threads >= 1, f"--threads must be at least 1 (got {args.threads})"),
+              (args.train_size >= 1000,
+               f"--train-size must be at least 1000 (got {args.train_size})"),
               (args.held_out is None or args.held_out >= 1,
                f"--held-out must be at least 1 (got {args.held_out})"),
               (0 <= args.dropout < 1, f"--dropout must be from 0 to below 1 (got {args.dropout})"),
@@ -922,6 +940,7 @@ def main(argv=None):
     started = time.perf_counter()
     torch.manual_seed(args.seed)  # weights, dropout and teacher forcing repeat
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(args.threads)
     training, held_out, source, malformed = load_pairs(args.data, args.train_size, args.seed)
     if malformed:
         print(f"skipped {malformed} malformed lines (not two tab-separated sentences)")

@@ -1757,6 +1757,8 @@ def load_corpus(data, tokenizer_kind, vocab_size, saved_tokenizer=None):
                         f"text; give it at least a few lines")
     encoding = (tokenizer_from_dict(saved_tokenizer) if saved_tokenizer else
                 build_tokenizer(tokenizer_kind, vocab_size, "".join(train_documents)))
+    # The shards of a text corpus live in a temporary folder: they are quick to make
+    # again, and a run that reads a different text must never pick up stale ones.
     workspace = tempfile.TemporaryDirectory(prefix="gpt-tokens-")
     paths = {}
     for split, split_documents_ in (("train", train_documents), ("val", val_documents)):
@@ -1946,6 +1948,19 @@ def choose_kernels(requested, device):
 #   three matrices cost what GPT-2's two did.
 # * `bias=False`: no bias vectors in linear layers and norms; they help little.
 
+# ### Counting the parameters
+#
+# For width C, L blocks, vocabulary V and context T (GPT-2 layout, biases left out):
+#
+#     token embedding (tied with the output)   V * C
+#     position embedding                        T * C
+#     per block: qkv 3 C^2, proj C^2, MLP 4 C^2 + 4 C^2     12 C^2
+#
+# GPT-2 small (C = 768, L = 12, V = 50,257, T = 1,024): 38.6M + 0.8M + 84.9M, about
+# 124M. The CPU preset (C = 128, L = 4, V = 1,024 with RoPE, so no position table):
+# 0.13M + 0.79M, under a million. SwiGLU's three matrices of C x 8C/3 cost the same
+# 8 C^2 as GELU's two of C x 4C. Norm gains and biases add only a few thousand.
+
 # %%
 @dataclass
 class GPTConfig:
@@ -2023,12 +2038,17 @@ class CausalSelfAttention(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, kernels, rope=None, cache=None):
+        """x (batch, time, width) -> the same shape. `rope` holds the (cos, sin)
+        tables when positions are rotary; `cache` is this block's KV cache, a dict
+        that is filled on the first call and extended on each later one."""
         batch, time_steps, width = x.shape
         q, k, v = self.qkv(x).split(width, dim=2)
         # (batch, time, width) -> (batch, heads, time, head_size)
         q, k, v = (t.view(batch, time_steps, self.n_head, -1).transpose(1, 2)
                    for t in (q, k, v))
         past = 0 if cache is None or cache.get("k") is None else cache["k"].shape[2]
+        # Rotary positions turn queries and keys (never values) by the angles of their
+        # absolute positions, which continue after the cached ones.
         if rope is not None:
             cos, sin = (table[past:past + time_steps] for table in rope)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -2043,6 +2063,8 @@ class CausalSelfAttention(nn.Module):
             # One new query looks at every cached position: nothing is in its future.
             assert time_steps == 1, "the KV cache extends one token at a time"
             y = F.scaled_dot_product_attention(q, k, v)
+        # Heads side by side again: (batch, heads, time, head_size) -> (batch, time,
+        # width); `contiguous` because the transpose only changed the strides.
         y = y.transpose(1, 2).contiguous().view(batch, time_steps, width)
         return self.dropout(self.proj(y))
 
@@ -2064,6 +2086,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, kernels):
+        """Widen, apply the non-linearity (or the gate), narrow back to the width."""
         h = self.up(x)
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
@@ -2210,6 +2233,10 @@ class GPT(nn.Module):
 # rank is ever left waiting for one that went its own way.
 
 # %%
+# torchrun passes each process its place through environment variables: RANK (0..N-1
+# over all machines), LOCAL_RANK (which GPU on this machine), WORLD_SIZE (N), and
+# MASTER_ADDR / MASTER_PORT (where to meet). Run without torchrun, none are set and the
+# program is simply one process of one.
 def distributed_environment():
     """(world_size, rank, local_rank) from torchrun's variables; (1, 0, 0) alone."""
     return (int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")),
@@ -2347,6 +2374,12 @@ def evaluation_windows(arrays, block_size, max_tokens):
     return windows
 
 
+# The windows of the validation text are fixed (evenly spaced, non-overlapping), not
+# random, so two evaluations of the same model give the same number and a change in
+# the figure means a change in the model. The first tokens of each window are
+# predicted with little context, which makes the figure slightly pessimistic; with
+# windows of 64 or more tokens the effect is small, and it is the same for every model
+# with the same block size.
 @torch.no_grad()
 def evaluate(model, arrays, token_bytes, block_size, batch_size, max_tokens, device,
              autocast, rank=0, world_size=1):
@@ -2375,6 +2408,9 @@ def evaluate(model, arrays, token_bytes, block_size, batch_size, max_tokens, dev
     return nats / max(tokens, 1), nats / math.log(2) / max(byte_count, 1)
 
 
+# Add-one smoothing: every token's count starts at 1 instead of 0. A token that the
+# training text never contains would otherwise get probability 0 and, should the
+# validation text contain it, an infinite loss.
 def unigram_baseline(train_arrays, val_arrays, token_bytes, max_tokens=10_000_000):
     """(loss, bits per byte) of predicting each validation token by its frequency in
     the training tokens (add-one smoothing, so no token has probability zero)."""
@@ -2635,12 +2671,16 @@ def apply_step(optimizer, step, grad_norm, out_path):
 # seconds; then evaluate on all the validation text, save, and show a sample.
 
 # %%
+# GPU matrix multiplies work in tiles of 16, 64 or 128 rows; a dimension that is not a
+# multiple of them leaves tiles partly empty. GPT-2's 50,257 becomes 50,304.
 def pad_vocabulary(size):
     """Round the embedding table up to a multiple of 64: GPU matmuls run faster, and
     the extra ids are simply never seen."""
     return 64 * math.ceil(size / 64)
 
 
+# A window needs block_size + 1 consecutive tokens (inputs and the targets shifted by
+# one), in the training shards and in the validation shards alike.
 def check_block_size(corpus, block_size):
     """The data must hold at least one window of block_size + 1 tokens in each split."""
     for split in ("train", "val"):
@@ -2939,9 +2979,12 @@ FINAL_EVAL_TOKENS = 1 << 20   # the final evaluation reads up to a million token
 
 def held_out_prompt(run):
     """The first words of the validation text: a prompt the model has never seen."""
-    start = np.asarray(run.corpus["val"][0][:64]).tolist()
+    start = [token for token in np.asarray(run.corpus["val"][0][:64]).tolist()
+             if run.token_bytes[token] > 0]          # leave out <|endoftext|>
     text = run.encoding.decode(start)
-    return text[:text.rfind(" ", 0, 40) + 1] if " " in text[:40] else text[:20]
+    # Cut before a space: BPE tokens carry their leading space (" the"), so a prompt
+    # that ends in a space would leave the model a token boundary it never saw.
+    return text[:text.rfind(" ", 0, 40)] if " " in text[:40] else text[:20]
 
 
 # %% [markdown]
@@ -3006,6 +3049,10 @@ def run_bench(args, started):
                 training_model, device_ids=[local_rank] if device.type == "cuda" else None)
         micro_batch = args.micro_batch or args.batch_size // world_size
         autocast = autocast_for(device)
+        # Warm-up steps are not timed: the first steps pay for memory allocation,
+        # cuBLAS and Triton autotuning and, with --compile, the compilation. GPU work
+        # is asynchronous, so the clock is read only after `synchronize` has waited
+        # for every queued kernel to finish.
         for phase, steps in (("warm-up", BENCH_WARMUP), ("timed", args.bench_iters)):
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -3209,6 +3256,9 @@ def check_args(args):
     if args.tokenizer != "gpt2" and not 257 <= args.vocab_size < 2 ** 32:
         raise DataError(f"--vocab-size must be at least 257 (the 256 single bytes and "
                         f"{END_OF_TEXT}), not {args.vocab_size}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise DataError(f"--out {args.out} is a file, not a folder; give a folder for the "
+                        f"checkpoint and plots")
     world_size = distributed_environment()[0]
     if args.batch_size % world_size:
         raise DataError(f"batch size {args.batch_size} does not divide across {world_size} "

@@ -186,6 +186,11 @@ def test_mnist_folder_is_read_and_trained_on(tmp_path, capsys):
     train_images, train_labels, test_images, test_labels = chapter.read_mnist(str(folder))
     assert train_images.shape == (100, 28, 28) and test_labels.shape == (100,)
     assert train_images.max() <= 1.0 and train_labels.max() <= 9
+    # The files may also be unpacked, as many MNIST copies are.
+    packed = folder / "t10k-labels-idx1-ubyte.gz"
+    (folder / "t10k-labels-idx1-ubyte").write_bytes(gzip.decompress(packed.read_bytes()))
+    packed.unlink()
+    np.testing.assert_array_equal(chapter.read_mnist(str(folder))[3], test_labels)
     chapter.main(["--data", str(folder), "--quick", "--epochs", "1", "--train-size", "50",
                   "--out", str(tmp_path / "out")])
     summary = capsys.readouterr().out.strip().splitlines()[-1]
@@ -199,6 +204,19 @@ def test_offline_falls_back_to_generated_digits(tmp_path, monkeypatch):
     assert source == "generated"
     assert train_images.shape == (30, 28, 28) and test_images.shape == (20, 28, 28)
     assert not any(name.endswith(".part") for _, _, names in os.walk(tmp_path) for name in names)
+
+
+def test_downloaded_mnist_is_read_from_data(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_fake_mnist(os.path.join("data", "mnist"), count=20)
+    asked = []
+    monkeypatch.setattr(chapter, "download",
+                        lambda url, path, sha256: asked.append((url, path, sha256)) or True)
+    train_images, _, test_images, _, source = chapter.load_digits(None, 0)
+    assert source == os.path.join("data", "mnist") and len(train_images) == len(test_images) == 20
+    assert [os.path.basename(path) for _, path, _ in asked] == list(chapter.MNIST_FILES)
+    assert all(url.endswith(os.path.basename(path)) and len(sha256) == 64
+               for url, path, sha256 in asked)
 
 
 def test_bad_idx_files_raise_data_error(tmp_path):
@@ -228,9 +246,14 @@ def test_bad_inputs_exit_cleanly(tmp_path):
     assert_clean_error(run, "cannot be read")
     run = run_chapter("04b_cnn", "--quick", "--filters", "8", "8", "8", cwd=tmp_path)
     assert_clean_error(run, "shrink")
+    for flag, value, word in (("--seed", "-1", "seed"), ("--learning-rate", "nan", "learning"),
+                              ("--train-size", "5", "train-size")):
+        with pytest.raises(chapter.DataError, match=word):
+            chapter.parse_args([flag, value])
 
 
 def test_quick_run_reads_digits(tmp_path):
+    # One BLAS thread: the matrices are small, and extra threads only wait on a busy CPU.
     run = run_chapter("04b_cnn", "--quick", "--out", tmp_path / "out", cwd=tmp_path,
                       env={"OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run

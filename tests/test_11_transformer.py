@@ -112,7 +112,7 @@ def test_dropout_acts_in_training_only():
 def test_step_by_step_decoding_equals_the_parallel_pass():
     model = small_model()
     source = torch.tensor([[5, 6, 7], [8, 9, 0]])
-    tokens, weights = load_chapter("11_transformer").greedy_decode(model, source, 6)
+    tokens, weights = chapter.greedy_decode(model, source, 6)
     prefix = torch.cat([torch.full((2, 1), chapter.BOS), tokens[:, :-1]], dim=1)
     predicted = model(source, prefix).argmax(dim=-1)
     for row in range(2):
