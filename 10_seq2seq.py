@@ -627,8 +627,8 @@ def add_model_args(parser):
                         help="size of the token embeddings (default 64)")
     parser.add_argument("--dropout", type=float, default=0.1,
                         help="dropout probability, 0 to below 1 (default 0.1)")
-    parser.add_argument("--lr", type=float, default=3e-3,
-                        help="peak learning rate of Adam (default 0.003)")
+    parser.add_argument("--lr", type=float, default=6e-3,
+                        help="peak learning rate of Adam (default 0.006)")
 
 
 def model_checks(args):

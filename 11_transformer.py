@@ -806,8 +806,8 @@ def add_model_args(parser):
                         help="width of the feed-forward blocks (default 256)")
     parser.add_argument("--dropout", type=float, default=0.1,
                         help="dropout probability, 0 to below 1 (default 0.1)")
-    parser.add_argument("--lr", type=float, default=2e-3,
-                        help="peak learning rate of Adam (default 0.002)")
+    parser.add_argument("--lr", type=float, default=1e-2,
+                        help="peak learning rate of Adam (default 0.01)")
 
 
 def model_checks(args):

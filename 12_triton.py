@@ -919,7 +919,7 @@ def cross_entropy(logits, targets, ignore_index=-100):
 # with the causal mask setting `S_ij = -inf` for `j > i`, and `O = P V`. Eager PyTorch
 # writes `S` and `P` to HBM: at sequence 1,024 with 12 heads and batch 8 that is
 # 100 million numbers per layer, read and written several times, while `Q`, `K`, `V` and
-# `O` are 0.5 million rows of 64. Flash attention never stores `S` or `P`:
+# `O` hold 6 million numbers each. Flash attention never stores `S` or `P`:
 #
 # **Forward** (FlashAttention-2). Each program owns a block of `BLOCK_M` query rows and
 # keeps them in registers. It loops over blocks of `BLOCK_N` keys and values; for each,
@@ -966,9 +966,11 @@ def cross_entropy(logits, targets, ignore_index=-100):
 # trade-off depends on the card and on `head_dim`.
 #
 # The work in numbers, at GPT-2 small's shapes (batch 8, 12 heads, sequence 1,024, head
-# size 64, causal): the two matrix multiplies per block pair cost about 0.2 TFLOP in the
-# forward pass, while Q, K, V and O are only 50 MB. Flash attention is therefore bound by
-# the tensor cores, as a matmul is, and is judged in TFLOP/s.
+# size 64, causal): the forward pass's matrix multiplies cost 13 GFLOP, while Q, K, V and
+# O are 50 MB in bf16: 260 operations per byte, near the H100's balance point of about
+# 300 (990 TFLOP/s over 3.35 TB/s), and more at longer sequences. What limits a good flash
+# kernel is the tensor cores and the exponentials of the softmax, not HBM, so it is
+# judged in TFLOP/s, as a matmul is.
 
 # %%
 LOG2_E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
@@ -1232,7 +1234,7 @@ def flash_attention(q, k, v, causal=True, scale=None):
 # ### 7. Matrix multiply: tiles, grouped ordering, autotuning
 #
 # `C = A B` with A (M, K) and B (K, N) does `2 M N K` FLOPs on `M K + K N + M N` numbers:
-# at 4,096^3 that is 1,365 FLOPs per number, so a good matmul is bound by arithmetic,
+# at 4,096^3 that is 2,731 FLOPs per number, so a good matmul is bound by arithmetic,
 # not memory, *if* each number is fetched from HBM only a few times. Each program
 # computes one `BLOCK_M x BLOCK_N` tile of C, walking K in steps of `BLOCK_K`: it loads a
 # `BLOCK_M x BLOCK_K` tile of A and a `BLOCK_K x BLOCK_N` tile of B into shared memory,
@@ -1922,15 +1924,23 @@ def eager_attention(q, k, v):
 # of measuring.
 
 # %%
-def benchmark_cases(quick=False):
+# GPT-2 small: 16,384 token rows (16 sequences of 1,024) of 768 features, a 3,072-wide
+# feed-forward layer, a 50,257-token vocabulary; attention on 8 sequences of 1,024 with
+# 12 heads of 64; and the 4,096^3 matmul. `--quick` takes a quarter of the rows.
+BENCH_SIZES = dict(rows=16384, width=768, hidden=3072, vocab=50257, batch=8, heads=12,
+                   seq=1024, head_dim=64, big=4096)
+QUICK_BENCH_SIZES = dict(BENCH_SIZES, rows=4096, batch=2, big=2048)
+
+
+def benchmark_cases(sizes):
     """(name, shapes, kernel, PyTorch version, direction, work, unit). `work` is the
     minimum bytes moved (unit GB/s) or the FLOPs (unit TFLOP/s) for the given shapes;
     direction is "fwd" or "fwd+bwd"."""
-    rows, width, hidden, vocab = (4096, 768, 3072, 50257) if quick else (16384, 768, 3072, 50257)
-    batch, heads, seq, head_dim = (2, 12, 1024, 64) if quick else (8, 12, 1024, 64)
+    rows, width, hidden, vocab = sizes["rows"], sizes["width"], sizes["hidden"], sizes["vocab"]
+    batch, heads, seq, head_dim = sizes["batch"], sizes["heads"], sizes["seq"], sizes["head_dim"]
     two = 2  # bytes per bf16 number
     attention_flops = 4 * batch * heads * seq * seq * head_dim / 2  # causal: half
-    big = 2048 if quick else 4096
+    big = sizes["big"]
     return [
         ("add", [(rows, hidden)] * 2, add, torch.add, "fwd", 3 * rows * hidden * two, "GB/s"),
         ("softmax", [(batch * heads * seq, seq)], softmax, torch_softmax,
@@ -1976,11 +1986,11 @@ def time_case(function, inputs, direction):
                      grad_to_none=[x for x in leaves if x.is_floating_point()])
 
 
-def run_benchmarks(quick=False, seed=0, device=torch.device("cuda")):
+def run_benchmarks(sizes, seed=0, device=torch.device("cuda")):
     """Time every benchmark case, ours against PyTorch (and SDPA for attention)."""
     peak = hbm_peak(torch.cuda.get_device_name())
     results = []
-    for name, shapes, kernel, eager, direction, work, unit in benchmark_cases(quick):
+    for name, shapes, kernel, eager, direction, work, unit in benchmark_cases(sizes):
         generator = torch.Generator().manual_seed(seed)
         inputs = draw_inputs(shapes, torch.bfloat16, device, generator)
         competitors = [("PyTorch eager", eager)]
@@ -2114,7 +2124,7 @@ def main(argv=None):
                            "seconds": round(time.perf_counter() - started, 1)})
             return
         print(f"benchmark on {torch.cuda.get_device_name()}, bf16, median of do_bench")
-        results = run_benchmarks(args.quick, args.seed)
+        results = run_benchmarks(QUICK_BENCH_SIZES if args.quick else BENCH_SIZES, args.seed)
         save_json(os.path.join(args.out, "12_triton_bench.json"), results)
         print_summary({"chapter": CHAPTER, **bench_summary(results),
                        "seconds": round(time.perf_counter() - started, 1)})

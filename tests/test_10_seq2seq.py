@@ -247,5 +247,5 @@ def test_quick_run_learns_to_translate_numbers(tmp_path):
     assert run.summary["data"] == "generated numbers"
     # 100 steps: nearly every token right, and most numbers translated exactly
     assert run.summary["token_accuracy"] >= 0.95, run
-    assert run.summary["exact_match"] >= 0.6, run
+    assert run.summary["exact_match"] >= 0.8, run
     assert (tmp_path / "out" / "10_seq2seq_attention.png").exists()

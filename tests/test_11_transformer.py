@@ -178,6 +178,8 @@ def test_quick_run_learns_to_translate_numbers(tmp_path):
     assert run.returncode == 0, run
     assert run.summary["chapter"] == "11_transformer"
     assert run.summary["data"] == "generated numbers"
-    # 100 steps: most tokens right (chance is about 1 in 40); exact match comes later
-    assert run.summary["token_accuracy"] >= 0.75, run
+    # 100 steps: nearly all tokens right (chance is about 1 in 30), and many numbers
+    # exact; the transformer needs more steps than chapter 10's GRU to get them all
+    assert run.summary["token_accuracy"] >= 0.85, run
+    assert run.summary["exact_match"] >= 0.3, run
     assert (tmp_path / "out" / "11_transformer_attention.png").exists()
