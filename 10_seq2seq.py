@@ -22,9 +22,10 @@ words ("quatre-vingt-onze", "soixante et onze", "deux cents" but "deux cent mill
 a fixed held-out set of numbers that training never sees.
 
 Run it with `python 10_seq2seq.py` (about a minute on a 2-core CPU: 40 seconds of
-training, then evaluation) or `python 10_seq2seq.py --quick` (a few seconds). Chapter 11
-solves the same task with a transformer and the same training time, so the two
-`summary:` lines compare directly.
+training, then evaluation; it translates 99-100% of the held-out numbers exactly) or
+`python 10_seq2seq.py --quick` (100 steps, 10-20 seconds). Chapter 11 solves the same
+task with a transformer and the same training time, so the two `summary:` lines
+compare directly.
 """
 
 # %% [markdown]
@@ -888,7 +889,7 @@ def parse_args(argv=None):
                         help="path of a local file of 'English<TAB>French' lines "
                              "(default: download the Tatoeba pairs, else generate numbers)")
     parser.add_argument("--quick", action="store_true",
-                        help="a run of a few seconds, for tests and a first look")
+                        help="a short run (100 steps), for tests and a first look")
     parser.add_argument("--out", default="out", help="folder for plots (default out/)")
     parser.add_argument("--time-budget", type=float, default=40.0,
                         help="seconds of training (default 40; --quick: 100 steps instead)")
@@ -898,7 +899,7 @@ def parse_args(argv=None):
                         help="sentence pairs per training step (default 64)")
     parser.add_argument("--train-size", type=int, default=None,
                         help="training pairs of the generated number task, at least 1000 "
-                             "(default 50000; --quick: 20000)")
+                             "(default 50000; --quick: 10000)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for PyTorch (default 1: these models are small, "
                              "and one thread is nearly as fast and far steadier on a busy "
@@ -911,7 +912,7 @@ def parse_args(argv=None):
     if args.quick:  # quick defaults; flags given explicitly still win
         args.steps = 100 if args.steps is None else args.steps
         args.held_out = 50 if args.held_out is None else args.held_out
-        args.train_size = 20_000 if args.train_size is None else args.train_size
+        args.train_size = 10_000 if args.train_size is None else args.train_size
     args.train_size = 50_000 if args.train_size is None else args.train_size
     checks = [(args.time_budget > 0, f"--time-budget must be positive (got {args.time_budget})"),
               (args.steps is None or args.steps >= 1,

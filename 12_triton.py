@@ -26,8 +26,8 @@ the card's memory bandwidth, TFLOP/s against its arithmetic).
 
 How to run:
     python 12_triton.py           # correctness table for every kernel, then the kernels
-                                  # swapped into a transformer (about a minute on 2 cores)
-    python 12_triton.py --quick   # the same at fewer shapes, a few seconds
+                                  # swapped into a transformer (about 30 s on 2 cores)
+    python 12_triton.py --quick   # the same at fewer shapes (about 10 s)
     python 12_triton.py --bench   # GPU only: speed against PyTorch at GPT-2-small shapes
 
 Where it runs: on a CUDA GPU the kernels are compiled. Without one the chapter sets
@@ -465,7 +465,13 @@ def torch_softmax(x):
 # per-row numbers `mean` and `rstd` for the backward pass, so it need not recompute them.
 #
 # Backward. Write `g = weight * dy`, the gradient reaching `xhat`. For layer norm,
-# differentiating `xhat_i = (x_i - mean) * rstd` through both `mean` and `rstd` gives
+# differentiating `xhat_i = (x_i - mean) * rstd` through both `mean` and `rstd`: with
+# `d mean / d x_j = 1/n` and `d rstd / d x_j = -rstd^3 (x_j - mean) / n = -rstd^2 xhat_j / n`,
+#
+#     dx_j = sum_i g_i d xhat_i / d x_j
+#          = rstd * g_j - rstd / n * sum_i g_i - rstd / n * xhat_j * sum_i g_i xhat_i,
+#
+# that is
 #
 #     dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
 #
@@ -535,6 +541,9 @@ def _norm_backward_kernel(x_ptr, weight_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr,
         dy = tl.load(dy_ptr + offset + cols, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(rstd_ptr + row)
         g = weight * dy  # 0 in masked lanes, where weight was loaded as 0
+        # The two row means in the formula, sum(g) / n and sum(g * xhat) / n, are
+        # reductions over the row: the whole row is in registers, so they cost no
+        # extra memory traffic.
         if RMS:
             xhat = x * rstd
             dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / n_cols))
@@ -933,7 +942,10 @@ def cross_entropy(logits, targets, ignore_index=-100):
 # and at the end `O = acc / l`. HBM traffic: read Q, K, V, write O, whatever the
 # sequence length; the work is the same `4 * seq^2 * head_dim` FLOPs per head as before,
 # now on data in registers and shared memory. A causal program stops at the diagonal,
-# halving the work. The kernel works in base 2 (`exp2`, with `log2(e)` folded into the
+# halving the work. Only the key blocks on the diagonal, or past the end of a sequence
+# that is not a multiple of the block, need the mask; the loop is split in two so that
+# all the other blocks skip its arithmetic (the constexpr `MASKED` compiles two versions
+# of the loop body). The kernel works in base 2 (`exp2`, with `log2(e)` folded into the
 # scale), which the hardware computes natively.
 #
 # It also stores, per query row, the log-sum-exp `lse = m + log2(l)` (in base 2): the
@@ -977,16 +989,25 @@ LOG2_E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
 
 
 @triton.jit
-def _load_rows(base_ptr, rows, n_rows, dims, HEAD_DIM: tl.constexpr):
-    """A (len(rows), len(dims)) tile of a contiguous (n_rows, HEAD_DIM) matrix, with zeros
-    past the last row and past the head size."""
-    mask = (rows[:, None] < n_rows) & (dims[None, :] < HEAD_DIM)
+def _load_rows(base_ptr, rows, n_rows, dims, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A (len(rows), BLOCK_D) tile of a contiguous (n_rows, HEAD_DIM) matrix, with zeros
+    past the last row and, where the head size is padded up to BLOCK_D, past the head
+    size. (The column mask is left out when no padding needs it: a mask that varies
+    along a row keeps the compiler from loading the row with wide vector instructions.)"""
+    if HEAD_DIM == BLOCK_D:
+        mask = rows[:, None] < n_rows
+    else:
+        mask = (rows[:, None] < n_rows) & (dims[None, :] < HEAD_DIM)
     return tl.load(base_ptr + rows[:, None] * HEAD_DIM + dims[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
-def _store_rows(base_ptr, tile, rows, n_rows, dims, HEAD_DIM: tl.constexpr):
-    mask = (rows[:, None] < n_rows) & (dims[None, :] < HEAD_DIM)
+def _store_rows(base_ptr, tile, rows, n_rows, dims, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store a tile into the rows of a contiguous (n_rows, HEAD_DIM) matrix, the same way."""
+    if HEAD_DIM == BLOCK_D:
+        mask = rows[:, None] < n_rows
+    else:
+        mask = (rows[:, None] < n_rows) & (dims[None, :] < HEAD_DIM)
     tl.store(base_ptr + rows[:, None] * HEAD_DIM + dims[None, :],
              tile.to(base_ptr.dtype.element_ty), mask=mask)
 
@@ -1002,34 +1023,37 @@ def _visible(q_rows, kv_cols, q_len, kv_len, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _flash_forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_len, kv_len, scale_log2,
-                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
-    pid_m = tl.program_id(0)
-    head = tl.program_id(1).to(tl.int64)  # batch * heads + head
-    q_base = q_ptr + head * q_len * HEAD_DIM
-    kv_offset = head * kv_len * HEAD_DIM
-    q_rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    # This program's queries: loaded once, kept in registers for the whole loop.
-    q = _load_rows(q_base, q_rows, q_len, dims, HEAD_DIM)
-    # Online softmax state per query row: running max m, running sum l, running output.
-    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+def _key_blocks(first_row, kv_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                CAUSAL: tl.constexpr):
+    """For the queries first_row ... first_row + BLOCK_M - 1: where the whole key blocks
+    that every one of them sees end (a multiple of BLOCK_N: no mask needed before it),
+    and where the keys that any of them sees end (masked blocks from the first to it)."""
     if CAUSAL:
-        # Keys after this block's last query are masked for every row: skip them.
-        end = tl.minimum((pid_m + 1) * BLOCK_M, kv_len)
+        seen_by_all = tl.minimum(first_row + 1, kv_len)  # keys 0 .. first_row
+        end = tl.minimum(first_row + BLOCK_M, kv_len)  # later keys are hidden from all
     else:
+        seen_by_all = kv_len
         end = kv_len
-    for start_n in range(0, end, BLOCK_N):
+    return (seen_by_all // BLOCK_N) * BLOCK_N, end
+
+
+@triton.jit
+def _attend_to_blocks(acc, row_sum, row_max, q, k_base, v_base, q_rows, dims, start, end,
+                      q_len, kv_len, scale_log2, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+    """The online-softmax update of (acc, row_sum, row_max) over the key blocks from
+    `start` to `end`. With MASKED false every key is visible to every query, and the
+    mask's arithmetic is compiled out."""
+    for start_n in range(start, end, BLOCK_N):
         kv_cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_ptr + kv_offset, kv_cols, kv_len, dims, HEAD_DIM)
-        v = _load_rows(v_ptr + kv_offset, kv_cols, kv_len, dims, HEAD_DIM)
+        k = _load_rows(k_base, kv_cols, kv_len, dims, HEAD_DIM, BLOCK_D)
+        v = _load_rows(v_base, kv_cols, kv_len, dims, HEAD_DIM, BLOCK_D)
         # (BLOCK_M, BLOCK_D) x (BLOCK_D, BLOCK_N) on the tensor cores, accumulated in fp32;
         # the scale includes log2(e) so that exp2 below computes exp.
         scores = tl.dot(q, tl.trans(k)) * scale_log2
-        scores = tl.where(_visible(q_rows, kv_cols, q_len, kv_len, CAUSAL), scores, float("-inf"))
+        if MASKED:
+            scores = tl.where(_visible(q_rows, kv_cols, q_len, kv_len, CAUSAL), scores,
+                              float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, axis=1))
         # A row that has seen only masked keys keeps max -inf; subtract 0 instead so
         # exp2 gives 0 rather than exp2(-inf - (-inf)) = NaN.
@@ -1041,10 +1065,39 @@ def _flash_forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_len, kv_len, sc
         # multiply, as every flash attention does; the sum stays fp32.
         acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
         row_max = new_max
+    return acc, row_sum, row_max
+
+
+@triton.jit
+def _flash_forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_len, kv_len, scale_log2,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)  # batch * heads + head
+    q_base = q_ptr + head * q_len * HEAD_DIM
+    k_base = k_ptr + head * kv_len * HEAD_DIM
+    v_base = v_ptr + head * kv_len * HEAD_DIM
+    q_rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    # This program's queries: loaded once, kept in registers for the whole loop.
+    q = _load_rows(q_base, q_rows, q_len, dims, HEAD_DIM, BLOCK_D)
+    # Online softmax state per query row: running max m, running sum l, running output.
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # Two loops: the key blocks every query sees in full, with no mask at all, then the
+    # few blocks on the diagonal (causal) or past the end of the keys, masked.
+    full_end, end = _key_blocks(pid_m * BLOCK_M, kv_len, BLOCK_M, BLOCK_N, CAUSAL)
+    acc, row_sum, row_max = _attend_to_blocks(
+        acc, row_sum, row_max, q, k_base, v_base, q_rows, dims, 0, full_end, q_len, kv_len,
+        scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, False)
+    acc, row_sum, row_max = _attend_to_blocks(
+        acc, row_sum, row_max, q, k_base, v_base, q_rows, dims, full_end, end, q_len, kv_len,
+        scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, True)
     # Divide by the softmax's denominator once at the end, not at every block.
     safe_sum = tl.where(row_sum == 0.0, 1.0, row_sum)
     _store_rows(o_ptr + head * q_len * HEAD_DIM, acc / safe_sum[:, None], q_rows, q_len, dims,
-                HEAD_DIM)
+                HEAD_DIM, BLOCK_D)
     tl.store(lse_ptr + head * q_len + q_rows, row_max + tl.log2(safe_sum), mask=q_rows < q_len)
 
 
@@ -1055,18 +1108,20 @@ def _flash_backward_preprocess_kernel(o_ptr, do_ptr, delta_ptr, q_len, HEAD_DIM:
     head = tl.program_id(1).to(tl.int64)
     q_rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    o = _load_rows(o_ptr + head * q_len * HEAD_DIM, q_rows, q_len, dims, HEAD_DIM).to(tl.float32)
-    do = _load_rows(do_ptr + head * q_len * HEAD_DIM, q_rows, q_len, dims, HEAD_DIM).to(tl.float32)
+    offset = head * q_len * HEAD_DIM
+    o = _load_rows(o_ptr + offset, q_rows, q_len, dims, HEAD_DIM, BLOCK_D).to(tl.float32)
+    do = _load_rows(do_ptr + offset, q_rows, q_len, dims, HEAD_DIM, BLOCK_D).to(tl.float32)
     tl.store(delta_ptr + head * q_len + q_rows, tl.sum(o * do, axis=1), mask=q_rows < q_len)
 
 
 @triton.jit
 def _recompute_probabilities(q, k, lse, q_rows, kv_cols, q_len, kv_len, scale_log2,
-                             CAUSAL: tl.constexpr):
+                             CAUSAL: tl.constexpr, MASKED: tl.constexpr):
     """P for one (query block, key block) pair, rebuilt from the saved log-sum-exp."""
-    scores = tl.dot(q, tl.trans(k)) * scale_log2
-    visible = _visible(q_rows, kv_cols, q_len, kv_len, CAUSAL)
-    return tl.where(visible, tl.exp2(scores - lse[:, None]), 0.0)
+    p = tl.exp2(tl.dot(q, tl.trans(k)) * scale_log2 - lse[:, None])
+    if MASKED:
+        p = tl.where(_visible(q_rows, kv_cols, q_len, kv_len, CAUSAL), p, 0.0)
+    return p
 
 
 @triton.jit
@@ -1080,8 +1135,8 @@ def _flash_backward_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr,
     kv_offset = head * kv_len * HEAD_DIM
     kv_cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    k = _load_rows(k_ptr + kv_offset, kv_cols, kv_len, dims, HEAD_DIM)
-    v = _load_rows(v_ptr + kv_offset, kv_cols, kv_len, dims, HEAD_DIM)
+    k = _load_rows(k_ptr + kv_offset, kv_cols, kv_len, dims, HEAD_DIM, BLOCK_D)
+    v = _load_rows(v_ptr + kv_offset, kv_cols, kv_len, dims, HEAD_DIM, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     if CAUSAL:
@@ -1090,19 +1145,37 @@ def _flash_backward_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr,
         start = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
     else:
         start = 0
+    # One masked loop over the query blocks (the mask costs little next to three dots).
     for start_m in range(start, q_len, BLOCK_M):
         q_rows = start_m + tl.arange(0, BLOCK_M)
-        q = _load_rows(q_ptr + q_offset, q_rows, q_len, dims, HEAD_DIM)
-        do = _load_rows(do_ptr + q_offset, q_rows, q_len, dims, HEAD_DIM)
+        q = _load_rows(q_ptr + q_offset, q_rows, q_len, dims, HEAD_DIM, BLOCK_D)
+        do = _load_rows(do_ptr + q_offset, q_rows, q_len, dims, HEAD_DIM, BLOCK_D)
         lse = tl.load(lse_ptr + head * q_len + q_rows, mask=q_rows < q_len, other=0.0)
         delta = tl.load(delta_ptr + head * q_len + q_rows, mask=q_rows < q_len, other=0.0)
-        p = _recompute_probabilities(q, k, lse, q_rows, kv_cols, q_len, kv_len, scale_log2, CAUSAL)
+        p = _recompute_probabilities(q, k, lse, q_rows, kv_cols, q_len, kv_len, scale_log2,
+                                     CAUSAL, True)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do)  # dV = P^T dO, this block's share
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])  # dS = P * (dO V^T - D)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)  # dK = dS^T Q (times scale, below)
     # S = scale * Q K^T, so the gradients of Q and K carry the scale once.
-    _store_rows(dk_ptr + kv_offset, dk * scale, kv_cols, kv_len, dims, HEAD_DIM)
-    _store_rows(dv_ptr + kv_offset, dv, kv_cols, kv_len, dims, HEAD_DIM)
+    _store_rows(dk_ptr + kv_offset, dk * scale, kv_cols, kv_len, dims, HEAD_DIM, BLOCK_D)
+    _store_rows(dv_ptr + kv_offset, dv, kv_cols, kv_len, dims, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _dq_from_blocks(dq, q, do, lse, delta, k_base, v_base, q_rows, dims, start, end, q_len,
+                    kv_len, scale_log2, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+    """Add to dq the contributions of the key blocks from `start` to `end`."""
+    for start_n in range(start, end, BLOCK_N):
+        kv_cols = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, kv_cols, kv_len, dims, HEAD_DIM, BLOCK_D)
+        v = _load_rows(v_base, kv_cols, kv_len, dims, HEAD_DIM, BLOCK_D)
+        p = _recompute_probabilities(q, k, lse, q_rows, kv_cols, q_len, kv_len, scale_log2,
+                                     CAUSAL, MASKED)
+        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)  # dQ = dS K (times scale, in the caller)
+    return dq
 
 
 @triton.jit
@@ -1113,26 +1186,22 @@ def _flash_backward_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, d
     pid_m = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
     q_offset = head * q_len * HEAD_DIM
-    kv_offset = head * kv_len * HEAD_DIM
+    k_base = k_ptr + head * kv_len * HEAD_DIM
+    v_base = v_ptr + head * kv_len * HEAD_DIM
     q_rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    q = _load_rows(q_ptr + q_offset, q_rows, q_len, dims, HEAD_DIM)
-    do = _load_rows(do_ptr + q_offset, q_rows, q_len, dims, HEAD_DIM)
+    q = _load_rows(q_ptr + q_offset, q_rows, q_len, dims, HEAD_DIM, BLOCK_D)
+    do = _load_rows(do_ptr + q_offset, q_rows, q_len, dims, HEAD_DIM, BLOCK_D)
     lse = tl.load(lse_ptr + head * q_len + q_rows, mask=q_rows < q_len, other=0.0)
     delta = tl.load(delta_ptr + head * q_len + q_rows, mask=q_rows < q_len, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if CAUSAL:
-        end = tl.minimum((pid_m + 1) * BLOCK_M, kv_len)
-    else:
-        end = kv_len
-    for start_n in range(0, end, BLOCK_N):
-        kv_cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_ptr + kv_offset, kv_cols, kv_len, dims, HEAD_DIM)
-        v = _load_rows(v_ptr + kv_offset, kv_cols, kv_len, dims, HEAD_DIM)
-        p = _recompute_probabilities(q, k, lse, q_rows, kv_cols, q_len, kv_len, scale_log2, CAUSAL)
-        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)  # dQ = dS K (times scale, below)
-    _store_rows(dq_ptr + q_offset, dq * scale, q_rows, q_len, dims, HEAD_DIM)
+    # The same two loops as the forward pass: unmasked full blocks, then masked ones.
+    full_end, end = _key_blocks(pid_m * BLOCK_M, kv_len, BLOCK_M, BLOCK_N, CAUSAL)
+    dq = _dq_from_blocks(dq, q, do, lse, delta, k_base, v_base, q_rows, dims, 0, full_end, q_len,
+                         kv_len, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, False)
+    dq = _dq_from_blocks(dq, q, do, lse, delta, k_base, v_base, q_rows, dims, full_end, end,
+                         q_len, kv_len, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, True)
+    _store_rows(dq_ptr + q_offset, dq * scale, q_rows, q_len, dims, HEAD_DIM, BLOCK_D)
 
 
 # Autotuning candidates: on a GPU Triton times each the first time it meets a shape
@@ -1433,6 +1502,24 @@ def sdpa(q, k, v, causal):
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
+# %% [markdown]
+# The cases, and what each one is there to catch:
+# - widths of 77 and 131: not powers of two, so every row tile has masked lanes;
+# - softmax over rows of 300 (and cross-entropy over 301 classes): longer than the
+#   interpreter's 128-wide tile, so the online loop runs three chunks, the last ragged;
+# - layer norm on a (3, 7, 77) tensor: leading dimensions folded into 21 rows, more rows
+#   than the backward pass has programs, so each program sums several rows;
+# - every third target ignored in the cross-entropy: zero loss and zero gradient rows,
+#   and a mean over the other rows only;
+# - attention over 37 positions with blocks of 32 queries and 16 keys: a ragged last
+#   block on both sides, masked and unmasked loops, a head size of 24 padded to 32;
+#   causal and not; and cross-attention with 19 queries over 45 keys, head size 16;
+# - a (37, 29) by (29, 45) matmul: ragged in all three dimensions, and two program
+#   groups in the grouped ordering.
+# On a GPU the same cases run in bf16 and fp16 too, then GPT-2-sized ones: the full
+# vocabulary, rows of 768, 1,000 positions with 12 heads of 64, a head size of 128.
+
+# %%
 def attention_pair(causal):
     """`flash_attention` with a fixed causal flag, and its PyTorch counterpart."""
     return (lambda q, k, v: flash_attention(q, k, v, causal=causal),
@@ -1685,6 +1772,8 @@ class DecoderLayer(nn.Module):
 
 
 class Transformer(nn.Module):
+    scheduled_sampling = False  # always teacher forcing: see above
+
     def __init__(self, source_vocab_size, target_vocab_size, model_size=64, heads=4,
                  layers=2, hidden_size=256, dropout=0.1, max_positions=256):
         super().__init__()

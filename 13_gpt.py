@@ -509,9 +509,11 @@ class ShardLoader:
 # so code that calls these functions runs anywhere.
 
 # %%
-# Triton's interpreter runs kernels with numpy on the CPU. It is switched on by an
-# environment variable that Triton reads when a kernel is defined, so it must be set
-# before `import triton`. A learner who sets it themselves keeps their choice.
+# Triton's interpreter runs kernels with numpy on the CPU: each program of the grid in
+# turn, each tile a numpy array. It is switched on by an environment variable that Triton
+# reads when a kernel is defined, so it must be set before `import triton`. A learner who
+# sets it themselves keeps their choice (TRITON_INTERPRET=1 on a GPU machine is a handy
+# way to debug a kernel with print statements).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -584,8 +586,9 @@ def row_warps(block):
     return 4 if block <= 2048 else (8 if block <= 8192 else 16)
 
 
-# Widest row tile. On a GPU 8,192 numbers of a row fit in registers; the interpreter uses
-# small tiles so that modest test shapes already exercise the loop over a long row.
+# Widest row tile. On a GPU 8,192 numbers of a row fit in registers (8 warps of 32
+# threads, 32 numbers each); the interpreter uses small tiles so that modest test shapes
+# already exercise the loop over a long row.
 ROW_BLOCK_LIMIT = 128 if INTERPRET else 8192
 # Widest feature dimension for the norms, which keep one whole row in one tile.
 NORM_MAX_COLS = 16384
@@ -610,14 +613,23 @@ def rows_of(x):
 #
 # Memory traffic: read `x` and `y`, write the sum: 3 numbers per element, the minimum
 # possible, which is why even this kernel reaches nearly the full HBM bandwidth.
+#
+# `BLOCK` is a `tl.constexpr`: the compiler must know the tile's size to lay it out in
+# registers. With 1,024 elements and the default 4 warps (128 threads), each thread holds
+# 8 of them, which it loads with a few wide vector instructions. Why not one program for
+# the whole tensor? A program runs on one SM; the GPU needs thousands of programs in
+# flight to keep all 132 SMs busy and to hide the memory latency (hundreds of cycles per
+# load) behind other programs' work.
 
 # %%
 @triton.jit
 def _add_kernel(x_ptr, y_ptr, out_ptr, n_elements, BLOCK: tl.constexpr):
     # 64-bit program id: with 32-bit offsets a tensor over 2**31 elements would wrap.
     pid = tl.program_id(0).to(tl.int64)
+    # tl.arange(0, BLOCK) is the tile [0, 1, ..., BLOCK - 1]; shifted, it numbers this
+    # program's elements.
     offsets = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < n_elements
+    mask = offsets < n_elements  # False for the lanes past the end of the tensor
     x = tl.load(x_ptr + offsets, mask=mask)
     y = tl.load(y_ptr + offsets, mask=mask)
     tl.store(out_ptr + offsets, x + y, mask=mask)
@@ -630,10 +642,12 @@ def add(x, y):
                          f"and {tuple(y.shape)} {y.dtype}")
     if not triton_runs_on(x):
         return x + y
-    x, y = x.contiguous(), y.contiguous()
-    out = torch.empty_like(x)
+    x, y = x.contiguous(), y.contiguous()  # the kernel indexes memory as one flat array
+    out = torch.empty_like(x)  # uninitialised: the kernel writes every element
     n_elements = out.numel()
+    # The grid: how many programs to launch, ceil(n / BLOCK) of them.
     grid = (triton.cdiv(n_elements, ELEMENTWISE_BLOCK),)
+    # Tensors passed to a kernel arrive as pointers to their first element.
     _add_kernel[grid](x, y, out, n_elements, BLOCK=ELEMENTWISE_BLOCK)
     return out
 
@@ -670,6 +684,16 @@ def add(x, y):
 #
 # one dot product per row and an element-wise step: again one program per row, reading
 # `y` (saved by the forward pass) and `dy` once each when the row fits in a tile.
+#
+# Traffic per element: forward reads `x` and writes `y` (2 numbers), backward reads `y`
+# and `dy` and writes `dx` (3), the minimum. A row that needs the loop is read twice in
+# each direction, but the second read of a row this program has just streamed comes
+# mostly from the L2 cache, not HBM.
+#
+# `ONE_BLOCK` is a constexpr, so the `if` is decided when the kernel is compiled: a row
+# width that fits gets a kernel with no loop at all, a wider one a kernel with only the
+# loop. `_row_max_and_sum` is a `@triton.jit` function called from kernels: Triton inlines
+# it, so helpers cost nothing and keep each idea in one place.
 
 # %%
 @triton.jit
@@ -692,6 +716,7 @@ def _row_max_and_sum(row_ptr, n_cols, BLOCK: tl.constexpr):
 
 @triton.jit
 def _softmax_forward_kernel(x_ptr, y_ptr, n_cols, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
+    # One program per row; the row starts n_cols elements after the previous one.
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * n_cols
     y_row = y_ptr + row * n_cols
@@ -700,6 +725,8 @@ def _softmax_forward_kernel(x_ptr, y_ptr, n_cols, BLOCK: tl.constexpr, ONE_BLOCK
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
         x = tl.load(x_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
+        # tl.max and tl.sum reduce the tile to one number: the threads of the program
+        # combine their partial results through registers and shared memory.
         numerator = tl.exp(x - tl.max(x, axis=0))
         y = numerator / tl.sum(numerator, axis=0)
         tl.store(y_row + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -746,15 +773,19 @@ def _softmax_backward_kernel(y_ptr, dy_ptr, dx_ptr, n_cols, BLOCK: tl.constexpr,
 
 
 class _Softmax(torch.autograd.Function):
+    """Softmax over the last dimension: forward and backward kernels, one program a row.
+    The backward pass needs only the output y, which the forward pass saves."""
+
     @staticmethod
     def forward(ctx, x):
-        x_rows = rows_of(x)
+        x_rows = rows_of(x)  # any leading dimensions become rows
         n_rows, n_cols = x_rows.shape
         block = row_block(n_cols, ROW_BLOCK_LIMIT)
         y = torch.empty_like(x_rows)
+        # One program per row. Whether the row fits in one tile is a compile-time choice.
         _softmax_forward_kernel[(n_rows,)](x_rows, y, n_cols, BLOCK=block,
                                            ONE_BLOCK=n_cols <= block, num_warps=row_warps(block))
-        ctx.save_for_backward(y)
+        ctx.save_for_backward(y)  # the backward needs only the output
         return y.view(x.shape)
 
     @staticmethod
@@ -772,8 +803,14 @@ class _Softmax(torch.autograd.Function):
 def softmax(x):
     """Softmax over the last dimension of `x`, forward and backward in Triton."""
     if not triton_runs_on(x):
-        return torch.softmax(x, dim=-1)
+        return torch_softmax(x)
     return _Softmax.apply(x)
+
+
+def torch_softmax(x):
+    """PyTorch's softmax over the last dimension: the reference, and the path where
+    Triton cannot run."""
+    return torch.softmax(x, dim=-1)
 
 
 # %% [markdown]
@@ -802,6 +839,15 @@ def softmax(x):
 # partial sums in registers, and write one partial row each; a small second kernel adds
 # the partial rows up, column by column. The result is deterministic, and the only extra
 # memory traffic is a few hundred partial rows.
+#
+# The norms keep a whole row in one tile (up to `NORM_MAX_COLS` features), so the
+# forward and backward passes read each input once. A transformer's rows are a few
+# hundred to a few thousand wide, far below that limit.
+#
+# Traffic: forward reads `x`, writes `y` (plus 8 bytes per row for `mean` and `rstd`);
+# backward reads `x` and `dy`, writes `dx`. PyTorch's own `F.layer_norm` is also a fused
+# kernel, so here the point is less speed than seeing how such a kernel, and its
+# cross-row reduction, is built.
 
 # %%
 @triton.jit
@@ -810,7 +856,9 @@ def _norm_forward_kernel(x_ptr, weight_ptr, bias_ptr, y_ptr, mean_ptr, rstd_ptr,
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
+    # Masked lanes load 0, which adds nothing to the sums below.
     x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    # Every program reads the same weight vector: after the first few it comes from L2.
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if RMS:
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
@@ -832,10 +880,11 @@ def _norm_backward_kernel(x_ptr, weight_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr,
                           weight_partial_ptr, bias_partial_ptr, n_rows, n_cols,
                           BLOCK: tl.constexpr, RMS: tl.constexpr):
     pid = tl.program_id(0)
-    n_programs = tl.num_programs(0)
+    n_programs = tl.num_programs(0)  # the size of the grid
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    # This program's partial sums of dweight and dbias, over the rows it handles.
     weight_sum = tl.zeros([BLOCK], dtype=tl.float32)
     bias_sum = tl.zeros([BLOCK], dtype=tl.float32)
     # This program takes rows pid, pid + n_programs, pid + 2 * n_programs, ...
@@ -856,6 +905,7 @@ def _norm_backward_kernel(x_ptr, weight_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr,
         weight_sum += dy * xhat
         tl.store(dx_ptr + offset + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         offset += n_programs * n_cols
+    # One partial row per program; `column_sum` adds them up afterwards.
     tl.store(weight_partial_ptr + pid * n_cols + cols, weight_sum, mask=mask)
     if not RMS:
         tl.store(bias_partial_ptr + pid * n_cols + cols, bias_sum, mask=mask)
@@ -866,6 +916,9 @@ def _column_sum_kernel(partial_ptr, out_ptr, n_rows, n_cols, BLOCK_ROWS: tl.cons
                        BLOCK_COLS: tl.constexpr):
     """out[c] = sum over r of partial[r, c]: each program adds up BLOCK_COLS columns."""
     cols = tl.program_id(0) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    # A 2-D tile: BLOCK_ROWS partial rows by BLOCK_COLS columns, summed down the rows.
+    # [:, None] and [None, :] turn the two index vectors into a column and a row that
+    # broadcast into the tile's grid of addresses, as in numpy.
     total = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
     for start in range(0, n_rows, BLOCK_ROWS):
         rows = start + tl.arange(0, BLOCK_ROWS)
@@ -905,6 +958,7 @@ class _Norm(torch.autograd.Function):
         rms = bias is None
         block = triton.next_power_of_2(n_cols)
         y = torch.empty_like(x_rows)
+        # Per-row statistics, kept in fp32 for the backward pass: 8 bytes a row.
         mean = torch.empty(n_rows, device=x.device, dtype=torch.float32)
         rstd = torch.empty(n_rows, device=x.device, dtype=torch.float32)
         # RMS norm reads no bias: the weight stands in for the unused pointer.
@@ -922,6 +976,7 @@ class _Norm(torch.autograd.Function):
         block = triton.next_power_of_2(n_cols)
         programs = norm_programs(x_rows, n_rows)
         dx = torch.empty_like(x_rows)
+        # One fp32 partial sum per program and column (the kernel writes every entry).
         weight_partial = torch.empty(programs, n_cols, device=dx.device, dtype=torch.float32)
         bias_partial = torch.empty_like(weight_partial)
         _norm_backward_kernel[(programs,)](x_rows, weight, rows_of(dy), dx, mean, rstd,
@@ -929,6 +984,7 @@ class _Norm(torch.autograd.Function):
                                            BLOCK=block, RMS=ctx.rms, num_warps=row_warps(block))
         dweight = column_sum(weight_partial, weight)
         dbias = None if ctx.rms else column_sum(bias_partial, weight)
+        # One gradient per input of forward: x, weight, bias, and None for eps.
         return dx.view(dy.shape), dweight, dbias, None
 
 
@@ -982,11 +1038,19 @@ def torch_rms_norm(x, weight, eps=1e-6):
 # whole tensor; fused, the forward pass reads the input(s) once and writes once, and the
 # backward pass recomputes the cheap activation from the saved input instead of storing
 # intermediate tensors.
+#
+# Count the traffic for GELU written naively in PyTorch, `0.5 * x * (1 + torch.tanh(c *
+# (x + 0.044715 * x ** 3)))`: `x ** 3`, two multiplications, an addition, `tanh`, another
+# addition and two more multiplications, each reading one or two tensors and writing one;
+# about 20 tensor-sized trips through HBM against 2 for the fused kernel. (PyTorch ships
+# its own fused `F.gelu`, which is what the benchmark compares against; the gap there is
+# small, and shows the compiler doing as well as hand-written CUDA.) The backward
+# kernels read the saved inputs and `dy` and write the input gradients: 3 trips for
+# GELU, 5 for SwiGLU.
 
 # %%
-GELU_C = math.sqrt(2.0 / math.pi)
-
-
+# The kernels write c = sqrt(2 / pi) = 0.7978845608028654 as a literal: a kernel may only
+# read a global if it is a compile-time constant.
 @triton.jit
 def _gelu_forward_kernel(x_ptr, y_ptr, n_elements, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -1039,11 +1103,15 @@ def elementwise_grid(tensor):
 
 
 class _Gelu(torch.autograd.Function):
+    """GELU (tanh approximation): saves its input, recomputes the activation backward."""
+
     @staticmethod
     def forward(ctx, x):
         x = x.contiguous()
         y = torch.empty_like(x)
         _gelu_forward_kernel[elementwise_grid(x)](x, y, x.numel(), BLOCK=ELEMENTWISE_BLOCK)
+        # Save the input, not the output: the derivative is a function of x, and
+        # recomputing tanh in the backward kernel is cheaper than storing more tensors.
         ctx.save_for_backward(x)
         return y
 
@@ -1057,6 +1125,9 @@ class _Gelu(torch.autograd.Function):
 
 
 class _SwiGLU(torch.autograd.Function):
+    """silu(a) * b: saves both inputs; the backward kernel writes both gradients in one
+    pass over the data."""
+
     @staticmethod
     def forward(ctx, a, b):
         a, b = a.contiguous(), b.contiguous()
@@ -1077,7 +1148,7 @@ class _SwiGLU(torch.autograd.Function):
 def gelu(x):
     """GELU, tanh approximation (`F.gelu(x, approximate="tanh")`), in Triton."""
     if not triton_runs_on(x):
-        return F.gelu(x, approximate="tanh")
+        return torch_gelu(x)
     return _Gelu.apply(x)
 
 
@@ -1086,8 +1157,19 @@ def swiglu(a, b):
     if a.shape != b.shape:
         raise ValueError(f"swiglu needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
     if not triton_runs_on(a):
-        return F.silu(a) * b
+        return torch_swiglu(a, b)
     return _SwiGLU.apply(a, b)
+
+
+def torch_gelu(x):
+    """PyTorch's tanh-approximated GELU: the reference, and the path where Triton
+    cannot run."""
+    return F.gelu(x, approximate="tanh")
+
+
+def torch_swiglu(a, b):
+    """SwiGLU in PyTorch operations: the reference, and the path where Triton cannot run."""
+    return F.silu(a) * b
 
 
 # %% [markdown]
@@ -1117,10 +1199,13 @@ def _cross_entropy_kernel(logits_ptr, targets_ptr, valid_count_ptr, loss_ptr, gr
                           ignore_index, BLOCK: tl.constexpr, WRITE_GRAD: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * n_cols
-    target = tl.load(targets_ptr + row)
+    target = tl.load(targets_ptr + row)  # one number: a scalar load
     valid = target != ignore_index
+    # Sweep 1 (shared with softmax): lse = log(sum exp(x)) = max + log(sum exp(x - max)).
     row_max, row_sum = _row_max_and_sum(logits_row, n_cols, BLOCK)
     lse = row_max + tl.log(row_sum)
+    # The target's logit, one number read straight from memory (not read at all for an
+    # ignored row, whose target may be any number, -100 by default).
     target_logit = tl.load(logits_row + target, mask=valid, other=0.0).to(tl.float32)
     tl.store(loss_ptr + row, tl.where(valid, lse - target_logit, 0.0))
     if WRITE_GRAD:
@@ -1132,30 +1217,45 @@ def _cross_entropy_kernel(logits_ptr, targets_ptr, valid_count_ptr, loss_ptr, gr
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n_cols
             x = tl.load(logits_row + cols, mask=mask, other=0.0).to(tl.float32)
+            # softmax(x)_j = exp(x_j - lse); subtract 1 at the target's column.
             grad = (tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)) * scale
             tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 class _CrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy whose forward kernel also writes the gradient; the backward
+    pass only scales it. Saves the (rows, vocabulary) gradient, in place of the
+    log-softmax that eager PyTorch would have saved."""
+
     @staticmethod
     def forward(ctx, logits, targets, ignore_index):
         logits = logits.contiguous()
         targets = targets.contiguous()
         n_rows, n_cols = logits.shape
+        # A one-element tensor on the device: the kernel reads it, the host never waits.
         valid_count = (targets != ignore_index).sum()
         losses = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
+        # Without a gradient to compute (evaluation, torch.no_grad) skip sweep 2: the
+        # constexpr removes it from the compiled kernel.
         write_grad = ctx.needs_input_grad[0]
         grad = torch.empty_like(logits) if write_grad else losses  # unused without grad
+        # Chunks of at most 4,096 logits: 13 chunks for GPT-2's 50,257, each a comfortable
+        # tile for 8 warps.
         block = row_block(n_cols, min(ROW_BLOCK_LIMIT, 4096))
         _cross_entropy_kernel[(n_rows,)](logits, targets, valid_count, losses, grad, n_cols,
                                          ignore_index, BLOCK=block, WRITE_GRAD=write_grad,
                                          num_warps=row_warps(block))
         if write_grad:
             ctx.save_for_backward(grad)
+        # The mean over the rows that count (each ignored row contributed 0). Returned in
+        # the logits' dtype, as F.cross_entropy does.
         return (losses.sum() / valid_count).to(logits.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
+        # The gradient was computed in the forward pass for a loss used as is; the chain
+        # rule scales it by d(final)/d(loss), which is 1 unless the loss is scaled (for
+        # example divided over gradient-accumulation steps).
         (grad,) = ctx.saved_tensors
         return grad * grad_output, None, None
 
@@ -1179,7 +1279,7 @@ def cross_entropy(logits, targets, ignore_index=-100):
 # with the causal mask setting `S_ij = -inf` for `j > i`, and `O = P V`. Eager PyTorch
 # writes `S` and `P` to HBM: at sequence 1,024 with 12 heads and batch 8 that is
 # 100 million numbers per layer, read and written several times, while `Q`, `K`, `V` and
-# `O` are 0.5 million rows of 64. Flash attention never stores `S` or `P`:
+# `O` hold 6 million numbers each. Flash attention never stores `S` or `P`:
 #
 # **Forward** (FlashAttention-2). Each program owns a block of `BLOCK_M` query rows and
 # keeps them in registers. It loops over blocks of `BLOCK_N` keys and values; for each,
@@ -1218,22 +1318,44 @@ def cross_entropy(logits, targets, ignore_index=-100):
 # causal mask then lets query `i` see keys `0..i`, like PyTorch's `is_causal`. Every
 # query row sees key 0, so the running max is finite after the first block; the kernel
 # still guards the `(-inf) - (-inf)` case so a row with nothing to see yields 0, not NaN.
+#
+# The grid is two-dimensional: axis 0 numbers the query blocks, axis 1 the (batch, head)
+# pairs, each an independent attention over its own contiguous `(seq, head_dim)` slice
+# of Q, K, V. Block sizes are left to autotuning: bigger query blocks reuse each loaded
+# key block for more rows (less traffic from L2) but need more registers; the best
+# trade-off depends on the card and on `head_dim`.
+#
+# The work in numbers, at GPT-2 small's shapes (batch 8, 12 heads, sequence 1,024, head
+# size 64, causal): the forward pass's matrix multiplies cost 13 GFLOP, while Q, K, V and
+# O are 50 MB in bf16: 260 operations per byte, near the H100's balance point of about
+# 300 (990 TFLOP/s over 3.35 TB/s), and more at longer sequences. What limits a good flash
+# kernel is the tensor cores and the exponentials of the softmax, not HBM, so it is
+# judged in TFLOP/s, as a matmul is.
 
 # %%
 LOG2_E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
 
 
 @triton.jit
-def _load_rows(base_ptr, rows, n_rows, dims, HEAD_DIM: tl.constexpr):
-    """A (len(rows), len(dims)) tile of a contiguous (n_rows, HEAD_DIM) matrix, with zeros
-    past the last row and past the head size."""
-    mask = (rows[:, None] < n_rows) & (dims[None, :] < HEAD_DIM)
+def _load_rows(base_ptr, rows, n_rows, dims, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A (len(rows), BLOCK_D) tile of a contiguous (n_rows, HEAD_DIM) matrix, with zeros
+    past the last row and, where the head size is padded up to BLOCK_D, past the head
+    size. (The column mask is left out when no padding needs it: a mask that varies
+    along a row keeps the compiler from loading the row with wide vector instructions.)"""
+    if HEAD_DIM == BLOCK_D:
+        mask = rows[:, None] < n_rows
+    else:
+        mask = (rows[:, None] < n_rows) & (dims[None, :] < HEAD_DIM)
     return tl.load(base_ptr + rows[:, None] * HEAD_DIM + dims[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
-def _store_rows(base_ptr, tile, rows, n_rows, dims, HEAD_DIM: tl.constexpr):
-    mask = (rows[:, None] < n_rows) & (dims[None, :] < HEAD_DIM)
+def _store_rows(base_ptr, tile, rows, n_rows, dims, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store a tile into the rows of a contiguous (n_rows, HEAD_DIM) matrix, the same way."""
+    if HEAD_DIM == BLOCK_D:
+        mask = rows[:, None] < n_rows
+    else:
+        mask = (rows[:, None] < n_rows) & (dims[None, :] < HEAD_DIM)
     tl.store(base_ptr + rows[:, None] * HEAD_DIM + dims[None, :],
              tile.to(base_ptr.dtype.element_ty), mask=mask)
 
@@ -1249,30 +1371,37 @@ def _visible(q_rows, kv_cols, q_len, kv_len, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _flash_forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_len, kv_len, scale_log2,
-                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
-    pid_m = tl.program_id(0)
-    head = tl.program_id(1).to(tl.int64)  # batch * heads + head
-    q_base = q_ptr + head * q_len * HEAD_DIM
-    kv_offset = head * kv_len * HEAD_DIM
-    q_rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    q = _load_rows(q_base, q_rows, q_len, dims, HEAD_DIM)
-    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+def _key_blocks(first_row, kv_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                CAUSAL: tl.constexpr):
+    """For the queries first_row ... first_row + BLOCK_M - 1: where the whole key blocks
+    that every one of them sees end (a multiple of BLOCK_N: no mask needed before it),
+    and where the keys that any of them sees end (masked blocks from the first to it)."""
     if CAUSAL:
-        # Keys after this block's last query are masked for every row: skip them.
-        end = tl.minimum((pid_m + 1) * BLOCK_M, kv_len)
+        seen_by_all = tl.minimum(first_row + 1, kv_len)  # keys 0 .. first_row
+        end = tl.minimum(first_row + BLOCK_M, kv_len)  # later keys are hidden from all
     else:
+        seen_by_all = kv_len
         end = kv_len
-    for start_n in range(0, end, BLOCK_N):
+    return (seen_by_all // BLOCK_N) * BLOCK_N, end
+
+
+@triton.jit
+def _attend_to_blocks(acc, row_sum, row_max, q, k_base, v_base, q_rows, dims, start, end,
+                      q_len, kv_len, scale_log2, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+    """The online-softmax update of (acc, row_sum, row_max) over the key blocks from
+    `start` to `end`. With MASKED false every key is visible to every query, and the
+    mask's arithmetic is compiled out."""
+    for start_n in range(start, end, BLOCK_N):
         kv_cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_ptr + kv_offset, kv_cols, kv_len, dims, HEAD_DIM)
-        v = _load_rows(v_ptr + kv_offset, kv_cols, kv_len, dims, HEAD_DIM)
+        k = _load_rows(k_base, kv_cols, kv_len, dims, HEAD_DIM, BLOCK_D)
+        v = _load_rows(v_base, kv_cols, kv_len, dims, HEAD_DIM, BLOCK_D)
+        # (BLOCK_M, BLOCK_D) x (BLOCK_D, BLOCK_N) on the tensor cores, accumulated in fp32;
+        # the scale includes log2(e) so that exp2 below computes exp.
         scores = tl.dot(q, tl.trans(k)) * scale_log2
-        scores = tl.where(_visible(q_rows, kv_cols, q_len, kv_len, CAUSAL), scores, float("-inf"))
+        if MASKED:
+            scores = tl.where(_visible(q_rows, kv_cols, q_len, kv_len, CAUSAL), scores,
+                              float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, axis=1))
         # A row that has seen only masked keys keeps max -inf; subtract 0 instead so
         # exp2 gives 0 rather than exp2(-inf - (-inf)) = NaN.
@@ -1280,11 +1409,43 @@ def _flash_forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_len, kv_len, sc
         rescale = tl.exp2(row_max - safe_max)
         p = tl.exp2(scores - safe_max[:, None])
         row_sum = row_sum * rescale + tl.sum(p, axis=1)
+        # P goes back to the inputs' dtype (bf16 on a GPU) for the second tensor-core
+        # multiply, as every flash attention does; the sum stays fp32.
         acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
         row_max = new_max
+    return acc, row_sum, row_max
+
+
+@triton.jit
+def _flash_forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_len, kv_len, scale_log2,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)  # batch * heads + head
+    q_base = q_ptr + head * q_len * HEAD_DIM
+    k_base = k_ptr + head * kv_len * HEAD_DIM
+    v_base = v_ptr + head * kv_len * HEAD_DIM
+    q_rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    # This program's queries: loaded once, kept in registers for the whole loop.
+    q = _load_rows(q_base, q_rows, q_len, dims, HEAD_DIM, BLOCK_D)
+    # Online softmax state per query row: running max m, running sum l, running output.
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # Two loops: the key blocks every query sees in full, with no mask at all, then the
+    # few blocks on the diagonal (causal) or past the end of the keys, masked.
+    full_end, end = _key_blocks(pid_m * BLOCK_M, kv_len, BLOCK_M, BLOCK_N, CAUSAL)
+    acc, row_sum, row_max = _attend_to_blocks(
+        acc, row_sum, row_max, q, k_base, v_base, q_rows, dims, 0, full_end, q_len, kv_len,
+        scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, False)
+    acc, row_sum, row_max = _attend_to_blocks(
+        acc, row_sum, row_max, q, k_base, v_base, q_rows, dims, full_end, end, q_len, kv_len,
+        scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, True)
+    # Divide by the softmax's denominator once at the end, not at every block.
     safe_sum = tl.where(row_sum == 0.0, 1.0, row_sum)
     _store_rows(o_ptr + head * q_len * HEAD_DIM, acc / safe_sum[:, None], q_rows, q_len, dims,
-                HEAD_DIM)
+                HEAD_DIM, BLOCK_D)
     tl.store(lse_ptr + head * q_len + q_rows, row_max + tl.log2(safe_sum), mask=q_rows < q_len)
 
 
@@ -1295,18 +1456,20 @@ def _flash_backward_preprocess_kernel(o_ptr, do_ptr, delta_ptr, q_len, HEAD_DIM:
     head = tl.program_id(1).to(tl.int64)
     q_rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    o = _load_rows(o_ptr + head * q_len * HEAD_DIM, q_rows, q_len, dims, HEAD_DIM).to(tl.float32)
-    do = _load_rows(do_ptr + head * q_len * HEAD_DIM, q_rows, q_len, dims, HEAD_DIM).to(tl.float32)
+    offset = head * q_len * HEAD_DIM
+    o = _load_rows(o_ptr + offset, q_rows, q_len, dims, HEAD_DIM, BLOCK_D).to(tl.float32)
+    do = _load_rows(do_ptr + offset, q_rows, q_len, dims, HEAD_DIM, BLOCK_D).to(tl.float32)
     tl.store(delta_ptr + head * q_len + q_rows, tl.sum(o * do, axis=1), mask=q_rows < q_len)
 
 
 @triton.jit
 def _recompute_probabilities(q, k, lse, q_rows, kv_cols, q_len, kv_len, scale_log2,
-                             CAUSAL: tl.constexpr):
+                             CAUSAL: tl.constexpr, MASKED: tl.constexpr):
     """P for one (query block, key block) pair, rebuilt from the saved log-sum-exp."""
-    scores = tl.dot(q, tl.trans(k)) * scale_log2
-    visible = _visible(q_rows, kv_cols, q_len, kv_len, CAUSAL)
-    return tl.where(visible, tl.exp2(scores - lse[:, None]), 0.0)
+    p = tl.exp2(tl.dot(q, tl.trans(k)) * scale_log2 - lse[:, None])
+    if MASKED:
+        p = tl.where(_visible(q_rows, kv_cols, q_len, kv_len, CAUSAL), p, 0.0)
+    return p
 
 
 @triton.jit
@@ -1320,8 +1483,8 @@ def _flash_backward_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr,
     kv_offset = head * kv_len * HEAD_DIM
     kv_cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    k = _load_rows(k_ptr + kv_offset, kv_cols, kv_len, dims, HEAD_DIM)
-    v = _load_rows(v_ptr + kv_offset, kv_cols, kv_len, dims, HEAD_DIM)
+    k = _load_rows(k_ptr + kv_offset, kv_cols, kv_len, dims, HEAD_DIM, BLOCK_D)
+    v = _load_rows(v_ptr + kv_offset, kv_cols, kv_len, dims, HEAD_DIM, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     if CAUSAL:
@@ -1330,18 +1493,37 @@ def _flash_backward_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr,
         start = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
     else:
         start = 0
+    # One masked loop over the query blocks (the mask costs little next to three dots).
     for start_m in range(start, q_len, BLOCK_M):
         q_rows = start_m + tl.arange(0, BLOCK_M)
-        q = _load_rows(q_ptr + q_offset, q_rows, q_len, dims, HEAD_DIM)
-        do = _load_rows(do_ptr + q_offset, q_rows, q_len, dims, HEAD_DIM)
+        q = _load_rows(q_ptr + q_offset, q_rows, q_len, dims, HEAD_DIM, BLOCK_D)
+        do = _load_rows(do_ptr + q_offset, q_rows, q_len, dims, HEAD_DIM, BLOCK_D)
         lse = tl.load(lse_ptr + head * q_len + q_rows, mask=q_rows < q_len, other=0.0)
         delta = tl.load(delta_ptr + head * q_len + q_rows, mask=q_rows < q_len, other=0.0)
-        p = _recompute_probabilities(q, k, lse, q_rows, kv_cols, q_len, kv_len, scale_log2, CAUSAL)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        p = _recompute_probabilities(q, k, lse, q_rows, kv_cols, q_len, kv_len, scale_log2,
+                                     CAUSAL, True)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)  # dV = P^T dO, this block's share
+        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])  # dS = P * (dO V^T - D)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)  # dK = dS^T Q (times scale, below)
+    # S = scale * Q K^T, so the gradients of Q and K carry the scale once.
+    _store_rows(dk_ptr + kv_offset, dk * scale, kv_cols, kv_len, dims, HEAD_DIM, BLOCK_D)
+    _store_rows(dv_ptr + kv_offset, dv, kv_cols, kv_len, dims, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _dq_from_blocks(dq, q, do, lse, delta, k_base, v_base, q_rows, dims, start, end, q_len,
+                    kv_len, scale_log2, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+    """Add to dq the contributions of the key blocks from `start` to `end`."""
+    for start_n in range(start, end, BLOCK_N):
+        kv_cols = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, kv_cols, kv_len, dims, HEAD_DIM, BLOCK_D)
+        v = _load_rows(v_base, kv_cols, kv_len, dims, HEAD_DIM, BLOCK_D)
+        p = _recompute_probabilities(q, k, lse, q_rows, kv_cols, q_len, kv_len, scale_log2,
+                                     CAUSAL, MASKED)
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-    _store_rows(dk_ptr + kv_offset, dk * scale, kv_cols, kv_len, dims, HEAD_DIM)
-    _store_rows(dv_ptr + kv_offset, dv, kv_cols, kv_len, dims, HEAD_DIM)
+        dq += tl.dot(ds.to(k.dtype), k)  # dQ = dS K (times scale, in the caller)
+    return dq
 
 
 @triton.jit
@@ -1352,31 +1534,31 @@ def _flash_backward_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, d
     pid_m = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
     q_offset = head * q_len * HEAD_DIM
-    kv_offset = head * kv_len * HEAD_DIM
+    k_base = k_ptr + head * kv_len * HEAD_DIM
+    v_base = v_ptr + head * kv_len * HEAD_DIM
     q_rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    q = _load_rows(q_ptr + q_offset, q_rows, q_len, dims, HEAD_DIM)
-    do = _load_rows(do_ptr + q_offset, q_rows, q_len, dims, HEAD_DIM)
+    q = _load_rows(q_ptr + q_offset, q_rows, q_len, dims, HEAD_DIM, BLOCK_D)
+    do = _load_rows(do_ptr + q_offset, q_rows, q_len, dims, HEAD_DIM, BLOCK_D)
     lse = tl.load(lse_ptr + head * q_len + q_rows, mask=q_rows < q_len, other=0.0)
     delta = tl.load(delta_ptr + head * q_len + q_rows, mask=q_rows < q_len, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if CAUSAL:
-        end = tl.minimum((pid_m + 1) * BLOCK_M, kv_len)
-    else:
-        end = kv_len
-    for start_n in range(0, end, BLOCK_N):
-        kv_cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_ptr + kv_offset, kv_cols, kv_len, dims, HEAD_DIM)
-        v = _load_rows(v_ptr + kv_offset, kv_cols, kv_len, dims, HEAD_DIM)
-        p = _recompute_probabilities(q, k, lse, q_rows, kv_cols, q_len, kv_len, scale_log2, CAUSAL)
-        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
-    _store_rows(dq_ptr + q_offset, dq * scale, q_rows, q_len, dims, HEAD_DIM)
+    # The same two loops as the forward pass: unmasked full blocks, then masked ones.
+    full_end, end = _key_blocks(pid_m * BLOCK_M, kv_len, BLOCK_M, BLOCK_N, CAUSAL)
+    dq = _dq_from_blocks(dq, q, do, lse, delta, k_base, v_base, q_rows, dims, 0, full_end, q_len,
+                         kv_len, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, False)
+    dq = _dq_from_blocks(dq, q, do, lse, delta, k_base, v_base, q_rows, dims, full_end, end,
+                         q_len, kv_len, scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, CAUSAL, True)
+    _store_rows(dq_ptr + q_offset, dq * scale, q_rows, q_len, dims, HEAD_DIM, BLOCK_D)
 
 
 # Autotuning candidates: on a GPU Triton times each the first time it meets a shape
 # (the key) and keeps the fastest. A candidate that needs more shared memory than the
-# card has fails to compile and is skipped.
+# card has fails to compile and is skipped. `num_warps` is the number of 32-thread warps
+# per program; `num_stages` how many key blocks the compiler keeps in flight in shared
+# memory, loading the next while the tensor cores work on this one. The decorator is
+# applied as a function call, not with `@`, so that the plain kernels above stay
+# available (and readable) on their own.
 FLASH_FORWARD_CONFIGS = tuning_configs(
     [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
      triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
@@ -1400,20 +1582,30 @@ flash_backward_dq = triton.autotune(FLASH_BACKWARD_CONFIGS,
 
 
 class _FlashAttention(torch.autograd.Function):
+    """FlashAttention-2: forward saves Q, K, V, O and the per-row log-sum-exp; backward
+    recomputes the probabilities block by block."""
+
     @staticmethod
     def forward(ctx, q, k, v, causal, scale):
+        # Heads split from a (batch, seq, model) tensor are strided views; a contiguous
+        # copy gives every (batch, head) pair one dense (seq, head_dim) slice.
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         batch, heads, q_len, head_dim = q.shape
         kv_len = k.shape[2]
+        # The tile's head dimension: a power of two, and at least 16 for tl.dot.
         block_d = max(16, triton.next_power_of_2(head_dim))
         o = torch.empty_like(q)
         lse = torch.empty(batch * heads, q_len, device=q.device, dtype=torch.float32)
 
+        # The grid depends on the block size the autotuner picks, so it is a function of
+        # the chosen configuration (`meta`) rather than a fixed tuple.
         def grid(meta):
             return (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)
 
         flash_forward[grid](q, k, v, o, lse, q_len, kv_len, scale * LOG2_E, HEAD_DIM=head_dim,
                             BLOCK_D=block_d, CAUSAL=causal)
+        # Saved for the backward pass: the inputs, the output and one number per query
+        # row, never the (seq x seq) probabilities.
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.causal, ctx.scale, ctx.block_d = causal, scale, block_d
         return o
@@ -1430,6 +1622,7 @@ class _FlashAttention(torch.autograd.Function):
             o, do, delta, q_len, HEAD_DIM=head_dim, BLOCK_D=ctx.block_d, BLOCK_M=preprocess_block)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         common = dict(HEAD_DIM=head_dim, BLOCK_D=ctx.block_d, CAUSAL=ctx.causal)
+        # Two launches: one program per key block for dK and dV, one per query block for dQ.
         flash_backward_dkdv[lambda meta: (triton.cdiv(kv_len, meta["BLOCK_N"]), batch * heads)](
             q, k, v, do, lse, delta, dk, dv, q_len, kv_len, ctx.scale, ctx.scale * LOG2_E, **common)
         flash_backward_dq[lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)](
@@ -1458,7 +1651,7 @@ def flash_attention(q, k, v, causal=True, scale=None):
 # ### 7. Matrix multiply: tiles, grouped ordering, autotuning
 #
 # `C = A B` with A (M, K) and B (K, N) does `2 M N K` FLOPs on `M K + K N + M N` numbers:
-# at 4,096^3 that is 1,365 FLOPs per number, so a good matmul is bound by arithmetic,
+# at 4,096^3 that is 2,731 FLOPs per number, so a good matmul is bound by arithmetic,
 # not memory, *if* each number is fetched from HBM only a few times. Each program
 # computes one `BLOCK_M x BLOCK_N` tile of C, walking K in steps of `BLOCK_K`: it loads a
 # `BLOCK_M x BLOCK_K` tile of A and a `BLOCK_K x BLOCK_N` tile of B into shared memory,
@@ -1500,14 +1693,18 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     inner = tl.arange(0, BLOCK_K)
+    # Tiles of addresses: element (i, k) of A lives at a_ptr + i * stride_am + k * stride_ak,
+    # whatever the layout (a transposed view just swaps the two strides).
     a_ptrs = a_ptr + rows[:, None] * stride_am + inner[None, :] * stride_ak
     b_ptrs = b_ptr + inner[:, None] * stride_bk + cols[None, :] * stride_bn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for step in range(0, tl.cdiv(K, BLOCK_K)):
+        # The last step may run past K: masked loads give 0, which adds nothing.
         k_left = K - step * BLOCK_K
         a = tl.load(a_ptrs, mask=(rows[:, None] < M) & (inner[None, :] < k_left), other=0.0)
         b = tl.load(b_ptrs, mask=(inner[:, None] < k_left) & (cols[None, :] < N), other=0.0)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc)  # acc += a @ b on the tensor cores, in fp32
+        # Slide both tiles BLOCK_K further along the shared dimension.
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     c_ptrs = c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn
@@ -1531,6 +1728,8 @@ MATMUL_CONFIGS = tuning_configs(
                    num_stages=3)],
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4,
                   num_stages=1))
+# Tuned once per (M, N, K): the first call at a new shape times every candidate (seconds),
+# later calls reuse the winner.
 matmul_tuned = triton.autotune(MATMUL_CONFIGS, key=["M", "N", "K"])(_matmul_kernel)
 
 
@@ -1549,6 +1748,9 @@ def matmul_forward(a, b):
 
 
 class _Matmul(torch.autograd.Function):
+    """C = A B; the backward pass is two more products by the same kernel, on transposed
+    views (dA = dC B^T, dB = A^T dC)."""
+
     @staticmethod
     def forward(ctx, a, b):
         ctx.save_for_backward(a, b)
