@@ -794,7 +794,8 @@ def evaluate(model, examples, batch_size, max_length, device):
         # Token accuracy: one teacher-forced pass, every position at once.
         predicted = model(source, target[:, :-1]).argmax(dim=-1)
         real = target[:, 1:] != PAD
-        correct += ((predicted == target[:, 1:]) & real).sum().item()
+        # <unk> in the reference is a word the model cannot write: never counted right.
+        correct += ((predicted == target[:, 1:]) & real & (target[:, 1:] != UNK)).sum().item()
         counted += real.sum().item()
         # Exact match: the model writes alone; compare up to and with its <eos>.
         tokens, _ = greedy_decode(model, source, max_length)
@@ -802,7 +803,8 @@ def evaluate(model, examples, batch_size, max_length, device):
             answer = tokens[row].tolist()
             answer = answer[:answer.index(EOS) + 1] if EOS in answer else answer
             predictions[i] = answer
-            exact += answer == examples[i][1][1:]  # the reference without its <bos>
+            reference = examples[i][1][1:]  # without its <bos>
+            exact += answer == reference and UNK not in reference
     model.train()
     return exact / len(examples), correct / counted, predictions
 

@@ -31,7 +31,10 @@ How to run it:
 `--data` takes a `.txt` file, a folder of text files or a folder of chapter 09's token
 shards; without it the chapter reads the course's text corpus (tiny Shakespeare, or the
 Python documentation when offline). The default run takes about 100 seconds on a
-2-core CPU: 90 seconds of training, then evaluation and a sample.
+2-core CPU: 90 seconds of training, then evaluation and a sample; `--quick` takes
+under 10 seconds. On a machine that other busy programs share, start it with
+`OMP_NUM_THREADS=1`: PyTorch's threads otherwise spend their time waiting for each
+other.
 """
 
 # %% [markdown]
@@ -3228,6 +3231,8 @@ def run_sampling(args, started):
     device = choose_device(args.device, local_rank)
     path = os.path.join(args.out, CHECKPOINT_NAME)
     checkpoint = load_checkpoint(path)
+    # The model's shape and its tokenizer come from the checkpoint, not from the flags:
+    # whatever preset you pass, the sample uses the model that was trained.
     encoding = tokenizer_from_dict(checkpoint["tokenizer"])
     model = GPT(GPTConfig(**checkpoint["config"]["model"]),
                 choose_kernels(args.kernels, device)).to(device)
@@ -3569,6 +3574,12 @@ def main(argv=None):
     return summary
 
 
+# The summary line of a training run holds: `val_loss` (nats per token) and `val_bpb`
+# (bits per byte) on all the held-out text, the unigram baseline's two figures,
+# `tokens_per_second` over the whole training, `mfu` (null without a known peak),
+# `iterations` (optimiser steps, resumed ones included), `tokens_seen`, the number of
+# parameters, the tokenizer, the kernel set, the device, the number of processes and
+# `seconds` from start to finish.
 def print_summary(figures):
     """The chapter's last line: `summary: ` and its headline figures as JSON."""
     print("summary: " + json.dumps(figures))

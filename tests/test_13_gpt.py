@@ -122,6 +122,13 @@ def test_resume_continues_exactly(corpus, tmp_path):
     assert straight["loader_positions"] == resumed["loader_positions"]
 
 
+def test_a_job_restarted_by_torchrun_resumes_by_itself(corpus, tmp_path, monkeypatch):
+    train(corpus, tmp_path, "--max-iters", "1")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")   # what torchrun sets on restart
+    summary = train(corpus, tmp_path, "--max-iters", "2")
+    assert summary["iterations"] == 2 and summary["tokens_seen"] == 2 * 4 * 16
+
+
 # --- the model --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("switches", [
@@ -192,6 +199,16 @@ def test_bits_per_byte_of_a_model_that_knows_nothing():
     assert loss == pytest.approx(math.log(64), rel=1e-5)
     assert bpb == pytest.approx(len(counted) * math.log(64)
                                 / (math.log(2) * token_bytes[counted].sum()), rel=1e-5)
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_triton_and_pytorch_kernels_train_alike_under_bf16(corpus, tmp_path):
+    """On CUDA, with bf16 autocast: 5 steps on each kernel set end at close losses."""
+    figures = [train(corpus, tmp_path / kernels, "--max-iters", "5", "--kernels", kernels,
+                     "--device", "cuda")
+               for kernels in ("triton", "torch")]
+    assert figures[0]["kernels"] == "triton" and figures[1]["kernels"] == "torch"
+    assert figures[0]["val_loss"] == pytest.approx(figures[1]["val_loss"], abs=0.02)
 
 
 # --- tokens -------------------------------------------------------------------------
@@ -290,4 +307,5 @@ def test_quick_run_beats_the_unigram_baseline_and_samples(tmp_path):
     assert "sample" in run.stdout
     sampled = gpt.main(["--sample", "The list", "--num-tokens", "20",
                         "--out", str(tmp_path / "out")])
-    assert sampled["sampled_tokens"] == 20 and sampled["val_bpb"] == summary["val_bpb"]
+    assert sampled["sampled_tokens"] == 20
+    assert sampled["val_bpb"] == pytest.approx(summary["val_bpb"], abs=1e-4)
