@@ -828,7 +828,13 @@ def torch_softmax(x):
 # per-row numbers `mean` and `rstd` for the backward pass, so it need not recompute them.
 #
 # Backward. Write `g = weight * dy`, the gradient reaching `xhat`. For layer norm,
-# differentiating `xhat_i = (x_i - mean) * rstd` through both `mean` and `rstd` gives
+# differentiating `xhat_i = (x_i - mean) * rstd` through both `mean` and `rstd`: with
+# `d mean / d x_j = 1/n` and `d rstd / d x_j = -rstd^3 (x_j - mean) / n = -rstd^2 xhat_j / n`,
+#
+#     dx_j = sum_i g_i d xhat_i / d x_j
+#          = rstd * g_j - rstd / n * sum_i g_i - rstd / n * xhat_j * sum_i g_i xhat_i,
+#
+# that is
 #
 #     dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
 #
@@ -898,6 +904,9 @@ def _norm_backward_kernel(x_ptr, weight_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr,
         dy = tl.load(dy_ptr + offset + cols, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(rstd_ptr + row)
         g = weight * dy  # 0 in masked lanes, where weight was loaded as 0
+        # The two row means in the formula, sum(g) / n and sum(g * xhat) / n, are
+        # reductions over the row: the whole row is in registers, so they cost no
+        # extra memory traffic.
         if RMS:
             xhat = x * rstd
             dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / n_cols))
@@ -1296,7 +1305,10 @@ def cross_entropy(logits, targets, ignore_index=-100):
 # and at the end `O = acc / l`. HBM traffic: read Q, K, V, write O, whatever the
 # sequence length; the work is the same `4 * seq^2 * head_dim` FLOPs per head as before,
 # now on data in registers and shared memory. A causal program stops at the diagonal,
-# halving the work. The kernel works in base 2 (`exp2`, with `log2(e)` folded into the
+# halving the work. Only the key blocks on the diagonal, or past the end of a sequence
+# that is not a multiple of the block, need the mask; the loop is split in two so that
+# all the other blocks skip its arithmetic (the constexpr `MASKED` compiles two versions
+# of the loop body). The kernel works in base 2 (`exp2`, with `log2(e)` folded into the
 # scale), which the hardware computes natively.
 #
 # It also stores, per query row, the log-sum-exp `lse = m + log2(l)` (in base 2): the
@@ -2162,8 +2174,8 @@ def choose_kernels(requested, device):
 #     per block: qkv 3 C^2, proj C^2, MLP 4 C^2 + 4 C^2     12 C^2
 #
 # GPT-2 small (C = 768, L = 12, V = 50,257, T = 1,024): 38.6M + 0.8M + 84.9M, about
-# 124M. The CPU preset (C = 128, L = 4, V = 1,024 with RoPE, so no position table):
-# 0.13M + 0.79M, under a million. SwiGLU's three matrices of C x 8C/3 cost the same
+# 124M. The CPU preset (C = 128, L = 4, V = 512 with RoPE, so no position table):
+# 0.07M + 0.79M, under a million. SwiGLU's three matrices of C x 8C/3 cost the same
 # 8 C^2 as GELU's two of C x 4C. Norm gains and biases add only a few thousand.
 
 # %%
@@ -2919,8 +2931,11 @@ def sample_text(model, encoding, prompt, new_tokens, temperature, top_k, seed, d
     ids = encoding.encode_ordinary(prompt) or [encoding.eot_token]
     generator = torch.Generator(device=device).manual_seed(seed)
     idx = torch.tensor([ids], dtype=torch.long, device=device)
+    was_training = model.training
+    model.eval()                     # no dropout while sampling
     out = model.generate(idx, new_tokens, temperature, top_k, generator,
                          allowed=encoding.n_vocab)
+    model.train(was_training)
     return encoding.decode(out[0].tolist())
 
 
@@ -3326,9 +3341,10 @@ BENCH_WARMUP = 5
 #
 # * `cpu` (the default without a GPU): a small model sized to learn as much as it can
 #   in 90 seconds on a laptop CPU: 4 layers, 4 heads, width 128, context 128, 6
-#   windows a step, a 1,024-token BPE, all the upgrades on, and a high learning rate
-#   (4e-3: small models take big steps).
-# * `gpu` (the default with a GPU): a 6-layer, width-384 model trained for 5 minutes.
+#   windows a step, a 512-token BPE, all the upgrades on, a high learning rate (4e-3:
+#   small models take big steps) and dropout 0.1.
+# * `gpu` (the default with a GPU): a 6-layer, width-384 model trained for 5 minutes,
+#   with dropout 0.2, since 10M parameters would otherwise memorise a 1 MB corpus.
 # * `gpt2`: GPT-2 small, 124M parameters, context 1,024, 512 windows (0.5M tokens) a
 #   step through gradient accumulation, GPT-2's tokenizer; the configuration to
 #   reproduce GPT-2 on a real corpus (chapter 09's shards) on GPUs.
@@ -3336,33 +3352,46 @@ BENCH_WARMUP = 5
 #
 # How the CPU preset was chosen. The starting point is nanoGPT's CPU recipe for
 # characters (4 layers, 4 heads, width 128, context 64, 12 windows a step), with the
-# learning rate raised to 4e-3. Every candidate below was trained with this file on
-# the Python documentation (90% for training, 10% held out), for the same 700 steps
-# with a full cosine schedule, and its cost per step measured on one core:
+# learning rate raised to 4e-3. Each candidate was trained with this file on the
+# Python documentation (90% for training, 10% held out), first for 700 steps, then for
+# as many steps as it fits into 90 seconds on a quiet 2-core CPU (the recipe about
+# 2,750; the others fewer, by their measured cost per step), each with a full cosine
+# schedule:
 #
-#     model                                          cost/step   bits per byte
-#     recipe: bytes, GPT-2 layout, context 64            1.00        2.47
-#     upgrades, BPE 1,024, context 64, 12 windows         1.28        1.76
-#     upgrades, BPE 2,048, context 64, 12 windows         1.45        1.75
-#     upgrades, BPE 1,024, context 128, 6 windows         1.29        1.74
+#     model                                       cost/step   700 steps   90 s
+#     recipe: bytes, GPT-2 layout, context 64         1.00       2.47     1.86
+#     bytes, upgrades, context 64                     1.1         -       1.77
+#     upgrades, BPE 1,024, context 64                 1.28       1.76      -
+#     upgrades, BPE 2,048, context 64                 1.45       1.75      -
+#     upgrades, BPE 1,024, context 128, 6 windows     1.29       1.74     1.94
+#       the same with dropout 0.1                                         1.68
+#       the same with dropout 0.2                                         1.67
+#     upgrades, BPE 512, context 128, dropout 0.1     1.22        -       1.66
 #
-# A vocabulary of 1,024 tokens does most of the work: a token stands for 2.9 bytes of
-# the documentation, so the same number of steps covers 2.9 times more text and each
-# position sees 2.9 times more of it, for about a quarter more compute per step (the
-# larger output layer, and the upgrades' small extra cost). 2,048 tokens help a little
-# more per step but cost more per step; a context of 128 tokens with 6 windows (the
-# same tokens per step) beats 64 with 12. At equal time the recipe takes about 1.3
-# steps for each of the preset's, and the preset still wins by far.
+# (bits per byte on the held-out text). Two lessons. First, tokens: a BPE token
+# stands for 2.3 (512) or 2.9 (1,024) bytes of the documentation, so the same steps
+# cover that much more text and every position sees that much more of it, for a
+# quarter more compute per step. Second, over-fitting: without dropout the 1,024-token
+# model reached 1.72 after 1,000 steps and then got *worse*, 1.94 at the end, while its
+# training loss fell to a third of the validation loss: 1.6M tokens of training on a
+# corpus of 143,000 tokens is eleven passes, and a million parameters are enough to
+# start memorising it. Dropout 0.1 (each step trains a random sub-network, so no unit
+# can rely on memorised detail) and a smaller vocabulary (more tokens, fewer passes)
+# fix it. The RoPE, RMSNorm and SwiGLU upgrades alone take the byte-level model from
+# 1.86 to 1.77 at equal time.
+
 # %%
 PRESETS = {
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=6,
                 learning_rate=4e-3, warmup_iters=50, max_iters=100_000, time_budget=90.0,
                 rope=True, rmsnorm=True, swiglu=True, bias=False, tokenizer="bpe",
-                vocab_size=1024, eval_interval=500, eval_tokens=8192, log_interval=100),
+                vocab_size=512, eval_interval=500, eval_tokens=8192, log_interval=100,
+                dropout=0.1),
     "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64,
                 learning_rate=1e-3, warmup_iters=100, max_iters=100_000, time_budget=300.0,
                 rope=True, rmsnorm=True, swiglu=True, bias=False, tokenizer="bpe",
-                vocab_size=2048, eval_interval=250, eval_tokens=131_072, log_interval=50),
+                vocab_size=2048, eval_interval=250, eval_tokens=131_072, log_interval=50,
+                dropout=0.2),
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=512,
                  micro_batch=32, learning_rate=6e-4, warmup_iters=700, max_iters=19_073,
                  rope=False, rmsnorm=False, swiglu=False, bias=True, tokenizer="auto",

@@ -36,7 +36,8 @@ def _one_thread():
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16",
         "--batch-size", "4", "--tokenizer", "bpe", "--vocab-size", "300",
         "--eval-interval", "1000", "--eval-tokens", "256", "--log-interval", "1",
-        "--num-tokens", "5", "--warmup-iters", "2", "--learning-rate", "3e-3"]
+        "--num-tokens", "5", "--warmup-iters", "2", "--learning-rate", "3e-3",
+        "--dropout", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -105,13 +106,15 @@ def test_two_processes_match_one_with_the_same_global_batch(corpus, tmp_path):
 
 def test_resume_continues_exactly(corpus, tmp_path):
     """4 steps straight = 2 steps, save, resume, 2 more steps: identical weights and
-    optimiser state (the schedule spans 4 steps in both)."""
-    train(corpus, tmp_path / "straight", "--max-iters", "4")
-    train(corpus, tmp_path / "halves", "--max-iters", "2", "--lr-decay-iters", "4")
+    optimiser state (the schedule spans 4 steps in both). With dropout, so the random
+    generators' states must be restored too."""
+    train(corpus, tmp_path / "straight", "--max-iters", "4", "--dropout", "0.1")
+    train(corpus, tmp_path / "halves", "--max-iters", "2", "--lr-decay-iters", "4",
+          "--dropout", "0.1")
     halfway = load_state(tmp_path / "halves")
     assert halfway["step"] == 2 and halfway["tokens_seen"] == 2 * 4 * 16
     summary = train(corpus, tmp_path / "halves", "--max-iters", "4", "--lr-decay-iters", "4",
-                    "--resume")
+                    "--dropout", "0.1", "--resume")
     assert summary["iterations"] == 4
     straight, resumed = load_state(tmp_path / "straight"), load_state(tmp_path / "halves")
     for name in straight["model"]:
