@@ -4,13 +4,12 @@ Data parallelism against one process, exact resume, Triton (interpreted) against
 PyTorch path, the KV cache against a full forward pass, bits per byte, the tokenizer's
 round trip through a checkpoint, every bad input with its clear error and the
 checkpoint left untouched, and a `--quick` run that must beat the unigram baseline.
-All on tiny models so the file runs in about a minute and a half on 2 CPU cores.
+All on tiny models, so the whole file runs in well under a minute on 2 CPU cores.
 """
 import base64
 import copy
 import math
 import os
-import shutil
 import subprocess
 import sys
 
@@ -31,6 +30,7 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
 
 # A tiny model and a short run: 2 layers, width 32, context 16, 4 windows a step.
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16",
