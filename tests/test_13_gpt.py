@@ -159,10 +159,13 @@ def test_triton_kernels_match_pytorch_loss_and_every_gradient(switches):
     loss.backward()
     _, triton_loss = triton_model(inputs, targets)
     triton_loss.backward()
-    assert abs(loss.item() - triton_loss.item()) < 1e-5
+    # Interpreted kernels compute in full fp32. Compiled on a GPU, `tl.dot` on fp32 uses
+    # TF32 tensor cores (10-bit mantissa), so there the agreement is to about 1e-2.
+    tolerance = 1e-5 if device == "cpu" else 2e-2
+    assert abs(loss.item() - triton_loss.item()) < tolerance
     for (name, mine), theirs in zip(reference.named_parameters(), triton_model.parameters()):
         assert theirs.grad is not None, name
-        assert torch.allclose(mine.grad, theirs.grad, atol=1e-5, rtol=1e-4), name
+        assert torch.allclose(mine.grad, theirs.grad, atol=tolerance, rtol=10 * tolerance), name
 
 
 @pytest.mark.parametrize("rope", [False, True])
