@@ -1293,6 +1293,9 @@ def flash_attention(q, k, v, causal=True, scale=None):
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     if not 16 <= q.shape[-1] <= 128:
         raise ValueError(f"flash_attention supports head_dim 16 to 128, got {q.shape[-1]}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"flash_attention needs q, k and v of one dtype, got {q.dtype}, "
+                         f"{k.dtype}, {v.dtype}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if not triton_runs_on(q):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)

@@ -1656,6 +1656,9 @@ def flash_attention(q, k, v, causal=True, scale=None):
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     if not 16 <= q.shape[-1] <= 128:
         raise ValueError(f"flash_attention supports head_dim 16 to 128, got {q.shape[-1]}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"flash_attention needs q, k and v of one dtype, got {q.dtype}, "
+                         f"{k.dtype}, {v.dtype}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if not triton_runs_on(q):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
@@ -2228,10 +2231,13 @@ def rope_tables(block_size, head_size, base=10000.0):
 
 def apply_rope(x, cos, sin):
     """Rotate pairs (x[i], x[i + d/2]) of x (batch, heads, time, d) by their angles:
-    (a, b) -> (a cos - b sin, a sin + b cos)."""
+    (a, b) -> (a cos - b sin, a sin + b cos). The tables are fp32, so under bf16
+    autocast the products come out in fp32: the result goes back to x's dtype, or
+    queries and keys would no longer match the values' dtype that attention expects."""
     half = x.shape[-1] // 2
     first, second = x[..., :half], x[..., half:]
-    return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
+    rotated = torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
+    return rotated.to(x.dtype)
 
 
 # What the KV cache saves. To sample token t+1 the model needs the last position's

@@ -127,6 +127,10 @@ def test_flash_attention_custom_scale_and_bad_head_size():
                                                                   scale=0.3), [q, k, v], DOT)
     with pytest.raises(ValueError, match="head_dim"):
         chapter.flash_attention(*(torch.zeros(1, 1, 4, 8) for _ in range(3)))
+    # Mixed dtypes (say fp32 queries after a rotation, bf16 values) are refused up front,
+    # as SDPA refuses them, instead of failing inside the compiler.
+    with pytest.raises(ValueError, match="one dtype"):
+        chapter.flash_attention(q, k, v.to(torch.float64))
 
 
 def test_matmul_forward_backward_and_strided_inputs():

@@ -315,3 +315,20 @@ def test_quick_run_beats_the_unigram_baseline_and_samples(tmp_path):
                         "--out", str(tmp_path / "out")])
     assert sampled["sampled_tokens"] == 20
     assert sampled["val_bpb"] == pytest.approx(summary["val_bpb"], abs=1e-4)
+
+
+def test_rotary_positions_keep_the_dtype_under_bf16_autocast():
+    """Under autocast the fp32 rotation tables would turn bf16 queries and keys into
+    fp32 while the values stay bf16; attention needs one dtype (this failed on a GPU)."""
+    config = gpt.GPTConfig(vocab_size=50, block_size=12, n_layer=1, n_head=2, n_embd=16,
+                           rope=True, rmsnorm=True, swiglu=True, bias=False)
+    cos, sin = gpt.rope_tables(12, 8)
+    x = torch.randn(1, 2, 12, 8, dtype=torch.bfloat16)
+    assert gpt.apply_rope(x, cos, sin).dtype == torch.bfloat16
+    torch.manual_seed(0)
+    model = gpt.GPT(config)
+    tokens = torch.randint(0, 50, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = model(tokens, tokens)
+    loss.backward()
+    assert torch.isfinite(loss)
