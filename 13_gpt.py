@@ -571,11 +571,20 @@ def backend_name():
     return f"Triton {triton.__version__} compiled for {torch.cuda.get_device_name()}"
 
 
+# Autotuning compiles every candidate for every new shape and dtype, about a second
+# each: minutes for a run that meets many shapes, like the correctness checks. With
+# ZERO_TO_GPT_AUTOTUNE=0 each kernel compiles its first candidate only (the tests set
+# this; their question is whether the kernels are right, not which tile is fastest).
+AUTOTUNE = os.environ.get("ZERO_TO_GPT_AUTOTUNE", "1") != "0"
+
+
 def tuning_configs(gpu_configs, interpreter_config):
     """Autotuning candidates. On a GPU Triton times every candidate the first time it
     meets a new shape and keeps the fastest. In the interpreter timing means nothing and
     each run is slow, so there is one fixed, small candidate (and no timing at all)."""
-    return [interpreter_config] if INTERPRET else gpu_configs
+    if INTERPRET:
+        return [interpreter_config]
+    return gpu_configs if AUTOTUNE else gpu_configs[:1]
 
 
 def row_block(n_cols, limit):
@@ -593,6 +602,9 @@ def row_warps(block):
 # threads, 32 numbers each); the interpreter uses small tiles so that modest test shapes
 # already exercise the loop over a long row.
 ROW_BLOCK_LIMIT = 128 if INTERPRET else 8192
+# Numbers per tile in the norm backward pass (section 3); small in the interpreter, so
+# that the test shapes run several programs, each over several tiles.
+NORM_BACKWARD_TILE = 256 if INTERPRET else 4096
 # Widest feature dimension for the norms, which keep one whole row in one tile.
 NORM_MAX_COLS = 16384
 # Elements per program for the element-wise kernels.
@@ -844,10 +856,16 @@ def torch_softmax(x):
 # The weight and bias gradients are sums *down the rows*: `dweight = sum_rows dy * xhat`,
 # `dbias = sum_rows dy`. Adding 16,384 rows into one vector from 16,384 programs would
 # need atomic additions, which serialise and make the result depend on their order. Instead
-# a fixed number of programs (a few per SM) each walk a stripe of rows, accumulate their
-# partial sums in registers, and write one partial row each; a small second kernel adds
-# the partial rows up, column by column. The result is deterministic, and the only extra
-# memory traffic is a few hundred partial rows.
+# a fixed number of programs (up to 8 per SM) each walk a run of consecutive rows,
+# accumulate their partial sums in registers, and write one partial row each; a small
+# second kernel adds the partial rows up, column by column. The result is deterministic,
+# and the only extra memory traffic is about a thousand partial rows.
+#
+# A program that handled one row per step would spend most of its time waiting: load a
+# row, reduce it, store it, then only start the next load. So each step takes a tile of
+# several rows (about 4,096 numbers: four rows of GPT-2's 768, padded to 1,024), which
+# puts four rows' loads in flight together. (The first version of this kernel did one
+# row per step and ran the backward pass at a tenth of the memory's speed on an H100.)
 #
 # The norms keep a whole row in one tile (up to `NORM_MAX_COLS` features), so the
 # forward and backward passes read each input once. A transformer's rows are a few
@@ -887,40 +905,47 @@ def _norm_forward_kernel(x_ptr, weight_ptr, bias_ptr, y_ptr, mean_ptr, rstd_ptr,
 @triton.jit
 def _norm_backward_kernel(x_ptr, weight_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr,
                           weight_partial_ptr, bias_partial_ptr, n_rows, n_cols,
-                          BLOCK: tl.constexpr, RMS: tl.constexpr):
+                          rows_per_program, BLOCK: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                          RMS: tl.constexpr):
     pid = tl.program_id(0)
-    n_programs = tl.num_programs(0)  # the size of the grid
     cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    # This program's partial sums of dweight and dbias, over the rows it handles.
-    weight_sum = tl.zeros([BLOCK], dtype=tl.float32)
-    bias_sum = tl.zeros([BLOCK], dtype=tl.float32)
-    # This program takes rows pid, pid + n_programs, pid + 2 * n_programs, ...
-    # `offset` is the row's first element, kept in 64 bits.
-    offset = pid.to(tl.int64) * n_cols
-    for row in range(pid, n_rows, n_programs):
-        x = tl.load(x_ptr + offset + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + offset + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + row)
-        g = weight * dy  # 0 in masked lanes, where weight was loaded as 0
+    col_mask = cols < n_cols
+    weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    # This program's partial sums of dweight and dbias, one per (row slot, column): kept
+    # as tiles and added down the rows once at the end, not at every step.
+    weight_sum = tl.zeros([BLOCK_ROWS, BLOCK], dtype=tl.float32)
+    bias_sum = tl.zeros([BLOCK_ROWS, BLOCK], dtype=tl.float32)
+    # This program takes a run of `rows_per_program` consecutive rows, BLOCK_ROWS at a
+    # time: a (BLOCK_ROWS, BLOCK) tile per step keeps many loads in flight at once.
+    first_row = pid * rows_per_program
+    for start in range(first_row, first_row + rows_per_program, BLOCK_ROWS):
+        rows = start + tl.arange(0, BLOCK_ROWS)
+        row_mask = rows < n_rows
+        mask = row_mask[:, None] & col_mask[None, :]
+        # Offsets of the tile's elements, in 64 bits (rows * n_cols can pass 2^31).
+        offsets = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)[:, None]
+        g = weight[None, :] * dy  # 0 in masked lanes, where dy was loaded as 0
         # The two row means in the formula, sum(g) / n and sum(g * xhat) / n, are
-        # reductions over the row: the whole row is in registers, so they cost no
-        # extra memory traffic.
+        # reductions along each row of the tile: the rows are in registers, so they cost
+        # no extra memory traffic.
         if RMS:
             xhat = x * rstd
-            dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / n_cols))
+            dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=1) / n_cols)[:, None])
         else:
-            xhat = tl.where(mask, (x - tl.load(mean_ptr + row)) * rstd, 0.0)
-            dx = rstd * (g - tl.sum(g, axis=0) / n_cols - xhat * (tl.sum(g * xhat, axis=0) / n_cols))
+            mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)[:, None]
+            xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+            dx = rstd * (g - (tl.sum(g, axis=1) / n_cols)[:, None]
+                         - xhat * (tl.sum(g * xhat, axis=1) / n_cols)[:, None])
             bias_sum += dy
         weight_sum += dy * xhat
-        tl.store(dx_ptr + offset + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        offset += n_programs * n_cols
+        tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     # One partial row per program; `column_sum` adds them up afterwards.
-    tl.store(weight_partial_ptr + pid * n_cols + cols, weight_sum, mask=mask)
+    tl.store(weight_partial_ptr + pid * n_cols + cols, tl.sum(weight_sum, axis=0), mask=col_mask)
     if not RMS:
-        tl.store(bias_partial_ptr + pid * n_cols + cols, bias_sum, mask=mask)
+        tl.store(bias_partial_ptr + pid * n_cols + cols, tl.sum(bias_sum, axis=0), mask=col_mask)
 
 
 @triton.jit
@@ -949,12 +974,16 @@ def column_sum(partial, like):
     return out
 
 
-def norm_programs(x, n_rows):
-    """How many programs share the rows in the norm backward pass: a few per SM on a
-    GPU, so every SM is busy while the partial sums stay few; four in the interpreter."""
-    if x.is_cuda:
-        return min(n_rows, 4 * torch.cuda.get_device_properties(x.device).multi_processor_count)
-    return min(n_rows, 4)
+def norm_backward_layout(x, n_rows, block):
+    """How the norm backward pass shares out the rows: (programs, rows per program,
+    rows per tile). A tile holds about NORM_BACKWARD_TILE numbers (several rows when
+    rows are short); a GPU gets up to 8 programs per SM, so every SM has work while the
+    partial sums stay few (about a thousand rows of fp32); the interpreter at most four."""
+    block_rows = max(1, min(64, NORM_BACKWARD_TILE // block))
+    tiles = triton.cdiv(n_rows, block_rows)
+    most = 8 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    rows_per_program = block_rows * triton.cdiv(tiles, min(tiles, most))
+    return triton.cdiv(n_rows, rows_per_program), rows_per_program, block_rows
 
 
 class _Norm(torch.autograd.Function):
@@ -986,14 +1015,15 @@ class _Norm(torch.autograd.Function):
         x_rows, weight, mean, rstd = ctx.saved_tensors
         n_rows, n_cols = x_rows.shape
         block = triton.next_power_of_2(n_cols)
-        programs = norm_programs(x_rows, n_rows)
+        programs, rows_per_program, block_rows = norm_backward_layout(x_rows, n_rows, block)
         dx = torch.empty_like(x_rows)
         # One fp32 partial sum per program and column (the kernel writes every entry).
         weight_partial = torch.empty(programs, n_cols, device=dx.device, dtype=torch.float32)
         bias_partial = torch.empty_like(weight_partial)
         _norm_backward_kernel[(programs,)](x_rows, weight, rows_of(dy), dx, mean, rstd,
                                            weight_partial, bias_partial, n_rows, n_cols,
-                                           BLOCK=block, RMS=ctx.rms, num_warps=row_warps(block))
+                                           rows_per_program, BLOCK=block, BLOCK_ROWS=block_rows,
+                                           RMS=ctx.rms, num_warps=row_warps(block * block_rows))
         dweight = column_sum(weight_partial, weight)
         dbias = None if ctx.rms else column_sum(bias_partial, weight)
         # One gradient per input of forward: x, weight, bias, and None for eps.
@@ -1488,38 +1518,67 @@ def _recompute_probabilities(q, k, lse, q_rows, kv_cols, q_len, kv_len, scale_lo
 
 
 @triton.jit
+def _dkdv_from_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kv_cols, dims,
+                      start, end, q_len, kv_len, scale_log2, HEAD_DIM: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
+                      MASKED: tl.constexpr):
+    """Add to dk and dv the contributions of the query blocks from `start` to `end`."""
+    for start_m in range(start, end, BLOCK_M):
+        q_rows = start_m + tl.arange(0, BLOCK_M)
+        q = _load_rows(q_base, q_rows, q_len, dims, HEAD_DIM, BLOCK_D)
+        do = _load_rows(do_base, q_rows, q_len, dims, HEAD_DIM, BLOCK_D)
+        lse = tl.load(lse_base + q_rows, mask=q_rows < q_len, other=0.0)
+        delta = tl.load(delta_base + q_rows, mask=q_rows < q_len, other=0.0)
+        p = _recompute_probabilities(q, k, lse, q_rows, kv_cols, q_len, kv_len, scale_log2,
+                                     CAUSAL, MASKED)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)  # dV = P^T dO, this block's share
+        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])  # dS = P * (dO V^T - D)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)  # dK = dS^T Q (times scale, below)
+    return dk, dv
+
+
+@triton.jit
 def _flash_backward_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
                                 q_len, kv_len, scale, scale_log2, HEAD_DIM: tl.constexpr,
                                 BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
     pid_n = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
-    q_offset = head * q_len * HEAD_DIM
+    q_base = q_ptr + head * q_len * HEAD_DIM
+    do_base = do_ptr + head * q_len * HEAD_DIM
     kv_offset = head * kv_len * HEAD_DIM
-    kv_cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    first_key = pid_n * BLOCK_N
+    kv_cols = first_key + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     k = _load_rows(k_ptr + kv_offset, kv_cols, kv_len, dims, HEAD_DIM, BLOCK_D)
     v = _load_rows(v_ptr + kv_offset, kv_cols, kv_len, dims, HEAD_DIM, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # The forward pass's two loops, seen from the keys. Causal: queries before this
+    # block's first key see none of it, so start at the query block holding that row;
+    # the query blocks that cross the diagonal need the mask; from the first block whose
+    # every row comes after the last key on, all queries see all keys. The blocks past
+    # the last whole query block, and every block if this key block runs past the keys'
+    # end, need the mask too.
     if CAUSAL:
-        # Queries before this block's first key see none of it: start at the query block
-        # that holds row pid_n * BLOCK_N.
-        start = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
+        start = (first_key // BLOCK_M) * BLOCK_M
+        diagonal_end = tl.minimum(tl.cdiv(first_key + BLOCK_N - 1, BLOCK_M) * BLOCK_M, q_len)
     else:
         start = 0
-    # One masked loop over the query blocks (the mask costs little next to three dots).
-    for start_m in range(start, q_len, BLOCK_M):
-        q_rows = start_m + tl.arange(0, BLOCK_M)
-        q = _load_rows(q_ptr + q_offset, q_rows, q_len, dims, HEAD_DIM, BLOCK_D)
-        do = _load_rows(do_ptr + q_offset, q_rows, q_len, dims, HEAD_DIM, BLOCK_D)
-        lse = tl.load(lse_ptr + head * q_len + q_rows, mask=q_rows < q_len, other=0.0)
-        delta = tl.load(delta_ptr + head * q_len + q_rows, mask=q_rows < q_len, other=0.0)
-        p = _recompute_probabilities(q, k, lse, q_rows, kv_cols, q_len, kv_len, scale_log2,
-                                     CAUSAL, True)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do)  # dV = P^T dO, this block's share
-        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])  # dS = P * (dO V^T - D)
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)  # dK = dS^T Q (times scale, below)
+        diagonal_end = 0
+    whole_end = tl.where(first_key + BLOCK_N <= kv_len, (q_len // BLOCK_M) * BLOCK_M, 0)
+    whole_end = tl.maximum(whole_end, diagonal_end)
+    lse_base = lse_ptr + head * q_len
+    delta_base = delta_ptr + head * q_len
+    dk, dv = _dkdv_from_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kv_cols,
+                               dims, start, diagonal_end, q_len, kv_len, scale_log2, HEAD_DIM,
+                               BLOCK_D, BLOCK_M, CAUSAL, True)
+    dk, dv = _dkdv_from_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kv_cols,
+                               dims, diagonal_end, whole_end, q_len, kv_len, scale_log2,
+                               HEAD_DIM, BLOCK_D, BLOCK_M, CAUSAL, False)
+    dk, dv = _dkdv_from_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kv_cols,
+                               dims, whole_end, q_len, q_len, kv_len, scale_log2, HEAD_DIM,
+                               BLOCK_D, BLOCK_M, CAUSAL, True)
     # S = scale * Q K^T, so the gradients of Q and K carry the scale once.
     _store_rows(dk_ptr + kv_offset, dk * scale, kv_cols, kv_len, dims, HEAD_DIM, BLOCK_D)
     _store_rows(dv_ptr + kv_offset, dv, kv_cols, kv_len, dims, HEAD_DIM, BLOCK_D)
@@ -1573,26 +1632,40 @@ def _flash_backward_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, d
 # per program; `num_stages` how many key blocks the compiler keeps in flight in shared
 # memory, loading the next while the tensor cores work on this one. The decorator is
 # applied as a function call, not with `@`, so that the plain kernels above stay
-# available (and readable) on their own.
+# available (and readable) on their own. The first candidate of each list is a modest
+# tile that fits every head size and dtype: with ZERO_TO_GPT_AUTOTUNE=0 it is the one used.
 FLASH_FORWARD_CONFIGS = tuning_configs(
-    [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
      triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
      triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
      triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
      triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)],
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1))
-FLASH_BACKWARD_CONFIGS = tuning_configs(
+# The dK/dV kernel owns a block of keys (BLOCK_N) and walks the queries (BLOCK_M); the
+# dQ kernel owns a block of queries and walks the keys. Each prefers the block it owns
+# large and the one it walks small, so the two get their own candidates.
+FLASH_DKDV_CONFIGS = tuning_configs(
     [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-     triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)],
+     triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4, num_stages=3),
+     triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+     triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=3)],
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1))
+FLASH_DQ_CONFIGS = tuning_configs(
+    [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+     triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+     triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
+     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=3)],
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1))
 FLASH_TUNING_KEY = ["q_len", "kv_len", "HEAD_DIM", "CAUSAL"]
 flash_forward = triton.autotune(FLASH_FORWARD_CONFIGS, key=FLASH_TUNING_KEY)(_flash_forward_kernel)
-flash_backward_dkdv = triton.autotune(FLASH_BACKWARD_CONFIGS,
+flash_backward_dkdv = triton.autotune(FLASH_DKDV_CONFIGS,
                                       key=FLASH_TUNING_KEY)(_flash_backward_dkdv_kernel)
-flash_backward_dq = triton.autotune(FLASH_BACKWARD_CONFIGS,
+flash_backward_dq = triton.autotune(FLASH_DQ_CONFIGS,
                                     key=FLASH_TUNING_KEY)(_flash_backward_dq_kernel)
 
 

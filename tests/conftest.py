@@ -31,6 +31,9 @@ os.environ.update(OFFLINE_ENV)
 # The tests use small shapes, where a second thread costs more in coordination than it
 # saves; on a busy machine extra threads mostly wait on each other.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# On a GPU, compile one tile configuration per kernel instead of autotuning every
+# candidate at every shape the checks meet (minutes of compiling that test nothing).
+os.environ.setdefault("ZERO_TO_GPT_AUTOTUNE", "0")
 
 _loaded = {}
 
