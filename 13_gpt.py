@@ -548,6 +548,16 @@ except ImportError:  # macOS and Windows: no Triton wheels
     triton = tl = _NoTriton()
 
 INTERPRET = HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
+# Why the kernels cannot run, when they cannot: no Triton, or Triton 3.6's interpreter
+# with NumPy 2.4 or newer (it reads scalars with a conversion NumPy 2.4 removed, so every
+# kernel with a loop fails; Triton 3.7 fixed it). Either way each public function takes
+# its PyTorch path.
+TRITON_UNAVAILABLE = None if HAS_TRITON else "Triton is not installed"
+if INTERPRET and triton.__version__.startswith("3.6.") and \
+        tuple(int(part) for part in np.__version__.split(".")[:2]) >= (2, 4):
+    TRITON_UNAVAILABLE = ("Triton 3.6's interpreter fails with NumPy 2.4 or newer: "
+                          "pip install 'triton>=3.7' (or 'numpy<2.4')")
+    HAS_TRITON = INTERPRET = False
 if INTERPRET:
     # The interpreter computes with numpy, which warns when an exp overflows to inf or a
     # masked lane computes inf - inf. The compiled kernels meet the same values silently,
@@ -565,7 +575,7 @@ def triton_runs_on(tensor):
 def backend_name():
     """One phrase saying how the kernels run in this process."""
     if not HAS_TRITON:
-        return "PyTorch reference path (Triton is not installed)"
+        return f"PyTorch reference path ({TRITON_UNAVAILABLE})"
     if INTERPRET:
         return f"Triton {triton.__version__} interpreter on the CPU"
     return f"Triton {triton.__version__} compiled for {torch.cuda.get_device_name()}"
@@ -2165,8 +2175,8 @@ def choose_kernels(requested, device):
     if requested == "auto":
         requested = "triton" if device.type == "cuda" and HAS_TRITON else "torch"
     if requested == "triton" and not HAS_TRITON:
-        raise DataError("--kernels triton needs the triton package, which is not "
-                        "installed here; use --kernels torch")
+        raise DataError(f"--kernels triton cannot run here ({TRITON_UNAVAILABLE}); "
+                        "use --kernels torch")
     if requested == "triton" and device.type == "cpu":
         print("note: on the CPU the Triton kernels run in Triton's interpreter: the same "
               "results, but very slowly", file=sys.stderr)
