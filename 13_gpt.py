@@ -13,7 +13,9 @@ What is new since chapter 12:
 * the trainer: AdamW with weight decay on matrices only, warm-up then cosine decay,
   gradient clipping, gradient accumulation, bf16 mixed precision on GPUs,
   `torch.compile`, and data parallelism with `torchrun` and DistributedDataParallel;
-* evaluation in bits per byte, which compares models with different tokenizers;
+* evaluation in bits per byte, which compares models with different tokenizers, and
+  early stopping (`--patience`) that keeps the best weights when a model starts to
+  memorise a small corpus;
 * checkpoints that are written atomically and resume exactly, clear errors for every
   bad input, and a loss that turns into NaN stopping the run before it can do damage;
 * sampling with a KV cache, so generation costs one token's work per token.
@@ -2033,12 +2035,31 @@ def read_shard_folder(folder, shard_paths):
     return train, validation, encoding
 
 
+# The cpu preset sizes two settings to the corpus (a flag you give wins). Its 90
+# seconds read about a million tokens. A small corpus, like the Python documentation's
+# 0.4 MB of training text, is then read seven times over, and a model of a million
+# parameters starts to memorise it: a 512-token BPE (shorter tokens, so fewer passes
+# over the text) and dropout 0.1 hold that off. A larger one, like tiny Shakespeare's
+# 1 MB, is read about twice: there a 1,024-token BPE (each step covers more text) and
+# no dropout (it would only slow the learning) do better. The measurements are with
+# the presets below.
+SMALL_CORPUS_BYTES = 600_000
+
+
+def corpus_settings(train_bytes):
+    """(BPE vocabulary size, dropout) for the cpu preset, from the size of the
+    training text in bytes."""
+    return (512, 0.1) if train_bytes < SMALL_CORPUS_BYTES else (1024, 0.0)
+
+
 def load_corpus(data, tokenizer_kind, vocab_size, saved_tokenizer=None):
     """Everything the trainer needs from the data, as a dict: `train_paths` and
     `val_paths` (token shards), `train` and `val` (their token arrays), `encoding`,
-    `source` (a phrase for the log) and `workspace` (the temporary folder that holds
+    `source` (a phrase for the log), `train_bytes` (the training text's size, estimated
+    at 4 bytes a token for shards) and `workspace` (the temporary folder that holds
     the shards of a text corpus; it is deleted with the dict). `saved_tokenizer`, from
-    a checkpoint being resumed, is used instead of building a new tokenizer."""
+    a checkpoint being resumed, is used instead of building a new tokenizer; a
+    `vocab_size` of None is chosen by `corpus_settings`."""
     if data and os.path.isdir(data):
         if os.path.isdir(os.path.join(data, "shards")):   # chapter 09's --out folder
             data = os.path.join(data, "shards")
@@ -2048,10 +2069,11 @@ def load_corpus(data, tokenizer_kind, vocab_size, saved_tokenizer=None):
             train_paths, val_paths, encoding = read_shard_folder(data, shard_paths)
             if saved_tokenizer:
                 encoding = tokenizer_from_dict(saved_tokenizer)
-            return {"train_paths": train_paths, "val_paths": val_paths,
-                    "train": [read_shard(path) for path in train_paths],
+            train = [read_shard(path) for path in train_paths]
+            return {"train_paths": train_paths, "val_paths": val_paths, "train": train,
                     "val": [read_shard(path) for path in val_paths], "encoding": encoding,
-                    "source": f"{len(shard_paths)} token shards in {data}", "workspace": None}
+                    "source": f"{len(shard_paths)} token shards in {data}",
+                    "train_bytes": 4 * sum(len(array) for array in train), "workspace": None}
         documents, source = read_text_folder(data), f"text files in {data}"
     else:
         text, source = load_text(data)  # a missing or empty file is a DataError there
@@ -2060,6 +2082,9 @@ def load_corpus(data, tokenizer_kind, vocab_size, saved_tokenizer=None):
     if not "".join(train_documents).strip() or not "".join(val_documents).strip():
         raise DataError(f"the corpus from {source} is too short to hold out validation "
                         f"text; give it at least a few lines")
+    train_bytes = sum(len(document.encode("utf-8")) for document in train_documents)
+    if vocab_size is None:
+        vocab_size, _ = corpus_settings(train_bytes)
     encoding = (tokenizer_from_dict(saved_tokenizer) if saved_tokenizer else
                 build_tokenizer(tokenizer_kind, vocab_size, "".join(train_documents)))
     # The shards of a text corpus live in a temporary folder: they are quick to make
@@ -2072,7 +2097,8 @@ def load_corpus(data, tokenizer_kind, vocab_size, saved_tokenizer=None):
                     vocab_size=encoding.n_vocab)
     return {"train_paths": [paths["train"]], "val_paths": [paths["val"]],
             "train": [read_shard(paths["train"])], "val": [read_shard(paths["val"])],
-            "encoding": encoding, "source": source, "workspace": workspace}
+            "encoding": encoding, "source": source, "train_bytes": train_bytes,
+            "workspace": workspace}
 
 
 # %% [markdown]
@@ -2577,6 +2603,12 @@ def all_reduce(tensor, op=None):
     return tensor
 
 
+def copy_of_weights(model):
+    """A copy of the model's weights on its own device: small next to AdamW's state,
+    and put back without reading a file (so no rank waits for another's write)."""
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
 def gather_from_ranks(value):
     """The list of `value` from every rank (rank order); [value] when alone."""
     if not dist.is_initialized():
@@ -2626,17 +2658,18 @@ def gather_from_ranks(value):
 # and a short decay at the end work as well; the point is to end low.
 
 # %%
-def make_optimizer(model, learning_rate, weight_decay, device):
-    """AdamW with decay on parameters of two or more dimensions (the matrices)."""
+def make_optimizer(model, learning_rate, weight_decay, device, beta2=0.95):
+    """AdamW with decay on parameters of two or more dimensions (the matrices), and
+    `beta2` for the average of squared gradients."""
     parameters = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in parameters if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0}]
     fused = "fused" in inspect.signature(torch.optim.AdamW).parameters
     try:
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, beta2), eps=1e-8,
                                  fused=fused)
     except (RuntimeError, TypeError):  # this device has no fused kernel
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, beta2), eps=1e-8)
 
 
 def learning_rate_at(step, progress, peak, warmup_iters):
@@ -3057,6 +3090,10 @@ class Run:
         self.checkpoint = load_checkpoint(self.out_path) if resume else None
         saved_tokenizer = self.checkpoint["tokenizer"] if self.checkpoint else None
         self.corpus = load_corpus(args.data, args.tokenizer, args.vocab_size, saved_tokenizer)
+        # The cpu preset's corpus-sized settings, now that the corpus is known.
+        vocab_size, dropout = corpus_settings(self.corpus["train_bytes"])
+        args.vocab_size = vocab_size if args.vocab_size is None else args.vocab_size
+        args.dropout = dropout if args.dropout is None else args.dropout
         check_block_size(self.corpus, args.block_size)
         # Chapter 09's loader: each rank its own share of every step's windows.
         self.loader = ShardLoader(self.corpus["train_paths"], args.batch_size // self.world_size,
@@ -3066,6 +3103,7 @@ class Run:
         self.config = {"model": asdict(self.model_config), "tokenizer": args.tokenizer,
                        "vocab_size": args.vocab_size, "batch_size": args.batch_size,
                        "seed": args.seed, "learning_rate": args.learning_rate,
+                       "beta2": args.beta2,
                        "warmup_iters": args.warmup_iters, "weight_decay": args.weight_decay,
                        "grad_clip": args.grad_clip, "data": self.corpus["source"]}
         if self.checkpoint:
@@ -3088,10 +3126,14 @@ class Run:
         torch.manual_seed(args.seed)
         self.model = GPT(self.model_config, self.kernels).to(self.device)
         self.optimizer = make_optimizer(self.model, args.learning_rate, args.weight_decay,
-                                        self.device)
+                                        self.device, args.beta2)
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
         self.history = {"steps": [], "train_loss": [], "val_steps": [], "val_loss": []}
         self.last_eval = None
+        # With --patience: the best validation loss so far, a copy of those weights,
+        # the step they are from, and the evaluations since.
+        self.best_loss, self.best_weights, self.best_step = None, None, None
+        self.evals_without_gain, self.restored_best = 0, False
         if self.checkpoint:
             self.restore(self.checkpoint)
         self.training_model = self.model
@@ -3116,6 +3158,10 @@ class Run:
         self.elapsed_before = float(checkpoint["elapsed"])
         self.history = checkpoint["history"]
         self.last_eval = checkpoint.get("last_eval")
+        if self.args.patience and checkpoint.get("best_loss") is not None:
+            # With --patience only a new best is saved: these weights are the best.
+            self.best_loss, self.best_step = checkpoint["best_loss"], self.step
+            self.best_weights = copy_of_weights(self.model)
         positions = checkpoint["loader_positions"]
         self.loader.load_state_dict(positions[min(self.rank, len(positions) - 1)])
         states = checkpoint["rng"]
@@ -3141,7 +3187,7 @@ class Run:
             "step": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed(),
             "loader_positions": positions, "rng": rng, "config": self.config,
             "tokenizer": tokenizer_to_dict(self.encoding), "history": self.history,
-            "last_eval": self.last_eval})
+            "last_eval": self.last_eval, "best_loss": self.best_loss})
 
     def elapsed(self):
         """Seconds of training in this run and in the runs it resumes."""
@@ -3154,12 +3200,39 @@ class Run:
                              args.block_size, max(args.batch_size // self.world_size, 1),
                              max_tokens, self.device, self.autocast, self.rank,
                              self.world_size)
-        self.history["val_steps"].append(self.step)
+        # After going back to the best weights, their own step labels the result.
+        step = self.best_step if self.restored_best else self.step
+        self.history["val_steps"].append(step)
         self.history["val_loss"].append(loss)
-        self.last_eval = {"val_loss": loss, "val_bpb": bpb, "step": self.step}
-        self.log(f"step {self.step:5d} | validation loss {loss:.4f} | "
-                 f"{bpb:.4f} bits per byte")
+        self.last_eval = {"val_loss": loss, "val_bpb": bpb, "step": step}
+        self.log(f"step {step:5d} | validation loss {loss:.4f} | {bpb:.4f} bits per byte")
         return loss, bpb
+
+    def keep_or_stop(self, loss):
+        """After an evaluation: save, and say whether to stop. Without --patience
+        every evaluation saves. With it, only a new best is saved (so the checkpoint
+        is always the best model so far), and after `patience` evaluations in a row
+        without one the run goes back to the best weights and stops. Every rank sees
+        the same (all-reduced) loss, so all decide alike."""
+        patience = self.args.patience
+        if not patience:
+            self.save()
+            return False
+        if self.best_loss is None or loss < self.best_loss:
+            self.best_loss, self.best_step, self.evals_without_gain = loss, self.step, 0
+            self.best_weights = copy_of_weights(self.model)
+            self.save()
+            return False
+        self.evals_without_gain += 1
+        if self.evals_without_gain < patience and not self.should_stop():
+            return False
+        # Out of patience, or out of steps or time with a worse model than the best.
+        self.model.load_state_dict(self.best_weights)
+        self.restored_best = True
+        self.log(f"no better validation loss in {self.evals_without_gain} evaluation(s): "
+                 f"back to the weights of step {self.best_step} (the checkpoint)"
+                 + ("; stopping" if self.evals_without_gain >= patience else ""))
+        return True
 
     def should_stop(self):
         """Out of steps or out of time; under DDP the ranks agree (any rank's clock)."""
@@ -3211,8 +3284,9 @@ class Run:
             # larger evaluation after the loop. Every rank takes part in both (the
             # evaluation's all-reduce, the save's gathering of loader positions).
             if self.step % args.eval_interval == 0 and not self.should_stop():
-                self.evaluate(args.eval_tokens)
-                self.save()
+                loss, _ = self.evaluate(args.eval_tokens)
+                if self.keep_or_stop(loss):
+                    break
         seconds = time.perf_counter() - run_start
         self.tokens_per_second = (self.step - first_step) * tokens_per_step / max(seconds, 1e-9)
         self.mfu = (self.flops_per_token * self.tokens_per_second / (self.peak * self.world_size)
@@ -3231,6 +3305,15 @@ class Run:
 # peak (a GPU from the table, or `--peak-tflops`). The validation lines give the loss
 # and bits per byte on held-out text: if they rise while the training loss keeps
 # falling, the model has started to memorise its training text.
+#
+# `--patience N` acts on that sign. A GPU reads a megabyte of text dozens of times a
+# minute, and a model of ten million parameters learns it by heart: on 1.1 MB of
+# Shakespeare the `gpu` preset's validation loss was best after about 250 steps, and by
+# step 1,300 it was worse than the unigram baseline. With patience, only a new best
+# validation loss is saved, so the checkpoint is always the best model so far; after N
+# evaluations in a row without one, the run goes back to those weights (kept in memory)
+# and stops. It also goes back to them at the end of the run, if they are better than
+# the last weights. The `gpu` preset evaluates every 100 steps with a patience of 3.
 def plot_history(history, out, baseline):
     """Training and validation loss against step: a PNG, or a text table."""
     try:
@@ -3270,8 +3353,13 @@ def run_training(args, started):
                 f"{args.block_size}, kernels {run.kernels.name}, device {run.device}, "
                 f"{run.world_size} process(es)")
         run.train()
+        if args.patience and not run.restored_best:
+            # Out of steps or time: compare with the best on the same measure, then keep
+            # whichever is better (saving it if it is the model in hand).
+            run.keep_or_stop(run.evaluate(args.eval_tokens)[0])
         val_loss, val_bpb = run.evaluate(FINAL_EVAL_TOKENS)
-        run.save()
+        if not args.patience:
+            run.save()
         if run.rank != 0:
             return None
         base_loss, base_bpb = unigram_baseline(run.corpus["train"], run.corpus["val"],
@@ -3290,6 +3378,7 @@ def run_training(args, started):
                 "tokens_per_second": round(run.tokens_per_second),
                 "mfu": None if run.mfu is None else round(run.mfu, 4),
                 "iterations": run.step, "tokens_seen": run.tokens_seen,
+                "weights_from_step": run.best_step if run.restored_best else run.step,
                 "parameters": sum(p.numel() for p in run.model.parameters()),
                 "tokenizer": run.encoding.name, "kernels": run.kernels.name,
                 "device": str(run.device), "world_size": run.world_size,
@@ -3365,10 +3454,15 @@ def run_bench(args, started):
     if world_size > 1:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     try:
-        vocab = 50257 if args.tokenizer in ("gpt2", "auto") else args.vocab_size
+        # No corpus to size the cpu preset's settings by: those of a large one.
+        vocab_size, dropout = corpus_settings(SMALL_CORPUS_BYTES)
+        args.dropout = dropout if args.dropout is None else args.dropout
+        vocab = (50257 if args.tokenizer in ("gpt2", "auto") else
+                 vocab_size if args.vocab_size is None else args.vocab_size)
         torch.manual_seed(args.seed)
         model = GPT(model_config_from(args, pad_vocabulary(vocab)), kernels).to(device)
-        optimizer = make_optimizer(model, args.learning_rate, args.weight_decay, device)
+        optimizer = make_optimizer(model, args.learning_rate, args.weight_decay, device,
+                                   args.beta2)
         workspace = tempfile.TemporaryDirectory(prefix="gpt-bench-")
         path = os.path.join(workspace.name, "random.bin")
         write_shard(path, np.random.default_rng(args.seed).integers(
@@ -3487,13 +3581,13 @@ PRESETS = {
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=6,
                 learning_rate=4e-3, warmup_iters=50, max_iters=100_000, time_budget=90.0,
                 rope=True, rmsnorm=True, swiglu=True, bias=False, tokenizer="bpe",
-                vocab_size=512, eval_interval=500, eval_tokens=8192, log_interval=100,
-                dropout=0.1),
+                vocab_size=None, eval_interval=500, eval_tokens=8192, log_interval=100,
+                dropout=None, beta2=0.99),
     "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64,
                 learning_rate=1e-3, warmup_iters=100, max_iters=100_000, time_budget=300.0,
                 rope=True, rmsnorm=True, swiglu=True, bias=False, tokenizer="bpe",
-                vocab_size=2048, eval_interval=250, eval_tokens=131_072, log_interval=50,
-                dropout=0.2),
+                vocab_size=2048, eval_interval=100, eval_tokens=131_072, log_interval=50,
+                dropout=0.2, patience=3, beta2=0.99),
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=512,
                  micro_batch=32, learning_rate=6e-4, warmup_iters=700, max_iters=19_073,
                  rope=False, rmsnorm=False, swiglu=False, bias=True, tokenizer="auto",
@@ -3506,7 +3600,7 @@ PRESETS = {
 }
 # What a preset leaves unset.
 DEFAULTS = dict(micro_batch=None, time_budget=None, lr_decay_iters=None, weight_decay=0.1,
-                grad_clip=1.0, dropout=0.0, num_tokens=200)
+                grad_clip=1.0, dropout=0.0, num_tokens=200, patience=0, beta2=0.95)
 
 
 def parse_args(argv=None):
@@ -3530,7 +3624,9 @@ def parse_args(argv=None):
     group.add_argument("--n-head", type=int, help="attention heads per block")
     group.add_argument("--n-embd", type=int, help="width of the residual stream")
     group.add_argument("--block-size", type=int, help="context length in tokens")
-    group.add_argument("--dropout", type=float, help="dropout probability (default 0)")
+    group.add_argument("--dropout", type=float,
+                       help="dropout probability (default 0; cpu preset: 0.1 for a training "
+                            "text under 0.6 MB, else 0)")
     for name, text in (("rope", "rotary positions instead of learned ones"),
                        ("rmsnorm", "RMSNorm instead of LayerNorm"),
                        ("swiglu", "SwiGLU MLP instead of GELU"),
@@ -3544,7 +3640,8 @@ def parse_args(argv=None):
                        help="gpt2: GPT-2's; bpe: trained on the training text; auto: "
                             "GPT-2's when available, else bpe")
     group.add_argument("--vocab-size", type=int,
-                       help="tokens of the trained BPE (257 = plain bytes and <|endoftext|>)")
+                       help="tokens of the trained BPE (257 = plain bytes and <|endoftext|>; "
+                            "cpu preset: 512 for a training text under 0.6 MB, else 1,024)")
     group = parser.add_argument_group("training")
     group.add_argument("--batch-size", type=int,
                        help="windows per optimiser step, over all processes together")
@@ -3556,6 +3653,9 @@ def parse_args(argv=None):
     group.add_argument("--lr-decay-iters", type=int,
                        help="steps over which the cosine decays (default --max-iters)")
     group.add_argument("--weight-decay", type=float, help="AdamW weight decay (matrices)")
+    group.add_argument("--beta2", type=float,
+                       help="AdamW's beta2, the memory of its squared-gradient average "
+                            "(0.95; cpu and gpu presets: 0.99)")
     group.add_argument("--grad-clip", type=float, help="largest gradient norm (default 1)")
     group.add_argument("--max-iters", type=int, help="stop after this many steps")
     group.add_argument("--time-budget", type=float,
@@ -3568,6 +3668,10 @@ def parse_args(argv=None):
                        help="continue exactly from the checkpoint in --out")
     group = parser.add_argument_group("evaluation, logging, sampling, speed")
     group.add_argument("--eval-interval", type=int, help="evaluate and save every N steps")
+    group.add_argument("--patience", type=int,
+                       help="stop when this many evaluations in a row bring no new best "
+                            "validation loss, and keep the best weights; with it, only a "
+                            "new best is saved (0: off; gpu preset: 3)")
     group.add_argument("--eval-tokens", type=int,
                        help="validation tokens read by each evaluation during training")
     group.add_argument("--log-interval", type=int, help="log every N steps")
@@ -3616,7 +3720,8 @@ def check_args(args):
         if getattr(args, name) <= 0:
             raise DataError(f"--{name.replace('_', '-')} must be positive, not "
                             f"{getattr(args, name)}")
-    for name in ("max_iters", "warmup_iters", "num_tokens", "top_k", "weight_decay"):
+    for name in ("max_iters", "warmup_iters", "num_tokens", "top_k", "weight_decay",
+                 "patience"):
         if getattr(args, name) < 0:
             raise DataError(f"--{name.replace('_', '-')} must not be negative, not "
                             f"{getattr(args, name)}")
@@ -3628,15 +3733,18 @@ def check_args(args):
         raise DataError(f"--time-budget must be a number of seconds (0: no limit), not "
                         f"{args.time_budget}")
     args.time_budget = args.time_budget or None
-    if not 0 <= args.dropout < 1:
+    if args.dropout is not None and not 0 <= args.dropout < 1:   # None: from the corpus
         raise DataError(f"--dropout must be in [0, 1), not {args.dropout}")
+    if not 0 <= args.beta2 < 1:
+        raise DataError(f"--beta2 must be in [0, 1), not {args.beta2}")
     if args.n_embd % args.n_head:
         raise DataError(f"--n-embd {args.n_embd} does not divide into {args.n_head} heads; "
                         f"make it a multiple of --n-head")
     if args.rope and (args.n_embd // args.n_head) % 2:
         raise DataError(f"rotary positions need an even head size, not "
                         f"{args.n_embd // args.n_head}; change --n-embd or --n-head")
-    if args.tokenizer != "gpt2" and not 257 <= args.vocab_size < 2 ** 32:
+    if args.tokenizer != "gpt2" and args.vocab_size is not None and \
+            not 257 <= args.vocab_size < 2 ** 32:
         raise DataError(f"--vocab-size must be at least 257 (the 256 single bytes and "
                         f"{END_OF_TEXT}), not {args.vocab_size}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):

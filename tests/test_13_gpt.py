@@ -288,6 +288,8 @@ def test_every_bad_input_is_one_clear_error_and_the_checkpoint_survives(corpus, 
          ["does not divide", "2 ranks"]),
         ([*base, "--resume", "--max-iters", "8", "--learning-rate", "1e30",
           "--warmup-iters", "0"], {}, ["NaN", "kept"]),
+        ([*base, "--beta2", "1.5"], {}, ["--beta2", "[0, 1)"]),
+        ([*base, "--patience", "-1"], {}, ["--patience", "negative"]),
     ]
     runs = run_many([(arguments, tmp_path, env) for arguments, env, _ in cases])
     for (arguments, _, words), run in zip(cases, runs):
@@ -332,3 +334,49 @@ def test_rotary_positions_keep_the_dtype_under_bf16_autocast():
         _, loss = model(tokens, tokens)
     loss.backward()
     assert torch.isfinite(loss)
+
+
+def test_patience_stops_a_memorising_run_and_keeps_the_best_weights(tmp_path):
+    """A wide model on 3 KB of text memorises it within a few dozen steps: validation
+    loss turns up, the run stops after `patience` evaluations without a new best, and
+    both the checkpoint and the final evaluation are of the best weights."""
+    text = tmp_path / "small.txt"
+    text.write_text(gpt.python_docs_text()[:3_000], encoding="utf-8")
+    out = tmp_path / "run"
+    summary = train(str(text), out, "--n-embd", "96", "--learning-rate", "1e-2",
+                    "--max-iters", "400", "--eval-interval", "10", "--eval-tokens", "100000",
+                    "--patience", "2")
+    best_step = summary["weights_from_step"]
+    assert best_step < summary["iterations"] < 400
+    state = load_state(out)
+    assert state["step"] == best_step
+    history = state["history"]
+    assert state["best_loss"] == min(history["val_loss"])
+    # Every validation window is read by both evaluations, so the final one, of the
+    # restored weights, gives the best loss again.
+    assert summary["val_loss"] == pytest.approx(state["best_loss"], abs=1e-4)
+
+
+def test_cpu_preset_sizes_vocabulary_and_dropout_to_the_corpus(tmp_path):
+    """A small corpus gets the smaller BPE and dropout 0.1, a large one 1,024 tokens and
+    no dropout; a flag given wins over both."""
+    assert gpt.corpus_settings(gpt.SMALL_CORPUS_BYTES - 1) == (512, 0.1)
+    assert gpt.corpus_settings(gpt.SMALL_CORPUS_BYTES) == (1024, 0.0)
+    path = tmp_path / "docs.txt"
+    path.write_text(gpt.python_docs_text()[:30_000], encoding="utf-8")
+    corpus = gpt.load_corpus(str(path), "bpe", None)
+    assert corpus["encoding"].n_vocab == 512
+    size = len(path.read_bytes())
+    assert 0.85 * size < corpus["train_bytes"] < 0.95 * size   # the 90% kept for training
+    args = gpt.parse_args(["--preset", "cpu", "--data", str(path), "--dropout", "0.05"])
+    run = gpt.Run(args)
+    assert (args.vocab_size, args.dropout) == (512, 0.05)
+    assert run.model_config.dropout == 0.05
+
+
+def test_beta2_reaches_adamw():
+    model = torch.nn.Linear(3, 2)
+    optimizer = gpt.make_optimizer(model, 1e-3, 0.1, torch.device("cpu"), beta2=0.99)
+    assert all(group["betas"] == (0.9, 0.99) for group in optimizer.param_groups)
+    assert gpt.parse_args(["--preset", "cpu"]).beta2 == 0.99
+    assert gpt.parse_args(["--preset", "gpt2"]).beta2 == 0.95
