@@ -876,8 +876,9 @@ def torch_softmax(x):
 # A program that handled one row per step would spend most of its time waiting: load a
 # row, reduce it, store it, then only start the next load. So each step takes a tile of
 # several rows (about 4,096 numbers: four rows of GPT-2's 768, padded to 1,024), which
-# puts four rows' loads in flight together. (The first version of this kernel did one
-# row per step and ran the backward pass at a tenth of the memory's speed on an H100.)
+# puts four rows' loads in flight together. On an H100 that took layer norm's forward
+# plus backward at 16,384 x 768 from 0.305 ms (one row per step) to 0.232 ms; most of
+# what remains is the time to launch three kernels, not memory (see the benchmark).
 #
 # The norms keep a whole row in one tile (up to `NORM_MAX_COLS` features), so the
 # forward and backward passes read each input once. A transformer's rows are a few
@@ -1655,8 +1656,9 @@ FLASH_FORWARD_CONFIGS = tuning_configs(
      triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)],
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1))
 # The dK/dV kernel owns a block of keys (BLOCK_N) and walks the queries (BLOCK_M); the
-# dQ kernel owns a block of queries and walks the keys. Each prefers the block it owns
-# large and the one it walks small, so the two get their own candidates.
+# dQ kernel owns a block of queries and walks the keys. The usual choice (Triton's own
+# tutorial makes it) is the owned block large and the walked one small, so the two get
+# their own candidates, leaning that way; the autotuner decides.
 FLASH_DKDV_CONFIGS = tuning_configs(
     [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
      triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4, num_stages=3),
