@@ -67,7 +67,7 @@ other.
 # 7. the run itself, sampling and benchmarking, presets and the command line.
 #
 # What to watch when you run it: the log prints the loss every few dozen steps (it
-# starts near ln(vocabulary), the loss of a uniform guess, about 6.2 for 512 tokens,
+# starts near ln(vocabulary), the loss of a uniform guess, about 6.2 for 512 tokens and 6.9 for 1,024,
 # and falls fast, then slowly), the learning rate rising and then decaying, the
 # gradient norm (large and jumpy at first, then calm), and the speed. Every few
 # hundred steps the validation loss and bits per byte on text the model never trains
