@@ -67,15 +67,15 @@ other.
 # 7. the run itself, sampling and benchmarking, presets and the command line.
 #
 # What to watch when you run it: the log prints the loss every few dozen steps (it
-# starts near ln(vocabulary), the loss of a uniform guess, about 6.2 for 512 tokens and 6.9 for 1,024,
-# and falls fast, then slowly), the learning rate rising and then decaying, the
-# gradient norm (large and jumpy at first, then calm), and the speed. Every few
-# hundred steps the validation loss and bits per byte on text the model never trains
-# on. At the end: the unigram baseline for comparison, a plot of the losses, and a
-# sample: text the model writes itself, continuing the first words of the held-out
-# text. After 90 seconds on a laptop it has learned spelling, punctuation, the shape of
-# the documentation (indented code examples, ">>>" prompts) and common phrases, but
-# not meaning. That takes a thousand times more compute: the `gpt2` preset.
+# starts near ln(vocabulary), the loss of a uniform guess: about 6.2 for 512 tokens,
+# 6.9 for 1,024; it falls fast, then slowly), the learning rate rising and then
+# decaying, the gradient norm (large and jumpy at first, then calm), and the speed.
+# Every few hundred steps the validation loss and bits per byte on text the model
+# never trains on. At the end: the unigram baseline for comparison, a plot of the
+# losses, and a sample: text the model writes itself, continuing the first words of
+# the held-out text. After 90 seconds on a laptop it has learned spelling,
+# punctuation, the shape of the documentation (indented code examples, ">>>" prompts)
+# and common phrases, but not meaning. That takes a thousand times more compute: the `gpt2` preset.
 
 # %%
 import argparse
