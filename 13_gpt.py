@@ -75,7 +75,8 @@ other.
 # losses, and a sample: text the model writes itself, continuing the first words of
 # the held-out text. After 90 seconds on a laptop it has learned spelling,
 # punctuation, the shape of the documentation (indented code examples, ">>>" prompts)
-# and common phrases, but not meaning. That takes a thousand times more compute: the `gpt2` preset.
+# and common phrases, but not meaning. That takes a thousand times more compute: the
+# `gpt2` preset.
 
 # %%
 import argparse
