@@ -2643,7 +2643,8 @@ def gather_from_ranks(value):
 # penalty added to g would be divided by sqrt(v) like the rest, so weights with large
 # gradients would hardly be decayed at all. A beta2 of 0.95 rather than 0.999 lets v
 # follow the gradient's scale quickly, which keeps a transformer's rare gradient
-# spikes from producing giant steps.
+# spikes from producing giant steps. Each average remembers about 1 / (1 - beta)
+# steps: m the last 10 gradients at beta1 = 0.9, v the last 20 squares at 0.95.
 #
 # The learning rate warms up linearly over the first steps (Adam's averages start
 # empty, and big early steps can throw the model somewhere bad), then follows a cosine
@@ -2661,18 +2662,18 @@ def gather_from_ranks(value):
 # and a short decay at the end work as well; the point is to end low.
 
 # %%
-def make_optimizer(model, learning_rate, weight_decay, device, beta2=0.95):
-    """AdamW with decay on parameters of two or more dimensions (the matrices), and
-    `beta2` for the average of squared gradients."""
+def make_optimizer(model, learning_rate, weight_decay, device, beta1=0.9, beta2=0.95):
+    """AdamW with decay on parameters of two or more dimensions (the matrices), `beta1`
+    for the average of gradients and `beta2` for the average of their squares."""
     parameters = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in parameters if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0}]
     fused = "fused" in inspect.signature(torch.optim.AdamW).parameters
     try:
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, beta2), eps=1e-8,
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), eps=1e-8,
                                  fused=fused)
     except (RuntimeError, TypeError):  # this device has no fused kernel
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, beta2), eps=1e-8)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), eps=1e-8)
 
 
 def learning_rate_at(step, progress, peak, warmup_iters):
@@ -3106,7 +3107,7 @@ class Run:
         self.config = {"model": asdict(self.model_config), "tokenizer": args.tokenizer,
                        "vocab_size": args.vocab_size, "batch_size": args.batch_size,
                        "seed": args.seed, "learning_rate": args.learning_rate,
-                       "beta2": args.beta2,
+                       "beta1": args.beta1, "beta2": args.beta2,
                        "warmup_iters": args.warmup_iters, "weight_decay": args.weight_decay,
                        "grad_clip": args.grad_clip, "data": self.corpus["source"]}
         if self.checkpoint:
@@ -3129,7 +3130,7 @@ class Run:
         torch.manual_seed(args.seed)
         self.model = GPT(self.model_config, self.kernels).to(self.device)
         self.optimizer = make_optimizer(self.model, args.learning_rate, args.weight_decay,
-                                        self.device, args.beta2)
+                                        self.device, args.beta1, args.beta2)
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
         self.history = {"steps": [], "train_loss": [], "val_steps": [], "val_loss": []}
         self.last_eval = None
@@ -3465,7 +3466,7 @@ def run_bench(args, started):
         torch.manual_seed(args.seed)
         model = GPT(model_config_from(args, pad_vocabulary(vocab)), kernels).to(device)
         optimizer = make_optimizer(model, args.learning_rate, args.weight_decay, device,
-                                   args.beta2)
+                                   args.beta1, args.beta2)
         workspace = tempfile.TemporaryDirectory(prefix="gpt-bench-")
         path = os.path.join(workspace.name, "random.bin")
         write_shard(path, np.random.default_rng(args.seed).integers(
@@ -3534,7 +3535,7 @@ BENCH_WARMUP = 5
 # * `cpu` (the default without a GPU): a small model sized to learn as much as it can
 #   in 90 seconds on a laptop CPU: 4 layers, 4 heads, width 128, context 128, 6
 #   windows a step, all the upgrades on, a high learning rate (4e-3: small models take
-#   big steps), AdamW's beta2 at 0.99, and a BPE and dropout sized to the corpus
+#   big steps), AdamW's betas at 0.8 and 0.99, and a BPE and dropout sized to the corpus
 #   (`corpus_settings`: 512 tokens and dropout 0.1 under 0.6 MB of training text,
 #   1,024 tokens and none above).
 # * `gpu` (the default with a GPU): a 6-layer, width-384 model trained for up to 5
@@ -3600,7 +3601,7 @@ PRESETS = {
                 learning_rate=4e-3, warmup_iters=50, max_iters=100_000, time_budget=90.0,
                 rope=True, rmsnorm=True, swiglu=True, bias=False, tokenizer="bpe",
                 vocab_size=None, eval_interval=500, eval_tokens=8192, log_interval=100,
-                dropout=None, beta2=0.99),
+                dropout=None, beta1=0.8, beta2=0.99),
     "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64,
                 learning_rate=1e-3, warmup_iters=100, max_iters=100_000, time_budget=300.0,
                 rope=True, rmsnorm=True, swiglu=True, bias=False, tokenizer="bpe",
@@ -3618,7 +3619,8 @@ PRESETS = {
 }
 # What a preset leaves unset.
 DEFAULTS = dict(micro_batch=None, time_budget=None, lr_decay_iters=None, weight_decay=0.1,
-                grad_clip=1.0, dropout=0.0, num_tokens=200, patience=0, beta2=0.95)
+                grad_clip=1.0, dropout=0.0, num_tokens=200, patience=0, beta1=0.9,
+                beta2=0.95)
 
 
 def parse_args(argv=None):
@@ -3671,6 +3673,9 @@ def parse_args(argv=None):
     group.add_argument("--lr-decay-iters", type=int,
                        help="steps over which the cosine decays (default --max-iters)")
     group.add_argument("--weight-decay", type=float, help="AdamW weight decay (matrices)")
+    group.add_argument("--beta1", type=float,
+                       help="AdamW's beta1, the memory of its gradient average (0.9; cpu "
+                            "preset: 0.8)")
     group.add_argument("--beta2", type=float,
                        help="AdamW's beta2, the memory of its squared-gradient average "
                             "(0.95; cpu and gpu presets: 0.99)")
@@ -3753,8 +3758,9 @@ def check_args(args):
     args.time_budget = args.time_budget or None
     if args.dropout is not None and not 0 <= args.dropout < 1:   # None: from the corpus
         raise DataError(f"--dropout must be in [0, 1), not {args.dropout}")
-    if not 0 <= args.beta2 < 1:
-        raise DataError(f"--beta2 must be in [0, 1), not {args.beta2}")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            raise DataError(f"--{name} must be in [0, 1), not {getattr(args, name)}")
     if args.n_embd % args.n_head:
         raise DataError(f"--n-embd {args.n_embd} does not divide into {args.n_head} heads; "
                         f"make it a multiple of --n-head")

@@ -289,6 +289,7 @@ def test_every_bad_input_is_one_clear_error_and_the_checkpoint_survives(corpus, 
         ([*base, "--resume", "--max-iters", "8", "--learning-rate", "1e30",
           "--warmup-iters", "0"], {}, ["NaN", "kept"]),
         ([*base, "--beta2", "1.5"], {}, ["--beta2", "[0, 1)"]),
+        ([*base, "--beta1", "-0.1"], {}, ["--beta1", "[0, 1)"]),
         ([*base, "--patience", "-1"], {}, ["--patience", "negative"]),
     ]
     runs = run_many([(arguments, tmp_path, env) for arguments, env, _ in cases])
@@ -374,9 +375,12 @@ def test_cpu_preset_sizes_vocabulary_and_dropout_to_the_corpus(tmp_path):
     assert run.model_config.dropout == 0.05
 
 
-def test_beta2_reaches_adamw():
+def test_betas_reach_adamw():
     model = torch.nn.Linear(3, 2)
-    optimizer = gpt.make_optimizer(model, 1e-3, 0.1, torch.device("cpu"), beta2=0.99)
-    assert all(group["betas"] == (0.9, 0.99) for group in optimizer.param_groups)
-    assert gpt.parse_args(["--preset", "cpu"]).beta2 == 0.99
-    assert gpt.parse_args(["--preset", "gpt2"]).beta2 == 0.95
+    optimizer = gpt.make_optimizer(model, 1e-3, 0.1, torch.device("cpu"), beta1=0.8,
+                                   beta2=0.99)
+    assert all(group["betas"] == (0.8, 0.99) for group in optimizer.param_groups)
+    cpu, gpt2 = gpt.parse_args(["--preset", "cpu"]), gpt.parse_args(["--preset", "gpt2"])
+    assert (cpu.beta1, cpu.beta2) == (0.8, 0.99)
+    assert (gpt2.beta1, gpt2.beta2) == (0.9, 0.95)
+    assert gpt.parse_args(["--preset", "cpu", "--beta1", "0.85"]).beta1 == 0.85
