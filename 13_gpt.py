@@ -3542,9 +3542,9 @@ BENCH_WARMUP = 5
 # * `cpu` (the default without a GPU): a small model sized to learn as much as it can
 #   in 90 seconds on a laptop CPU: 4 layers, 4 heads, width 128, context 128, 6
 #   windows a step, all the upgrades on, a high learning rate (4e-3: small models take
-#   big steps), AdamW's betas at 0.8 and 0.99, and a BPE and dropout sized to the corpus
-#   (`corpus_settings`: 512 tokens and dropout 0.1 under 0.6 MB of training text,
-#   1,024 tokens and none above).
+#   big steps), AdamW's betas at 0.8 and 0.99, and a BPE and dropout sized to the
+#   corpus (`corpus_settings`: 512 tokens and dropout 0.1 under 0.6 MB of training
+#   text, 1,024 tokens and none above).
 # * `gpu` (the default with a GPU): a 6-layer, width-384 model trained for up to 5
 #   minutes, with dropout 0.2 and `--patience 3`, since 10M parameters memorise a 1 MB
 #   corpus in well under a minute on a modern GPU.
