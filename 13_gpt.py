@@ -3591,6 +3591,7 @@ BENCH_WARMUP = 5
 #     1.1 MB of Shakespeare's plays            2.53 (1,956 steps)      2.28 (1,375 steps)
 #                                                                      2.27 (1,444, seed 1)
 #                                                                      2.25 (1,475, seed 2)
+#                                                                      2.28 (1,422, seed 3)
 #
 # (The same 90 s held 1,375 to 1,475 steps, as fast as the machine happened to be,
 # and the seed alone moves the result by a few hundredths.) On the larger text
