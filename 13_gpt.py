@@ -1648,34 +1648,30 @@ def _flash_backward_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, d
 # applied as a function call, not with `@`, so that the plain kernels above stay
 # available (and readable) on their own. The first candidate of each list is a modest
 # tile that fits every head size and dtype: with ZERO_TO_GPT_AUTOTUNE=0 it is the one used.
-FLASH_FORWARD_CONFIGS = tuning_configs(
-    [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
-     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)],
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1))
-# The dK/dV kernel owns a block of keys (BLOCK_N) and walks the queries (BLOCK_M); the
-# dQ kernel owns a block of queries and walks the keys. The usual choice (Triton's own
-# tutorial makes it) is the owned block large and the walked one small, so the two get
-# their own candidates, leaning that way; the autotuner decides.
-FLASH_DKDV_CONFIGS = tuning_configs(
-    [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-     triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4, num_stages=3),
-     triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=3),
-     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=3),
-     triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=3)],
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1))
-FLASH_DQ_CONFIGS = tuning_configs(
-    [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-     triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
-     triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
-     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
-     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=3)],
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1))
+def flash_configs(tiles, interpreter_tile, swap=False):
+    """Autotuning candidates from (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples.
+    `swap` exchanges the two block sizes: for the kernel that owns keys and walks
+    queries, the mirror image of one that owns queries and walks keys."""
+    def config(block_m, block_n, warps, stages):
+        if swap:
+            block_m, block_n = block_n, block_m
+        return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps,
+                             num_stages=stages)
+    return tuning_configs([config(*tile) for tile in tiles], config(*interpreter_tile))
+
+
+FLASH_FORWARD_CONFIGS = flash_configs(
+    [(64, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
+     (64, 32, 4, 2)], (32, 16, 4, 1))
+# The dQ kernel owns a block of queries (BLOCK_M) and walks the keys (BLOCK_N); the
+# dK/dV kernel owns a block of keys and walks the queries. The usual choice (Triton's
+# own tutorial makes it) is the owned block large and the walked one small, so the dQ
+# candidates lean that way and the dK/dV kernel gets the same tiles mirrored; the
+# autotuner decides.
+FLASH_BACKWARD_TILES = [(64, 64, 4, 2), (128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3),
+                        (64, 32, 4, 3), (64, 64, 8, 3)]
+FLASH_DQ_CONFIGS = flash_configs(FLASH_BACKWARD_TILES, (32, 16, 4, 1))
+FLASH_DKDV_CONFIGS = flash_configs(FLASH_BACKWARD_TILES, (32, 16, 4, 1), swap=True)
 FLASH_TUNING_KEY = ["q_len", "kv_len", "HEAD_DIM", "CAUSAL"]
 flash_forward = triton.autotune(FLASH_FORWARD_CONFIGS, key=FLASH_TUNING_KEY)(_flash_forward_kernel)
 flash_backward_dkdv = triton.autotune(FLASH_DKDV_CONFIGS,
