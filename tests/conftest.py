@@ -8,6 +8,7 @@ chapter keeps its run behind `if __name__ == "__main__":`.
 import importlib.util
 import json
 import os
+import runpy
 import subprocess
 import sys
 import urllib.error
@@ -65,6 +66,34 @@ class ChapterRun:
     def __repr__(self):
         return (f"ChapterRun(returncode={self.returncode}, summary={self.summary},\n"
                 f"stdout tail={self.stdout[-1500:]!r},\nstderr tail={self.stderr[-1500:]!r})")
+
+
+def run_as_script(name, *args):
+    """Run chapter `name` in this process as `python <name>.py *args` would: its cells
+    run top to bottom under `__name__ == "__main__"`. A DataError reaches the caller
+    (pytest.raises) instead of ending the process; returns the run's globals."""
+    path = str(ROOT / f"{name}.py")
+    saved_argv, saved_hook = sys.argv, sys.excepthook
+    sys.argv = [path, *map(str, args)]
+    try:
+        return runpy.run_path(path, run_name="__main__")
+    finally:
+        sys.argv, sys.excepthook = saved_argv, saved_hook
+
+
+def without_matplotlib(folder):
+    """Environment for a subprocess in which `import matplotlib` fails, as on a machine
+    without it: a stand-in package that raises ImportError, first on PYTHONPATH."""
+    stand_in = Path(folder) / "no_matplotlib" / "matplotlib"
+    stand_in.mkdir(parents=True, exist_ok=True)
+    (stand_in / "__init__.py").write_text('raise ImportError("matplotlib is not installed")\n')
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(stand_in.parent),
+                                                       os.environ.get("PYTHONPATH")]))}
+
+
+def has_matplotlib():
+    """Whether this Python can plot; tests of a plot check the text view otherwise."""
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def run_chapter(name, *args, cwd=None, timeout=300, env=None):
