@@ -17,9 +17,12 @@ step by step, until chapter 13 trains a GPT on the same task.
 Run it with `python 00_intro.py` (a few seconds on a 2-core CPU) or
 `python 00_intro.py --quick`. `--data PATH` reads a local UTF-8 text file instead
 of the default corpus; `--help` lists every flag.
+
+In a notebook (Jupyter, VS Code) the chapter ignores the kernel's command line and
+takes its flags from the environment variable ZERO_TO_GPT_ARGS, for example
+`ZERO_TO_GPT_ARGS="--quick"`; without it, the defaults.
 """
 
-# %%
 import argparse
 import hashlib
 import importlib.metadata
@@ -28,6 +31,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 import urllib.request
@@ -49,8 +53,33 @@ CHAPTER = "00_intro"
 
 # %%
 class DataError(Exception):
-    """A problem with the learner's input (a file, a flag). `main` reports it in one
-    sentence and exits with code 2 instead of showing a traceback."""
+    """A problem with the input that the user can fix. A script run ends with its one
+    sentence (`error: ...`) and exit code 2; a notebook shows the sentence alone."""
+
+
+def in_notebook():
+    """True inside Jupyter or VS Code's notebook, where the command line is the kernel's."""
+    ipython = sys.modules.get("IPython")
+    return ipython is not None and ipython.get_ipython() is not None
+
+
+def report_data_errors():
+    """Make a DataError end the run with its one sentence instead of a traceback."""
+    def one_sentence(error):
+        print(f"error: {error}", file=sys.stderr)
+    if in_notebook():
+        sys.modules["IPython"].get_ipython().set_custom_exc(
+            (DataError,), lambda shell, kind, error, trace, tb_offset=None: one_sentence(error))
+        return
+
+    def exit_with_sentence(kind, error, trace):
+        if not issubclass(kind, DataError):
+            return sys.__excepthook__(kind, error, trace)
+        one_sentence(error)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
+    sys.excepthook = exit_with_sentence
 
 
 def sha256_of(path):
@@ -510,7 +539,9 @@ def main(argv=None):
         print(f"\nsaved {path}")
 
     print("\nthe course (* = in this folder):")
-    print("\n".join(course_map(os.path.dirname(os.path.abspath(__file__)))))
+    # A notebook has no __file__: its kernel runs in the notebook's own folder.
+    folder = os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else os.getcwd()
+    print("\n".join(course_map(folder)))
     print_summary({"chapter": CHAPTER, "source": source, "python": versions["python"],
                    "torch": versions["torch"], "triton": versions["triton"],
                    "device": gpu or "cpu", "triton_mode": mode.split(" ")[0],
@@ -522,8 +553,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    report_data_errors()
+    main(shlex.split(os.environ.get("ZERO_TO_GPT_ARGS", "")) if in_notebook() else None)

@@ -30,14 +30,18 @@ safe saving and loading of weights are carried from earlier chapters.
 Run it with `python 08_regularize.py` (about a minute on a 2-core CPU) or
 `python 08_regularize.py --quick` (a few seconds). `--data PATH` reads a local copy
 of the weather table; `--help` lists every flag.
+
+In a notebook (Jupyter, VS Code) the chapter ignores the kernel's command line and
+takes its flags from the environment variable ZERO_TO_GPT_ARGS, for example
+`ZERO_TO_GPT_ARGS="--quick"`; without it, the defaults.
 """
 
-# %%
 import argparse
 import csv
 import hashlib
 import json
 import os
+import shlex
 import sys
 import time
 import urllib.request
@@ -74,8 +78,33 @@ TARGET = "tmax_tomorrow"                # what they predict
 
 
 class DataError(Exception):
-    """A problem with the learner's input (a file, a flag). `main` reports it in one
-    sentence and exits with code 2 instead of showing a traceback."""
+    """A problem with the input that the user can fix. A script run ends with its one
+    sentence (`error: ...`) and exit code 2; a notebook shows the sentence alone."""
+
+
+def in_notebook():
+    """True inside Jupyter or VS Code's notebook, where the command line is the kernel's."""
+    ipython = sys.modules.get("IPython")
+    return ipython is not None and ipython.get_ipython() is not None
+
+
+def report_data_errors():
+    """Make a DataError end the run with its one sentence instead of a traceback."""
+    def one_sentence(error):
+        print(f"error: {error}", file=sys.stderr)
+    if in_notebook():
+        sys.modules["IPython"].get_ipython().set_custom_exc(
+            (DataError,), lambda shell, kind, error, trace, tb_offset=None: one_sentence(error))
+        return
+
+    def exit_with_sentence(kind, error, trace):
+        if not issubclass(kind, DataError):
+            return sys.__excepthook__(kind, error, trace)
+        one_sentence(error)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
+    sys.excepthook = exit_with_sentence
 
 
 def sha256_of(path):
@@ -1139,8 +1168,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    report_data_errors()
+    main(shlex.split(os.environ.get("ZERO_TO_GPT_ARGS", "")) if in_notebook() else None)

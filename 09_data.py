@@ -47,26 +47,12 @@ Carried into chapter 13 unchanged (keep these textually identical there):
 
 They need DataError (carried from the earlier chapters) and the imports heapq,
 os, struct, threading, collections.Counter and defaultdict, numpy, regex, tiktoken.
+
+In a notebook (Jupyter, VS Code) the chapter ignores the kernel's command line and
+takes its flags from the environment variable ZERO_TO_GPT_ARGS, for example
+`ZERO_TO_GPT_ARGS="--quick"`; without it, the defaults.
 """
 
-# %% [markdown]
-# # Chapter 9: text data at scale
-#
-# A language model is only as good as the text it learns from, and the text arrives
-# messy: files in odd encodings, the same paragraph copied ten times, Windows and Unix
-# line endings side by side. A GPT also cannot read characters directly: it reads
-# *tokens*, integer ids of frequent pieces of text. And a real corpus is far bigger
-# than memory, so training reads tokens from files on disk while several processes
-# (one per GPU) each take their own share.
-#
-# This chapter walks the whole road from raw text files to batches of token ids:
-#
-#     .txt files -> clean -> deduplicate -> train BPE -> encode (parallel)
-#                -> token shards on disk -> streaming batch loader -> (chapter 13)
-#
-# Every step is short, written out in plain Python and numpy, and checked.
-
-# %%
 import argparse
 import base64
 import hashlib
@@ -74,6 +60,7 @@ import heapq
 import json
 import multiprocessing
 import os
+import shlex
 import struct
 import sys
 import threading
@@ -92,6 +79,24 @@ import tiktoken
 
 CHAPTER = "09_data"
 
+
+# %% [markdown]
+# # Chapter 9: text data at scale
+#
+# A language model is only as good as the text it learns from, and the text arrives
+# messy: files in odd encodings, the same paragraph copied ten times, Windows and Unix
+# line endings side by side. A GPT also cannot read characters directly: it reads
+# *tokens*, integer ids of frequent pieces of text. And a real corpus is far bigger
+# than memory, so training reads tokens from files on disk while several processes
+# (one per GPU) each take their own share.
+#
+# This chapter walks the whole road from raw text files to batches of token ids:
+#
+#     .txt files -> clean -> deduplicate -> train BPE -> encode (parallel)
+#                -> token shards on disk -> streaming batch loader -> (chapter 13)
+#
+# Every step is short, written out in plain Python and numpy, and checked.
+
 # %% [markdown]
 # ## Errors and downloads (carried from the earlier chapters)
 #
@@ -102,8 +107,33 @@ CHAPTER = "09_data"
 
 # %%
 class DataError(Exception):
-    """A problem with the learner's input (a file, a flag). `main` reports it in one
-    sentence and exits with code 2 instead of showing a traceback."""
+    """A problem with the input that the user can fix. A script run ends with its one
+    sentence (`error: ...`) and exit code 2; a notebook shows the sentence alone."""
+
+
+def in_notebook():
+    """True inside Jupyter or VS Code's notebook, where the command line is the kernel's."""
+    ipython = sys.modules.get("IPython")
+    return ipython is not None and ipython.get_ipython() is not None
+
+
+def report_data_errors():
+    """Make a DataError end the run with its one sentence instead of a traceback."""
+    def one_sentence(error):
+        print(f"error: {error}", file=sys.stderr)
+    if in_notebook():
+        sys.modules["IPython"].get_ipython().set_custom_exc(
+            (DataError,), lambda shell, kind, error, trace, tb_offset=None: one_sentence(error))
+        return
+
+    def exit_with_sentence(kind, error, trace):
+        if not issubclass(kind, DataError):
+            return sys.__excepthook__(kind, error, trace)
+        one_sentence(error)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
+    sys.excepthook = exit_with_sentence
 
 
 def sha256_of(path):
@@ -264,11 +294,11 @@ def load_text(path=None):
 # %%
 # GPT-2's pre-tokenisation rule, exactly as tiktoken's "gpt2" encoding writes it:
 #   '(?:[sdmt]|ll|ve|re)   English contractions: 's 'd 'm 't 'll 've 're
-#    ?\p{L}+              letters of any script, with one optional leading space
-#    ?\p{N}+              digits and other numbers, same
-#    ?[^\s\p{L}\p{N}]+    punctuation and symbols (neither space, letter nor number)
-#   \s+(?!\S)             whitespace, but leave the last space for the next word
-#   \s+                   any remaining whitespace
+#  | ?\p{L}+              letters of any script, with one optional leading space
+#  | ?\p{N}+              digits and other numbers, same
+#  | ?[^\s\p{L}\p{N}]+    punctuation and symbols (neither space, letter nor number)
+#  |\s+(?!\S)             whitespace, but leave the last space for the next word
+#  |\s+                   any remaining whitespace
 # The lookahead `(?!\S)` is why "a   b" splits as "a", "  ", " b": the final space
 # travels with the word, so " b" is the same token whether one space or three came
 # before it.
@@ -1343,8 +1373,5 @@ def main(argv=None):
 
 # %%
 if __name__ == "__main__":
-    try:
-        main()
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    report_data_errors()
+    main(shlex.split(os.environ.get("ZERO_TO_GPT_ARGS", "")) if in_notebook() else None)

@@ -24,7 +24,31 @@ training, then evaluation; it reaches 90-100% exact match on the held-out number
 10_seq2seq.py` with the same `--time-budget` to compare the two `summary:` lines (on a
 CPU, at 40 seconds, the recurrent model of chapter 10 wins; see "What to expect");
 `diff 10_seq2seq.py 11_transformer.py` shows everything that changed.
+
+In a notebook (Jupyter, VS Code) the chapter ignores the kernel's command line and
+takes its flags from the environment variable ZERO_TO_GPT_ARGS, for example
+`ZERO_TO_GPT_ARGS="--quick"`; without it, the defaults.
 """
+
+import argparse
+import json
+import math
+import os
+import re
+import shlex
+import sys
+import time
+import urllib.request
+import zipfile
+import zlib
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CHAPTER = "11_transformer"
+
 
 # %% [markdown]
 # # Translation with a transformer
@@ -44,25 +68,6 @@ CPU, at 40 seconds, the recurrent model of chapter 10 wins; see "What to expect"
 #
 # Everything outside the model is chapter 10's, unchanged: `diff 10_seq2seq.py
 # 11_transformer.py` reads as "recurrence replaced by attention".
-
-# %%
-import argparse
-import json
-import math
-import os
-import re
-import sys
-import time
-import urllib.request
-import zipfile
-import zlib
-
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-
-CHAPTER = "11_transformer"
 
 # %% [markdown]
 # ## The data: sentence pairs
@@ -90,8 +95,33 @@ MAX_TOKENS = 10                           # real pairs longer than this are left
 
 
 class DataError(Exception):
-    """A problem with the learner's input (a file, a flag). `main` reports it in one
-    sentence and exits with code 2 instead of showing a traceback."""
+    """A problem with the input that the user can fix. A script run ends with its one
+    sentence (`error: ...`) and exit code 2; a notebook shows the sentence alone."""
+
+
+def in_notebook():
+    """True inside Jupyter or VS Code's notebook, where the command line is the kernel's."""
+    ipython = sys.modules.get("IPython")
+    return ipython is not None and ipython.get_ipython() is not None
+
+
+def report_data_errors():
+    """Make a DataError end the run with its one sentence instead of a traceback."""
+    def one_sentence(error):
+        print(f"error: {error}", file=sys.stderr)
+    if in_notebook():
+        sys.modules["IPython"].get_ipython().set_custom_exc(
+            (DataError,), lambda shell, kind, error, trace, tb_offset=None: one_sentence(error))
+        return
+
+    def exit_with_sentence(kind, error, trace):
+        if not issubclass(kind, DataError):
+            return sys.__excepthook__(kind, error, trace)
+        one_sentence(error)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
+    sys.excepthook = exit_with_sentence
 
 
 def download_pairs(url=PAIRS_URL, path=PAIRS_FILE, timeout=30):
@@ -1207,8 +1237,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    report_data_errors()
+    main(shlex.split(os.environ.get("ZERO_TO_GPT_ARGS", "")) if in_notebook() else None)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_clean_error, load_chapter, run_chapter
+from conftest import (assert_clean_error, has_matplotlib, load_chapter, run_chapter,
+                      without_matplotlib)
 
 chapter = load_chapter("05_rnn")
 
@@ -125,7 +126,19 @@ def test_quick_run_reaches_its_figures(tmp_path):
     assert figures["gradient_error"] < 1e-6
     assert figures["unclipped_diverged"] and not figures["clipped_diverged"]
     assert figures["rnn_first_day_gradient"] < 0.2  # the gradient fades with the lag
-    assert (tmp_path / "05_rnn_clipping.png").stat().st_size > 0
+    if has_matplotlib():
+        assert (tmp_path / "05_rnn_clipping.png").stat().st_size > 0
+    else:
+        assert "matplotlib is not installed" in run.stdout
+
+
+def test_without_matplotlib_the_numbers_are_the_view(tmp_path):
+    run = run_chapter("05_rnn", "--quick", "--out", tmp_path, cwd=tmp_path,
+                      env={"OMP_NUM_THREADS": "1", **without_matplotlib(tmp_path)})
+    assert run.returncode == 0, run
+    assert "matplotlib is not installed" in run.stdout, run
+    assert run.summary["rnn_test_mae"] < run.summary["persistence_mae"]
+    assert not list(tmp_path.glob("*.png"))
 
 
 def test_window_longer_than_the_data_is_a_clean_error(tmp_path):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_clean_error, load_chapter, run_chapter
+from conftest import (assert_clean_error, has_matplotlib, load_chapter, run_chapter,
+                      without_matplotlib)
 
 chapter = load_chapter("05b_gru")
 rnn_chapter = load_chapter("05_rnn")
@@ -128,7 +129,19 @@ def test_quick_run_reaches_its_figures(tmp_path):
     assert figures["rnn_test_mae"] < 3.8
     assert figures["gradient_error"] < 1e-6
     assert figures["fresh_gru_first_day_gradient"] > 100 * figures["fresh_rnn_first_day_gradient"]
-    assert (tmp_path / "05b_gru_memory.png").stat().st_size > 0
+    if has_matplotlib():
+        assert (tmp_path / "05b_gru_memory.png").stat().st_size > 0
+    else:
+        assert "matplotlib is not installed" in run.stdout
+
+
+def test_without_matplotlib_the_numbers_are_the_view(tmp_path):
+    run = run_chapter("05b_gru", "--quick", "--out", tmp_path, cwd=tmp_path,
+                      env=without_matplotlib(tmp_path))
+    assert run.returncode == 0, run
+    assert "matplotlib is not installed" in run.stdout, run
+    assert run.summary["gru_test_mae"] < run.summary["persistence_mae"]
+    assert not list(tmp_path.glob("*.png"))
 
 
 def test_bad_inputs_are_clean_errors(tmp_path):

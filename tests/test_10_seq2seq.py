@@ -8,7 +8,8 @@ import zipfile
 import pytest
 import torch
 
-from conftest import assert_clean_error, load_chapter, run_chapter
+from conftest import (assert_clean_error, has_matplotlib, load_chapter, run_chapter,
+                      without_matplotlib)
 
 chapter = load_chapter("10_seq2seq")
 
@@ -248,4 +249,15 @@ def test_quick_run_learns_to_translate_numbers(tmp_path):
     # 100 steps: nearly every token right, and most numbers translated exactly
     assert run.summary["token_accuracy"] >= 0.95, run
     assert run.summary["exact_match"] >= 0.8, run
-    assert (tmp_path / "out" / "10_seq2seq_attention.png").exists()
+    if has_matplotlib():
+        assert (tmp_path / "out" / "10_seq2seq_attention.png").exists()
+    else:
+        assert "attention maps as text" in run.stdout
+
+
+def test_without_matplotlib_attention_maps_are_printed_as_text(tmp_path):
+    run = run_chapter("10_seq2seq", "--quick", "--steps", "2", "--out", tmp_path / "out",
+                      cwd=tmp_path, env=without_matplotlib(tmp_path))
+    assert run.returncode == 0, run
+    assert "attention maps as text" in run.stdout, run
+    assert not list((tmp_path / "out").glob("*.png"))

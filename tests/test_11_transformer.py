@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_clean_error, load_chapter, run_chapter
+from conftest import (assert_clean_error, has_matplotlib, load_chapter, run_chapter,
+                      without_matplotlib)
 
 chapter = load_chapter("11_transformer")
 
@@ -182,4 +183,15 @@ def test_quick_run_learns_to_translate_numbers(tmp_path):
     # exact; the transformer needs more steps than chapter 10's GRU to get them all
     assert run.summary["token_accuracy"] >= 0.85, run
     assert run.summary["exact_match"] >= 0.3, run
-    assert (tmp_path / "out" / "11_transformer_attention.png").exists()
+    if has_matplotlib():
+        assert (tmp_path / "out" / "11_transformer_attention.png").exists()
+    else:
+        assert "attention maps as text" in run.stdout
+
+
+def test_without_matplotlib_attention_maps_are_printed_as_text(tmp_path):
+    run = run_chapter("11_transformer", "--quick", "--steps", "2", "--out", tmp_path / "out",
+                      cwd=tmp_path, env=without_matplotlib(tmp_path))
+    assert run.returncode == 0, run
+    assert "attention maps as text" in run.stdout, run
+    assert not list((tmp_path / "out").glob("*.png"))
