@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import OFFLINE_ENV, ROOT, ChapterRun, assert_clean_error, load_chapter, run_chapter
+from conftest import (OFFLINE_ENV, ROOT, ChapterRun, assert_clean_error, has_matplotlib,
+                      load_chapter, run_chapter)
 
 gpt = load_chapter("13_gpt")
 
@@ -314,6 +315,13 @@ def test_quick_run_beats_the_unigram_baseline_and_samples(tmp_path):
     assert summary["val_loss"] < summary["unigram_loss"] - 0.3, summary
     assert summary["val_bpb"] < 4.3, summary
     assert "sample" in run.stdout
+    # The looks at the pieces print before the trainer, each under its own cell.
+    for words in ("bytes per token", "distance 3", "first loss", "a uniform guess"):
+        assert words in run.stdout, words
+    if has_matplotlib():
+        assert (tmp_path / "out" / "loss.png").is_file()
+    else:
+        assert "matplotlib is not installed" in run.stdout
     sampled = gpt.main(["--sample", "The list", "--num-tokens", "20",
                         "--out", str(tmp_path / "out")])
     assert sampled["sampled_tokens"] == 20
@@ -384,3 +392,12 @@ def test_betas_reach_adamw():
     assert (cpu.beta1, cpu.beta2) == (0.8, 0.99)
     assert (gpt2.beta1, gpt2.beta2) == (0.9, 0.95)
     assert gpt.parse_args(["--preset", "cpu", "--beta1", "0.85"]).beta1 == 0.85
+
+
+def test_without_matplotlib_the_losses_are_printed_as_a_table(corpus, tmp_path, monkeypatch,
+                                                             capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # `import matplotlib` fails
+    train(corpus, tmp_path, "--max-iters", "2")
+    printed = capsys.readouterr().out
+    assert "matplotlib is not installed; validation loss by step" in printed
+    assert not list(tmp_path.glob("*.png"))

@@ -82,7 +82,7 @@ def test_a_bad_flag_shows_one_sentence_under_its_cell(tmp_path):
     assert printed(failed[0]).strip() == "error: --epochs must be at least 1, not 0"
     # Run All stops there: no later cell ran.
     later = code[code.index(failed[0]) + 1:]
-    assert later and all(cell.get("execution_count") is None for cell in later)
+    assert all(cell.get("execution_count") is None for cell in later)
 
 
 @pytest.mark.parametrize("name", CHAPTERS)
