@@ -39,22 +39,168 @@ import numpy as np
 
 CHAPTER = "02_linreg"
 
+
 # %% [markdown]
-# ## The weather table
+# ## Measuring the error
+#
+# A model's prediction for a day is a number of degrees; the truth is another. We
+# need one number that says how wrong a whole set of predictions is.
+#
+# * The **mean absolute error** (MAE) is the average distance between prediction and
+#   truth, in °F. It is what we report, because a learner can read it directly:
+#   "off by 3.5 degrees on a typical day".
+# * The **mean squared error** (MSE) averages the *squared* distances. It is what we
+#   train on, because its slope is simple and smooth everywhere (the absolute value
+#   has a kink at zero), and it punishes a few big misses more than many small ones.
+#
+# For predictions $p_i$ and targets $t_i$ over $n$ numbers:
+#
+#     MSE = (1/n) * sum_i (p_i - t_i)^2        MAE = (1/n) * sum_i |p_i - t_i|
+#
+# Gradient descent needs to know how the MSE changes when one prediction changes.
+# Only one term of the sum contains $p_i$, and the derivative of $(p_i - t_i)^2$ is
+# $2 (p_i - t_i)$, so
+#
+#     d MSE / d p_i = 2 * (p_i - t_i) / n
+#
+# That is `mse_grad`: one number per prediction, positive when the prediction is too
+# high (so it should go down), negative when it is too low.
+
+
+# %%
+def mse(predictions, targets):
+    """Mean squared error: the average of (prediction - target)^2."""
+    return float(np.mean((predictions - targets) ** 2))
+
+
+def mae(predictions, targets):
+    """Mean absolute error: the average distance between prediction and target."""
+    return float(np.mean(np.abs(predictions - targets)))
+
+
+def mse_grad(predictions, targets):
+    """The gradient of `mse` with respect to each prediction: 2 (p - t) / n."""
+    return 2 * (predictions - targets) / predictions.size
+
+
+# %% [markdown]
+# ## Normalising the features
+#
+# Our three features live on very different scales: `tmax` is around 60, `tmin`
+# around 45, `rain` mostly 0 with the odd 0.5. Gradient descent moves every weight
+# with the same learning rate, and a weight's gradient is proportional to the size
+# of its feature (see the derivation below: the gradient for weight j sums
+# feature j times the error). So the temperature weights get huge gradients and the
+# rain weight a tiny one: a learning rate small enough not to blow up the
+# temperatures leaves rain almost untouched.
+#
+# The cure is to **standardise** each feature: subtract its mean and divide by its
+# standard deviation, so every column has mean 0 and spread 1. We measure the mean
+# and spread on the *training* rows only and apply the same numbers to validation
+# and test rows: the model must not learn anything, not even an average, from the
+# days it will be tested on.
+
+
+# %%
+def standardise(train, *others):
+    """Scale every column of `train` to mean 0 and standard deviation 1, and apply the
+    same shift and scale (measured on `train` only) to each array in `others`.
+    Returns the scaled arrays in the order given. A constant column (spread 0) is only
+    shifted, never divided by zero."""
+    mean = train.mean(axis=0)
+    spread = train.std(axis=0)
+    spread = np.where(spread > 0, spread, 1.0)
+    return tuple((array - mean) / spread for array in (train, *others))
+
+
+# %% [markdown]
+# ## The model: one linear layer
+#
+# Linear regression predicts with a weighted sum of the features plus a constant:
+#
+#     prediction = tmax * w_1 + tmin * w_2 + rain * w_3 + b
+#
+# For a whole table at once, `inputs` has one row per day and one column per
+# feature, shape (rows, 3), the weights are a column of shape (3, 1) and the bias
+# has shape (1, 1); then `inputs @ weight + bias` gives all predictions, shape
+# (rows, 1), with the bias broadcast down the rows (chapter 01).
+#
+# We keep the parameters as a list of `(weight, bias)` pairs, here a list of one.
+# Chapter 03 stacks several such layers into a network, and this shape lets the
+# training loop below stay the same.
+#
+# **The gradient, by hand.** Write $g_i$ = d MSE / d p_i (from `mse_grad`). Each
+# prediction is $p_i = \sum_j x_{ij} w_j + b$, so $p_i$ changes by $x_{ij}$ when
+# $w_j$ grows by one, and by 1 when $b$ does. The chain rule adds up those effects
+# over every row:
+#
+#     d MSE / d w_j = sum_i g_i * x_ij      ->  weight_grad = inputs.T @ g   (3, 1)
+#     d MSE / d b   = sum_i g_i             ->  bias_grad   = g summed over rows (1, 1)
+#
+# `linear_forward` also returns a `cache`, what the backward pass needs to reuse
+# (here just the inputs), so nothing is computed twice.
+
+
+# %%
+def init_linear(input_size):
+    """A linear model with `input_size` features, as a list of one (weight, bias)
+    pair: weight (input_size, 1) and bias (1, 1), all zeros. For a linear model any
+    start works: its error surface is a single bowl with one lowest point."""
+    return [(np.zeros((input_size, 1)), np.zeros((1, 1)))]
+
+
+def start_from_mean(layers, targets):
+    """Set the last layer's bias to the average target, so training starts from the
+    sensible guess "every day is an average day" instead of from 0 °F, and the
+    weights only have to learn the differences from the average."""
+    weight, bias = layers[-1]
+    return [*layers[:-1], (weight, bias + targets.mean())]
+
+
+def linear_forward(layers, inputs):
+    """Predictions of shape (rows, 1) for `inputs` of shape (rows, features), and the
+    cache the backward pass needs."""
+    (weight, bias), = layers
+    return inputs @ weight + bias, inputs
+
+
+def linear_backward(layers, cache, output_grad):
+    """Gradients of the loss with respect to the weight and bias, given the cache of
+    `linear_forward` and `output_grad`, the loss's gradient with respect to each
+    prediction (rows, 1). Returns a list of one (weight_grad, bias_grad) pair."""
+    inputs = cache
+    return [(inputs.T @ output_grad, output_grad.sum(axis=0, keepdims=True))]
+
+
+# %% [markdown]
+# ## Set-up: flags, data and plots (not the lesson)
+#
+# The code in this section is what the chapter needs but does not teach; in a
+# notebook its cells open collapsed. Every chapter shares its command line: `--seed`
+# for repeatable runs, `--data` for a local copy of the data, `--quick` for a run of
+# a few seconds (used by the tests) and `--out` for where files are written; this one
+# adds `--epochs`, `--learning-rate` and `--batch-size` for the final training run,
+# and refuses bad values before any work starts. In a notebook the flags come from
+# the environment variable `ZERO_TO_GPT_ARGS`. The last line of output is `summary:`
+# and a line of JSON with the chapter's headline figures.
 #
 # Every weather chapter (01-08) reads the same table: one row a day, from
 # 1970-01-01 to 2022-11-26, with the day's highest temperature (`tmax`, °F), lowest
 # temperature (`tmin`, °F), rainfall (`rain`, inches) and the next day's highest
-# temperature (`tmax_tomorrow`), the number we learn to predict.
+# temperature (`tmax_tomorrow`), the number we learn to predict. The loader is
+# carried unchanged from chapter to chapter. It downloads the table once into
+# `data/`, checks it against a recorded SHA-256 digest (so a truncated or tampered
+# download is never used), and writes it to a temporary file that is renamed into
+# place only when complete, so an interrupted download never leaves half a file
+# behind. Without a network it generates a stand-in table of the same shape, so the
+# chapter still runs; it says so in one line.
 #
-# The loader below is carried unchanged from chapter to chapter. It downloads the
-# table once into `data/`, checks it against a recorded SHA-256 digest (so a
-# truncated or tampered download is never used), and writes it to a temporary file
-# that is renamed into place only when complete, so an interrupted download never
-# leaves half a file behind. Without a network it generates a stand-in table of the
-# same shape, so the chapter still runs; it says so in one line.
+# The plots are two pictures: the training loss epoch by epoch (it should fall
+# quickly, then flatten), and predicted against true temperatures on the test days (a
+# perfect model would put every point on the diagonal).
 
-# %%
+
+# %% jupyter={"source_hidden": true}
 WEATHER_URL = ("https://raw.githubusercontent.com/VikParuchuri/zero_to_gpt/"
                "master/data/clean_weather.csv")
 WEATHER_SHA256 = "70d75ac02ccf0c0f45aed0077919fee302c6428b9f3c3401aadf090b0f6dfc8c"
@@ -63,6 +209,7 @@ FEATURES = ["tmax", "tmin", "rain"]     # what the models see
 TARGET = "tmax_tomorrow"                # what they predict
 
 
+# %% jupyter={"source_hidden": true}
 class DataError(Exception):
     """A problem with the input that the user can fix. A script run ends with its one
     sentence (`error: ...`) and exit code 2; a notebook shows the sentence alone."""
@@ -93,6 +240,24 @@ def report_data_errors():
     sys.excepthook = exit_with_sentence
 
 
+def chapter_args():
+    """This run's flags: the command line in a script; in a notebook, which has the
+    kernel's command line instead, the environment variable ZERO_TO_GPT_ARGS."""
+    report_data_errors()
+    if in_notebook():
+        return parse_args(shlex.split(os.environ.get("ZERO_TO_GPT_ARGS", "")))
+    return parse_args()
+
+
+def show_figure(figure, path):
+    """Save a matplotlib figure as a PNG at `path`; in a notebook, also show it here."""
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    if in_notebook():
+        from IPython.display import Image, display
+        display(Image(filename=path))
+
+
+# %% jupyter={"source_hidden": true}
 def sha256_of(path):
     """The SHA-256 digest of a file, read in 1 MiB pieces so big files fit in memory."""
     digest = hashlib.sha256()
@@ -244,133 +409,94 @@ def split_data(inputs, targets, train_fraction=0.7, valid_fraction=0.15):
             (inputs[valid_end:], targets[valid_end:]))
 
 
-# %% [markdown]
-# ## Measuring the error
-#
-# A model's prediction for a day is a number of degrees; the truth is another. We
-# need one number that says how wrong a whole set of predictions is.
-#
-# * The **mean absolute error** (MAE) is the average distance between prediction and
-#   truth, in °F. It is what we report, because a learner can read it directly:
-#   "off by 3.5 degrees on a typical day".
-# * The **mean squared error** (MSE) averages the *squared* distances. It is what we
-#   train on, because its slope is simple and smooth everywhere (the absolute value
-#   has a kink at zero), and it punishes a few big misses more than many small ones.
-#
-# For predictions $p_i$ and targets $t_i$ over $n$ numbers:
-#
-#     MSE = (1/n) * sum_i (p_i - t_i)^2        MAE = (1/n) * sum_i |p_i - t_i|
-#
-# Gradient descent needs to know how the MSE changes when one prediction changes.
-# Only one term of the sum contains $p_i$, and the derivative of $(p_i - t_i)^2$ is
-# $2 (p_i - t_i)$, so
-#
-#     d MSE / d p_i = 2 * (p_i - t_i) / n
-#
-# That is `mse_grad`: one number per prediction, positive when the prediction is too
-# high (so it should go down), negative when it is too low.
+# %% jupyter={"source_hidden": true}
+def save_plots(out_dir, history, predictions, targets):
+    """Save the loss curve and the predictions plot as PNGs in `out_dir`; without
+    matplotlib, print a compact text view instead. Returns the files written."""
+    try:
+        import matplotlib
+        if not in_notebook():
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed, so no plots; a text view instead:")
+        for low in range(20, 110, 10):
+            chosen = (targets[:, 0] >= low) & (targets[:, 0] < low + 10)
+            if chosen.any():
+                print(f"  true {low:3d}-{low + 9:3d} °F: {chosen.sum():5d} days, "
+                      f"mean prediction {predictions[chosen].mean():6.1f} °F")
+        return []
+    os.makedirs(out_dir, exist_ok=True)
+    loss_path = os.path.join(out_dir, f"{CHAPTER}_loss.png")
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.plot(range(1, len(history) + 1), [loss for loss, _ in history], marker="o")
+    axis.set(xlabel="epoch", ylabel="training MSE (°F²)", title="Training loss")
+    figure.tight_layout()
+    show_figure(figure, loss_path)
+    plt.close(figure)
+    scatter_path = os.path.join(out_dir, f"{CHAPTER}_predictions.png")
+    figure, axis = plt.subplots(figsize=(5, 5))
+    axis.scatter(targets[:, 0], predictions[:, 0], s=2, alpha=0.4)
+    low, high = float(targets.min()), float(targets.max())
+    axis.plot([low, high], [low, high], color="black", linewidth=1)
+    axis.set(xlabel="true tmax tomorrow (°F)", ylabel="predicted (°F)",
+             title="Test days")
+    figure.tight_layout()
+    show_figure(figure, scatter_path)
+    plt.close(figure)
+    return [loss_path, scatter_path]
+
+
+# %% jupyter={"source_hidden": true}
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--data", default=None,
+                        help="path of a local weather CSV (default: download, else generate)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a run of a few seconds, for tests and a first look")
+    parser.add_argument("--out", default="out", help="folder for plots (default out/)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs of the final training run (default 20, --quick 5)")
+    parser.add_argument("--learning-rate", type=float, default=0.01,
+                        help="step size of gradient descent (default 0.01)")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="rows per mini-batch (default 32)")
+    args = parser.parse_args(argv)
+    if args.epochs is None:
+        args.epochs = 5 if args.quick else 20
+    if args.epochs < 1:
+        raise DataError(f"--epochs must be at least 1, not {args.epochs}")
+    if not (args.learning_rate > 0 and np.isfinite(args.learning_rate)):
+        raise DataError(f"--learning-rate must be a positive number, not {args.learning_rate}")
+    if args.batch_size < 1:
+        raise DataError(f"--batch-size must be at least 1, not {args.batch_size}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise DataError(f"--out {args.out} is a file; give a folder for the plots")
+    return args
+
+
+def print_summary(figures):
+    """The chapter's last line: `summary: ` and its headline figures as JSON."""
+    print("summary: " + json.dumps(figures))
+
 
 # %%
-def mse(predictions, targets):
-    """Mean squared error: the average of (prediction - target)^2."""
-    return float(np.mean((predictions - targets) ** 2))
-
-
-def mae(predictions, targets):
-    """Mean absolute error: the average distance between prediction and target."""
-    return float(np.mean(np.abs(predictions - targets)))
-
-
-def mse_grad(predictions, targets):
-    """The gradient of `mse` with respect to each prediction: 2 (p - t) / n."""
-    return 2 * (predictions - targets) / predictions.size
-
-
-# %% [markdown]
-# ## Normalising the features
-#
-# Our three features live on very different scales: `tmax` is around 60, `tmin`
-# around 45, `rain` mostly 0 with the odd 0.5. Gradient descent moves every weight
-# with the same learning rate, and a weight's gradient is proportional to the size
-# of its feature (see the derivation below: the gradient for weight j sums
-# feature j times the error). So the temperature weights get huge gradients and the
-# rain weight a tiny one: a learning rate small enough not to blow up the
-# temperatures leaves rain almost untouched.
-#
-# The cure is to **standardise** each feature: subtract its mean and divide by its
-# standard deviation, so every column has mean 0 and spread 1. We measure the mean
-# and spread on the *training* rows only and apply the same numbers to validation
-# and test rows: the model must not learn anything, not even an average, from the
-# days it will be tested on.
-
-# %%
-def standardise(train, *others):
-    """Scale every column of `train` to mean 0 and standard deviation 1, and apply the
-    same shift and scale (measured on `train` only) to each array in `others`.
-    Returns the scaled arrays in the order given. A constant column (spread 0) is only
-    shifted, never divided by zero."""
-    mean = train.mean(axis=0)
-    spread = train.std(axis=0)
-    spread = np.where(spread > 0, spread, 1.0)
-    return tuple((array - mean) / spread for array in (train, *others))
-
-
-# %% [markdown]
-# ## The model: one linear layer
-#
-# Linear regression predicts with a weighted sum of the features plus a constant:
-#
-#     prediction = tmax * w_1 + tmin * w_2 + rain * w_3 + b
-#
-# For a whole table at once, `inputs` has one row per day and one column per
-# feature, shape (rows, 3), the weights are a column of shape (3, 1) and the bias
-# has shape (1, 1); then `inputs @ weight + bias` gives all predictions, shape
-# (rows, 1), with the bias broadcast down the rows (chapter 01).
-#
-# We keep the parameters as a list of `(weight, bias)` pairs, here a list of one.
-# Chapter 03 stacks several such layers into a network, and this shape lets the
-# training loop below stay the same.
-#
-# **The gradient, by hand.** Write $g_i$ = d MSE / d p_i (from `mse_grad`). Each
-# prediction is $p_i = \sum_j x_{ij} w_j + b$, so $p_i$ changes by $x_{ij}$ when
-# $w_j$ grows by one, and by 1 when $b$ does. The chain rule adds up those effects
-# over every row:
-#
-#     d MSE / d w_j = sum_i g_i * x_ij      ->  weight_grad = inputs.T @ g   (3, 1)
-#     d MSE / d b   = sum_i g_i             ->  bias_grad   = g summed over rows (1, 1)
-#
-# `linear_forward` also returns a `cache`, what the backward pass needs to reuse
-# (here just the inputs), so nothing is computed twice.
-
-# %%
-def init_linear(input_size):
-    """A linear model with `input_size` features, as a list of one (weight, bias)
-    pair: weight (input_size, 1) and bias (1, 1), all zeros. For a linear model any
-    start works: its error surface is a single bowl with one lowest point."""
-    return [(np.zeros((input_size, 1)), np.zeros((1, 1)))]
-
-
-def start_from_mean(layers, targets):
-    """Set the last layer's bias to the average target, so training starts from the
-    sensible guess "every day is an average day" instead of from 0 °F, and the
-    weights only have to learn the differences from the average."""
-    weight, bias = layers[-1]
-    return [*layers[:-1], (weight, bias + targets.mean())]
-
-
-def linear_forward(layers, inputs):
-    """Predictions of shape (rows, 1) for `inputs` of shape (rows, features), and the
-    cache the backward pass needs."""
-    (weight, bias), = layers
-    return inputs @ weight + bias, inputs
-
-
-def linear_backward(layers, cache, output_grad):
-    """Gradients of the loss with respect to the weight and bias, given the cache of
-    `linear_forward` and `output_grad`, the loss's gradient with respect to each
-    prediction (rows, 1). Returns a list of one (weight_grad, bias_grad) pair."""
-    inputs = cache
-    return [(inputs.T @ output_grad, output_grad.sum(axis=0, keepdims=True))]
+if __name__ == "__main__":
+    ARGS = chapter_args()
+    started = time.perf_counter()
+    dates, table, source = load_weather(ARGS.data, ARGS.seed)
+    if len(table) < 20:
+        raise DataError(f"weather data from {source} has only {len(table)} days; the "
+                        f"chapter needs at least 20")
+    inputs, targets = table[:, :3], table[:, 3:]
+    (train_raw, train_targets), (valid_raw, valid_targets), (test_raw, test_targets) = \
+        split_data(inputs, targets)
+    train_inputs, valid_inputs, test_inputs = standardise(train_raw, valid_raw, test_raw)
+    print(f"weather: {len(table)} days from {source} ({dates[0]} to {dates[-1]}); "
+          f"{len(train_raw)} train, {len(valid_raw)} valid, {len(test_raw)} test")
+    figures = {"chapter": CHAPTER, "source": source}
 
 
 # %% [markdown]
@@ -384,6 +510,7 @@ def linear_backward(layers, cache, output_grad):
 #
 # This "central difference" is accurate to about h^2. It costs two loss evaluations
 # per number, far too slow for training, but perfect for checking a few rows.
+
 
 # %%
 def numerical_gradient(loss_of, array, step=1e-6):
@@ -418,6 +545,14 @@ def gradient_error(layers, inputs, targets):
             largest = max(largest, float(np.abs(numeric).max()))
     return worst / largest
 
+if __name__ == "__main__":
+    # On a few rows and a model that is not at its optimum (there the gradient is
+    # zero, an easy case).
+    rng = np.random.default_rng(ARGS.seed)
+    probe = [(rng.normal(size=(3, 1)), rng.normal(size=(1, 1)))]
+    check = gradient_error(probe, train_inputs[:8], train_targets[:8])
+    print(f"gradient check: largest relative difference from finite differences {check:.1e}")
+
 
 # %% [markdown]
 # ## Training: gradient descent on mini-batches
@@ -437,6 +572,7 @@ def gradient_error(layers, inputs, targets):
 # training progress and spot a learning rate that makes the loss blow up: when it
 # overflows, or grows past any error a thermometer could make, training stops and
 # reports it.
+
 
 # %%
 def diverged(loss):
@@ -487,6 +623,7 @@ def evaluate(layers, inputs, targets):
 # inputs so that the last weight it finds is the bias. Gradient descent should land
 # close to this answer; a gap means too few epochs, a poor learning rate, or a bug.
 
+
 # %%
 def least_squares(inputs, targets):
     """The exact MSE-minimising linear model, as a list of one (weight, bias) pair."""
@@ -498,6 +635,15 @@ def least_squares(inputs, targets):
     with_ones = np.hstack([inputs, np.ones((len(inputs), 1))])
     solution = np.linalg.lstsq(with_ones, targets, rcond=None)[0]
     return [(solution[:-1], solution[-1:])]
+
+if __name__ == "__main__":
+    # Two baselines, so every later figure has something to beat: "tomorrow will be
+    # like today" and the exact least-squares line.
+    persistence_mae = mae(test_raw[:, :1], test_targets)
+    closed_form = least_squares(train_inputs, train_targets)
+    closed_form_mae = evaluate(closed_form, test_inputs, test_targets)
+    print(f"test MAE of 'tomorrow = today': {persistence_mae:.2f} °F; "
+          f"of least squares: {closed_form_mae:.2f} °F")
 
 
 # %% [markdown]
@@ -518,6 +664,7 @@ def least_squares(inputs, targets):
 #
 # Every run starts from the same model and the same shuffling (the same seed), so
 # the differences come from the setting being varied and nothing else.
+
 
 # %%
 def fresh_model(train_set):
@@ -545,55 +692,68 @@ def format_cell(value):
     """A table cell: a figure to two decimals, or "diverged"."""
     return f"{value:>12.2f}" if value is not None else f"{'diverged':>12}"
 
+if __name__ == "__main__":
+    learning_rates = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+    sweep_epochs = 1 if ARGS.quick else 3
+    table_of_rates = learning_rate_table(((train_raw, train_targets), (valid_raw, valid_targets)),
+                                         ((train_inputs, train_targets),
+                                          (valid_inputs, valid_targets)),
+                                         learning_rates, sweep_epochs, ARGS.seed)
+    print(f"validation MAE (°F) after {sweep_epochs} epoch(s), batch 32:")
+    print(f"{'learning rate':>14}" + "".join(f"{rate:>12g}" for rate in learning_rates))
+    for name, row in table_of_rates.items():
+        print(f"{name:>14}" + "".join(format_cell(value) for value in row))
+
+    # With the same number of epochs (the same amount of arithmetic), small batches
+    # take many more steps.
+    print(f"\nbatch size, {sweep_epochs} epoch(s) at learning rate 0.01:")
+    for batch_size in (len(train_inputs), 256, 32):
+        _, history = train(fresh_model((train_inputs, train_targets)),
+                           (train_inputs, train_targets), (valid_inputs, valid_targets),
+                           0.01, sweep_epochs, batch_size, np.random.default_rng(ARGS.seed))
+        steps = sweep_epochs * -(-len(train_inputs) // batch_size)
+        print(f"  batch {batch_size:5d}: {steps:4d} steps, validation MAE {history[-1][1]:.2f} °F")
+
 
 # %% [markdown]
-# ## Plots
+# ## The final model
 #
-# Two pictures: the training loss epoch by epoch (it should fall quickly, then
-# flatten), and predicted against true temperatures on the test days (a perfect
-# model would put every point on the diagonal).
+# One more training run with the chosen settings (`--epochs`, `--learning-rate`,
+# `--batch-size`), then the test days, used for the first time, and the weights it
+# learned beside the exact answer's.
+
 
 # %%
-def save_plots(out_dir, history, predictions, targets):
-    """Save the loss curve and the predictions plot as PNGs in `out_dir`; without
-    matplotlib, print a compact text view instead. Returns the files written."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed, so no plots; a text view instead:")
-        for low in range(20, 110, 10):
-            chosen = (targets[:, 0] >= low) & (targets[:, 0] < low + 10)
-            if chosen.any():
-                print(f"  true {low:3d}-{low + 9:3d} °F: {chosen.sum():5d} days, "
-                      f"mean prediction {predictions[chosen].mean():6.1f} °F")
-        return []
-    os.makedirs(out_dir, exist_ok=True)
-    loss_path = os.path.join(out_dir, f"{CHAPTER}_loss.png")
-    figure, axis = plt.subplots(figsize=(6, 4))
-    axis.plot(range(1, len(history) + 1), [loss for loss, _ in history], marker="o")
-    axis.set(xlabel="epoch", ylabel="training MSE (°F²)", title="Training loss")
-    figure.tight_layout()
-    figure.savefig(loss_path, dpi=100)
-    plt.close(figure)
-    scatter_path = os.path.join(out_dir, f"{CHAPTER}_predictions.png")
-    figure, axis = plt.subplots(figsize=(5, 5))
-    axis.scatter(targets[:, 0], predictions[:, 0], s=2, alpha=0.4)
-    low, high = float(targets.min()), float(targets.max())
-    axis.plot([low, high], [low, high], color="black", linewidth=1)
-    axis.set(xlabel="true tmax tomorrow (°F)", ylabel="predicted (°F)",
-             title="Test days")
-    figure.tight_layout()
-    figure.savefig(scatter_path, dpi=100)
-    plt.close(figure)
-    return [loss_path, scatter_path]
+if __name__ == "__main__":
+    print(f"training: {ARGS.epochs} epochs, learning rate {ARGS.learning_rate:g}, "
+          f"batch {ARGS.batch_size}")
+    layers, history = train(fresh_model((train_inputs, train_targets)),
+                            (train_inputs, train_targets), (valid_inputs, valid_targets),
+                            ARGS.learning_rate, ARGS.epochs, ARGS.batch_size,
+                            np.random.default_rng(ARGS.seed))
+    for epoch, (loss, valid_mae) in enumerate(history, start=1):
+        if epoch in (1, len(history)) or epoch % max(1, len(history) // 5) == 0:
+            print(f"  epoch {epoch:3d}: train MSE {loss:9.2f}, validation MAE {valid_mae:.2f} °F")
+    if diverged(history[-1][0]):
+        raise DataError(f"training diverged at learning rate {ARGS.learning_rate:g}; "
+                        f"try a smaller --learning-rate")
+    test_mae = evaluate(layers, test_inputs, test_targets)
+    (weight, bias), = layers
+    print(f"learned weights (per standard deviation of tmax, tmin, rain): "
+          f"{np.round(weight[:, 0], 2).tolist()}, bias {bias[0, 0]:.2f}")
+    print(f"least-squares weights:                                        "
+          f"{np.round(closed_form[0][0][:, 0], 2).tolist()}, bias {closed_form[0][1][0, 0]:.2f}")
+    print(f"test MAE: gradient descent {test_mae:.2f} °F, least squares "
+          f"{closed_form_mae:.2f} °F, 'tomorrow = today' {persistence_mae:.2f} °F")
+    for path in save_plots(ARGS.out, history, linear_forward(layers, test_inputs)[0],
+                           test_targets):
+        print(f"saved {path}")
 
 
 # %% [markdown]
 # ## Reading the results
 #
-# What a run of this chapter shows, on the real table and on the generated one:
+# What a run of this chapter shows (above), on the real table and on the generated one:
 #
 # * **Learning rate.** On standardised features, rates from 0.001 to 0.1 all come
 #   within about a tenth of a degree of each other; 0.0001 is still crawling after
@@ -612,136 +772,11 @@ def save_plots(out_dir, history, predictions, targets):
 #
 # A straight line can only go so far: chapter 03 adds hidden layers.
 
-# %% [markdown]
-# ## Running the chapter
-#
-# Every chapter shares this command line: `--seed` for repeatable runs, `--data` for a
-# local copy of the data, `--quick` for a run of a few seconds (used by the tests) and
-# `--out` for where files are written. Its last line of output is `summary:` and a
-# line of JSON with the chapter's headline figures, so scripts and tests can read it.
-#
-# This chapter adds `--epochs`, `--learning-rate` and `--batch-size` for the final
-# training run; bad values are refused before any work starts.
-
 
 # %%
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--data", default=None,
-                        help="path of a local weather CSV (default: download, else generate)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a run of a few seconds, for tests and a first look")
-    parser.add_argument("--out", default="out", help="folder for plots (default out/)")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="epochs of the final training run (default 20, --quick 5)")
-    parser.add_argument("--learning-rate", type=float, default=0.01,
-                        help="step size of gradient descent (default 0.01)")
-    parser.add_argument("--batch-size", type=int, default=32,
-                        help="rows per mini-batch (default 32)")
-    args = parser.parse_args(argv)
-    if args.epochs is None:
-        args.epochs = 5 if args.quick else 20
-    if args.epochs < 1:
-        raise DataError(f"--epochs must be at least 1, not {args.epochs}")
-    if not (args.learning_rate > 0 and np.isfinite(args.learning_rate)):
-        raise DataError(f"--learning-rate must be a positive number, not {args.learning_rate}")
-    if args.batch_size < 1:
-        raise DataError(f"--batch-size must be at least 1, not {args.batch_size}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise DataError(f"--out {args.out} is a file; give a folder for the plots")
-    return args
-
-
-def print_summary(figures):
-    """The chapter's last line: `summary: ` and its headline figures as JSON."""
-    print("summary: " + json.dumps(figures))
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    started = time.perf_counter()
-    dates, table, source = load_weather(args.data, args.seed)
-    if len(table) < 20:
-        raise DataError(f"weather data from {source} has only {len(table)} days; the "
-                        f"chapter needs at least 20")
-    inputs, targets = table[:, :3], table[:, 3:]
-    (train_raw, train_targets), (valid_raw, valid_targets), (test_raw, test_targets) = \
-        split_data(inputs, targets)
-    print(f"weather: {len(table)} days from {source} ({dates[0]} to {dates[-1]}); "
-          f"{len(train_raw)} train, {len(valid_raw)} valid, {len(test_raw)} test")
-
-    # Two baselines first, so every later figure has something to beat: "tomorrow
-    # will be like today" and the exact least-squares line.
-    train_inputs, valid_inputs, test_inputs = standardise(train_raw, valid_raw, test_raw)
-    persistence_mae = mae(test_raw[:, :1], test_targets)
-    closed_form = least_squares(train_inputs, train_targets)
-    closed_form_mae = evaluate(closed_form, test_inputs, test_targets)
-    print(f"test MAE of 'tomorrow = today': {persistence_mae:.2f} °F; "
-          f"of least squares: {closed_form_mae:.2f} °F")
-
-    # The hand-written gradient against finite differences, on a few rows and a model
-    # that is not at its optimum (there the gradient is zero, an easy case).
-    rng = np.random.default_rng(args.seed)
-    probe = [(rng.normal(size=(3, 1)), rng.normal(size=(1, 1)))]
-    check = gradient_error(probe, train_inputs[:8], train_targets[:8])
-    print(f"gradient check: largest relative difference from finite differences {check:.1e}")
-
-    # Learning rate against normalisation: the same training, on raw and on
-    # standardised features, with learning rates a factor of ten apart.
-    learning_rates = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
-    sweep_epochs = 1 if args.quick else 3
-    table_of_rates = learning_rate_table(((train_raw, train_targets), (valid_raw, valid_targets)),
-                                         ((train_inputs, train_targets),
-                                          (valid_inputs, valid_targets)),
-                                         learning_rates, sweep_epochs, args.seed)
-    print(f"\nvalidation MAE (°F) after {sweep_epochs} epoch(s), batch 32:")
-    print(f"{'learning rate':>14}" + "".join(f"{rate:>12g}" for rate in learning_rates))
-    for name, row in table_of_rates.items():
-        print(f"{name:>14}" + "".join(format_cell(value) for value in row))
-
-    # Batch size: with the same number of epochs (the same amount of arithmetic), small
-    # batches take many more steps.
-    print(f"\nbatch size, {sweep_epochs} epoch(s) at learning rate 0.01:")
-    for batch_size in (len(train_inputs), 256, 32):
-        _, history = train(fresh_model((train_inputs, train_targets)),
-                           (train_inputs, train_targets), (valid_inputs, valid_targets),
-                           0.01, sweep_epochs, batch_size, np.random.default_rng(args.seed))
-        steps = sweep_epochs * -(-len(train_inputs) // batch_size)
-        print(f"  batch {batch_size:5d}: {steps:4d} steps, validation MAE {history[-1][1]:.2f} °F")
-
-    # The final model, with the chosen settings.
-    print(f"\ntraining: {args.epochs} epochs, learning rate {args.learning_rate:g}, "
-          f"batch {args.batch_size}")
-    layers, history = train(fresh_model((train_inputs, train_targets)),
-                            (train_inputs, train_targets), (valid_inputs, valid_targets),
-                            args.learning_rate, args.epochs, args.batch_size,
-                            np.random.default_rng(args.seed))
-    for epoch, (loss, valid_mae) in enumerate(history, start=1):
-        if epoch in (1, len(history)) or epoch % max(1, len(history) // 5) == 0:
-            print(f"  epoch {epoch:3d}: train MSE {loss:9.2f}, validation MAE {valid_mae:.2f} °F")
-    if diverged(history[-1][0]):
-        raise DataError(f"training diverged at learning rate {args.learning_rate:g}; "
-                        f"try a smaller --learning-rate")
-    test_mae = evaluate(layers, test_inputs, test_targets)
-    (weight, bias), = layers
-    print(f"learned weights (per standard deviation of tmax, tmin, rain): "
-          f"{np.round(weight[:, 0], 2).tolist()}, bias {bias[0, 0]:.2f}")
-    print(f"least-squares weights:                                        "
-          f"{np.round(closed_form[0][0][:, 0], 2).tolist()}, bias {closed_form[0][1][0, 0]:.2f}")
-    print(f"test MAE: gradient descent {test_mae:.2f} °F, least squares "
-          f"{closed_form_mae:.2f} °F, 'tomorrow = today' {persistence_mae:.2f} °F")
-    for path in save_plots(args.out, history, linear_forward(layers, test_inputs)[0],
-                           test_targets):
-        print(f"saved {path}")
-    print_summary({"chapter": CHAPTER, "source": source, "test_mae": round(test_mae, 3),
+if __name__ == "__main__":
+    print_summary({**figures, "test_mae": round(test_mae, 3),
                    "closed_form_mae": round(closed_form_mae, 3),
                    "persistence_mae": round(persistence_mae, 3),
                    "gradient_error": float(f"{check:.1e}"),
                    "seconds": round(time.perf_counter() - started, 1)})
-
-
-if __name__ == "__main__":
-    report_data_errors()
-    main(shlex.split(os.environ.get("ZERO_TO_GPT_ARGS", "")) if in_notebook() else None)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_clean_error, load_chapter, run_chapter
+from conftest import assert_clean_error, load_chapter, run_as_script, run_chapter
 
 chapter = load_chapter("02_linreg")
 
@@ -228,8 +228,9 @@ def test_bad_data_file_gives_one_clear_sentence(tmp_path, content, words):
 def test_too_short_a_table_is_refused(tmp_path):
     rows = "".join(f"1970-01-{day:02d},60,40,0,61\n" for day in range(1, 6))
     path = write(tmp_path, ",tmax,tmin,rain,tmax_tomorrow\n" + rows)
-    with pytest.raises(chapter.DataError, match="at least 20"):
-        chapter.main(["--quick", "--data", path, "--out", str(tmp_path / "out")])
+    with pytest.raises(Exception, match="at least 20") as refused:
+        run_as_script("02_linreg", "--quick", "--data", path, "--out", tmp_path / "out")
+    assert type(refused.value).__name__ == "DataError"
 
 
 @pytest.mark.parametrize("flags, word", [
