@@ -39,22 +39,248 @@ import numpy as np
 
 CHAPTER = "03_dense"
 
+
 # %% [markdown]
-# ## The weather table
+# ## Measuring the error
+#
+# A model's prediction for a day is a number of degrees; the truth is another. We
+# need one number that says how wrong a whole set of predictions is.
+#
+# * The **mean absolute error** (MAE) is the average distance between prediction and
+#   truth, in °F. It is what we report, because a learner can read it directly:
+#   "off by 3.5 degrees on a typical day".
+# * The **mean squared error** (MSE) averages the *squared* distances. It is what we
+#   train on, because its slope is simple and smooth everywhere (the absolute value
+#   has a kink at zero), and it punishes a few big misses more than many small ones.
+#
+# For predictions $p_i$ and targets $t_i$ over $n$ numbers:
+#
+#     MSE = (1/n) * sum_i (p_i - t_i)^2        MAE = (1/n) * sum_i |p_i - t_i|
+#
+# Gradient descent needs to know how the MSE changes when one prediction changes.
+# Only one term of the sum contains $p_i$, and the derivative of $(p_i - t_i)^2$ is
+# $2 (p_i - t_i)$, so
+#
+#     d MSE / d p_i = 2 * (p_i - t_i) / n
+#
+# That is `mse_grad`: one number per prediction, positive when the prediction is too
+# high (so it should go down), negative when it is too low.
+
+
+# %%
+def mse(predictions, targets):
+    """Mean squared error: the average of (prediction - target)^2."""
+    return float(np.mean((predictions - targets) ** 2))
+
+
+def mae(predictions, targets):
+    """Mean absolute error: the average distance between prediction and target."""
+    return float(np.mean(np.abs(predictions - targets)))
+
+
+def mse_grad(predictions, targets):
+    """The gradient of `mse` with respect to each prediction: 2 (p - t) / n."""
+    return 2 * (predictions - targets) / predictions.size
+
+
+# %% [markdown]
+# ## Normalising the features
+#
+# Our three features live on very different scales: `tmax` is around 60, `tmin`
+# around 45, `rain` mostly 0 with the odd 0.5. Gradient descent moves every weight
+# with the same learning rate, and a weight's gradient is proportional to the size
+# of its feature (see the derivation below: the gradient for weight j sums
+# feature j times the error). So the temperature weights get huge gradients and the
+# rain weight a tiny one: a learning rate small enough not to blow up the
+# temperatures leaves rain almost untouched.
+#
+# The cure is to **standardise** each feature: subtract its mean and divide by its
+# standard deviation, so every column has mean 0 and spread 1. We measure the mean
+# and spread on the *training* rows only and apply the same numbers to validation
+# and test rows: the model must not learn anything, not even an average, from the
+# days it will be tested on.
+
+
+# %%
+def standardise(train, *others):
+    """Scale every column of `train` to mean 0 and standard deviation 1, and apply the
+    same shift and scale (measured on `train` only) to each array in `others`.
+    Returns the scaled arrays in the order given. A constant column (spread 0) is only
+    shifted, never divided by zero."""
+    mean = train.mean(axis=0)
+    spread = train.std(axis=0)
+    spread = np.where(spread > 0, spread, 1.0)
+    return tuple((array - mean) / spread for array in (train, *others))
+
+
+# %% [markdown]
+# ## The model: a dense network
+#
+# Chapter 02's linear model predicts with one weighted sum. Its weakness is that it
+# can only draw a flat surface: doubling a feature's change always doubles its
+# effect, whatever the season or the other features. A **dense network** stacks
+# several weighted sums (**layers**), and between them bends the numbers with a
+# simple non-linear function, so the whole can follow curves.
+#
+# Each layer is the linear model of chapter 02 with more outputs: `inputs @ weight +
+# bias`, where weight has shape (inputs, outputs) and bias (1, outputs). With layer
+# sizes [3, 32, 32, 1] the first layer turns each day's 3 features into 32 numbers
+# (the **hidden units**), the second turns those 32 into 32 more, and the last into
+# one prediction. We keep the parameters as a list of `(weight, bias)` pairs, one per
+# layer, the same shape as in chapter 02, so the training loop barely changes.
+#
+# **Why a bend is needed.** Two linear layers in a row are still one linear layer:
+# `(x @ W1) @ W2 = x @ (W1 @ W2)`. So after every hidden layer we apply the
+# **ReLU** ("rectified linear unit"), `relu(z) = max(z, 0)`: it keeps positive
+# numbers and zeros negative ones. Each hidden unit then switches on for some days
+# and off for others, and the network adds up these pieces into a curved answer.
+# The last layer has no ReLU: a temperature may be any number.
+
+
+# %%
+def relu(x):
+    """The rectified linear unit: x where x > 0, else 0, elementwise."""
+    return np.maximum(x, 0)
+
+
+# %% [markdown]
+# ## Initialisation
+#
+# A linear model could start from zeros. A network cannot: if every hidden unit
+# starts with the same weights, every one computes the same number and receives the
+# same gradient, and they stay identical copies for ever. So weights start random.
+#
+# How large? Take one unit of a layer with `n` inputs $a_j$ and weights $w_j$ drawn
+# independently with mean 0 and variance $v$: its pre-activation $z = \sum_j a_j w_j$
+# has variance $n \, v \, E[a^2]$. If the inputs came out of a ReLU whose own input
+# was symmetric around 0 with variance $s^2$, half of them are zeroed and
+# $E[a^2] = s^2 / 2$. To keep the variance the same from layer to layer we need
+# $n \, v / 2 = 1$, that is $v = 2 / n$: weights drawn from a normal distribution with
+# standard deviation $\sqrt{2 / n}$. This is **He initialisation** (He et al., 2015).
+# Too small and the signal shrinks layer after layer until the output and all the
+# gradients are nearly zero; too large and it grows until the numbers overflow. The
+# experiment below measures both. Biases start at zero.
+
+
+# %%
+def init_dense(layer_sizes, rng):
+    """A dense network with the given layer sizes, e.g. [3, 32, 32, 1], as a list of
+    (weight, bias) pairs: weight (inputs, outputs) drawn from a normal distribution
+    with standard deviation sqrt(2 / inputs) (He initialisation), bias (1, outputs)
+    zeros."""
+    return [(rng.normal(0.0, np.sqrt(2.0 / inputs), size=(inputs, outputs)),
+             np.zeros((1, outputs)))
+            for inputs, outputs in zip(layer_sizes[:-1], layer_sizes[1:])]
+
+
+def start_from_mean(layers, targets):
+    """Set the last layer's bias to the average target, so training starts from the
+    sensible guess "every day is an average day" instead of from 0 °F, and the
+    weights only have to learn the differences from the average."""
+    weight, bias = layers[-1]
+    return [*layers[:-1], (weight, bias + targets.mean())]
+
+
+# %% [markdown]
+# ## Forward pass
+#
+# The forward pass runs the layers in order. For layer k, with input $a_{k-1}$ (the
+# features for the first layer):
+#
+#     z_k = a_{k-1} @ W_k + b_k          the pre-activation, (rows, outputs)
+#     a_k = relu(z_k)                    except after the last layer: a_K = z_K
+#
+# It keeps, for every layer, its input and its pre-activation in the `cache`: the
+# backward pass needs exactly these two.
+
+
+# %%
+def dense_forward(layers, inputs):
+    """Run `inputs` (rows, features) through the network. Returns the outputs (rows,
+    last layer size) and the cache: one (layer input, pre-activation) pair a layer."""
+    cache = []
+    activations = inputs
+    for index, (weight, bias) in enumerate(layers):
+        pre_activation = activations @ weight + bias
+        cache.append((activations, pre_activation))
+        is_last = index == len(layers) - 1
+        activations = pre_activation if is_last else relu(pre_activation)
+    return activations, cache
+
+
+# %% [markdown]
+# ## Backward pass: backpropagation by hand
+#
+# We need the gradient of the loss with respect to every weight and bias. The chain
+# rule lets us get all of them in one sweep from the output back to the input,
+# reusing at each layer what the layer above computed. That sweep is
+# **backpropagation**.
+#
+# Start with $G_K$ = d loss / d output (from `mse_grad`, shape (rows, 1)). Walking
+# back through layer k, given $G$ = d loss / d a_k of shape (rows, outputs):
+#
+# 1. Through the ReLU: $a = \max(z, 0)$ has slope 1 where $z > 0$ and 0 elsewhere,
+#    so d loss / d z_k = G * (z_k > 0), elementwise (the last layer has no ReLU: its
+#    gradient passes unchanged). Units that were off let no gradient through.
+# 2. Into the weights: exactly chapter 02's linear-model gradient, with this layer's
+#    input in place of the features: d loss / d W_k = a_{k-1}.T @ dz, shape (inputs,
+#    outputs); d loss / d b_k = dz summed over the rows, shape (1, outputs).
+# 3. Into the layer's input, for the layer below: $z = a W + b$, so each input
+#    $a_{ij}$ reaches every output $z_{il}$ with weight $W_{jl}$, and
+#    d loss / d a_{k-1} = dz @ W_k.T, shape (rows, inputs).
+#
+# Step 3 hands a new $G$ to the next layer down, and the loop repeats. Each gradient
+# has the same shape as the parameter it belongs to, which is a quick check on the
+# maths.
+
+
+# %%
+def dense_backward(layers, cache, output_grad):
+    """Backpropagation: given `cache` from `dense_forward` and `output_grad`, the
+    loss's gradient with respect to the network's outputs, return one (weight_grad,
+    bias_grad) pair per layer, in the order of `layers`."""
+    gradients = []
+    grad = output_grad
+    for index in reversed(range(len(layers))):
+        weight, _ = layers[index]
+        layer_inputs, pre_activation = cache[index]
+        if index < len(layers) - 1:
+            grad = grad * (pre_activation > 0)       # back through the ReLU
+        gradients.append((layer_inputs.T @ grad, grad.sum(axis=0, keepdims=True)))
+        grad = grad @ weight.T                       # on to the layer below
+    return gradients[::-1]
+
+
+# %% [markdown]
+# ## Set-up: flags, data and plots (not the lesson)
+#
+# The code in this section is what the chapter needs but does not teach; in a
+# notebook its cells open collapsed. Every chapter shares its command line: `--seed`
+# for repeatable runs, `--data` for a local copy of the data, `--quick` for a run of
+# a few seconds (used by the tests) and `--out` for where files are written; this one
+# adds `--hidden-sizes`, `--epochs`, `--learning-rate` and `--batch-size` for the
+# final training run,
+# and refuses bad values before any work starts. In a notebook the flags come from
+# the environment variable `ZERO_TO_GPT_ARGS`. The last line of output is `summary:`
+# and a line of JSON with the chapter's headline figures.
 #
 # Every weather chapter (01-08) reads the same table: one row a day, from
 # 1970-01-01 to 2022-11-26, with the day's highest temperature (`tmax`, °F), lowest
 # temperature (`tmin`, °F), rainfall (`rain`, inches) and the next day's highest
-# temperature (`tmax_tomorrow`), the number we learn to predict.
+# temperature (`tmax_tomorrow`), the number we learn to predict. The loader is
+# carried unchanged from chapter to chapter. It downloads the table once into
+# `data/`, checks it against a recorded SHA-256 digest (so a truncated or tampered
+# download is never used), and writes it to a temporary file that is renamed into
+# place only when complete, so an interrupted download never leaves half a file
+# behind. Without a network it generates a stand-in table of the same shape, so the
+# chapter still runs; it says so in one line.
 #
-# The loader below is carried unchanged from chapter to chapter. It downloads the
-# table once into `data/`, checks it against a recorded SHA-256 digest (so a
-# truncated or tampered download is never used), and writes it to a temporary file
-# that is renamed into place only when complete, so an interrupted download never
-# leaves half a file behind. Without a network it generates a stand-in table of the
-# same shape, so the chapter still runs; it says so in one line.
+# The plots are two pictures: the training loss epoch by epoch (it should fall
+# quickly, then flatten), and predicted against true temperatures on the test days (a
+# perfect model would put every point on the diagonal).
 
-# %%
+
+# %% jupyter={"source_hidden": true}
 WEATHER_URL = ("https://raw.githubusercontent.com/VikParuchuri/zero_to_gpt/"
                "master/data/clean_weather.csv")
 WEATHER_SHA256 = "70d75ac02ccf0c0f45aed0077919fee302c6428b9f3c3401aadf090b0f6dfc8c"
@@ -63,6 +289,7 @@ FEATURES = ["tmax", "tmin", "rain"]     # what the models see
 TARGET = "tmax_tomorrow"                # what they predict
 
 
+# %% jupyter={"source_hidden": true}
 class DataError(Exception):
     """A problem with the input that the user can fix. A script run ends with its one
     sentence (`error: ...`) and exit code 2; a notebook shows the sentence alone."""
@@ -93,6 +320,24 @@ def report_data_errors():
     sys.excepthook = exit_with_sentence
 
 
+def chapter_args():
+    """This run's flags: the command line in a script; in a notebook, which has the
+    kernel's command line instead, the environment variable ZERO_TO_GPT_ARGS."""
+    report_data_errors()
+    if in_notebook():
+        return parse_args(shlex.split(os.environ.get("ZERO_TO_GPT_ARGS", "")))
+    return parse_args()
+
+
+def show_figure(figure, path):
+    """Save a matplotlib figure as a PNG at `path`; in a notebook, also show it here."""
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    if in_notebook():
+        from IPython.display import Image, display
+        display(Image(filename=path))
+
+
+# %% jupyter={"source_hidden": true}
 def sha256_of(path):
     """The SHA-256 digest of a file, read in 1 MiB pieces so big files fit in memory."""
     digest = hashlib.sha256()
@@ -244,209 +489,98 @@ def split_data(inputs, targets, train_fraction=0.7, valid_fraction=0.15):
             (inputs[valid_end:], targets[valid_end:]))
 
 
-# %% [markdown]
-# ## Measuring the error
-#
-# A model's prediction for a day is a number of degrees; the truth is another. We
-# need one number that says how wrong a whole set of predictions is.
-#
-# * The **mean absolute error** (MAE) is the average distance between prediction and
-#   truth, in °F. It is what we report, because a learner can read it directly:
-#   "off by 3.5 degrees on a typical day".
-# * The **mean squared error** (MSE) averages the *squared* distances. It is what we
-#   train on, because its slope is simple and smooth everywhere (the absolute value
-#   has a kink at zero), and it punishes a few big misses more than many small ones.
-#
-# For predictions $p_i$ and targets $t_i$ over $n$ numbers:
-#
-#     MSE = (1/n) * sum_i (p_i - t_i)^2        MAE = (1/n) * sum_i |p_i - t_i|
-#
-# Gradient descent needs to know how the MSE changes when one prediction changes.
-# Only one term of the sum contains $p_i$, and the derivative of $(p_i - t_i)^2$ is
-# $2 (p_i - t_i)$, so
-#
-#     d MSE / d p_i = 2 * (p_i - t_i) / n
-#
-# That is `mse_grad`: one number per prediction, positive when the prediction is too
-# high (so it should go down), negative when it is too low.
+# %% jupyter={"source_hidden": true}
+def save_plots(out_dir, history, predictions, targets):
+    """Save the loss curve and the predictions plot as PNGs in `out_dir`; without
+    matplotlib, print a compact text view instead. Returns the files written."""
+    try:
+        import matplotlib
+        if not in_notebook():
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed, so no plots; a text view instead:")
+        for low in range(20, 110, 10):
+            chosen = (targets[:, 0] >= low) & (targets[:, 0] < low + 10)
+            if chosen.any():
+                print(f"  true {low:3d}-{low + 9:3d} °F: {chosen.sum():5d} days, "
+                      f"mean prediction {predictions[chosen].mean():6.1f} °F")
+        return []
+    os.makedirs(out_dir, exist_ok=True)
+    loss_path = os.path.join(out_dir, f"{CHAPTER}_loss.png")
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.plot(range(1, len(history) + 1), [loss for loss, _ in history], marker="o")
+    axis.set(xlabel="epoch", ylabel="training MSE (°F²)", title="Training loss")
+    figure.tight_layout()
+    show_figure(figure, loss_path)
+    plt.close(figure)
+    scatter_path = os.path.join(out_dir, f"{CHAPTER}_predictions.png")
+    figure, axis = plt.subplots(figsize=(5, 5))
+    axis.scatter(targets[:, 0], predictions[:, 0], s=2, alpha=0.4)
+    low, high = float(targets.min()), float(targets.max())
+    axis.plot([low, high], [low, high], color="black", linewidth=1)
+    axis.set(xlabel="true tmax tomorrow (°F)", ylabel="predicted (°F)",
+             title="Test days")
+    figure.tight_layout()
+    show_figure(figure, scatter_path)
+    plt.close(figure)
+    return [loss_path, scatter_path]
+
+
+# %% jupyter={"source_hidden": true}
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--data", default=None,
+                        help="path of a local weather CSV (default: download, else generate)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a run of a few seconds, for tests and a first look")
+    parser.add_argument("--out", default="out", help="folder for plots (default out/)")
+    parser.add_argument("--hidden-sizes", type=int, nargs="+", default=[32, 32],
+                        help="units in each hidden layer (default: 32 32)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs of the final training run (default 30, --quick 5)")
+    parser.add_argument("--learning-rate", type=float, default=0.001,
+                        help="step size of gradient descent (default 0.001)")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="rows per mini-batch (default 32)")
+    args = parser.parse_args(argv)
+    if args.epochs is None:
+        args.epochs = 5 if args.quick else 30
+    if min(args.hidden_sizes) < 1:
+        raise DataError(f"--hidden-sizes must all be at least 1, not {args.hidden_sizes}")
+    if args.epochs < 1:
+        raise DataError(f"--epochs must be at least 1, not {args.epochs}")
+    if not (args.learning_rate > 0 and np.isfinite(args.learning_rate)):
+        raise DataError(f"--learning-rate must be a positive number, not {args.learning_rate}")
+    if args.batch_size < 1:
+        raise DataError(f"--batch-size must be at least 1, not {args.batch_size}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise DataError(f"--out {args.out} is a file; give a folder for the plots")
+    return args
+
+
+def print_summary(figures):
+    """The chapter's last line: `summary: ` and its headline figures as JSON."""
+    print("summary: " + json.dumps(figures))
+
 
 # %%
-def mse(predictions, targets):
-    """Mean squared error: the average of (prediction - target)^2."""
-    return float(np.mean((predictions - targets) ** 2))
-
-
-def mae(predictions, targets):
-    """Mean absolute error: the average distance between prediction and target."""
-    return float(np.mean(np.abs(predictions - targets)))
-
-
-def mse_grad(predictions, targets):
-    """The gradient of `mse` with respect to each prediction: 2 (p - t) / n."""
-    return 2 * (predictions - targets) / predictions.size
-
-
-# %% [markdown]
-# ## Normalising the features
-#
-# Our three features live on very different scales: `tmax` is around 60, `tmin`
-# around 45, `rain` mostly 0 with the odd 0.5. Gradient descent moves every weight
-# with the same learning rate, and a weight's gradient is proportional to the size
-# of its feature (see the derivation below: the gradient for weight j sums
-# feature j times the error). So the temperature weights get huge gradients and the
-# rain weight a tiny one: a learning rate small enough not to blow up the
-# temperatures leaves rain almost untouched.
-#
-# The cure is to **standardise** each feature: subtract its mean and divide by its
-# standard deviation, so every column has mean 0 and spread 1. We measure the mean
-# and spread on the *training* rows only and apply the same numbers to validation
-# and test rows: the model must not learn anything, not even an average, from the
-# days it will be tested on.
-
-# %%
-def standardise(train, *others):
-    """Scale every column of `train` to mean 0 and standard deviation 1, and apply the
-    same shift and scale (measured on `train` only) to each array in `others`.
-    Returns the scaled arrays in the order given. A constant column (spread 0) is only
-    shifted, never divided by zero."""
-    mean = train.mean(axis=0)
-    spread = train.std(axis=0)
-    spread = np.where(spread > 0, spread, 1.0)
-    return tuple((array - mean) / spread for array in (train, *others))
-
-
-# %% [markdown]
-# ## The model: a dense network
-#
-# Chapter 02's linear model predicts with one weighted sum. Its weakness is that it
-# can only draw a flat surface: doubling a feature's change always doubles its
-# effect, whatever the season or the other features. A **dense network** stacks
-# several weighted sums (**layers**), and between them bends the numbers with a
-# simple non-linear function, so the whole can follow curves.
-#
-# Each layer is the linear model of chapter 02 with more outputs: `inputs @ weight +
-# bias`, where weight has shape (inputs, outputs) and bias (1, outputs). With layer
-# sizes [3, 32, 32, 1] the first layer turns each day's 3 features into 32 numbers
-# (the **hidden units**), the second turns those 32 into 32 more, and the last into
-# one prediction. We keep the parameters as a list of `(weight, bias)` pairs, one per
-# layer, the same shape as in chapter 02, so the training loop barely changes.
-#
-# **Why a bend is needed.** Two linear layers in a row are still one linear layer:
-# `(x @ W1) @ W2 = x @ (W1 @ W2)`. So after every hidden layer we apply the
-# **ReLU** ("rectified linear unit"), `relu(z) = max(z, 0)`: it keeps positive
-# numbers and zeros negative ones. Each hidden unit then switches on for some days
-# and off for others, and the network adds up these pieces into a curved answer.
-# The last layer has no ReLU: a temperature may be any number.
-
-# %%
-def relu(x):
-    """The rectified linear unit: x where x > 0, else 0, elementwise."""
-    return np.maximum(x, 0)
-
-
-# %% [markdown]
-# ## Initialisation
-#
-# A linear model could start from zeros. A network cannot: if every hidden unit
-# starts with the same weights, every one computes the same number and receives the
-# same gradient, and they stay identical copies for ever. So weights start random.
-#
-# How large? Take one unit of a layer with `n` inputs $a_j$ and weights $w_j$ drawn
-# independently with mean 0 and variance $v$: its pre-activation $z = \sum_j a_j w_j$
-# has variance $n \, v \, E[a^2]$. If the inputs came out of a ReLU whose own input
-# was symmetric around 0 with variance $s^2$, half of them are zeroed and
-# $E[a^2] = s^2 / 2$. To keep the variance the same from layer to layer we need
-# $n \, v / 2 = 1$, that is $v = 2 / n$: weights drawn from a normal distribution with
-# standard deviation $\sqrt{2 / n}$. This is **He initialisation** (He et al., 2015).
-# Too small and the signal shrinks layer after layer until the output and all the
-# gradients are nearly zero; too large and it grows until the numbers overflow. The
-# experiment below measures both. Biases start at zero.
-
-# %%
-def init_dense(layer_sizes, rng):
-    """A dense network with the given layer sizes, e.g. [3, 32, 32, 1], as a list of
-    (weight, bias) pairs: weight (inputs, outputs) drawn from a normal distribution
-    with standard deviation sqrt(2 / inputs) (He initialisation), bias (1, outputs)
-    zeros."""
-    return [(rng.normal(0.0, np.sqrt(2.0 / inputs), size=(inputs, outputs)),
-             np.zeros((1, outputs)))
-            for inputs, outputs in zip(layer_sizes[:-1], layer_sizes[1:])]
-
-
-def start_from_mean(layers, targets):
-    """Set the last layer's bias to the average target, so training starts from the
-    sensible guess "every day is an average day" instead of from 0 °F, and the
-    weights only have to learn the differences from the average."""
-    weight, bias = layers[-1]
-    return [*layers[:-1], (weight, bias + targets.mean())]
-
-
-# %% [markdown]
-# ## Forward pass
-#
-# The forward pass runs the layers in order. For layer k, with input $a_{k-1}$ (the
-# features for the first layer):
-#
-#     z_k = a_{k-1} @ W_k + b_k          the pre-activation, (rows, outputs)
-#     a_k = relu(z_k)                    except after the last layer: a_K = z_K
-#
-# It keeps, for every layer, its input and its pre-activation in the `cache`: the
-# backward pass needs exactly these two.
-
-# %%
-def dense_forward(layers, inputs):
-    """Run `inputs` (rows, features) through the network. Returns the outputs (rows,
-    last layer size) and the cache: one (layer input, pre-activation) pair a layer."""
-    cache = []
-    activations = inputs
-    for index, (weight, bias) in enumerate(layers):
-        pre_activation = activations @ weight + bias
-        cache.append((activations, pre_activation))
-        is_last = index == len(layers) - 1
-        activations = pre_activation if is_last else relu(pre_activation)
-    return activations, cache
-
-
-# %% [markdown]
-# ## Backward pass: backpropagation by hand
-#
-# We need the gradient of the loss with respect to every weight and bias. The chain
-# rule lets us get all of them in one sweep from the output back to the input,
-# reusing at each layer what the layer above computed. That sweep is
-# **backpropagation**.
-#
-# Start with $G_K$ = d loss / d output (from `mse_grad`, shape (rows, 1)). Walking
-# back through layer k, given $G$ = d loss / d a_k of shape (rows, outputs):
-#
-# 1. Through the ReLU: $a = \max(z, 0)$ has slope 1 where $z > 0$ and 0 elsewhere,
-#    so d loss / d z_k = G * (z_k > 0), elementwise (the last layer has no ReLU: its
-#    gradient passes unchanged). Units that were off let no gradient through.
-# 2. Into the weights: exactly chapter 02's linear-model gradient, with this layer's
-#    input in place of the features: d loss / d W_k = a_{k-1}.T @ dz, shape (inputs,
-#    outputs); d loss / d b_k = dz summed over the rows, shape (1, outputs).
-# 3. Into the layer's input, for the layer below: $z = a W + b$, so each input
-#    $a_{ij}$ reaches every output $z_{il}$ with weight $W_{jl}$, and
-#    d loss / d a_{k-1} = dz @ W_k.T, shape (rows, inputs).
-#
-# Step 3 hands a new $G$ to the next layer down, and the loop repeats. Each gradient
-# has the same shape as the parameter it belongs to, which is a quick check on the
-# maths.
-
-# %%
-def dense_backward(layers, cache, output_grad):
-    """Backpropagation: given `cache` from `dense_forward` and `output_grad`, the
-    loss's gradient with respect to the network's outputs, return one (weight_grad,
-    bias_grad) pair per layer, in the order of `layers`."""
-    gradients = []
-    grad = output_grad
-    for index in reversed(range(len(layers))):
-        weight, _ = layers[index]
-        layer_inputs, pre_activation = cache[index]
-        if index < len(layers) - 1:
-            grad = grad * (pre_activation > 0)       # back through the ReLU
-        gradients.append((layer_inputs.T @ grad, grad.sum(axis=0, keepdims=True)))
-        grad = grad @ weight.T                       # on to the layer below
-    return gradients[::-1]
+if __name__ == "__main__":
+    ARGS = chapter_args()
+    started = time.perf_counter()
+    dates, table, source = load_weather(ARGS.data, ARGS.seed)
+    if len(table) < 20:
+        raise DataError(f"weather data from {source} has only {len(table)} days; the "
+                        f"chapter needs at least 20")
+    inputs, targets = table[:, :3], table[:, 3:]
+    (train_raw, train_targets), (valid_raw, valid_targets), (test_raw, test_targets) = \
+        split_data(inputs, targets)
+    train_inputs, valid_inputs, test_inputs = standardise(train_raw, valid_raw, test_raw)
+    print(f"weather: {len(table)} days from {source} ({dates[0]} to {dates[-1]}); "
+          f"{len(train_raw)} train, {len(valid_raw)} valid, {len(test_raw)} test")
+    figures = {"chapter": CHAPTER, "source": source}
 
 
 # %% [markdown]
@@ -460,6 +594,7 @@ def dense_backward(layers, cache, output_grad):
 #
 # This "central difference" is accurate to about h^2. It costs two loss evaluations
 # per number, far too slow for training, but perfect for checking a few rows.
+
 
 # %%
 def numerical_gradient(loss_of, array, step=1e-6):
@@ -494,6 +629,14 @@ def gradient_error(layers, inputs, targets):
             largest = max(largest, float(np.abs(numeric).max()))
     return worst / largest
 
+if __name__ == "__main__":
+    # On a few rows and a model that is not at its optimum (there the gradient is
+    # zero, an easy case).
+    rng = np.random.default_rng(ARGS.seed)
+    probe = init_dense([3, *ARGS.hidden_sizes, 1], rng)
+    check = gradient_error(probe, train_inputs[:8], train_targets[:8])
+    print(f"gradient check: largest relative difference from finite differences {check:.1e}")
+
 
 # %% [markdown]
 # ## Training: gradient descent on mini-batches
@@ -513,6 +656,7 @@ def gradient_error(layers, inputs, targets):
 # training progress and spot a learning rate that makes the loss blow up: when it
 # overflows, or grows past any error a thermometer could make, training stops and
 # reports it.
+
 
 # %%
 def diverged(loss):
@@ -564,6 +708,7 @@ def evaluate(layers, inputs, targets):
 # the network below has to beat it: a network can represent every linear model (a
 # network with no hidden layer is one), so doing worse would mean poor training.
 
+
 # %%
 def least_squares(inputs, targets):
     """The exact MSE-minimising linear model, as a list of one (weight, bias) pair."""
@@ -575,6 +720,15 @@ def least_squares(inputs, targets):
     with_ones = np.hstack([inputs, np.ones((len(inputs), 1))])
     solution = np.linalg.lstsq(with_ones, targets, rcond=None)[0]
     return [(solution[:-1], solution[-1:])]
+
+if __name__ == "__main__":
+    # Two baselines, so every later figure has something to beat: "tomorrow will be
+    # like today" and the exact least-squares line.
+    persistence_mae = mae(test_raw[:, :1], test_targets)
+    closed_form = least_squares(train_inputs, train_targets)
+    closed_form_mae = evaluate(closed_form, test_inputs, test_targets)
+    print(f"test MAE of 'tomorrow = today': {persistence_mae:.2f} °F; "
+          f"of least squares: {closed_form_mae:.2f} °F")
 
 
 # %% [markdown]
@@ -591,6 +745,7 @@ def least_squares(inputs, targets):
 # Each layer multiplies the spread by about the factor, so after eight layers a
 # factor of 0.5 leaves 1/256 of the signal and a factor of 2 makes it 256 times
 # larger.
+
 
 # %%
 def fresh_model(train_set, hidden_sizes, rng):
@@ -610,55 +765,65 @@ def signal_spreads(layers, inputs):
     _, cache = dense_forward(layers, inputs)
     return [float(pre_activation.std()) for _, pre_activation in cache]
 
+if __name__ == "__main__":
+    sweep_epochs = 1 if ARGS.quick else 3
+    deep_sizes = [32] * 8
+    print(f"initial scale of a network with {len(deep_sizes)} hidden layers of "
+          f"{deep_sizes[0]}; spread of the pre-activations at layers 1, 4 and 8, and "
+          f"validation MAE after {sweep_epochs} epoch(s) at learning rate "
+          f"{ARGS.learning_rate:g}:")
+    for factor in (0.5, 1.0, 2.0):
+        deep = scale_weights(fresh_model((train_inputs, train_targets), deep_sizes,
+                                         np.random.default_rng(ARGS.seed)), factor)
+        spreads = signal_spreads(deep, train_inputs)
+        _, history = train(deep, (train_inputs, train_targets), (valid_inputs, valid_targets),
+                           ARGS.learning_rate, sweep_epochs, ARGS.batch_size,
+                           np.random.default_rng(ARGS.seed))
+        loss, valid_mae = history[-1]
+        outcome = "diverged" if diverged(loss) else f"{valid_mae:.2f} °F"
+        name = "He" if factor == 1.0 else f"{factor:g} x He"
+        print(f"  {name:>8}: spread {spreads[0]:9.3g} {spreads[3]:9.3g} {spreads[7]:9.3g}; "
+              f"validation MAE {outcome}")
+
 
 # %% [markdown]
-# ## Plots
+# ## The final model
 #
-# Two pictures: the training loss epoch by epoch (it should fall quickly, then
-# flatten), and predicted against true temperatures on the test days (a perfect
-# model would put every point on the diagonal).
+# One more training run with the chosen settings (`--hidden-sizes`, `--epochs`,
+# `--learning-rate`, `--batch-size`), then the test days, used for the first time,
+# against the straight line and "tomorrow = today".
+
 
 # %%
-def save_plots(out_dir, history, predictions, targets):
-    """Save the loss curve and the predictions plot as PNGs in `out_dir`; without
-    matplotlib, print a compact text view instead. Returns the files written."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed, so no plots; a text view instead:")
-        for low in range(20, 110, 10):
-            chosen = (targets[:, 0] >= low) & (targets[:, 0] < low + 10)
-            if chosen.any():
-                print(f"  true {low:3d}-{low + 9:3d} °F: {chosen.sum():5d} days, "
-                      f"mean prediction {predictions[chosen].mean():6.1f} °F")
-        return []
-    os.makedirs(out_dir, exist_ok=True)
-    loss_path = os.path.join(out_dir, f"{CHAPTER}_loss.png")
-    figure, axis = plt.subplots(figsize=(6, 4))
-    axis.plot(range(1, len(history) + 1), [loss for loss, _ in history], marker="o")
-    axis.set(xlabel="epoch", ylabel="training MSE (°F²)", title="Training loss")
-    figure.tight_layout()
-    figure.savefig(loss_path, dpi=100)
-    plt.close(figure)
-    scatter_path = os.path.join(out_dir, f"{CHAPTER}_predictions.png")
-    figure, axis = plt.subplots(figsize=(5, 5))
-    axis.scatter(targets[:, 0], predictions[:, 0], s=2, alpha=0.4)
-    low, high = float(targets.min()), float(targets.max())
-    axis.plot([low, high], [low, high], color="black", linewidth=1)
-    axis.set(xlabel="true tmax tomorrow (°F)", ylabel="predicted (°F)",
-             title="Test days")
-    figure.tight_layout()
-    figure.savefig(scatter_path, dpi=100)
-    plt.close(figure)
-    return [loss_path, scatter_path]
+if __name__ == "__main__":
+    layer_sizes = [3, *ARGS.hidden_sizes, 1]
+    print(f"training layers {layer_sizes}: {ARGS.epochs} epochs, learning rate "
+          f"{ARGS.learning_rate:g}, batch {ARGS.batch_size}")
+    layers, history = train(fresh_model((train_inputs, train_targets), ARGS.hidden_sizes,
+                                        np.random.default_rng(ARGS.seed)),
+                            (train_inputs, train_targets), (valid_inputs, valid_targets),
+                            ARGS.learning_rate, ARGS.epochs, ARGS.batch_size,
+                            np.random.default_rng(ARGS.seed))
+    for epoch, (loss, valid_mae) in enumerate(history, start=1):
+        if epoch in (1, len(history)) or epoch % max(1, len(history) // 5) == 0:
+            print(f"  epoch {epoch:3d}: train MSE {loss:9.2f}, validation MAE {valid_mae:.2f} °F")
+    if diverged(history[-1][0]):
+        raise DataError(f"training diverged at learning rate {ARGS.learning_rate:g}; "
+                        f"try a smaller --learning-rate")
+    test_mae = evaluate(layers, test_inputs, test_targets)
+    parameters = sum(weight.size + bias.size for weight, bias in layers)
+    print(f"the network has {parameters} parameters; the linear model had 4")
+    print(f"test MAE: network {test_mae:.2f} °F, least squares "
+          f"{closed_form_mae:.2f} °F, 'tomorrow = today' {persistence_mae:.2f} °F")
+    for path in save_plots(ARGS.out, history, dense_forward(layers, test_inputs)[0],
+                           test_targets):
+        print(f"saved {path}")
 
 
 # %% [markdown]
 # ## Reading the results
 #
-# What a run of this chapter shows:
+# What a run of this chapter shows (above):
 #
 # * **The check.** Backpropagation agrees with finite differences to about nine
 #   digits, layer by layer, so the hand-derived gradients are right.
@@ -676,136 +841,11 @@ def save_plots(out_dir, history, predictions, targets):
 # Chapter 04 keeps this network and changes what it predicts: a yes/no answer (will
 # it rain tomorrow?) and then one of many characters, the job a GPT does.
 
-# %% [markdown]
-# ## Running the chapter
-#
-# Every chapter shares this command line: `--seed` for repeatable runs, `--data` for a
-# local copy of the data, `--quick` for a run of a few seconds (used by the tests) and
-# `--out` for where files are written. Its last line of output is `summary:` and a
-# line of JSON with the chapter's headline figures, so scripts and tests can read it.
-#
-# This chapter adds `--hidden-sizes`, `--epochs`, `--learning-rate` and `--batch-size`
-# for the final training run; bad values are refused before any work starts.
-
 
 # %%
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--data", default=None,
-                        help="path of a local weather CSV (default: download, else generate)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a run of a few seconds, for tests and a first look")
-    parser.add_argument("--out", default="out", help="folder for plots (default out/)")
-    parser.add_argument("--hidden-sizes", type=int, nargs="+", default=[32, 32],
-                        help="units in each hidden layer (default: 32 32)")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="epochs of the final training run (default 30, --quick 5)")
-    parser.add_argument("--learning-rate", type=float, default=0.001,
-                        help="step size of gradient descent (default 0.001)")
-    parser.add_argument("--batch-size", type=int, default=32,
-                        help="rows per mini-batch (default 32)")
-    args = parser.parse_args(argv)
-    if args.epochs is None:
-        args.epochs = 5 if args.quick else 30
-    if min(args.hidden_sizes) < 1:
-        raise DataError(f"--hidden-sizes must all be at least 1, not {args.hidden_sizes}")
-    if args.epochs < 1:
-        raise DataError(f"--epochs must be at least 1, not {args.epochs}")
-    if not (args.learning_rate > 0 and np.isfinite(args.learning_rate)):
-        raise DataError(f"--learning-rate must be a positive number, not {args.learning_rate}")
-    if args.batch_size < 1:
-        raise DataError(f"--batch-size must be at least 1, not {args.batch_size}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise DataError(f"--out {args.out} is a file; give a folder for the plots")
-    return args
-
-
-def print_summary(figures):
-    """The chapter's last line: `summary: ` and its headline figures as JSON."""
-    print("summary: " + json.dumps(figures))
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    started = time.perf_counter()
-    dates, table, source = load_weather(args.data, args.seed)
-    if len(table) < 20:
-        raise DataError(f"weather data from {source} has only {len(table)} days; the "
-                        f"chapter needs at least 20")
-    inputs, targets = table[:, :3], table[:, 3:]
-    (train_raw, train_targets), (valid_raw, valid_targets), (test_raw, test_targets) = \
-        split_data(inputs, targets)
-    print(f"weather: {len(table)} days from {source} ({dates[0]} to {dates[-1]}); "
-          f"{len(train_raw)} train, {len(valid_raw)} valid, {len(test_raw)} test")
-
-    # Two baselines first, so every later figure has something to beat: "tomorrow
-    # will be like today" and the exact least-squares line.
-    train_inputs, valid_inputs, test_inputs = standardise(train_raw, valid_raw, test_raw)
-    persistence_mae = mae(test_raw[:, :1], test_targets)
-    closed_form = least_squares(train_inputs, train_targets)
-    closed_form_mae = evaluate(closed_form, test_inputs, test_targets)
-    print(f"test MAE of 'tomorrow = today': {persistence_mae:.2f} °F; "
-          f"of least squares: {closed_form_mae:.2f} °F")
-
-    # The hand-written gradient against finite differences, on a few rows and a model
-    # that is not at its optimum (there the gradient is zero, an easy case).
-    rng = np.random.default_rng(args.seed)
-    probe = init_dense([3, *args.hidden_sizes, 1], rng)
-    check = gradient_error(probe, train_inputs[:8], train_targets[:8])
-    print(f"gradient check: largest relative difference from finite differences {check:.1e}")
-
-    # Initialisation: a deep network scaled below, at and above He initialisation.
-    sweep_epochs = 1 if args.quick else 3
-    deep_sizes = [32] * 8
-    print(f"\ninitial scale of a network with {len(deep_sizes)} hidden layers of "
-          f"{deep_sizes[0]}; spread of the pre-activations at layers 1, 4 and 8, and "
-          f"validation MAE after {sweep_epochs} epoch(s) at learning rate "
-          f"{args.learning_rate:g}:")
-    for factor in (0.5, 1.0, 2.0):
-        deep = scale_weights(fresh_model((train_inputs, train_targets), deep_sizes,
-                                         np.random.default_rng(args.seed)), factor)
-        spreads = signal_spreads(deep, train_inputs)
-        _, history = train(deep, (train_inputs, train_targets), (valid_inputs, valid_targets),
-                           args.learning_rate, sweep_epochs, args.batch_size,
-                           np.random.default_rng(args.seed))
-        loss, valid_mae = history[-1]
-        outcome = "diverged" if diverged(loss) else f"{valid_mae:.2f} °F"
-        name = "He" if factor == 1.0 else f"{factor:g} x He"
-        print(f"  {name:>8}: spread {spreads[0]:9.3g} {spreads[3]:9.3g} {spreads[7]:9.3g}; "
-              f"validation MAE {outcome}")
-
-    # The final model, with the chosen settings.
-    layer_sizes = [3, *args.hidden_sizes, 1]
-    print(f"\ntraining layers {layer_sizes}: {args.epochs} epochs, learning rate "
-          f"{args.learning_rate:g}, batch {args.batch_size}")
-    layers, history = train(fresh_model((train_inputs, train_targets), args.hidden_sizes,
-                                        np.random.default_rng(args.seed)),
-                            (train_inputs, train_targets), (valid_inputs, valid_targets),
-                            args.learning_rate, args.epochs, args.batch_size,
-                            np.random.default_rng(args.seed))
-    for epoch, (loss, valid_mae) in enumerate(history, start=1):
-        if epoch in (1, len(history)) or epoch % max(1, len(history) // 5) == 0:
-            print(f"  epoch {epoch:3d}: train MSE {loss:9.2f}, validation MAE {valid_mae:.2f} °F")
-    if diverged(history[-1][0]):
-        raise DataError(f"training diverged at learning rate {args.learning_rate:g}; "
-                        f"try a smaller --learning-rate")
-    test_mae = evaluate(layers, test_inputs, test_targets)
-    parameters = sum(weight.size + bias.size for weight, bias in layers)
-    print(f"the network has {parameters} parameters; the linear model had 4")
-    print(f"test MAE: network {test_mae:.2f} °F, least squares "
-          f"{closed_form_mae:.2f} °F, 'tomorrow = today' {persistence_mae:.2f} °F")
-    for path in save_plots(args.out, history, dense_forward(layers, test_inputs)[0],
-                           test_targets):
-        print(f"saved {path}")
-    print_summary({"chapter": CHAPTER, "source": source, "test_mae": round(test_mae, 3),
+if __name__ == "__main__":
+    print_summary({**figures, "test_mae": round(test_mae, 3),
                    "closed_form_mae": round(closed_form_mae, 3),
                    "persistence_mae": round(persistence_mae, 3),
                    "gradient_error": float(f"{check:.1e}"),
                    "seconds": round(time.perf_counter() - started, 1)})
-
-
-if __name__ == "__main__":
-    report_data_errors()
-    main(shlex.split(os.environ.get("ZERO_TO_GPT_ARGS", "")) if in_notebook() else None)
