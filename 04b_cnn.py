@@ -7,34 +7,28 @@ must learn every stroke again at every position. This optional chapter builds th
 network that images call for, from scratch in numpy:
 
 * **convolution**: one small filter of weights slides over the whole image, so a
-  stroke detector learned in one place works everywhere, with a few dozen weights
-  instead of hundreds of thousands; written first with plain loops, for clarity,
-  then with **im2col** (image patches as rows of a matrix, so the work is one matrix
-  multiply), for speed, and the two shown to agree;
-* its **backward pass** by hand: the gradients of the filters, the biases and the
-  input, derived in comments and checked against finite differences;
-* **max pooling**, which keeps the strongest response in each 2 x 2 square, and
-  its backward pass, which routes each gradient to the winning pixel;
+  stroke detector learned in one place works everywhere; written first with plain
+  loops, for clarity, then with **im2col** (image patches as rows of a matrix, so
+  the work is one matrix multiply), for speed, and the two shown to agree;
+* its **backward pass** by hand, checked against finite differences;
+* **max pooling**, which keeps the strongest response in each 2 x 2 square;
 * a convolutional network, conv -> ReLU -> pool twice, then chapter 04's dense
-  layers, softmax and cross-entropy, trained with mini-batch gradient descent on
-  handwritten digits, with a confusion matrix and a picture of the learned filters.
-
-New since 04_classify.py: the digits data (MNIST, or digits drawn by the chapter
-itself when offline), convolution, im2col, max pooling, their gradients, and the
-dense head handing its input gradient down to the convolutions.
+  layers, trained on handwritten digits (MNIST, or digits drawn by the chapter
+  itself when offline), with a confusion matrix and a picture of the filters.
 
 Run it with `python 04b_cnn.py` (under a minute on an idle 2-core CPU; it reaches
 about 99% on held-out generated digits) or `python 04b_cnn.py --quick` (a few
-seconds, about 93%). `--data PATH` reads a local folder with
-the four MNIST files; `--help` lists every flag.
+seconds, about 93%). `--data PATH` reads a local folder with the four MNIST files;
+`--help` lists every flag. In a notebook the chapter takes its flags from the
+environment variable ZERO_TO_GPT_ARGS (e.g. `ZERO_TO_GPT_ARGS="--quick"`), and the
+defaults otherwise.
 """
-
-# %%
 import argparse
 import gzip
 import hashlib
 import json
 import os
+import shlex
 import sys
 import time
 import urllib.request
@@ -42,9 +36,363 @@ import urllib.request
 import numpy as np
 
 CHAPTER = "04b_cnn"
+IMAGE_SIZE = 28        # MNIST images, and the generated ones, are 28 x 28
+CLASSES = 10           # the digits 0 to 9
+
+
 
 # %% [markdown]
-# ## The digits
+# ## Why a dense network is the wrong tool for images
+#
+# Feed a 28 x 28 image to chapter 04's network and each of its 784 pixels gets its
+# own weight in every hidden unit: 784 x 64 = 50,176 weights in the first layer
+# alone. Worse, those weights know nothing of *where* a pixel is. A horizontal
+# stroke at the top of the image and the same stroke two pixels lower touch
+# different pixels, so the network must learn to recognise it separately at each
+# position, from separate examples.
+#
+# Two facts about images suggest something better:
+#
+# 1. **Locality.** What a pixel means depends mostly on its neighbours: an edge, the
+#    end of a stroke, a corner are all visible in a small square.
+# 2. **Translation.** A stroke is a stroke wherever it is. The detector that works
+#    at one place should work at every place.
+#
+# A **convolution** builds both in. It takes a small square of weights, a
+# **filter** or **kernel** (5 x 5 here), lays it over the top-left corner of the
+# image, multiplies each of the 25 pixels under it by its weight and adds them up
+# (plus a bias): that sum is one output pixel. Then it slides the filter one pixel
+# to the right and does it again, and so on over every position. The outputs form
+# a new image, a **feature map**, that is bright wherever the image looks like the
+# filter. A layer has several filters, each making its own feature map, and 25
+# weights (and a bias) a filter, whatever the size of the image.
+#
+# In symbols, for image n, input channel c (1 for grey images; the feature maps of
+# the layer below, later), filter f and output position (r, s):
+#
+#     out[n, f, r, s] = bias[f] + sum over c, i, j of
+#                       image[n, c, r + i, s + j] * weight[f, c, i, j]
+#
+# with i and j running over the rows and columns of the kernel. The filter only
+# fits where it lies wholly inside the image ("valid" convolution), so a 28 x 28
+# image and a 5 x 5 kernel give 24 x 24 outputs: 28 - 5 + 1.
+#
+# (Mathematicians would call this a cross-correlation: a true convolution flips the
+# kernel first. Deep-learning libraries all compute this version and call it a
+# convolution; since the weights are learned, flipped or not makes no difference.)
+#
+# We store a batch of images as an array (images, channels, height, width) and a
+# layer's weights as (filters, channels, kernel height, kernel width), the layout
+# PyTorch uses, so we can check our results against it.
+
+# %% [markdown]
+# ## Convolution with loops
+#
+# First the definition, written as directly as possible: a loop over every image,
+# filter and output position, each output one sum of an elementwise product. It is
+# slow (four nested Python loops) but each line says what it does, and it is the
+# reference that the fast version must match.
+
+# %%
+def conv_forward_loops(images, weight, bias):
+    """Valid convolution (cross-correlation), stride 1, written with loops.
+    images: (batch, channels, height, width); weight: (filters, channels, kernel_h,
+    kernel_w); bias: (filters,). Returns (batch, filters, height - kernel_h + 1,
+    width - kernel_w + 1)."""
+    batch, _, height, width = images.shape
+    filters, _, kernel_h, kernel_w = weight.shape
+    out_h, out_w = height - kernel_h + 1, width - kernel_w + 1
+    outputs = np.zeros((batch, filters, out_h, out_w))
+    for image in range(batch):
+        for f in range(filters):
+            for row in range(out_h):
+                for column in range(out_w):
+                    patch = images[image, :, row:row + kernel_h, column:column + kernel_w]
+                    outputs[image, f, row, column] = np.sum(patch * weight[f]) + bias[f]
+    return outputs
+
+
+
+# %% [markdown]
+# ## Convolution backward, by hand
+#
+# Let G = d loss / d out, an array shaped like the output. Each output is a sum of
+# products, so, exactly as for a dense layer, the chain rule gives three gradients.
+#
+# **The filters.** weight[f, c, i, j] multiplies image[n, c, r + i, s + j] in output
+# (n, f, r, s), for every image n and position (r, s). So
+#
+#     d loss / d weight[f, c, i, j] = sum over n, r, s of
+#                                     G[n, f, r, s] * image[n, c, r + i, s + j]
+#
+# Every position the filter visited adds its patch, weighted by how much the loss
+# cares about the output there. This is the dense layer's `inputs.T @ grad`, summed
+# over positions as well as images: the price, and the point, of sharing weights.
+#
+# **The biases.** bias[f] is added to every output of filter f, so its gradient is
+# G[:, f] summed over images and positions.
+#
+# **The input**, needed by the layer below. Pixel image[n, c, y, x] is under kernel
+# entry (i, j) when the filter sits at (r, s) = (y - i, x - j), if that position
+# exists. So
+#
+#     d loss / d image[n, c, y, x] = sum over f, i, j of
+#                                    G[n, f, y - i, x - j] * weight[f, c, i, j]
+#
+# Read as a loop: every output position sends its gradient back, weighted by the
+# filter, to the patch of input it was computed from; where patches overlap the
+# contributions add up. (Written as a formula it is the convolution of G, padded by
+# kernel - 1 zeros all round, with the filter turned 180 degrees: the backward pass
+# of a convolution is itself a convolution.)
+
+# %%
+def conv_backward_loops(images, weight, output_grad):
+    """Gradients of a loss through `conv_forward_loops`: given the layer's input
+    images, its weight and output_grad = d loss / d outputs, return (images_grad,
+    weight_grad, bias_grad), each shaped like what it is the gradient of."""
+    batch, _, _, _ = images.shape
+    filters, _, kernel_h, kernel_w = weight.shape
+    _, _, out_h, out_w = output_grad.shape
+    images_grad = np.zeros(images.shape)
+    weight_grad = np.zeros(weight.shape)
+    bias_grad = np.zeros(filters)
+    for image in range(batch):
+        for f in range(filters):
+            for row in range(out_h):
+                for column in range(out_w):
+                    grad = output_grad[image, f, row, column]
+                    window = (image, slice(None), slice(row, row + kernel_h),
+                              slice(column, column + kernel_w))
+                    weight_grad[f] += grad * images[window]
+                    images_grad[window] += grad * weight[f]
+                    bias_grad[f] += grad
+    return images_grad, weight_grad, bias_grad
+
+
+
+# %% [markdown]
+# ## im2col: a convolution as one matrix multiply
+#
+# The loops above run their innermost line about 56 million times for one forward
+# pass of our network over 10,000 digits (8 filters x 576 positions a digit in the
+# first layer, 16 x 64 in the second): at a couple of microseconds a time, minutes
+# for what should take a second. Python is slow at steps and fast at big array
+# operations, so we rearrange the work into one matrix multiply.
+#
+# Look again at one output: the patch under the filter, flattened to a row of
+# channels x kernel_h x kernel_w numbers, dotted with the filter flattened the same
+# way. So copy every patch of every image into one row of a matrix, `cols`, of
+# shape (batch x out_h x out_w, channels x kernel_h x kernel_w): "image to
+# columns", **im2col**. Flatten the weights to a matrix of shape (filters,
+# channels x kernel_h x kernel_w). Then
+#
+#     outputs = cols @ weight_matrix.T + bias     one row a position, one column a filter
+#
+# and a reshape puts the numbers back into feature maps. The price is memory: each
+# pixel is copied into up to kernel_h x kernel_w rows. For our small images that is
+# a few megabytes a batch, a bargain for a speed-up of several hundred times.
+#
+# numpy's `sliding_window_view` does the copying: it shows every kernel-sized
+# window of the images as extra axes without copying anything, and the reshape to
+# a matrix makes the one copy.
+#
+# **Backward** becomes chapter 03's dense layer, since the forward pass now *is* a
+# dense layer applied to the rows of `cols`:
+#
+#     d loss / d weight_matrix = G_rows.T @ cols           (filters, patch size)
+#     d loss / d bias          = G_rows summed over rows
+#     d loss / d cols          = G_rows @ weight_matrix     (rows, patch size)
+#
+# where G_rows is the output gradient laid out like the output of the multiply. The
+# last one is the gradient of every copied pixel; a pixel copied into several rows
+# gets the sum of its copies' gradients ("col2im"). We add them back one kernel
+# offset (i, j) at a time: kernel_h x kernel_w whole-array additions instead of a
+# loop over positions.
+
+# %%
+def im2col(images, kernel_h, kernel_w):
+    """Every kernel_h x kernel_w patch of `images` (batch, channels, height, width) as
+    one row: shape (batch * out_h * out_w, channels * kernel_h * kernel_w), rows in
+    the order (image, row, column), entries in the order (channel, i, j)."""
+    batch, channels, height, width = images.shape
+    windows = np.lib.stride_tricks.sliding_window_view(images, (kernel_h, kernel_w),
+                                                       axis=(2, 3))
+    # windows: (batch, channels, out_h, out_w, kernel_h, kernel_w), a view.
+    out_h, out_w = height - kernel_h + 1, width - kernel_w + 1
+    return windows.transpose(0, 2, 3, 1, 4, 5).reshape(
+        batch * out_h * out_w, channels * kernel_h * kernel_w)
+
+
+def conv_forward(images, weight, bias):
+    """The same convolution as `conv_forward_loops`, as one matrix multiply."""
+    batch, _, height, width = images.shape
+    filters, _, kernel_h, kernel_w = weight.shape
+    out_h, out_w = height - kernel_h + 1, width - kernel_w + 1
+    outputs = im2col(images, kernel_h, kernel_w) @ weight.reshape(filters, -1).T + bias
+    return outputs.reshape(batch, out_h, out_w, filters).transpose(0, 3, 1, 2)
+
+
+def conv_backward(images, weight, output_grad):
+    """The same gradients as `conv_backward_loops`, with im2col: (images_grad,
+    weight_grad, bias_grad)."""
+    filters, channels, kernel_h, kernel_w = weight.shape
+    batch, _, out_h, out_w = output_grad.shape
+    grad_rows = output_grad.transpose(0, 2, 3, 1).reshape(-1, filters)
+    weight_grad = (grad_rows.T @ im2col(images, kernel_h, kernel_w)).reshape(weight.shape)
+    bias_grad = grad_rows.sum(axis=0)
+    cols_grad = (grad_rows @ weight.reshape(filters, -1)).reshape(
+        batch, out_h, out_w, channels, kernel_h, kernel_w)
+    images_grad = np.zeros(images.shape)
+    for i in range(kernel_h):          # col2im: each copy's gradient back to its pixel
+        for j in range(kernel_w):
+            images_grad[:, :, i:i + out_h, j:j + out_w] += \
+                cols_grad[:, :, :, :, i, j].transpose(0, 3, 1, 2)
+    return images_grad, weight_grad, bias_grad
+
+
+
+# %% [markdown]
+# ## Set-up: flags, data and plots (not the lesson)
+#
+# The loops and im2col are written; to compare them, and later to train, the chapter
+# needs digits. This section holds what a run needs but the chapter
+# does not teach: the command line, the digits (downloaded and checked, read from
+# their files, or drawn when offline) and the helpers that turn a bad input into one
+# plain sentence instead of a traceback. In the notebook its code cells start folded.
+#
+# Every chapter shares this command line: `--seed` for repeatable runs, `--data` for a
+# local copy of the data, `--quick` for a run of a few seconds (used by the tests) and
+# `--out` for where files are written. Its last line of output is `summary:` and a
+# line of JSON with the chapter's headline figures, so scripts and tests can read it.
+#
+# Here `--data` is a folder holding the four MNIST idx files. `--filters` and
+# `--kernel-size` shape the convolutions, `--hidden-sizes` the dense head, and
+# `--epochs`, `--learning-rate`, `--batch-size` and `--train-size` the training.
+# Bad values are refused before any work starts, including a stack of convolutions
+# that would shrink the 28 x 28 image to nothing: each layer's valid convolution
+# takes `kernel - 1` rows and columns off, and its 2 x 2 pooling (below) halves what
+# is left, which `conv_output_size` works out.
+
+# %% jupyter={"source_hidden": true}
+class DataError(Exception):
+    """A problem with the input that the user can fix. A script run ends with its one
+    sentence (`error: ...`) and exit code 2; a notebook shows the sentence alone."""
+
+
+def in_notebook():
+    """True inside Jupyter or VS Code's notebook, where the command line is the kernel's."""
+    ipython = sys.modules.get("IPython")
+    return ipython is not None and ipython.get_ipython() is not None
+
+
+def report_data_errors():
+    """Make a DataError end the run with its one sentence instead of a traceback."""
+    def one_sentence(error):
+        print(f"error: {error}", file=sys.stderr)
+    if in_notebook():
+        sys.modules["IPython"].get_ipython().set_custom_exc(
+            (DataError,), lambda shell, kind, error, trace, tb_offset=None: one_sentence(error))
+        return
+
+    def exit_with_sentence(kind, error, trace):
+        if not issubclass(kind, DataError):
+            return sys.__excepthook__(kind, error, trace)
+        one_sentence(error)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
+    sys.excepthook = exit_with_sentence
+
+
+def chapter_args():
+    """This run's flags: the command line in a script; in a notebook, which has the
+    kernel's command line instead, the environment variable ZERO_TO_GPT_ARGS."""
+    report_data_errors()
+    if in_notebook():
+        return parse_args(shlex.split(os.environ.get("ZERO_TO_GPT_ARGS", "")))
+    return parse_args()
+
+
+def show_figure(figure, path):
+    """Save a matplotlib figure as a PNG at `path`; in a notebook, also show it here."""
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    if in_notebook():
+        from IPython.display import Image, display
+        display(Image(filename=path))
+
+
+
+# %% jupyter={"source_hidden": true}
+POOL_SIZE = 2
+
+
+def conv_output_size(image_size, filters, kernel_size):
+    """The height (and width) of the feature maps after every conv + pool layer."""
+    size = image_size
+    for _ in filters:
+        size = (size - kernel_size + 1) // POOL_SIZE
+    return size
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--data", default=None,
+                        help="folder holding the four MNIST idx files, .gz or unpacked "
+                             "(default: download MNIST, else draw digits)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a run of a few seconds, for tests and a first look")
+    parser.add_argument("--out", default="out", help="folder for plots (default out/)")
+    parser.add_argument("--filters", type=int, nargs="+", default=[8, 16],
+                        help="filters in each convolution layer (default: 8 16)")
+    parser.add_argument("--kernel-size", type=int, default=5,
+                        help="height and width of every filter (default 5)")
+    parser.add_argument("--hidden-sizes", type=int, nargs="+", default=[64],
+                        help="units in each hidden layer of the dense head (default 64)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="passes over the training images (default 5, --quick 3)")
+    parser.add_argument("--learning-rate", type=float, default=0.1,
+                        help="step size of gradient descent (default 0.1)")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="images per mini-batch (default 32)")
+    parser.add_argument("--train-size", type=int, default=None,
+                        help="training images used (default 15000, --quick 2000)")
+    args = parser.parse_args(argv)
+    if args.epochs is None:
+        args.epochs = 3 if args.quick else 5
+    if args.train_size is None:
+        args.train_size = 2000 if args.quick else 15000
+    for flag, value in (("--filters", min(args.filters)), ("--kernel-size", args.kernel_size),
+                        ("--hidden-sizes", min(args.hidden_sizes)), ("--epochs", args.epochs),
+                        ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise DataError(f"{flag} must be at least 1, not {value}")
+    if args.seed < 0:
+        raise DataError(f"--seed must be zero or positive, not {args.seed}")
+    if args.train_size < CLASSES:
+        raise DataError(f"--train-size must be at least {CLASSES}, one image a digit, "
+                        f"not {args.train_size}")
+    if conv_output_size(IMAGE_SIZE, args.filters, args.kernel_size) < 1:
+        raise DataError(f"{len(args.filters)} convolution layers of kernel size "
+                        f"{args.kernel_size}, each followed by {POOL_SIZE} x {POOL_SIZE} "
+                        f"pooling, shrink a {IMAGE_SIZE} x {IMAGE_SIZE} image to nothing; "
+                        f"use fewer --filters layers or a smaller --kernel-size")
+    if not (args.learning_rate > 0 and np.isfinite(args.learning_rate)):
+        raise DataError(f"--learning-rate must be a positive number, not {args.learning_rate}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise DataError(f"--out {args.out} is a file; give a folder for the plots")
+    return args
+
+
+def print_summary(figures):
+    """The chapter's last line: `summary: ` and its headline figures as JSON."""
+    print("summary: " + json.dumps(figures))
+
+
+
+# %% [markdown]
+# ### The digits
 #
 # MNIST is the classic collection of handwritten digits: 60,000 training images and
 # 10,000 test images, each 28 x 28 grey pixels from 0 (paper) to 255 (ink), written by
@@ -57,7 +405,7 @@ CHAPTER = "04b_cnn"
 # when complete: the course's usual download, carried unchanged from chapter 04.
 # Without a network it draws its own digits (below) and says so in one line.
 
-# %%
+# %% jupyter={"source_hidden": true}
 MNIST_MIRRORS = ["https://ossci-datasets.s3.amazonaws.com/mnist/",
                  "https://storage.googleapis.com/cvdf-datasets/mnist/"]
 # The four files and their SHA-256 digests (the same files on both mirrors), as
@@ -69,13 +417,6 @@ MNIST_FILES = {
     "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
     "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
 }
-IMAGE_SIZE = 28        # MNIST images, and the generated ones, are 28 x 28
-CLASSES = 10           # the digits 0 to 9
-
-
-class DataError(Exception):
-    """A problem with the learner's input (a file, a flag). `main` reports it in one
-    sentence and exits with code 2 instead of showing a traceback."""
 
 
 def sha256_of(path):
@@ -122,8 +463,9 @@ def download(url, path, sha256, timeout=20):
         return False
 
 
+
 # %% [markdown]
-# ## Drawing digits when offline
+# ### Drawing digits when offline
 #
 # Without MNIST the chapter draws its own handwriting. Each digit is a **glyph**: a
 # few pen strokes, each a polyline (a list of points joined by straight lines) on a
@@ -147,7 +489,7 @@ def download(url, path, sha256, timeout=20):
 # MNIST's after dividing by 255. Classes are balanced: each digit is exactly a
 # tenth of the images (when the count is a multiple of 10), in shuffled order.
 
-# %%
+# %% jupyter={"source_hidden": true}
 def arc(centre_x, centre_y, radius_x, radius_y, start, end, pieces=12):
     """Points along an arc of an ellipse from angle `start` to `end` in degrees
     (0 is to the right, 90 downwards, since y grows downwards)."""
@@ -267,8 +609,9 @@ def generate_digits(count, seed=0, size=IMAGE_SIZE, chunk=64):
     return images, labels
 
 
+
 # %% [markdown]
-# ## Reading the idx files
+# ### Reading the idx files
 #
 # An idx file is easy to read and easy to get wrong, so `read_idx` checks everything
 # it can: the magic number (a labels file given where an images file belongs is
@@ -278,7 +621,7 @@ def generate_digits(count, seed=0, size=IMAGE_SIZE, chunk=64):
 # gets one sentence, not a traceback. `--data` may hold the files compressed
 # (`.gz`, as downloaded) or already unpacked.
 
-# %%
+# %% jupyter={"source_hidden": true}
 IDX_MAGIC = {"images": 2051, "labels": 2049}
 
 
@@ -361,465 +704,78 @@ def load_digits(path=None, seed=0, train_count=15000, test_count=2000):
     return (*read_mnist(folder), folder)
 
 
+
 # %% [markdown]
-# ## The head: chapter 04's dense network
+# ## The digits, loaded
 #
-# The convolutions below turn an image into a few hundred numbers that say which
-# strokes appear where; a dense network then turns those numbers into one score a
-# digit, exactly as in chapter 04. Its code is carried from there unchanged, with
-# one addition to `dense_backward` at the end of this section.
-#
-# Chapter 02's linear model predicts with one weighted sum. Its weakness is that it
-# can only draw a flat surface: doubling a feature's change always doubles its
-# effect, whatever the season or the other features. A **dense network** stacks
-# several weighted sums (**layers**), and between them bends the numbers with a
-# simple non-linear function, so the whole can follow curves.
-#
-# Each layer is the linear model of chapter 02 with more outputs: `inputs @ weight +
-# bias`, where weight has shape (inputs, outputs) and bias (1, outputs). With layer
-# sizes [3, 32, 32, 1] the first layer turns each day's 3 features into 32 numbers
-# (the **hidden units**), the second turns those 32 into 32 more, and the last into
-# one prediction. We keep the parameters as a list of `(weight, bias)` pairs, one per
-# layer, the same shape as in chapter 02, so the training loop barely changes.
-#
-# **Why a bend is needed.** Two linear layers in a row are still one linear layer:
-# `(x @ W1) @ W2 = x @ (W1 @ W2)`. So after every hidden layer we apply the
-# **ReLU** ("rectified linear unit"), `relu(z) = max(z, 0)`: it keeps positive
-# numbers and zeros negative ones. Each hidden unit then switches on for some inputs
-# and off for others, and the network adds up these pieces into a curved answer.
-# The last layer has no ReLU: a logit may be any number.
+# A run starts with the data, so that a bad `--data` folder is reported before any
+# work. Without `--data` the chapter uses MNIST when it can download it and draws
+# its own digits otherwise; `--quick` keeps 2,000 training images and 500 held-out
+# ones. The line below says which digits it got, and how many of each it trains on:
+# with classes of about equal size, no digit is easy to score on just by being
+# common.
 
 # %%
-def relu(x):
-    """The rectified linear unit: x where x > 0, else 0, elementwise."""
-    return np.maximum(x, 0)
+if __name__ == "__main__":
+    ARGS = chapter_args()
+    started = time.perf_counter()
+    figures = {"chapter": CHAPTER}
+    rng = np.random.default_rng(ARGS.seed)
+    test_count = 500 if ARGS.quick else 2000
+    train_images, train_labels, test_images, test_labels, source = load_digits(
+        ARGS.data, ARGS.seed, ARGS.train_size, test_count)
+    if len(train_images) > ARGS.train_size:  # MNIST: a random subset of the 60,000
+        keep = rng.permutation(len(train_images))[:ARGS.train_size]
+        train_images, train_labels = train_images[keep], train_labels[keep]
+    if ARGS.quick:
+        test_images, test_labels = test_images[:test_count], test_labels[:test_count]
+    train_images, test_images = train_images[:, None], test_images[:, None]  # 1 channel
+    print(f"digits: {len(train_images)} training and {len(test_images)} held-out images "
+          f"of {IMAGE_SIZE} x {IMAGE_SIZE} from {source}; training digits per class "
+          f"{np.bincount(train_labels, minlength=CLASSES).tolist()}")
+    figures.update(source=source, train_images=len(train_images),
+                   test_images=len(test_images))
+
 
 
 # %% [markdown]
-# ## Initialisation
+# ## The two convolutions agree
 #
-# A linear model could start from zeros. A network cannot: if every hidden unit
-# starts with the same weights, every one computes the same number and receives the
-# same gradient, and they stay identical copies for ever. So weights start random.
+# The loops are the definition and im2col is the fast rewrite, so the rewrite must
+# give the same numbers. `check_convolutions` runs both, forward and all three
+# gradients, on random images the size of a digit and a random layer shaped like
+# the network's first, and times each.
 #
-# How large? Take one unit of a layer with `n` inputs $a_j$ and weights $w_j$ drawn
-# independently with mean 0 and variance $v$: its pre-activation $z = \sum_j a_j w_j$
-# has variance $n \, v \, E[a^2]$. If the inputs came out of a ReLU whose own input
-# was symmetric around 0 with variance $s^2$, half of them are zeroed and
-# $E[a^2] = s^2 / 2$. To keep the variance the same from layer to layer we need
-# $n \, v / 2 = 1$, that is $v = 2 / n$: weights drawn from a normal distribution with
-# standard deviation $\sqrt{2 / n}$. This is **He initialisation** (He et al., 2015).
-# Too small and the signal shrinks layer after layer until the output and all the
-# gradients are nearly zero; too large and it grows until the numbers overflow
-# (chapter 03 measured both). Biases start at zero.
+# **Reading the result.** They agree to rounding error (about 1e-13): the same sums,
+# added in a different order. And im2col is several hundred times faster, which is
+# the difference between minutes and a second for one pass over the digits.
 
 # %%
-def init_dense(layer_sizes, rng):
-    """A dense network with the given layer sizes, e.g. [3, 32, 32, 1], as a list of
-    (weight, bias) pairs: weight (inputs, outputs) drawn from a normal distribution
-    with standard deviation sqrt(2 / inputs) (He initialisation), bias (1, outputs)
-    zeros."""
-    return [(rng.normal(0.0, np.sqrt(2.0 / inputs), size=(inputs, outputs)),
-             np.zeros((1, outputs)))
-            for inputs, outputs in zip(layer_sizes[:-1], layer_sizes[1:])]
+def check_convolutions(rng, batch=2):
+    """Loops against im2col on random images and a random layer shaped like the
+    network's first: the largest difference of the outputs and of the three
+    gradients, and the time each version took."""
+    images = rng.random((batch, 1, IMAGE_SIZE, IMAGE_SIZE))
+    weight, bias = rng.normal(size=(8, 1, 5, 5)), rng.normal(size=8)
+    output_grad = rng.normal(size=(batch, 8, IMAGE_SIZE - 4, IMAGE_SIZE - 4))
+    timings = []
+    results = []
+    for forward, backward in ((conv_forward_loops, conv_backward_loops),
+                              (conv_forward, conv_backward)):
+        began = time.perf_counter()
+        results.append((forward(images, weight, bias), *backward(images, weight, output_grad)))
+        timings.append(time.perf_counter() - began)
+    difference = max(float(np.abs(loop - fast).max()) for loop, fast in zip(*results))
+    return difference, timings
 
 
-# %% [markdown]
-# ## Forward pass
-#
-# The forward pass runs the layers in order. For layer k, with input $a_{k-1}$ (the
-# features for the first layer):
-#
-#     z_k = a_{k-1} @ W_k + b_k          the pre-activation, (rows, outputs)
-#     a_k = relu(z_k)                    except after the last layer: a_K = z_K
-#
-# It keeps, for every layer, its input and its pre-activation in the `cache`: the
-# backward pass needs exactly these two.
+if __name__ == "__main__":
+    difference, (loop_seconds, fast_seconds) = check_convolutions(rng)
+    print(f"convolution, loops against im2col (forward and all three gradients): largest "
+          f"difference {difference:.1e}; loops {1000 * loop_seconds:.0f} ms, im2col "
+          f"{1000 * fast_seconds:.1f} ms, {loop_seconds / fast_seconds:.0f} times faster")
+    figures["conv_difference"] = float(f"{difference:.1e}")
 
-# %%
-def dense_forward(layers, inputs):
-    """Run `inputs` (rows, features) through the network. Returns the outputs (rows,
-    last layer size) and the cache: one (layer input, pre-activation) pair a layer."""
-    cache = []
-    activations = inputs
-    for index, (weight, bias) in enumerate(layers):
-        pre_activation = activations @ weight + bias
-        cache.append((activations, pre_activation))
-        is_last = index == len(layers) - 1
-        activations = pre_activation if is_last else relu(pre_activation)
-    return activations, cache
-
-
-# %% [markdown]
-# ## Backward pass: backpropagation by hand
-#
-# We need the gradient of the loss with respect to every weight and bias. The chain
-# rule lets us get all of them in one sweep from the output back to the input,
-# reusing at each layer what the layer above computed. That sweep is
-# **backpropagation**.
-#
-# Start with $G_K$ = d loss / d output (from `cross_entropy_grad`, shape (rows,
-# classes)). Walking
-# back through layer k, given $G$ = d loss / d a_k of shape (rows, outputs):
-#
-# 1. Through the ReLU: $a = \max(z, 0)$ has slope 1 where $z > 0$ and 0 elsewhere,
-#    so d loss / d z_k = G * (z_k > 0), elementwise (the last layer has no ReLU: its
-#    gradient passes unchanged). Units that were off let no gradient through.
-# 2. Into the weights: exactly chapter 02's linear-model gradient, with this layer's
-#    input in place of the features: d loss / d W_k = a_{k-1}.T @ dz, shape (inputs,
-#    outputs); d loss / d b_k = dz summed over the rows, shape (1, outputs).
-# 3. Into the layer's input, for the layer below: $z = a W + b$, so each input
-#    $a_{ij}$ reaches every output $z_{il}$ with weight $W_{jl}$, and
-#    d loss / d a_{k-1} = dz @ W_k.T, shape (rows, inputs).
-#
-# Step 3 hands a new $G$ to the next layer down, and the loop repeats. Each gradient
-# has the same shape as the parameter it belongs to, which is a quick check on the
-# maths.
-#
-# **New in this chapter.** In chapter 04 the network's inputs were data, so the
-# last step 3, d loss / d inputs, was computed and thrown away. Here the inputs are
-# the output of the convolutions, which have weights of their own to train: they
-# need exactly that gradient. `with_input_grad=True` returns it (the same switch
-# chapter 05 gives `rnn_backward`); called without it, the function is chapter
-# 04's.
-
-# %%
-def dense_backward(layers, cache, output_grad, with_input_grad=False):
-    """Backpropagation: given `cache` from `dense_forward` and `output_grad`, the
-    loss's gradient with respect to the network's outputs, return one (weight_grad,
-    bias_grad) pair per layer, in the order of `layers`; with `with_input_grad=True`,
-    also d loss / d inputs, for a layer below the network (the convolutions)."""
-    gradients = []
-    grad = output_grad
-    for index in reversed(range(len(layers))):
-        weight, _ = layers[index]
-        layer_inputs, pre_activation = cache[index]
-        if index < len(layers) - 1:
-            grad = grad * (pre_activation > 0)       # back through the ReLU
-        gradients.append((layer_inputs.T @ grad, grad.sum(axis=0, keepdims=True)))
-        grad = grad @ weight.T                       # on to the layer below
-    if with_input_grad:
-        return gradients[::-1], grad
-    return gradients[::-1]
-
-
-# %% [markdown]
-# ## Checking the gradient with finite differences
-#
-# A hand-derived gradient is easy to get subtly wrong, and a wrong gradient often
-# still trains, just badly. So we check it the way chapter 01 measured slopes: nudge
-# one number up by a small step h and down by h, and see how much the loss moves:
-#
-#     d loss / d w  ~  (loss(w + h) - loss(w - h)) / (2 h)
-#
-# This "central difference" is accurate to about h^2. It costs two loss evaluations
-# per number, far too slow for training, but perfect for checking a few rows.
-
-# %%
-def numerical_gradient(loss_of, array, step=1e-6):
-    """The gradient of `loss_of()` with respect to every entry of `array`, by central
-    differences. `array` is nudged in place and restored after each entry."""
-    gradient = np.zeros_like(array)
-    for index in np.ndindex(array.shape):
-        original = array[index]
-        array[index] = original + step
-        loss_up = loss_of()
-        array[index] = original - step
-        loss_down = loss_of()
-        array[index] = original
-        gradient[index] = (loss_up - loss_down) / (2 * step)
-    return gradient
-
-
-# %% [markdown]
-# ## Accuracy
-#
-# The figure a learner cares about for a digit reader: the share of images whose
-# predicted class (the largest logit) is the true one. Guessing scores 10%.
-
-# %%
-def accuracy(predicted_classes, true_classes):
-    """The fraction of predictions that name the right class."""
-    return float(np.mean(predicted_classes == true_classes))
-
-
-# %% [markdown]
-# ## Many classes: one-hot targets and the softmax
-#
-# Reading a digit means choosing among ten classes, as chapter 04 chose among the
-# characters of a text. The network has one output per class, a logit
-# $z_c$ for each, and we need a probability for each that are all positive and add
-# up to one. The **softmax** does that:
-#
-#     p_c = exp(z_c) / sum_k exp(z_k)
-#
-# With two classes it reduces to chapter 04's sigmoid of the difference of the logits.
-#
-# **Numerical stability.** exp(1000) overflows to inf and the ratio becomes nan.
-# But subtracting the same number m from every logit changes nothing, since
-# exp(z_c - m) / sum_k exp(z_k - m) multiplies top and bottom by exp(-m). Taking
-# m = the largest logit makes every exponent at most 0, so nothing overflows, and
-# at least one term of the sum is exp(0) = 1, so we never divide by zero or take
-# the log of zero.
-#
-# **One-hot targets.** The true class c is written as a vector of zeros with a 1 at
-# position c; for ten classes, the digit 2 is [0, 0, 1, 0, 0, 0, 0, 0, 0, 0].
-# Then the answer has the same shape as the probabilities, and the loss and its
-# gradient are plain arithmetic on arrays.
-
-# %%
-def one_hot(indices, classes):
-    """Rows of zeros with a single 1.0 at each index: shape (len(indices), classes)."""
-    return np.eye(classes)[indices]
-
-
-def softmax(logits):
-    """Probabilities from logits along the last axis, shifted by the largest logit
-    so that exp never overflows."""
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    exponentials = np.exp(shifted)
-    return exponentials / exponentials.sum(axis=-1, keepdims=True)
-
-
-# %% [markdown]
-# ## Cross-entropy for many classes
-#
-# The loss is the same idea as before, the surprise at what really happened: for a
-# row with one-hot target y, loss = -sum_c y_c log(p_c) = -log(p of the true class).
-# We compute log(p_c) directly from the shifted logits,
-#
-#     log p_c = (z_c - m) - log(sum_k exp(z_k - m)),
-#
-# never through p itself, which can round to 0 and give log(0) = -inf.
-#
-# **The gradient.** The derivative of log p_c with respect to the logit z_j is
-# [c = j] - p_j (1 when c is j, else 0, minus p_j). So, for one row,
-#
-#     d loss / d z_j = -sum_c y_c ([c = j] - p_j) = -y_j + p_j * sum_c y_c = p_j - y_j,
-#
-# since the y_c add up to 1. Once again: prediction minus truth, now one number
-# per class, divided by the rows for the average.
-
-# %%
-def cross_entropy(logits, targets):
-    """Mean cross-entropy, in nats, of softmax(logits) against one-hot `targets`
-    (both (rows, classes)), computed from the logits for stability."""
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    log_probabilities = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-    return float(-np.sum(targets * log_probabilities) / len(logits))
-
-
-def cross_entropy_grad(logits, targets):
-    """The gradient of `cross_entropy` with respect to each logit:
-    (softmax(logits) - targets) / rows."""
-    return (softmax(logits) - targets) / len(logits)
-
-
-# %% [markdown]
-# ## Why a dense network is the wrong tool for images
-#
-# Feed a 28 x 28 image to chapter 04's network and each of its 784 pixels gets its
-# own weight in every hidden unit: 784 x 64 = 50,176 weights in the first layer
-# alone. Worse, those weights know nothing of *where* a pixel is. A horizontal
-# stroke at the top of the image and the same stroke two pixels lower touch
-# different pixels, so the network must learn to recognise it separately at each
-# position, from separate examples.
-#
-# Two facts about images suggest something better:
-#
-# 1. **Locality.** What a pixel means depends mostly on its neighbours: an edge, the
-#    end of a stroke, a corner are all visible in a small square.
-# 2. **Translation.** A stroke is a stroke wherever it is. The detector that works
-#    at one place should work at every place.
-#
-# A **convolution** builds both in. It takes a small square of weights, a
-# **filter** or **kernel** (5 x 5 here), lays it over the top-left corner of the
-# image, multiplies each of the 25 pixels under it by its weight and adds them up
-# (plus a bias): that sum is one output pixel. Then it slides the filter one pixel
-# to the right and does it again, and so on over every position. The outputs form
-# a new image, a **feature map**, that is bright wherever the image looks like the
-# filter. A layer has several filters, each making its own feature map, and 25
-# weights (and a bias) a filter, whatever the size of the image.
-#
-# In symbols, for image n, input channel c (1 for grey images; the feature maps of
-# the layer below, later), filter f and output position (r, s):
-#
-#     out[n, f, r, s] = bias[f] + sum over c, i, j of
-#                       image[n, c, r + i, s + j] * weight[f, c, i, j]
-#
-# with i and j running over the rows and columns of the kernel. The filter only
-# fits where it lies wholly inside the image ("valid" convolution), so a 28 x 28
-# image and a 5 x 5 kernel give 24 x 24 outputs: 28 - 5 + 1.
-#
-# (Mathematicians would call this a cross-correlation: a true convolution flips the
-# kernel first. Deep-learning libraries all compute this version and call it a
-# convolution; since the weights are learned, flipped or not makes no difference.)
-#
-# We store a batch of images as an array (images, channels, height, width) and a
-# layer's weights as (filters, channels, kernel height, kernel width), the layout
-# PyTorch uses, so we can check our results against it.
-
-# %% [markdown]
-# ## Convolution with loops
-#
-# First the definition, written as directly as possible: a loop over every image,
-# filter and output position, each output one sum of an elementwise product. It is
-# slow (four nested Python loops) but each line says what it does, and it is the
-# reference that the fast version must match.
-
-# %%
-def conv_forward_loops(images, weight, bias):
-    """Valid convolution (cross-correlation), stride 1, written with loops.
-    images: (batch, channels, height, width); weight: (filters, channels, kernel_h,
-    kernel_w); bias: (filters,). Returns (batch, filters, height - kernel_h + 1,
-    width - kernel_w + 1)."""
-    batch, _, height, width = images.shape
-    filters, _, kernel_h, kernel_w = weight.shape
-    out_h, out_w = height - kernel_h + 1, width - kernel_w + 1
-    outputs = np.zeros((batch, filters, out_h, out_w))
-    for image in range(batch):
-        for f in range(filters):
-            for row in range(out_h):
-                for column in range(out_w):
-                    patch = images[image, :, row:row + kernel_h, column:column + kernel_w]
-                    outputs[image, f, row, column] = np.sum(patch * weight[f]) + bias[f]
-    return outputs
-
-
-# %% [markdown]
-# ## Convolution backward, by hand
-#
-# Let G = d loss / d out, an array shaped like the output. Each output is a sum of
-# products, so, exactly as for a dense layer, the chain rule gives three gradients.
-#
-# **The filters.** weight[f, c, i, j] multiplies image[n, c, r + i, s + j] in output
-# (n, f, r, s), for every image n and position (r, s). So
-#
-#     d loss / d weight[f, c, i, j] = sum over n, r, s of
-#                                     G[n, f, r, s] * image[n, c, r + i, s + j]
-#
-# Every position the filter visited adds its patch, weighted by how much the loss
-# cares about the output there. This is the dense layer's `inputs.T @ grad`, summed
-# over positions as well as images: the price, and the point, of sharing weights.
-#
-# **The biases.** bias[f] is added to every output of filter f, so its gradient is
-# G[:, f] summed over images and positions.
-#
-# **The input**, needed by the layer below. Pixel image[n, c, y, x] is under kernel
-# entry (i, j) when the filter sits at (r, s) = (y - i, x - j), if that position
-# exists. So
-#
-#     d loss / d image[n, c, y, x] = sum over f, i, j of
-#                                    G[n, f, y - i, x - j] * weight[f, c, i, j]
-#
-# Read as a loop: every output position sends its gradient back, weighted by the
-# filter, to the patch of input it was computed from; where patches overlap the
-# contributions add up. (Written as a formula it is the convolution of G, padded by
-# kernel - 1 zeros all round, with the filter turned 180 degrees: the backward pass
-# of a convolution is itself a convolution.)
-
-# %%
-def conv_backward_loops(images, weight, output_grad):
-    """Gradients of a loss through `conv_forward_loops`: given the layer's input
-    images, its weight and output_grad = d loss / d outputs, return (images_grad,
-    weight_grad, bias_grad), each shaped like what it is the gradient of."""
-    batch, _, _, _ = images.shape
-    filters, _, kernel_h, kernel_w = weight.shape
-    _, _, out_h, out_w = output_grad.shape
-    images_grad = np.zeros(images.shape)
-    weight_grad = np.zeros(weight.shape)
-    bias_grad = np.zeros(filters)
-    for image in range(batch):
-        for f in range(filters):
-            for row in range(out_h):
-                for column in range(out_w):
-                    grad = output_grad[image, f, row, column]
-                    window = (image, slice(None), slice(row, row + kernel_h),
-                              slice(column, column + kernel_w))
-                    weight_grad[f] += grad * images[window]
-                    images_grad[window] += grad * weight[f]
-                    bias_grad[f] += grad
-    return images_grad, weight_grad, bias_grad
-
-
-# %% [markdown]
-# ## im2col: a convolution as one matrix multiply
-#
-# The loops above run their innermost line about 56 million times for one forward
-# pass of our network over 10,000 digits (8 filters x 576 positions a digit in the
-# first layer, 16 x 64 in the second): at a couple of microseconds a time, minutes
-# for what should take a second. Python is slow at steps and fast at big array
-# operations, so we rearrange the work into one matrix multiply.
-#
-# Look again at one output: the patch under the filter, flattened to a row of
-# channels x kernel_h x kernel_w numbers, dotted with the filter flattened the same
-# way. So copy every patch of every image into one row of a matrix, `cols`, of
-# shape (batch x out_h x out_w, channels x kernel_h x kernel_w): "image to
-# columns", **im2col**. Flatten the weights to a matrix of shape (filters,
-# channels x kernel_h x kernel_w). Then
-#
-#     outputs = cols @ weight_matrix.T + bias     one row a position, one column a filter
-#
-# and a reshape puts the numbers back into feature maps. The price is memory: each
-# pixel is copied into up to kernel_h x kernel_w rows. For our small images that is
-# a few megabytes a batch, a bargain for a speed-up of several hundred times.
-#
-# numpy's `sliding_window_view` does the copying: it shows every kernel-sized
-# window of the images as extra axes without copying anything, and the reshape to
-# a matrix makes the one copy.
-#
-# **Backward** becomes chapter 03's dense layer, since the forward pass now *is* a
-# dense layer applied to the rows of `cols`:
-#
-#     d loss / d weight_matrix = G_rows.T @ cols           (filters, patch size)
-#     d loss / d bias          = G_rows summed over rows
-#     d loss / d cols          = G_rows @ weight_matrix     (rows, patch size)
-#
-# where G_rows is the output gradient laid out like the output of the multiply. The
-# last one is the gradient of every copied pixel; a pixel copied into several rows
-# gets the sum of its copies' gradients ("col2im"). We add them back one kernel
-# offset (i, j) at a time: kernel_h x kernel_w whole-array additions instead of a
-# loop over positions.
-
-# %%
-def im2col(images, kernel_h, kernel_w):
-    """Every kernel_h x kernel_w patch of `images` (batch, channels, height, width) as
-    one row: shape (batch * out_h * out_w, channels * kernel_h * kernel_w), rows in
-    the order (image, row, column), entries in the order (channel, i, j)."""
-    batch, channels, height, width = images.shape
-    windows = np.lib.stride_tricks.sliding_window_view(images, (kernel_h, kernel_w),
-                                                       axis=(2, 3))
-    # windows: (batch, channels, out_h, out_w, kernel_h, kernel_w), a view.
-    out_h, out_w = height - kernel_h + 1, width - kernel_w + 1
-    return windows.transpose(0, 2, 3, 1, 4, 5).reshape(
-        batch * out_h * out_w, channels * kernel_h * kernel_w)
-
-
-def conv_forward(images, weight, bias):
-    """The same convolution as `conv_forward_loops`, as one matrix multiply."""
-    batch, _, height, width = images.shape
-    filters, _, kernel_h, kernel_w = weight.shape
-    out_h, out_w = height - kernel_h + 1, width - kernel_w + 1
-    outputs = im2col(images, kernel_h, kernel_w) @ weight.reshape(filters, -1).T + bias
-    return outputs.reshape(batch, out_h, out_w, filters).transpose(0, 3, 1, 2)
-
-
-def conv_backward(images, weight, output_grad):
-    """The same gradients as `conv_backward_loops`, with im2col: (images_grad,
-    weight_grad, bias_grad)."""
-    filters, channels, kernel_h, kernel_w = weight.shape
-    batch, _, out_h, out_w = output_grad.shape
-    grad_rows = output_grad.transpose(0, 2, 3, 1).reshape(-1, filters)
-    weight_grad = (grad_rows.T @ im2col(images, kernel_h, kernel_w)).reshape(weight.shape)
-    bias_grad = grad_rows.sum(axis=0)
-    cols_grad = (grad_rows @ weight.reshape(filters, -1)).reshape(
-        batch, out_h, out_w, channels, kernel_h, kernel_w)
-    images_grad = np.zeros(images.shape)
-    for i in range(kernel_h):          # col2im: each copy's gradient back to its pixel
-        for j in range(kernel_w):
-            images_grad[:, :, i:i + out_h, j:j + out_w] += \
-                cols_grad[:, :, :, :, i, j].transpose(0, 3, 1, 2)
-    return images_grad, weight_grad, bias_grad
 
 
 # %% [markdown]
@@ -877,6 +833,138 @@ def max_pool_backward(inputs, output_grad, size=2):
     return inputs_grad
 
 
+
+# %% [markdown]
+# ## The head: chapter 04's dense network, carried
+#
+# The convolutions turn an image into a few hundred numbers that say which strokes
+# appear where; chapter 04's dense network, whose code is carried here unchanged
+# (folded; chapter 04 derives every line), turns those numbers into one logit a
+# digit. In short: each layer computes `z = a @ W + b` and, except the last, bends it
+# with `relu(z) = max(z, 0)`; weights start with He initialisation, standard
+# deviation `sqrt(2 / inputs)`; the forward pass keeps each layer's input and
+# pre-activation for the backward pass. The softmax turns the ten logits into
+# probabilities, shifted by the largest logit so that `exp` never overflows; the
+# cross-entropy against one-hot targets is `-log(p of the true class)`, and its
+# gradient with respect to the logits is `(p - y) / rows`, prediction minus truth.
+# `numerical_gradient` checks gradients by central differences,
+# `(loss(w + h) - loss(w - h)) / (2 h)`, and `accuracy` is the share of images whose
+# largest logit names the true digit (guessing scores 10%).
+
+# %% jupyter={"source_hidden": true}
+def relu(x):
+    """The rectified linear unit: x where x > 0, else 0, elementwise."""
+    return np.maximum(x, 0)
+
+
+def init_dense(layer_sizes, rng):
+    """A dense network with the given layer sizes, e.g. [3, 32, 32, 1], as a list of
+    (weight, bias) pairs: weight (inputs, outputs) drawn from a normal distribution
+    with standard deviation sqrt(2 / inputs) (He initialisation), bias (1, outputs)
+    zeros."""
+    return [(rng.normal(0.0, np.sqrt(2.0 / inputs), size=(inputs, outputs)),
+             np.zeros((1, outputs)))
+            for inputs, outputs in zip(layer_sizes[:-1], layer_sizes[1:])]
+
+
+def dense_forward(layers, inputs):
+    """Run `inputs` (rows, features) through the network. Returns the outputs (rows,
+    last layer size) and the cache: one (layer input, pre-activation) pair a layer."""
+    cache = []
+    activations = inputs
+    for index, (weight, bias) in enumerate(layers):
+        pre_activation = activations @ weight + bias
+        cache.append((activations, pre_activation))
+        is_last = index == len(layers) - 1
+        activations = pre_activation if is_last else relu(pre_activation)
+    return activations, cache
+
+
+
+# %% jupyter={"source_hidden": true}
+def numerical_gradient(loss_of, array, step=1e-6):
+    """The gradient of `loss_of()` with respect to every entry of `array`, by central
+    differences. `array` is nudged in place and restored after each entry."""
+    gradient = np.zeros_like(array)
+    for index in np.ndindex(array.shape):
+        original = array[index]
+        array[index] = original + step
+        loss_up = loss_of()
+        array[index] = original - step
+        loss_down = loss_of()
+        array[index] = original
+        gradient[index] = (loss_up - loss_down) / (2 * step)
+    return gradient
+
+
+def accuracy(predicted_classes, true_classes):
+    """The fraction of predictions that name the right class."""
+    return float(np.mean(predicted_classes == true_classes))
+
+
+def one_hot(indices, classes):
+    """Rows of zeros with a single 1.0 at each index: shape (len(indices), classes)."""
+    return np.eye(classes)[indices]
+
+
+def softmax(logits):
+    """Probabilities from logits along the last axis, shifted by the largest logit
+    so that exp never overflows."""
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exponentials = np.exp(shifted)
+    return exponentials / exponentials.sum(axis=-1, keepdims=True)
+
+
+def cross_entropy(logits, targets):
+    """Mean cross-entropy, in nats, of softmax(logits) against one-hot `targets`
+    (both (rows, classes)), computed from the logits for stability."""
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    log_probabilities = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    return float(-np.sum(targets * log_probabilities) / len(logits))
+
+
+def cross_entropy_grad(logits, targets):
+    """The gradient of `cross_entropy` with respect to each logit:
+    (softmax(logits) - targets) / rows."""
+    return (softmax(logits) - targets) / len(logits)
+
+
+
+# %% [markdown]
+# ### The head hands its input gradient down
+#
+# The backward pass walks from the logits down through the layers. At layer k, given
+# G = d loss / d a_k, it goes back through the ReLU (`G * (z_k > 0)`), into the
+# weights (`a_{k-1}.T @ dz` and `dz` summed over the rows) and on to the layer's
+# input (`dz @ W_k.T`), which is the next layer's G.
+#
+# In chapter 04 the network's inputs were data, so that last gradient, d loss /
+# d inputs, was computed and thrown away. Here the inputs are the output of the
+# convolutions, which have weights of their own to train: they need exactly that
+# gradient. `with_input_grad=True` returns it (the same switch chapter 05 gives
+# `rnn_backward`); called without it, the function is chapter 04's.
+
+# %%
+def dense_backward(layers, cache, output_grad, with_input_grad=False):
+    """Backpropagation: given `cache` from `dense_forward` and `output_grad`, the
+    loss's gradient with respect to the network's outputs, return one (weight_grad,
+    bias_grad) pair per layer, in the order of `layers`; with `with_input_grad=True`,
+    also d loss / d inputs, for a layer below the network (the convolutions)."""
+    gradients = []
+    grad = output_grad
+    for index in reversed(range(len(layers))):
+        weight, _ = layers[index]
+        layer_inputs, pre_activation = cache[index]
+        if index < len(layers) - 1:
+            grad = grad * (pre_activation > 0)       # back through the ReLU
+        gradients.append((layer_inputs.T @ grad, grad.sum(axis=0, keepdims=True)))
+        grad = grad @ weight.T                       # on to the layer below
+    if with_input_grad:
+        return gradients[::-1], grad
+    return gradients[::-1]
+
+
+
 # %% [markdown]
 # ## The convolutional network
 #
@@ -903,19 +991,13 @@ def max_pool_backward(inputs, output_grad, size=2):
 # sections above: the head (with the gradient of its input, reshaped back into
 # feature maps), then for each convolution layer from the top: the pooling, the
 # ReLU (the mask `pre_activation > 0`, as in the dense layers), the convolution.
+#
+# **Weights.** The two convolution layers hold 8 x 25 + 16 x 8 x 25 = 3,400
+# weights; a dense first layer from 784 pixels to 64 units alone would hold
+# 50,176. Sharing weights over positions is what makes the network small and
+# what lets it recognise a stroke wherever it is.
 
 # %%
-POOL_SIZE = 2
-
-
-def conv_output_size(image_size, filters, kernel_size):
-    """The height (and width) of the feature maps after every conv + pool layer."""
-    size = image_size
-    for _ in filters:
-        size = (size - kernel_size + 1) // POOL_SIZE
-    return size
-
-
 def init_cnn(filters, kernel_size, hidden_sizes, rng, image_size=IMAGE_SIZE, channels=1):
     """A convolutional network: (conv_layers, head). conv_layers holds one (weight,
     bias) a layer, weight (filters, channels, kernel_size, kernel_size) with He
@@ -990,6 +1072,29 @@ def cnn_gradient_error(model, images, targets):
     return worst / largest
 
 
+
+# %% [markdown]
+# ### Checking the whole network's gradients
+#
+# A wrong gradient often still trains, just badly, so before training the chapter
+# checks the whole chain of hand-written backward passes at once: the head, the
+# pooling, the ReLUs and both convolutions, against finite differences of the
+# cross-entropy. It uses a small network (2 and 3 filters of 3 x 3, a head of 5
+# units) and three 12 x 12 images, so that nudging every weight twice stays cheap.
+# They agree to about 1e-9 of the largest gradient: the backward passes are right.
+
+# %%
+if __name__ == "__main__":
+    # A small network on small images, so that nudging every weight twice stays cheap.
+    probe = init_cnn([2, 3], 3, [5], rng, image_size=12)
+    probe_images = rng.random((3, 1, 12, 12))
+    check = cnn_gradient_error(probe, probe_images, one_hot(rng.integers(0, CLASSES, 3), CLASSES))
+    print(f"gradient check of the whole network: largest relative difference from finite "
+          f"differences {check:.1e}")
+    figures["gradient_error"] = float(f"{check:.1e}")
+
+
+
 # %% [markdown]
 # ## Training
 #
@@ -1050,6 +1155,58 @@ def predict(model, images, chunk=500):
                            for start in range(0, len(images), chunk)])
 
 
+
+# %% [markdown]
+# ### Training the network
+#
+# The default network, two convolutions of 8 and 16 filters of 5 x 5 and a head of
+# 64 units, trains for 5 epochs on 15,000 digits (`--quick`: 3 epochs on 2,000).
+# Each epoch prints its mean training loss; it falls fast in the first epoch, as the
+# filters find strokes, and slowly after. A loss that turns into inf or nan means
+# the steps were too large, and the run stops with a sentence saying so.
+
+# %%
+if __name__ == "__main__":
+    model = init_cnn(ARGS.filters, ARGS.kernel_size, ARGS.hidden_sizes, rng)
+    parameters = sum(array.size for array in model_parameters(model))
+    print(f"\ntraining a network of {parameters:,} parameters: convolutions "
+          f"{ARGS.filters} of {ARGS.kernel_size} x {ARGS.kernel_size}, dense head "
+          f"{ARGS.hidden_sizes}; {ARGS.epochs} epochs, batch {ARGS.batch_size}, "
+          f"learning rate {ARGS.learning_rate:g}")
+    training_started = time.perf_counter()
+
+    def report(epoch, loss):
+        print(f"  epoch {epoch}: training loss {loss:.4f} nats "
+              f"({time.perf_counter() - training_started:.0f} s)")
+
+    model, history = train_cnn(model, (train_images, train_labels), ARGS.learning_rate,
+                               ARGS.epochs, ARGS.batch_size, rng, report)
+    if not np.isfinite(history[-1]):
+        raise DataError(f"training diverged at learning rate {ARGS.learning_rate:g}; "
+                        f"try a smaller --learning-rate")
+    figures["final_train_loss"] = round(history[-1], 4)
+
+
+
+# %% [markdown]
+# ## Accuracy and the confusion matrix
+#
+# The held-out digits were never trained on, so their accuracy is the honest score;
+# the same figure on (up to 2,000 of) the training digits shows how much of it is
+# memorised. A single accuracy hides *which* digits go wrong, so the chapter also
+# counts, for every true digit, what it was read as: the **confusion matrix**.
+#
+# **Reading the results.** On the generated digits the default run (15,000 training
+# images, 5 epochs) scores about 99% on 2,000 held-out digits, against 10% for
+# guessing; `--quick` (2,000 images, 3 epochs) about 93%. The few mistakes sit
+# between shapes that a random slant and wobble can bring close: a 5 whose bowl
+# curls round reads as a 6, a 6 whose loop closes high as an 8, a 1 with a long
+# flag as a 2 or a 7. On MNIST a network of this shape typically reaches about
+# 98-99% on the 10,000 test digits with the default settings; real handwriting is
+# more varied than our glyphs, and more training data (`--train-size 60000`) and
+# more epochs help it further.
+
+# %%
 def confusion_matrix(predicted, true, classes=CLASSES):
     """counts[t, p]: how many images of class t were predicted as class p. The
     diagonal holds the correct answers; everything off it is a mistake, and where
@@ -1057,6 +1214,28 @@ def confusion_matrix(predicted, true, classes=CLASSES):
     counts = np.zeros((classes, classes), dtype=np.int64)
     np.add.at(counts, (true, predicted), 1)
     return counts
+
+
+if __name__ == "__main__":
+    predicted = predict(model, test_images)
+    test_accuracy = accuracy(predicted, test_labels)
+    seen = min(len(train_images), 2000)  # enough training images to compare with
+    train_accuracy = accuracy(predict(model, train_images[:seen]), train_labels[:seen])
+    confusion = confusion_matrix(predicted, test_labels)
+    print(f"held-out accuracy {100 * test_accuracy:.1f}% (on {seen} training images "
+          f"{100 * train_accuracy:.1f}%; guessing {100 / CLASSES:.0f}%)")
+    print("confusion matrix (rows: true digit, columns: predicted):")
+    print("       " + " ".join(f"{digit:>4}" for digit in range(CLASSES)))
+    for digit, row in enumerate(confusion):
+        print(f"  {digit:>3}  " + " ".join(f"{count:>4}" for count in row))
+    mistakes = confusion - np.diag(np.diag(confusion))
+    true_digit, taken_for = np.unravel_index(mistakes.argmax(), mistakes.shape)
+    if mistakes.max() > 0:
+        print(f"the commonest mistake: {true_digit} read as {taken_for} "
+              f"({mistakes.max()} times)")
+    figures.update(test_accuracy=round(test_accuracy, 4),
+                   train_accuracy=round(train_accuracy, 4))
+
 
 
 # %% [markdown]
@@ -1068,6 +1247,12 @@ def confusion_matrix(predicted, true, classes=CLASSES):
 # edge at that angle. The second figure is the confusion matrix, whose off-diagonal
 # cells show which digits the network takes for which. Without matplotlib the
 # filters are printed as characters, darker characters for larger weights.
+#
+# **Reading the pictures.** Several first-layer filters turn into oriented edge
+# detectors, a light band beside a dark one, which respond where a stroke's edge
+# runs in that direction; others stay mixed, since a short run leaves them little
+# time to settle. The second layer, not drawn, combines these edge maps into parts
+# of digits.
 
 # %%
 SHADES = " .:-=+*#%@"
@@ -1093,7 +1278,8 @@ def save_plots(out_dir, weight, confusion, images, labels, predicted):
     filters as text instead. Returns the files written."""
     try:
         import matplotlib
-        matplotlib.use("Agg")
+        if not in_notebook():
+            matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed, so no plots; the first layer's filters as text:")
@@ -1118,7 +1304,7 @@ def save_plots(out_dir, weight, confusion, images, labels, predicted):
     figure.suptitle("first-layer filters (light = positive weight); test digits, "
                     "true -> predicted", fontsize=9)
     figure.tight_layout()
-    figure.savefig(filters_path, dpi=100)
+    show_figure(figure, filters_path)
     plt.close(figure)
     confusion_path = os.path.join(out_dir, f"{CHAPTER}_confusion.png")
     figure, axis = plt.subplots(figsize=(5.5, 5))
@@ -1133,209 +1319,25 @@ def save_plots(out_dir, weight, confusion, images, labels, predicted):
     axis.set(xticks=range(CLASSES), yticks=range(CLASSES), xlabel="predicted digit",
              ylabel="true digit", title="Confusion matrix on the held-out digits")
     figure.tight_layout()
-    figure.savefig(confusion_path, dpi=100)
+    show_figure(figure, confusion_path)
     plt.close(figure)
     return [filters_path, confusion_path]
 
 
-# %% [markdown]
-# ## Reading the results
-#
-# * **The checks.** The loop and im2col convolutions agree to rounding error (about
-#   1e-13), forward and all three gradients, and im2col is several hundred times
-#   faster. The whole network's gradients agree with finite differences to about
-#   1e-9, so the hand-written backward passes are right.
-# * **Accuracy.** On the generated digits the default run (15,000 training images,
-#   5 epochs) scores about 99% on 2,000 held-out digits, against 10% for guessing;
-#   `--quick` (2,000 images, 3 epochs) about 93%. The few mistakes sit between
-#   shapes that a random slant and wobble can bring close: a 5 whose bowl curls
-#   round reads as a 6, a 6 whose loop closes high as an 8, a 1 with a long flag as
-#   a 2 or a 7. On MNIST a network of this shape typically reaches about 98-99% on
-#   the 10,000 test digits with the default settings; real handwriting is more
-#   varied than our glyphs, and more training data (`--train-size 60000`) and more
-#   epochs help it further.
-# * **The filters.** Several first-layer filters turn into oriented edge detectors,
-#   a light band beside a dark one, which respond where a stroke's edge runs in
-#   that direction; others stay mixed, since a short run leaves them little time to
-#   settle. The second layer, not drawn, combines these edge maps into parts of
-#   digits.
-# * **Weights.** The two convolution layers hold 8 x 25 + 16 x 8 x 25 = 3,400
-#   weights; a dense first layer from 784 pixels to 64 units alone would hold
-#   50,176. Sharing weights over positions is what makes the network small and
-#   what lets it recognise a stroke wherever it is.
-
-
-# %% [markdown]
-# ## Running the chapter
-#
-# Every chapter shares this command line: `--seed` for repeatable runs, `--data` for a
-# local copy of the data, `--quick` for a run of a few seconds (used by the tests) and
-# `--out` for where files are written. Its last line of output is `summary:` and a
-# line of JSON with the chapter's headline figures, so scripts and tests can read it.
-#
-# Here `--data` is a folder holding the four MNIST idx files. `--filters` and
-# `--kernel-size` shape the convolutions, `--hidden-sizes` the dense head, and
-# `--epochs`, `--learning-rate`, `--batch-size` and `--train-size` the training.
-# Bad values are refused before any work starts, including a stack of convolutions
-# that would shrink the 28 x 28 image to nothing.
-
-# %%
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--data", default=None,
-                        help="folder holding the four MNIST idx files, .gz or unpacked "
-                             "(default: download MNIST, else draw digits)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a run of a few seconds, for tests and a first look")
-    parser.add_argument("--out", default="out", help="folder for plots (default out/)")
-    parser.add_argument("--filters", type=int, nargs="+", default=[8, 16],
-                        help="filters in each convolution layer (default: 8 16)")
-    parser.add_argument("--kernel-size", type=int, default=5,
-                        help="height and width of every filter (default 5)")
-    parser.add_argument("--hidden-sizes", type=int, nargs="+", default=[64],
-                        help="units in each hidden layer of the dense head (default 64)")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="passes over the training images (default 5, --quick 3)")
-    parser.add_argument("--learning-rate", type=float, default=0.1,
-                        help="step size of gradient descent (default 0.1)")
-    parser.add_argument("--batch-size", type=int, default=32,
-                        help="images per mini-batch (default 32)")
-    parser.add_argument("--train-size", type=int, default=None,
-                        help="training images used (default 15000, --quick 2000)")
-    args = parser.parse_args(argv)
-    if args.epochs is None:
-        args.epochs = 3 if args.quick else 5
-    if args.train_size is None:
-        args.train_size = 2000 if args.quick else 15000
-    for flag, value in (("--filters", min(args.filters)), ("--kernel-size", args.kernel_size),
-                        ("--hidden-sizes", min(args.hidden_sizes)), ("--epochs", args.epochs),
-                        ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise DataError(f"{flag} must be at least 1, not {value}")
-    if args.seed < 0:
-        raise DataError(f"--seed must be zero or positive, not {args.seed}")
-    if args.train_size < CLASSES:
-        raise DataError(f"--train-size must be at least {CLASSES}, one image a digit, "
-                        f"not {args.train_size}")
-    if conv_output_size(IMAGE_SIZE, args.filters, args.kernel_size) < 1:
-        raise DataError(f"{len(args.filters)} convolution layers of kernel size "
-                        f"{args.kernel_size}, each followed by {POOL_SIZE} x {POOL_SIZE} "
-                        f"pooling, shrink a {IMAGE_SIZE} x {IMAGE_SIZE} image to nothing; "
-                        f"use fewer --filters layers or a smaller --kernel-size")
-    if not (args.learning_rate > 0 and np.isfinite(args.learning_rate)):
-        raise DataError(f"--learning-rate must be a positive number, not {args.learning_rate}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise DataError(f"--out {args.out} is a file; give a folder for the plots")
-    return args
-
-
-def print_summary(figures):
-    """The chapter's last line: `summary: ` and its headline figures as JSON."""
-    print("summary: " + json.dumps(figures))
-
-
-def check_convolutions(rng, batch=2):
-    """Loops against im2col on random images and a random layer shaped like the
-    network's first: the largest difference of the outputs and of the three
-    gradients, and the time each version took."""
-    images = rng.random((batch, 1, IMAGE_SIZE, IMAGE_SIZE))
-    weight, bias = rng.normal(size=(8, 1, 5, 5)), rng.normal(size=8)
-    output_grad = rng.normal(size=(batch, 8, IMAGE_SIZE - 4, IMAGE_SIZE - 4))
-    timings = []
-    results = []
-    for forward, backward in ((conv_forward_loops, conv_backward_loops),
-                              (conv_forward, conv_backward)):
-        began = time.perf_counter()
-        results.append((forward(images, weight, bias), *backward(images, weight, output_grad)))
-        timings.append(time.perf_counter() - began)
-    difference = max(float(np.abs(loop - fast).max()) for loop, fast in zip(*results))
-    return difference, timings
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    started = time.perf_counter()
-    rng = np.random.default_rng(args.seed)
-
-    # The data first, so a bad folder is reported before any work.
-    test_count = 500 if args.quick else 2000
-    train_images, train_labels, test_images, test_labels, source = load_digits(
-        args.data, args.seed, args.train_size, test_count)
-    if len(train_images) > args.train_size:  # MNIST: a random subset of the 60,000
-        keep = rng.permutation(len(train_images))[:args.train_size]
-        train_images, train_labels = train_images[keep], train_labels[keep]
-    if args.quick:
-        test_images, test_labels = test_images[:test_count], test_labels[:test_count]
-    train_images, test_images = train_images[:, None], test_images[:, None]  # 1 channel
-    print(f"digits: {len(train_images)} training and {len(test_images)} held-out images "
-          f"of {IMAGE_SIZE} x {IMAGE_SIZE} from {source}; training digits per class "
-          f"{np.bincount(train_labels, minlength=CLASSES).tolist()}")
-
-    # The two convolutions agree, and the fast one is fast.
-    difference, (loop_seconds, fast_seconds) = check_convolutions(rng)
-    print(f"convolution, loops against im2col (forward and all three gradients): largest "
-          f"difference {difference:.1e}; loops {1000 * loop_seconds:.0f} ms, im2col "
-          f"{1000 * fast_seconds:.1f} ms, {loop_seconds / fast_seconds:.0f} times faster")
-
-    # The whole network's gradients against finite differences, on a small network
-    # and small images so that nudging every weight twice stays cheap.
-    probe = init_cnn([2, 3], 3, [5], rng, image_size=12)
-    probe_images = rng.random((3, 1, 12, 12))
-    check = cnn_gradient_error(probe, probe_images, one_hot(rng.integers(0, CLASSES, 3), CLASSES))
-    print(f"gradient check of the whole network: largest relative difference from finite "
-          f"differences {check:.1e}")
-
-    # Training.
-    model = init_cnn(args.filters, args.kernel_size, args.hidden_sizes, rng)
-    parameters = sum(array.size for array in model_parameters(model))
-    print(f"\ntraining a network of {parameters:,} parameters: convolutions "
-          f"{args.filters} of {args.kernel_size} x {args.kernel_size}, dense head "
-          f"{args.hidden_sizes}; {args.epochs} epochs, batch {args.batch_size}, "
-          f"learning rate {args.learning_rate:g}")
-    training_started = time.perf_counter()
-
-    def report(epoch, loss):
-        print(f"  epoch {epoch}: training loss {loss:.4f} nats "
-              f"({time.perf_counter() - training_started:.0f} s)")
-
-    model, history = train_cnn(model, (train_images, train_labels), args.learning_rate,
-                               args.epochs, args.batch_size, rng, report)
-    if not np.isfinite(history[-1]):
-        raise DataError(f"training diverged at learning rate {args.learning_rate:g}; "
-                        f"try a smaller --learning-rate")
-    predicted = predict(model, test_images)
-    test_accuracy = accuracy(predicted, test_labels)
-    seen = min(len(train_images), 2000)  # enough training images to compare with
-    train_accuracy = accuracy(predict(model, train_images[:seen]), train_labels[:seen])
-    confusion = confusion_matrix(predicted, test_labels)
-    print(f"held-out accuracy {100 * test_accuracy:.1f}% (on {seen} training images "
-          f"{100 * train_accuracy:.1f}%; guessing {100 / CLASSES:.0f}%)")
-    print("confusion matrix (rows: true digit, columns: predicted):")
-    print("       " + " ".join(f"{digit:>4}" for digit in range(CLASSES)))
-    for digit, row in enumerate(confusion):
-        print(f"  {digit:>3}  " + " ".join(f"{count:>4}" for count in row))
-    mistakes = confusion - np.diag(np.diag(confusion))
-    true_digit, taken_for = np.unravel_index(mistakes.argmax(), mistakes.shape)
-    if mistakes.max() > 0:
-        print(f"the commonest mistake: {true_digit} read as {taken_for} "
-              f"({mistakes.max()} times)")
-    for path in save_plots(args.out, model[0][0][0], confusion, test_images, test_labels,
+if __name__ == "__main__":
+    for path in save_plots(ARGS.out, model[0][0][0], confusion, test_images, test_labels,
                            predicted):
         print(f"saved {path}")
-    print_summary({"chapter": CHAPTER, "source": source, "train_images": len(train_images),
-                   "test_images": len(test_images), "test_accuracy": round(test_accuracy, 4),
-                   "train_accuracy": round(train_accuracy, 4),
-                   "final_train_loss": round(history[-1], 4),
-                   "conv_difference": float(f"{difference:.1e}"),
-                   "gradient_error": float(f"{check:.1e}"),
-                   "seconds": round(time.perf_counter() - started, 1)})
 
 
+
+# %% [markdown]
+# ## Summary
+#
+# The last line gathers the run's headline figures, the checks, the accuracies and
+# the final training loss, as `summary:` and one line of JSON, so that scripts and
+# tests read them without parsing the prose above.
+
+# %%
 if __name__ == "__main__":
-    try:
-        main()
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    print_summary({**figures, "seconds": round(time.perf_counter() - started, 1)})

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_clean_error, load_chapter, run_chapter
+from conftest import (assert_clean_error, has_matplotlib, load_chapter, run_as_script,
+                      run_chapter, without_matplotlib)
 
 chapter = load_chapter("04b_cnn")
 
@@ -191,10 +192,11 @@ def test_mnist_folder_is_read_and_trained_on(tmp_path, capsys):
     (folder / "t10k-labels-idx1-ubyte").write_bytes(gzip.decompress(packed.read_bytes()))
     packed.unlink()
     np.testing.assert_array_equal(chapter.read_mnist(str(folder))[3], test_labels)
-    chapter.main(["--data", str(folder), "--quick", "--epochs", "1", "--train-size", "50",
-                  "--out", str(tmp_path / "out")])
+    result = run_as_script("04b_cnn", "--data", folder, "--quick", "--epochs", "1",
+                           "--train-size", "50", "--out", tmp_path / "out")
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     assert summary.startswith("summary: ") and '"train_images": 50' in summary
+    assert result["figures"]["source"] == str(folder)
 
 
 def test_offline_falls_back_to_generated_digits(tmp_path, monkeypatch):
@@ -263,8 +265,21 @@ def test_quick_run_reads_digits(tmp_path):
     assert summary["test_accuracy"] > 0.9, run
     assert summary["conv_difference"] < 1e-10 and summary["gradient_error"] < 1e-6
     assert "confusion matrix" in run.stdout
-    assert (tmp_path / "out" / "04b_cnn_filters.png").exists()
-    assert (tmp_path / "out" / "04b_cnn_confusion.png").exists()
+    if has_matplotlib():
+        assert (tmp_path / "out" / "04b_cnn_filters.png").exists()
+        assert (tmp_path / "out" / "04b_cnn_confusion.png").exists()
+    else:
+        assert "the first layer's filters as text" in run.stdout
+
+
+def test_quick_run_without_matplotlib_prints_the_filters(tmp_path):
+    run = run_chapter("04b_cnn", "--quick", "--epochs", "1", "--train-size", "200",
+                      "--out", tmp_path / "out", cwd=tmp_path,
+                      env={"OMP_NUM_THREADS": "1", **without_matplotlib(tmp_path)})
+    assert run.returncode == 0 and run.summary["chapter"] == "04b_cnn", run
+    assert "matplotlib is not installed" in run.stdout
+    assert "the first layer's filters as text" in run.stdout
+    assert not (tmp_path / "out").exists()
 
 
 def test_without_matplotlib_the_filters_are_printed_as_text(tmp_path, monkeypatch, capsys):
