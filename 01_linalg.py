@@ -39,22 +39,55 @@ import numpy as np
 
 CHAPTER = "01_linalg"
 
+
 # %% [markdown]
-# ## The weather table
+# ## Vectors: one day of weather
+#
+# A **vector** is an ordered list of numbers. One row of the weather table, say
+# `[tmax, tmin, rain]` for one day, is a vector of length 3. In numpy it is a 1-D
+# array, and arithmetic on arrays works **elementwise**: `a + b` adds the first
+# number of `a` to the first of `b`, the second to the second, and so on; `2 * a`
+# doubles every number. No loop is written, and numpy runs the loop in fast
+# compiled code.
+#
+# Two vectors' difference says how two days differ; its **length** (the square
+# root of the sum of squares, `np.linalg.norm`) says by how much in one number.
+#
+# Every array has a **shape**, the size along each of its dimensions: a day's
+# vector has shape (3,), the whole table (days, 4). Most mistakes with arrays are
+# shape mistakes, so the chapter prints the shape next to every result; it is a
+# good habit to check it in your own code too.
+
+
+# %%
+def describe(name, array):
+    """One line about an array: its name, shape and values (rounded for reading)."""
+    return f"{name:<22} shape {str(array.shape):<9} {np.round(array, 2).tolist()}"
+
+
+# %% [markdown]
+# ## Set-up: flags and data (not the lesson)
+#
+# The code in this section is what the chapter needs but does not teach; in a
+# notebook its cells open collapsed. Every chapter shares its command line: `--seed`
+# for repeatable runs, `--data` for a local copy of the data, `--quick` for a run of
+# a few seconds (used by the tests) and `--out` for where files are written. In a
+# notebook the flags come from the environment variable `ZERO_TO_GPT_ARGS`. The last
+# line of output is `summary:` and a line of JSON with the chapter's headline figures.
 #
 # Every weather chapter (01-08) reads the same table: one row a day, from
 # 1970-01-01 to 2022-11-26, with the day's highest temperature (`tmax`, °F), lowest
 # temperature (`tmin`, °F), rainfall (`rain`, inches) and the next day's highest
-# temperature (`tmax_tomorrow`), the number we learn to predict.
-#
-# The loader below is carried unchanged from chapter to chapter. It downloads the
-# table once into `data/`, checks it against a recorded SHA-256 digest (so a
-# truncated or tampered download is never used), and writes it to a temporary file
-# that is renamed into place only when complete, so an interrupted download never
-# leaves half a file behind. Without a network it generates a stand-in table of the
-# same shape, so the chapter still runs; it says so in one line.
+# temperature (`tmax_tomorrow`), the number we learn to predict. The loader is
+# carried unchanged from chapter to chapter. It downloads the table once into
+# `data/`, checks it against a recorded SHA-256 digest (so a truncated or tampered
+# download is never used), and writes it to a temporary file that is renamed into
+# place only when complete, so an interrupted download never leaves half a file
+# behind. Without a network it generates a stand-in table of the same shape, so the
+# chapter still runs; it says so in one line.
 
-# %%
+
+# %% jupyter={"source_hidden": true}
 WEATHER_URL = ("https://raw.githubusercontent.com/VikParuchuri/zero_to_gpt/"
                "master/data/clean_weather.csv")
 WEATHER_SHA256 = "70d75ac02ccf0c0f45aed0077919fee302c6428b9f3c3401aadf090b0f6dfc8c"
@@ -63,6 +96,7 @@ FEATURES = ["tmax", "tmin", "rain"]     # what the models see
 TARGET = "tmax_tomorrow"                # what they predict
 
 
+# %% jupyter={"source_hidden": true}
 class DataError(Exception):
     """A problem with the input that the user can fix. A script run ends with its one
     sentence (`error: ...`) and exit code 2; a notebook shows the sentence alone."""
@@ -93,6 +127,24 @@ def report_data_errors():
     sys.excepthook = exit_with_sentence
 
 
+def chapter_args():
+    """This run's flags: the command line in a script; in a notebook, which has the
+    kernel's command line instead, the environment variable ZERO_TO_GPT_ARGS."""
+    report_data_errors()
+    if in_notebook():
+        return parse_args(shlex.split(os.environ.get("ZERO_TO_GPT_ARGS", "")))
+    return parse_args()
+
+
+def show_figure(figure, path):
+    """Save a matplotlib figure as a PNG at `path`; in a notebook, also show it here."""
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    if in_notebook():
+        from IPython.display import Image, display
+        display(Image(filename=path))
+
+
+# %% jupyter={"source_hidden": true}
 def sha256_of(path):
     """The SHA-256 digest of a file, read in 1 MiB pieces so big files fit in memory."""
     digest = hashlib.sha256()
@@ -244,28 +296,53 @@ def split_data(inputs, targets, train_fraction=0.7, valid_fraction=0.15):
             (inputs[valid_end:], targets[valid_end:]))
 
 
-# %% [markdown]
-# ## Vectors: one day of weather
-#
-# A **vector** is an ordered list of numbers. One row of the weather table, say
-# `[tmax, tmin, rain]` for one day, is a vector of length 3. In numpy it is a 1-D
-# array, and arithmetic on arrays works **elementwise**: `a + b` adds the first
-# number of `a` to the first of `b`, the second to the second, and so on; `2 * a`
-# doubles every number. No loop is written, and numpy runs the loop in fast
-# compiled code.
-#
-# Two vectors' difference says how two days differ; its **length** (the square
-# root of the sum of squares, `np.linalg.norm`) says by how much in one number.
-#
-# Every array has a **shape**, the size along each of its dimensions: a day's
-# vector has shape (3,), the whole table (days, 4). Most mistakes with arrays are
-# shape mistakes, so the chapter prints the shape next to every result; it is a
-# good habit to check it in your own code too.
+# %% jupyter={"source_hidden": true}
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--data", default=None,
+                        help="path of a local weather CSV (default: download, else generate)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a run of a few seconds, for tests and a first look")
+    parser.add_argument("--out", default="out", help="folder for plots (default out/)")
+    args = parser.parse_args(argv)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise DataError(f"--out {args.out} is a file; give a folder for the plots")
+    return args
+
+
+def print_summary(figures):
+    """The chapter's last line: `summary: ` and its headline figures as JSON."""
+    print("summary: " + json.dumps(figures))
+
 
 # %%
-def describe(name, array):
-    """One line about an array: its name, shape and values (rounded for reading)."""
-    return f"{name:<22} shape {str(array.shape):<9} {np.round(array, 2).tolist()}"
+if __name__ == "__main__":
+    ARGS = chapter_args()
+    started = time.perf_counter()
+    dates, table, source = load_weather(ARGS.data, ARGS.seed)
+    if len(table) < 20:
+        raise DataError(f"weather data from {source} has only {len(table)} days; the "
+                        f"chapter needs at least 20")
+    print(f"weather: {len(table)} days from {source}; columns {', '.join(WEATHER_COLUMNS)}")
+    figures = {"chapter": CHAPTER, "source": source}
+
+
+# %% [markdown]
+# The first two days of the table. Indexing a row gives a 1-D array; its first three
+# columns are today's measurements (the fourth is the answer).
+
+
+# %%
+if __name__ == "__main__":
+    first, second = table[0, :3], table[1, :3]
+    print(f"{dates[0]} and {dates[1]}, as vectors of {', '.join(FEATURES)}:")
+    print("  " + describe("first day", first))
+    print("  " + describe("second day", second))
+    print("  " + describe("second - first", second - first))
+    print("  " + describe("2 * first", 2 * first))
+    print(f"  length of the difference: {np.linalg.norm(second - first):.2f}")
 
 
 # %% [markdown]
@@ -283,12 +360,20 @@ def describe(name, array):
 # Below, `dot` spells out the sum with a Python loop; `a @ b` (or `np.dot(a, b)`) is
 # the same thing, computed by numpy.
 
+
 # %%
 def dot(a, b):
     """The dot product written out: the sum of a[i] * b[i]."""
     if len(a) != len(b):
         raise ValueError(f"a dot product needs two vectors of one length, not {len(a)} and {len(b)}")
     return sum(float(x) * float(y) for x, y in zip(a, b))
+
+
+if __name__ == "__main__":
+    weights = np.array([0.8, 0.1, -1.0])
+    print(f"dot product of the first day with weights {weights.tolist()}:")
+    print(f"  by hand: {first[0]:g}*0.8 + {first[1]:g}*0.1 + {first[2]:g}*(-1.0) = "
+          f"{dot(first, weights):.2f}; numpy: first @ weights = {first @ weights:.2f}")
 
 
 # %% [markdown]
@@ -320,6 +405,7 @@ def dot(a, b):
 # do thousands of them at once, made large models possible, and why chapter 12
 # writes its own.
 
+
 # %%
 def matmul_by_loops(a, b):
     """Matrix product by its definition: out[i, j] = sum over l of a[i, l] * b[l, j]."""
@@ -332,6 +418,34 @@ def matmul_by_loops(a, b):
             for k in range(inner):
                 out[i, j] += a[i, k] * b[k, j]
     return out
+
+
+if __name__ == "__main__":
+    # Five days, and the product with the weights. Stacking two weight vectors as the
+    # columns of a (3, 2) matrix makes two predictions a day at once.
+    days = table[:5, :3]
+    print(f"the first five days as a matrix, shape {days.shape}:")
+    print("  " + np.array2string(days, prefix="  ", precision=2))
+    print(f"  column 0 (tmax): {days[:, 0].tolist()}; transpose shape {days.T.shape}")
+    print(f"  days @ weights, one weighted sum a day, shape {(days @ weights).shape}: "
+          f"{np.round(days @ weights, 2).tolist()}")
+    two_sets = np.stack([weights, [1.0, 0.0, 0.0]], axis=1)
+    print(f"  days {days.shape} @ two sets of weights {two_sets.shape} -> "
+          f"{(days @ two_sets).shape}; loops agree with @: "
+          f"{np.allclose(matmul_by_loops(days, two_sets), days @ two_sets)}")
+    if not ARGS.quick:
+        # The same product on 300 days, timed: loops against numpy.
+        many = table[:300, :3]
+        tick = time.perf_counter()
+        matmul_by_loops(many, two_sets)
+        loop_seconds = time.perf_counter() - tick
+        tick = time.perf_counter()
+        for _ in range(100):
+            many @ two_sets
+        numpy_seconds = (time.perf_counter() - tick) / 100
+        print(f"  on 300 days: Python loops {1000 * loop_seconds:.2f} ms, numpy "
+              f"{1000 * numpy_seconds:.4f} ms, {loop_seconds / numpy_seconds:.0f} times faster")
+        figures["numpy_speedup"] = round(loop_seconds / numpy_seconds)
 
 
 # %% [markdown]
@@ -349,6 +463,7 @@ def matmul_by_loops(a, b):
 # Broadcasting adds a model's bias to every prediction and, below, standardises
 # the columns (mean 0, spread 1), which chapter 02 needs.
 
+
 # %%
 def mse(predictions, targets):
     """Mean squared error: the average of (prediction - target)^2."""
@@ -358,6 +473,22 @@ def mse(predictions, targets):
 def mae(predictions, targets):
     """Mean absolute error: the average distance between prediction and target."""
     return float(np.mean(np.abs(predictions - targets)))
+
+
+if __name__ == "__main__":
+    # Subtract each column's mean, divide by its spread. The means and spreads come
+    # from the training days only (the first 70%, see split_data), so nothing about
+    # the test days leaks into the choices made here.
+    inputs, targets = table[:, :3], table[:, 3]
+    (train_inputs, train_targets), _, (test_inputs, test_targets) = split_data(inputs, targets)
+    means = train_inputs.mean(axis=0)
+    spreads = train_inputs.std(axis=0)
+    standardised = (train_inputs - means) / spreads
+    print(f"broadcasting: training days {train_inputs.shape} minus column means "
+          f"{means.shape} = {np.round(means, 2).tolist()}")
+    print(f"  after dividing by the spreads {np.round(spreads, 2).tolist()}: means "
+          f"{np.round(standardised.mean(axis=0), 6).tolist()}, spreads "
+          f"{np.round(standardised.std(axis=0), 6).tolist()}")
 
 
 # %% [markdown]
@@ -381,10 +512,16 @@ def mae(predictions, targets):
 # opposite way to the slope) and how sensitive the error is to it. Chapter 02 moves
 # weights this way, over and over: gradient descent.
 
+
 # %%
 def slope(function, x, step=1e-5):
     """The slope of `function` at `x`, measured by central finite differences."""
     return (function(x + step) - function(x - step)) / (2 * step)
+
+
+if __name__ == "__main__":
+    measured = slope(lambda x: x ** 2, 3.0)
+    print(f"slope of x^2 at x = 3: measured {measured:.6f}, exact 6")
 
 
 # %% [markdown]
@@ -412,6 +549,7 @@ def slope(function, x, step=1e-5):
 #
 # since only p_i depends on pull, with slope d_i.
 
+
 # %%
 def hand_set_model(pull, average):
     """The weights and bias of 'pull today's tmax towards the average'."""
@@ -428,7 +566,8 @@ def save_plots(out_dir, pulls, errors, pull, error, gradient):
     matplotlib, print a compact table instead. Returns the files written."""
     try:
         import matplotlib
-        matplotlib.use("Agg")
+        if not in_notebook():
+            matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed, so no plot; the curve as a table instead:")
@@ -446,136 +585,20 @@ def save_plots(out_dir, pulls, errors, pull, error, gradient):
     axis.set(xlabel="pull", ylabel="MSE (°F²)", title="The error as a function of one weight")
     axis.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    show_figure(figure, path)
     plt.close(figure)
     return [path]
 
 
-# %% [markdown]
-# ## Reading the results
-#
-# * The dot product of a day with a set of weights is one number, a weighted sum;
-#   a matrix product computes one such number for every day and every set of
-#   weights at once. numpy's `@` gives exactly the loops' numbers, hundreds of
-#   times faster, because its loops run in compiled code on whole blocks of
-#   memory. The same holds on a GPU, thousands of times over (chapter 12).
-# * Broadcasting turned "subtract each column's mean" into one expression; after
-#   it, every column has mean 0 and spread 1.
-# * The finite difference agrees with the exact derivative to many digits, for
-#   x^2 and for the error of a forecast. The slope of the error tells which way to
-#   move a weight; one small step that way lowers the error.
-# * The hand-set forecast, "pull today's high a fifth of the way to the average",
-#   beats "tomorrow = today" on test days it never saw. It has one weight we chose
-#   by reasoning. Chapter 02 lets the slope choose all the weights.
-
-# %% [markdown]
-# ## Running the chapter
-#
-# Every chapter shares this command line: `--seed` for repeatable runs, `--data` for a
-# local copy of the data, `--quick` for a run of a few seconds (used by the tests) and
-# `--out` for where files are written. Its last line of output is `summary:` and a
-# line of JSON with the chapter's headline figures, so scripts and tests can read it.
-
-
-# %%
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--data", default=None,
-                        help="path of a local weather CSV (default: download, else generate)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a run of a few seconds, for tests and a first look")
-    parser.add_argument("--out", default="out", help="folder for plots (default out/)")
-    args = parser.parse_args(argv)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise DataError(f"--out {args.out} is a file; give a folder for the plots")
-    return args
-
-
-def print_summary(figures):
-    """The chapter's last line: `summary: ` and its headline figures as JSON."""
-    print("summary: " + json.dumps(figures))
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    started = time.perf_counter()
-    dates, table, source = load_weather(args.data, args.seed)
-    if len(table) < 20:
-        raise DataError(f"weather data from {source} has only {len(table)} days; the "
-                        f"chapter needs at least 20")
-    print(f"weather: {len(table)} days from {source}; columns {', '.join(WEATHER_COLUMNS)}")
-
-    # Vectors: the first two days. Indexing a row of the table gives a 1-D array;
-    # the first three columns are today's measurements (the fourth is the answer).
-    first, second = table[0, :3], table[1, :3]
-    print(f"\n{dates[0]} and {dates[1]}, as vectors of {', '.join(FEATURES)}:")
-    print("  " + describe("first day", first))
-    print("  " + describe("second day", second))
-    print("  " + describe("second - first", second - first))
-    print("  " + describe("2 * first", 2 * first))
-    print(f"  length of the difference: {np.linalg.norm(second - first):.2f}")
-
-    # The dot product: a weighted sum of one day.
-    weights = np.array([0.8, 0.1, -1.0])
-    print(f"\ndot product of the first day with weights {weights.tolist()}:")
-    print(f"  by hand: {first[0]:g}*0.8 + {first[1]:g}*0.1 + {first[2]:g}*(-1.0) = "
-          f"{dot(first, weights):.2f}; numpy: first @ weights = {first @ weights:.2f}")
-
-    # Matrices: five days, and the product with the weights. Stacking two weight
-    # vectors as the columns of a (3, 2) matrix makes two predictions a day at once.
-    days = table[:5, :3]
-    print(f"\nthe first five days as a matrix, shape {days.shape}:")
-    print("  " + np.array2string(days, prefix="  ", precision=2))
-    print(f"  column 0 (tmax): {days[:, 0].tolist()}; transpose shape {days.T.shape}")
-    print(f"  days @ weights, one weighted sum a day, shape {(days @ weights).shape}: "
-          f"{np.round(days @ weights, 2).tolist()}")
-    two_sets = np.stack([weights, [1.0, 0.0, 0.0]], axis=1)
-    print(f"  days {days.shape} @ two sets of weights {two_sets.shape} -> "
-          f"{(days @ two_sets).shape}; loops agree with @: "
-          f"{np.allclose(matmul_by_loops(days, two_sets), days @ two_sets)}")
-    loop_seconds = numpy_seconds = None
-    if not args.quick:
-        # The same product on 300 days, timed: loops against numpy.
-        many = table[:300, :3]
-        tick = time.perf_counter()
-        matmul_by_loops(many, two_sets)
-        loop_seconds = time.perf_counter() - tick
-        tick = time.perf_counter()
-        for _ in range(100):
-            many @ two_sets
-        numpy_seconds = (time.perf_counter() - tick) / 100
-        print(f"  on 300 days: Python loops {1000 * loop_seconds:.2f} ms, numpy "
-              f"{1000 * numpy_seconds:.4f} ms, {loop_seconds / numpy_seconds:.0f} times faster")
-
-    # Broadcasting: subtract each column's mean, divide by its spread. The means
-    # and spreads come from the training days only (the first 70%, see split_data),
-    # so nothing about the test days leaks into the choices made here.
-    inputs, targets = table[:, :3], table[:, 3]
-    (train_inputs, train_targets), _, (test_inputs, test_targets) = split_data(inputs, targets)
-    means = train_inputs.mean(axis=0)
-    spreads = train_inputs.std(axis=0)
-    standardised = (train_inputs - means) / spreads
-    print(f"\nbroadcasting: training days {train_inputs.shape} minus column means "
-          f"{means.shape} = {np.round(means, 2).tolist()}")
-    print(f"  after dividing by the spreads {np.round(spreads, 2).tolist()}: means "
-          f"{np.round(standardised.mean(axis=0), 6).tolist()}, spreads "
-          f"{np.round(standardised.std(axis=0), 6).tolist()}")
-
-    # Slopes: f(x) = x^2 at 3, measured and exact.
-    measured = slope(lambda x: x ** 2, 3.0)
-    print(f"\nslope of x^2 at x = 3: measured {measured:.6f}, exact 6")
-
-    # The hand-set prediction, its error, and the slope of its training error. The
-    # error is measured on test days; the slope on training days, because choosing
-    # a weight by its test error would make the test a part of training.
+if __name__ == "__main__":
+    # The error is measured on test days; the slope on training days, because
+    # choosing a weight by its test error would make the test a part of training.
     average = float(train_inputs[:, 0].mean())
     pull = 0.8
     weights, bias = hand_set_model(pull, average)
     hand_set_mae = mae(linear_prediction(test_inputs, weights, bias), test_targets)
     persistence_mae = mae(test_inputs[:, 0], test_targets)
-    print(f"\nhand-set prediction: {pull} * tmax + {bias:.2f} (the training average is "
+    print(f"hand-set prediction: {pull} * tmax + {bias:.2f} (the training average is "
           f"{average:.2f} °F)")
     print(f"  test MAE {hand_set_mae:.2f} °F; 'tomorrow = today' {persistence_mae:.2f} °F")
 
@@ -598,17 +621,32 @@ def main(argv=None):
           f"{training_error(pull):.3f} at pull {pull}, {training_error(stepped):.3f} at "
           f"{stepped:.4f}")
     pulls = np.linspace(0.5, 1.1, 25)
-    for path in save_plots(args.out, pulls, [training_error(value) for value in pulls], pull,
+    for path in save_plots(ARGS.out, pulls, [training_error(value) for value in pulls], pull,
                            training_error(pull), exact):
         print(f"saved {path}")
-    figures = {"chapter": CHAPTER, "source": source, "hand_set_mae": round(hand_set_mae, 3),
-               "persistence_mae": round(persistence_mae, 3),
-               "slope_error": float(f"{slope_error:.1e}")}
-    if loop_seconds is not None:
-        figures["numpy_speedup"] = round(loop_seconds / numpy_seconds)
-    print_summary({**figures, "seconds": round(time.perf_counter() - started, 1)})
 
 
+# %% [markdown]
+# ## Reading the results
+#
+# * The dot product of a day with a set of weights is one number, a weighted sum;
+#   a matrix product computes one such number for every day and every set of
+#   weights at once. numpy's `@` gives exactly the loops' numbers, hundreds of
+#   times faster, because its loops run in compiled code on whole blocks of
+#   memory. The same holds on a GPU, thousands of times over (chapter 12).
+# * Broadcasting turned "subtract each column's mean" into one expression; after
+#   it, every column has mean 0 and spread 1.
+# * The finite difference agrees with the exact derivative to many digits, for
+#   x^2 and for the error of a forecast. The slope of the error tells which way to
+#   move a weight; one small step that way lowers the error.
+# * The hand-set forecast, "pull today's high a fifth of the way to the average",
+#   beats "tomorrow = today" on test days it never saw. It has one weight we chose
+#   by reasoning. Chapter 02 lets the slope choose all the weights.
+
+
+# %%
 if __name__ == "__main__":
-    report_data_errors()
-    main(shlex.split(os.environ.get("ZERO_TO_GPT_ARGS", "")) if in_notebook() else None)
+    print_summary({**figures, "hand_set_mae": round(hand_set_mae, 3),
+                   "persistence_mae": round(persistence_mae, 3),
+                   "slope_error": float(f"{slope_error:.1e}"),
+                   "seconds": round(time.perf_counter() - started, 1)})
