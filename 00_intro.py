@@ -42,16 +42,101 @@ CHAPTER = "00_intro"
 
 
 # %% [markdown]
-# ## Downloading data safely
+# ## Your set-up
+#
+# The course needs Python with numpy (chapters 00-06), torch (07 on), triton (12
+# and 13) and tiktoken (09 and 13). We read each package's version from its
+# installed metadata rather than importing it: importing triton on a machine
+# without a GPU, before `TRITON_INTERPRET=1` is set, can leave it unusable for the
+# rest of the process, and an import is slow. Only torch is imported, to ask it
+# about the GPU.
+#
+# Triton compiles its kernels for a CUDA GPU. Without one, chapters 12 and 13 set
+# `TRITON_INTERPRET=1` before importing triton, and the same kernels run in
+# Triton's interpreter on the CPU: slowly, but with the same results, which is how
+# the tests check them. Where triton is not installed at all (it ships for Linux
+# only), those chapters run their plain PyTorch path instead.
+#
+# No GPU is needed until chapter 12: chapters 00-11 are sized for a laptop's CPU,
+# and every chapter's tests pass without a GPU. A GPU makes the later chapters
+# faster, and only chapter 13's full-size training really needs one. The device
+# line below names the GPU torch can use, if any; the versions of torch and triton
+# decide which of their features the later chapters can rely on (the course needs
+# torch 2.6 or newer). If the report below says "not
+# installed" for a package you need, `pip install -r requirements.txt` installs it.
+
+
+# %%
+PACKAGES = ["numpy", "torch", "triton", "tiktoken"]
+
+
+def package_versions():
+    """The installed version of Python and of each package in PACKAGES, or
+    "not installed", read from package metadata without importing anything."""
+    versions = {"python": platform.python_version()}
+    for package in PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def gpu_name():
+    """The name of the first CUDA GPU torch can use, or None (no GPU, no torch, or a
+    torch that cannot start)."""
+    if importlib.util.find_spec("torch") is None:
+        return None
+    try:
+        import torch
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:  # a broken torch install must not stop the set-up check
+        return None
+
+
+def triton_mode(versions, gpu):
+    """How Triton kernels will run on this machine, in a few words."""
+    if versions["triton"] == "not installed":
+        return "unavailable (chapters 12 and 13 use their PyTorch path)"
+    if gpu and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"compiled for the GPU ({gpu})"
+    return "interpreted on the CPU (TRITON_INTERPRET=1): correct but slow"
+
+
+if __name__ == "__main__":
+    # Versions from package metadata, the GPU from torch, and what that means for
+    # Triton.
+    versions = package_versions()
+    gpu = gpu_name()
+    mode = triton_mode(versions, gpu)
+    print("your set-up:")
+    for name, version in versions.items():
+        print(f"  {name:<9} {version}")
+    print(f"  device    {'CUDA GPU: ' + gpu if gpu else 'CPU (no CUDA GPU found)'}")
+    print(f"  triton    {mode}")
+
+
+# %% [markdown]
+# ## Set-up: flags and data (not the lesson)
+#
+# The code in this section is what the chapter needs but does not teach; in a
+# notebook its cells open collapsed. Every chapter shares its command line: `--seed`
+# for repeatable runs, `--data` for a local copy of the data, `--quick` for a run of
+# a few seconds (used by the tests) and `--out` for where files are written; this one
+# adds `--alpha`, the smoothing count, and `--length`, the length of the sampled
+# paragraph. In a notebook the flags come from the environment variable
+# `ZERO_TO_GPT_ARGS`. The last line of output is `summary:` and a line of JSON with
+# the chapter's headline figures.
 #
 # The course downloads its data sets once into `data/`, checks each against a
 # recorded SHA-256 digest (so a truncated or tampered download is never used), and
 # writes it to a temporary file that is renamed into place only when complete, so an
-# interrupted download never leaves half a file behind. These three pieces are
-# carried unchanged by every chapter that reads data; problems with the learner's
-# input raise `DataError`, reported in one sentence.
+# interrupted download never leaves half a file behind. These pieces are carried
+# unchanged by every chapter that reads data; problems with the learner's input
+# raise `DataError`, reported in one sentence.
 
-# %%
+
+# %% jupyter={"source_hidden": true}
 class DataError(Exception):
     """A problem with the input that the user can fix. A script run ends with its one
     sentence (`error: ...`) and exit code 2; a notebook shows the sentence alone."""
@@ -82,6 +167,24 @@ def report_data_errors():
     sys.excepthook = exit_with_sentence
 
 
+def chapter_args():
+    """This run's flags: the command line in a script; in a notebook, which has the
+    kernel's command line instead, the environment variable ZERO_TO_GPT_ARGS."""
+    report_data_errors()
+    if in_notebook():
+        return parse_args(shlex.split(os.environ.get("ZERO_TO_GPT_ARGS", "")))
+    return parse_args()
+
+
+def show_figure(figure, path):
+    """Save a matplotlib figure as a PNG at `path`; in a notebook, also show it here."""
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    if in_notebook():
+        from IPython.display import Image, display
+        display(Image(filename=path))
+
+
+# %% jupyter={"source_hidden": true}
 def sha256_of(path):
     """The SHA-256 digest of a file, read in 1 MiB pieces so big files fit in memory."""
     digest = hashlib.sha256()
@@ -127,67 +230,6 @@ def download(url, path, sha256, timeout=20):
 
 
 # %% [markdown]
-# ## Your set-up
-#
-# The course needs Python with numpy (chapters 00-06), torch (07 on), triton (12
-# and 13) and tiktoken (09 and 13). We read each package's version from its
-# installed metadata rather than importing it: importing triton on a machine
-# without a GPU, before `TRITON_INTERPRET=1` is set, can leave it unusable for the
-# rest of the process, and an import is slow. Only torch is imported, to ask it
-# about the GPU.
-#
-# Triton compiles its kernels for a CUDA GPU. Without one, chapters 12 and 13 set
-# `TRITON_INTERPRET=1` before importing triton, and the same kernels run in
-# Triton's interpreter on the CPU: slowly, but with the same results, which is how
-# the tests check them. Where triton is not installed at all (it ships for Linux
-# only), those chapters run their plain PyTorch path instead.
-#
-# No GPU is needed until chapter 12: chapters 00-11 are sized for a laptop's CPU,
-# and every chapter's tests pass without a GPU. A GPU makes the later chapters
-# faster, and only chapter 13's full-size training really needs one. The device
-# line below names the GPU torch can use, if any; the versions of torch and triton
-# decide which of their features the later chapters can rely on (the course needs
-# torch 2.6 or newer). If the report below says "not
-# installed" for a package you need, `pip install -r requirements.txt` installs it.
-
-# %%
-PACKAGES = ["numpy", "torch", "triton", "tiktoken"]
-
-
-def package_versions():
-    """The installed version of Python and of each package in PACKAGES, or
-    "not installed", read from package metadata without importing anything."""
-    versions = {"python": platform.python_version()}
-    for package in PACKAGES:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
-
-
-def gpu_name():
-    """The name of the first CUDA GPU torch can use, or None (no GPU, no torch, or a
-    torch that cannot start)."""
-    if importlib.util.find_spec("torch") is None:
-        return None
-    try:
-        import torch
-        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except Exception:  # a broken torch install must not stop the set-up check
-        return None
-
-
-def triton_mode(versions, gpu):
-    """How Triton kernels will run on this machine, in a few words."""
-    if versions["triton"] == "not installed":
-        return "unavailable (chapters 12 and 13 use their PyTorch path)"
-    if gpu and os.environ.get("TRITON_INTERPRET") != "1":
-        return f"compiled for the GPU ({gpu})"
-    return "interpreted on the CPU (TRITON_INTERPRET=1): correct but slow"
-
-
-# %% [markdown]
 # ## The text corpus
 #
 # The text chapters (00, 04, 09, 13) read one corpus: tiny Shakespeare, about a million
@@ -196,7 +238,8 @@ def triton_mode(versions, gpu):
 # installation: the language reference and library topics behind `help()`
 # (`pydoc_data.topics`, about 465 KB). `--data` takes a local `.txt` file instead.
 
-# %%
+
+# %% jupyter={"source_hidden": true}
 TEXT_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
             "tinyshakespeare/input.txt")
 TEXT_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -234,223 +277,7 @@ def load_text(path=None):
     return python_docs_text(), "python-docs"
 
 
-# %% [markdown]
-# ## A counting model of the next character
-#
-# A GPT reads text and, at every position, gives a probability to every possible
-# next token. The simplest model that does the same job looks back one character
-# only: the probability that character b follows character a is estimated by
-# counting, in the training text, how often b followed a:
-#
-#     P(b | a) = count(a followed by b) / count(a followed by anything)
-#
-# This is a **bigram** model. Its parameters are a table of counts, one row per
-# previous character and one column per next character. "Training" it is a single
-# pass over the text that adds one to a cell for every pair of neighbours; numpy's
-# `bincount` does the whole pass at once, after turning each pair (a, b) into the
-# single number a * V + b, its cell's position in the flattened table.
-#
-# **Smoothing.** A pair never seen in training would get probability 0, and if it
-# then appears in new text the model is infinitely surprised (log 0 = -inf). So we
-# add a small count alpha to every cell ("add-one" smoothing when alpha = 1):
-#
-#     P(b | a) = (count(a, b) + alpha) / (count(a, anything) + alpha * V)
-#
-# where V is the number of distinct characters, the **vocabulary** size. Every
-# character keeps a little probability, and the rows still add up to one.
-#
-# Characters become numbers first: each is replaced by its position in the sorted
-# list of the text's characters. The same `encode` is used in chapter 04.
-
-# %%
-def encode(text, vocabulary):
-    """The text as an array of character numbers, positions in `vocabulary`."""
-    index = {character: number for number, character in enumerate(vocabulary)}
-    return np.array([index[character] for character in text], dtype=np.int64)
-
-
-def bigram_probabilities(ids, vocab_size, alpha):
-    """The (vocab_size, vocab_size) table P[a, b] = probability that character b
-    follows character a, from the counts of pairs in `ids`, add-alpha smoothed."""
-    pairs = ids[:-1] * vocab_size + ids[1:]   # one number per (previous, next) pair
-    counts = np.bincount(pairs, minlength=vocab_size * vocab_size).reshape(vocab_size, vocab_size)
-    smoothed = counts + alpha
-    return smoothed / smoothed.sum(axis=1, keepdims=True)
-
-
-# %% [markdown]
-# ## Scoring on unseen text: bits per character
-#
-# A model is only as good as its predictions on text it has *not* counted, so the
-# last 10% of the text is held out. On it we measure the **cross-entropy**: the
-# average of -log2 P(the character that really came next). It is the number of
-# bits per character a compressor built on the model would need. For scale:
-#
-# * a model that knows nothing gives every character 1/V: log2(V) bits, about 6.7
-#   for a vocabulary of 100;
-# * the **unigram** model, the characters' overall frequencies without looking at
-#   the previous one, does better, because spaces and e's are common;
-# * the bigram model does better still; a GPT, with hundreds of characters of
-#   context, gets far lower.
-#
-# (Chapter 13 reports bits per *byte*, which is the same number on plain ASCII
-# text, and compares across tokenizers.)
-
-# %%
-def bits(nats):
-    """A loss in nats expressed in bits."""
-    return nats / math.log(2)
-
-
-def bigram_nats(probabilities, ids):
-    """Average -log P(next | previous), in nats, over every pair of neighbours in ids."""
-    return float(-np.mean(np.log(probabilities[ids[:-1], ids[1:]])))
-
-
-def unigram_nats(train_ids, test_ids, vocab_size, alpha):
-    """Average -log P(character), in nats, over test_ids, with P the add-alpha
-    smoothed character frequencies of train_ids."""
-    counts = np.bincount(train_ids, minlength=vocab_size) + alpha
-    return float(-np.mean(np.log((counts / counts.sum())[test_ids])))
-
-
-# %% [markdown]
-# ## Writing with the model
-#
-# To generate text we start from one character and repeatedly draw the next one at
-# random, with the probabilities of the row of the character before. That is how a
-# GPT writes too, token by token; it just computes its probabilities from far more
-# context than one character. The bigram's text has the right letters, spaces and
-# short fragments of words, but no memory beyond one character.
-#
-# The draws come from a random generator seeded with `--seed`, so a run can be
-# repeated exactly; another seed gives another paragraph from the same counts.
-# Every chapter seeds its randomness this way, so its figures are reproducible.
-
-# %%
-def sample_bigram(probabilities, vocabulary, first, length, rng):
-    """`length` characters drawn one at a time from the bigram probabilities,
-    starting after the character `first`."""
-    current = vocabulary.index(first)
-    drawn = []
-    for _ in range(length):
-        current = int(rng.choice(len(vocabulary), p=probabilities[current]))
-        drawn.append(vocabulary[current])
-    return "".join(drawn)
-
-
-def save_plot(out_dir, probabilities, vocabulary, ids):
-    """A heat map of the bigram probabilities among the 24 commonest characters, as a
-    PNG in `out_dir`; without matplotlib, print the likeliest follower of each
-    instead. Returns the files written."""
-    common = np.argsort(np.bincount(ids, minlength=len(vocabulary)))[::-1][:24]
-    labels = [repr(vocabulary[number])[1:-1] for number in common]
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed, so no plot; the likeliest next character "
-              "after each common one instead:")
-        print("  " + ", ".join(f"{vocabulary[number]!r}->"
-                               f"{vocabulary[int(probabilities[number].argmax())]!r}"
-                               for number in common))
-        return []
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{CHAPTER}_bigrams.png")
-    figure, axis = plt.subplots(figsize=(7, 6))
-    image = axis.imshow(probabilities[np.ix_(common, common)], cmap="Blues")
-    axis.set_xticks(range(len(common)), labels)
-    axis.set_yticks(range(len(common)), labels)
-    axis.set(xlabel="next character", ylabel="previous character",
-             title="P(next | previous), commonest characters")
-    figure.colorbar(image)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return [path]
-
-
-# %% [markdown]
-# ## Reading the results
-#
-# On the Python documentation (the offline corpus) the bigram model scores about
-# 3.4 bits per character on the held-out text, against 4.7 for the character
-# frequencies alone and 6.7 for uniform guessing: one character of context saves
-# well over a bit on every character. Its paragraph has the look of the text (the
-# spacing, the punctuation, runs of dashes from tables) but not a word of sense.
-#
-# Counting cannot go much further. With two characters of context the table has
-# V^3 cells, a million for V = 100, most of them never seen; with ten characters,
-# 100^11 = 10^22 cells, more than any text could ever fill, so almost every
-# context would be new and the counts would say nothing. The way out is to *learn* a
-# function that maps a context to probabilities with far fewer numbers, and that
-# treats similar contexts alike. That is what the rest of the course builds, from
-# one weighted sum (chapter 02) to a GPT (chapter 13). Chapter 04 already gets
-# well below the bigram with a small network that sees three characters.
-#
-# The set-up report tells you what to expect later: on a CPU the Triton chapters
-# run in the interpreter at small sizes (their tests included); on a CUDA GPU they
-# compile, and chapter 13 trains on the kernels of chapter 12.
-
-# %% [markdown]
-# ## The course map
-#
-# Each chapter is one file, read top to bottom and run on its own; each builds on
-# the ones before, and `diff` between neighbours shows what is new.
-#
-# Three ways to read a chapter:
-#
-# * run it, `python 02_linreg.py`, and read its output next to its source;
-# * open it as a notebook: the `# %%` lines divide it into cells, which Jupyter
-#   (with the jupytext extension) and VS Code recognise, so you can run it a cell
-#   at a time and change things between cells;
-# * compare it with the chapter before, `diff 02_linreg.py 03_dense.py`: the code
-#   a chapter carries over stays textually identical, so the diff is the lesson.
-
-# %%
-COURSE = [
-    ("00_intro.py", "the set-up check and a counting model of the next character"),
-    ("01_linalg.py", "vectors, matrices, matrix multiply, broadcasting, slopes (weather)"),
-    ("02_linreg.py", "linear regression by gradient descent: loss, gradient, learning rate"),
-    ("03_dense.py", "a dense network with ReLU, backpropagation by hand, initialisation"),
-    ("04_classify.py", "sigmoid, softmax, cross-entropy; rain tomorrow and the next character"),
-    ("04b_cnn.py", "(optional) convolution and pooling from scratch: digits"),
-    ("05_rnn.py", "recurrent networks over weather sequences, backpropagation through time"),
-    ("05b_gru.py", "(optional) gated recurrent units"),
-    ("06_autograd.py", "a miniature PyTorch: tensors with .backward()"),
-    ("07_pytorch.py", "the same networks in PyTorch: modules, optimisers, data loaders"),
-    ("08_regularize.py", "overfitting and its cures, each measured"),
-    ("09_data.py", "text at scale: cleaning, a byte-pair tokenizer, tiktoken, shards"),
-    ("10_seq2seq.py", "an encoder-decoder with attention for translation"),
-    ("11_transformer.py", "the transformer: multi-head attention, masks, layer norm"),
-    ("12_triton.py", "GPU kernels in Triton: softmax, norms, matmul, flash attention"),
-    ("13_gpt.py", "a GPT trained on those kernels, on one GPU or many"),
-]
-
-
-def course_map(folder):
-    """The chapter table as lines of text, marking the files present in `folder`."""
-    lines = []
-    for name, what in COURSE:
-        here = "*" if os.path.exists(os.path.join(folder, name)) else " "
-        lines.append(f"  {here} {name:<18} {what}")
-    return lines
-
-
-# %% [markdown]
-# ## Running the chapter
-#
-# Every chapter shares this command line: `--seed` for repeatable runs, `--data` for a
-# local copy of the data, `--quick` for a run of a few seconds (used by the tests) and
-# `--out` for where files are written. Its last line of output is `summary:` and a
-# line of JSON with the chapter's headline figures, so scripts and tests can read it.
-#
-# This chapter adds `--alpha`, the smoothing count, and `--length`, the length of
-# the sampled paragraph.
-
-
-# %%
+# %% jupyter={"source_hidden": true}
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -482,76 +309,280 @@ def print_summary(figures):
     print("summary: " + json.dumps(figures))
 
 
-def main(argv=None):
-    args = parse_args(argv)
+# %%
+if __name__ == "__main__":
+    ARGS = chapter_args()
     started = time.perf_counter()
-
-    # The text first, so a bad --data file is reported at once; then the set-up.
     # The text is split into the counted 90% and the held-out 10%.
-    text, source = load_text(args.data)
+    text, source = load_text(ARGS.data)
     train_end = int(len(text) * 0.9)
     if len(text) < 20:
         raise DataError(f"the text from {source} has {len(text)} characters; the model "
                         f"needs at least 20 to count some and score the rest")
+    figures = {"chapter": CHAPTER, "source": source, "python": versions["python"],
+               "torch": versions["torch"], "triton": versions["triton"],
+               "device": gpu or "cpu", "triton_mode": mode.split(" ")[0]}
 
-    # The set-up: versions from package metadata, the GPU from torch, and what that
-    # means for Triton.
-    versions = package_versions()
-    gpu = gpu_name()
-    mode = triton_mode(versions, gpu)
-    print("your set-up:")
-    for name, version in versions.items():
-        print(f"  {name:<9} {version}")
-    print(f"  device    {'CUDA GPU: ' + gpu if gpu else 'CPU (no CUDA GPU found)'}")
-    print(f"  triton    {mode}")
 
+# %% [markdown]
+# ## A counting model of the next character
+#
+# A GPT reads text and, at every position, gives a probability to every possible
+# next token. The simplest model that does the same job looks back one character
+# only: the probability that character b follows character a is estimated by
+# counting, in the training text, how often b followed a:
+#
+#     P(b | a) = count(a followed by b) / count(a followed by anything)
+#
+# This is a **bigram** model. Its parameters are a table of counts, one row per
+# previous character and one column per next character. "Training" it is a single
+# pass over the text that adds one to a cell for every pair of neighbours; numpy's
+# `bincount` does the whole pass at once, after turning each pair (a, b) into the
+# single number a * V + b, its cell's position in the flattened table.
+#
+# **Smoothing.** A pair never seen in training would get probability 0, and if it
+# then appears in new text the model is infinitely surprised (log 0 = -inf). So we
+# add a small count alpha to every cell ("add-one" smoothing when alpha = 1):
+#
+#     P(b | a) = (count(a, b) + alpha) / (count(a, anything) + alpha * V)
+#
+# where V is the number of distinct characters, the **vocabulary** size. Every
+# character keeps a little probability, and the rows still add up to one.
+#
+# Characters become numbers first: each is replaced by its position in the sorted
+# list of the text's characters. The same `encode` is used in chapter 04.
+
+
+# %%
+def encode(text, vocabulary):
+    """The text as an array of character numbers, positions in `vocabulary`."""
+    index = {character: number for number, character in enumerate(vocabulary)}
+    return np.array([index[character] for character in text], dtype=np.int64)
+
+
+def bigram_probabilities(ids, vocab_size, alpha):
+    """The (vocab_size, vocab_size) table P[a, b] = probability that character b
+    follows character a, from the counts of pairs in `ids`, add-alpha smoothed."""
+    pairs = ids[:-1] * vocab_size + ids[1:]   # one number per (previous, next) pair
+    counts = np.bincount(pairs, minlength=vocab_size * vocab_size).reshape(vocab_size, vocab_size)
+    smoothed = counts + alpha
+    return smoothed / smoothed.sum(axis=1, keepdims=True)
+
+
+if __name__ == "__main__":
     # The vocabulary is taken from the whole text, so every held-out character has
     # a number; one that never occurs in the counted part still gets a probability,
     # from smoothing.
     vocabulary = sorted(set(text))
     ids = encode(text, vocabulary)
     train_ids, test_ids = ids[:train_end], ids[train_end:]
-    print(f"\ntext: {len(text):,} characters from {source}, {len(vocabulary)} distinct; "
+    print(f"text: {len(text):,} characters from {source}, {len(vocabulary)} distinct; "
           f"counting the first 90%, scoring the last 10%")
-
-    # Count, then score the three models on the held-out text, and show one row
-    # of the table: what the model expects after the last counted character.
-    probabilities = bigram_probabilities(train_ids, len(vocabulary), args.alpha)
-    bigram_bits = bits(bigram_nats(probabilities, test_ids))
-    unigram_bits = bits(unigram_nats(train_ids, test_ids, len(vocabulary), args.alpha))
-    uniform_bits = math.log2(len(vocabulary))
-    print(f"held-out bits per character: uniform {uniform_bits:.2f}, unigram "
-          f"{unigram_bits:.2f}, bigram {bigram_bits:.2f}")
+    probabilities = bigram_probabilities(train_ids, len(vocabulary), ARGS.alpha)
+    # One row of the table: what the model expects after the last counted character.
     after = text[train_end - 1]
     likeliest = np.argsort(probabilities[vocabulary.index(after)])[::-1][:5]
     print(f"after {after!r} the bigram model expects: " + ", ".join(
         f"{vocabulary[number]!r} {probabilities[vocabulary.index(after), number]:.2f}"
         for number in likeliest))
 
+
+# %% [markdown]
+# ## Scoring on unseen text: bits per character
+#
+# A model is only as good as its predictions on text it has *not* counted, so the
+# last 10% of the text is held out. On it we measure the **cross-entropy**: the
+# average of -log2 P(the character that really came next). It is the number of
+# bits per character a compressor built on the model would need. For scale:
+#
+# * a model that knows nothing gives every character 1/V: log2(V) bits, about 6.7
+#   for a vocabulary of 100;
+# * the **unigram** model, the characters' overall frequencies without looking at
+#   the previous one, does better, because spaces and e's are common;
+# * the bigram model does better still; a GPT, with hundreds of characters of
+#   context, gets far lower.
+#
+# (Chapter 13 reports bits per *byte*, which is the same number on plain ASCII
+# text, and compares across tokenizers.)
+
+
+# %%
+def bits(nats):
+    """A loss in nats expressed in bits."""
+    return nats / math.log(2)
+
+
+def bigram_nats(probabilities, ids):
+    """Average -log P(next | previous), in nats, over every pair of neighbours in ids."""
+    return float(-np.mean(np.log(probabilities[ids[:-1], ids[1:]])))
+
+
+def unigram_nats(train_ids, test_ids, vocab_size, alpha):
+    """Average -log P(character), in nats, over test_ids, with P the add-alpha
+    smoothed character frequencies of train_ids."""
+    counts = np.bincount(train_ids, minlength=vocab_size) + alpha
+    return float(-np.mean(np.log((counts / counts.sum())[test_ids])))
+
+
+if __name__ == "__main__":
+    bigram_bits = bits(bigram_nats(probabilities, test_ids))
+    unigram_bits = bits(unigram_nats(train_ids, test_ids, len(vocabulary), ARGS.alpha))
+    uniform_bits = math.log2(len(vocabulary))
+    print(f"held-out bits per character: uniform {uniform_bits:.2f}, unigram "
+          f"{unigram_bits:.2f}, bigram {bigram_bits:.2f}")
+
+
+# %% [markdown]
+# ## Writing with the model
+#
+# To generate text we start from one character and repeatedly draw the next one at
+# random, with the probabilities of the row of the character before. That is how a
+# GPT writes too, token by token; it just computes its probabilities from far more
+# context than one character. The bigram's text has the right letters, spaces and
+# short fragments of words, but no memory beyond one character.
+#
+# The draws come from a random generator seeded with `--seed`, so a run can be
+# repeated exactly; another seed gives another paragraph from the same counts.
+# Every chapter seeds its randomness this way, so its figures are reproducible.
+
+
+# %%
+def sample_bigram(probabilities, vocabulary, first, length, rng):
+    """`length` characters drawn one at a time from the bigram probabilities,
+    starting after the character `first`."""
+    current = vocabulary.index(first)
+    drawn = []
+    for _ in range(length):
+        current = int(rng.choice(len(vocabulary), p=probabilities[current]))
+        drawn.append(vocabulary[current])
+    return "".join(drawn)
+
+
+def save_plot(out_dir, probabilities, vocabulary, ids):
+    """A heat map of the bigram probabilities among the 24 commonest characters, as a
+    PNG in `out_dir`; without matplotlib, print the likeliest follower of each
+    instead. Returns the files written."""
+    common = np.argsort(np.bincount(ids, minlength=len(vocabulary)))[::-1][:24]
+    labels = [repr(vocabulary[number])[1:-1] for number in common]
+    try:
+        import matplotlib
+        if not in_notebook():
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed, so no plot; the likeliest next character "
+              "after each common one instead:")
+        print("  " + ", ".join(f"{vocabulary[number]!r}->"
+                               f"{vocabulary[int(probabilities[number].argmax())]!r}"
+                               for number in common))
+        return []
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{CHAPTER}_bigrams.png")
+    figure, axis = plt.subplots(figsize=(7, 6))
+    image = axis.imshow(probabilities[np.ix_(common, common)], cmap="Blues")
+    axis.set_xticks(range(len(common)), labels)
+    axis.set_yticks(range(len(common)), labels)
+    axis.set(xlabel="next character", ylabel="previous character",
+             title="P(next | previous), commonest characters")
+    figure.colorbar(image)
+    figure.tight_layout()
+    show_figure(figure, path)
+    plt.close(figure)
+    return [path]
+
+
+if __name__ == "__main__":
     # A paragraph of the model's own, starting after a line break (or after the
     # text's first character, for a text without one).
-    rng = np.random.default_rng(args.seed)
+    rng = np.random.default_rng(ARGS.seed)
     sample = sample_bigram(probabilities, vocabulary, "\n" if "\n" in vocabulary else text[0],
-                           args.length, rng)
-    print(f"\na paragraph sampled from the bigram model ({args.length} characters):\n")
+                           ARGS.length, rng)
+    print(f"a paragraph sampled from the bigram model ({ARGS.length} characters):\n")
     print("\n".join("    " + line for line in sample.splitlines()))
-    for path in save_plot(args.out, probabilities, vocabulary, train_ids):
+    for path in save_plot(ARGS.out, probabilities, vocabulary, train_ids):
         print(f"\nsaved {path}")
 
-    print("\nthe course (* = in this folder):")
+
+# %% [markdown]
+# ## Reading the results
+#
+# On the Python documentation (the offline corpus) the bigram model scores about
+# 3.4 bits per character on the held-out text, against 4.7 for the character
+# frequencies alone and 6.7 for uniform guessing: one character of context saves
+# well over a bit on every character. Its paragraph has the look of the text (the
+# spacing, the punctuation, runs of dashes from tables) but not a word of sense.
+#
+# Counting cannot go much further. With two characters of context the table has
+# V^3 cells, a million for V = 100, most of them never seen; with ten characters,
+# 100^11 = 10^22 cells, more than any text could ever fill, so almost every
+# context would be new and the counts would say nothing. The way out is to *learn* a
+# function that maps a context to probabilities with far fewer numbers, and that
+# treats similar contexts alike. That is what the rest of the course builds, from
+# one weighted sum (chapter 02) to a GPT (chapter 13). Chapter 04 already gets
+# well below the bigram with a small network that sees three characters.
+#
+# The set-up report tells you what to expect later: on a CPU the Triton chapters
+# run in the interpreter at small sizes (their tests included); on a CUDA GPU they
+# compile, and chapter 13 trains on the kernels of chapter 12.
+
+
+# %% [markdown]
+# ## The course map
+#
+# Each chapter is one file, read top to bottom and run on its own; each builds on
+# the ones before, and `diff` between neighbours shows what is new.
+#
+# Three ways to read a chapter:
+#
+# * run it, `python 02_linreg.py`, and read its output next to its source;
+# * open it as a notebook: the `# %%` lines divide it into cells, which Jupyter
+#   (with the jupytext extension) and VS Code recognise, so you can run it a cell
+#   at a time and change things between cells;
+# * compare it with the chapter before, `diff 02_linreg.py 03_dense.py`: the code
+#   a chapter carries over stays textually identical, so the diff is the lesson.
+
+
+# %%
+COURSE = [
+    ("00_intro.py", "the set-up check and a counting model of the next character"),
+    ("01_linalg.py", "vectors, matrices, matrix multiply, broadcasting, slopes (weather)"),
+    ("02_linreg.py", "linear regression by gradient descent: loss, gradient, learning rate"),
+    ("03_dense.py", "a dense network with ReLU, backpropagation by hand, initialisation"),
+    ("04_classify.py", "sigmoid, softmax, cross-entropy; rain tomorrow and the next character"),
+    ("04b_cnn.py", "(optional) convolution and pooling from scratch: digits"),
+    ("05_rnn.py", "recurrent networks over weather sequences, backpropagation through time"),
+    ("05b_gru.py", "(optional) gated recurrent units"),
+    ("06_autograd.py", "a miniature PyTorch: tensors with .backward()"),
+    ("07_pytorch.py", "the same networks in PyTorch: modules, optimisers, data loaders"),
+    ("08_regularize.py", "overfitting and its cures, each measured"),
+    ("09_data.py", "text at scale: cleaning, a byte-pair tokenizer, tiktoken, shards"),
+    ("10_seq2seq.py", "an encoder-decoder with attention for translation"),
+    ("11_transformer.py", "the transformer: multi-head attention, masks, layer norm"),
+    ("12_triton.py", "GPU kernels in Triton: softmax, norms, matmul, flash attention"),
+    ("13_gpt.py", "a GPT trained on those kernels, on one GPU or many"),
+]
+
+
+def course_map(folder):
+    """The chapter table as lines of text, marking the files present in `folder`."""
+    lines = []
+    for name, what in COURSE:
+        here = "*" if os.path.exists(os.path.join(folder, name)) else " "
+        lines.append(f"  {here} {name:<18} {what}")
+    return lines
+
+
+if __name__ == "__main__":
+    print("the course (* = in this folder):")
     # A notebook has no __file__: its kernel runs in the notebook's own folder.
     folder = os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else os.getcwd()
     print("\n".join(course_map(folder)))
-    print_summary({"chapter": CHAPTER, "source": source, "python": versions["python"],
-                   "torch": versions["torch"], "triton": versions["triton"],
-                   "device": gpu or "cpu", "triton_mode": mode.split(" ")[0],
-                   "vocabulary": len(vocabulary),
+
+
+# %%
+if __name__ == "__main__":
+    print_summary({**figures, "vocabulary": len(vocabulary),
                    "uniform_bits_per_char": round(uniform_bits, 3),
                    "unigram_bits_per_char": round(unigram_bits, 3),
                    "bigram_bits_per_char": round(bigram_bits, 3),
                    "seconds": round(time.perf_counter() - started, 1)})
-
-
-if __name__ == "__main__":
-    report_data_errors()
-    main(shlex.split(os.environ.get("ZERO_TO_GPT_ARGS", "")) if in_notebook() else None)

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import assert_clean_error, load_chapter, run_chapter
+from conftest import assert_clean_error, load_chapter, run_as_script, run_chapter
 
 chapter = load_chapter("00_intro")
 
@@ -71,7 +71,8 @@ def test_bad_inputs_are_refused(tmp_path):
     assert_clean_error(missing, "does not exist")
     binary = tmp_path / "binary.txt"
     binary.write_bytes(b"\xff\xfe\x00text")
-    with pytest.raises(chapter.DataError, match="UTF-8"):
-        chapter.main(["--data", str(binary), "--out", str(tmp_path / "out")])
+    with pytest.raises(Exception, match="UTF-8") as refused:
+        run_as_script("00_intro", "--data", binary, "--out", tmp_path / "out")
+    assert type(refused.value).__name__ == "DataError"
     with pytest.raises(chapter.DataError, match="--alpha"):
         chapter.parse_args(["--alpha", "0"])
