@@ -41,22 +41,333 @@ import numpy as np
 
 CHAPTER = "04_classify"
 
+
 # %% [markdown]
-# ## The weather table
+# ## Normalising the features
+#
+# Our three features live on very different scales: `tmax` is around 60, `tmin`
+# around 45, `rain` mostly 0 with the odd 0.5. Gradient descent moves every weight
+# with the same learning rate, and a weight's gradient is proportional to the size
+# of its feature (see the derivation below: the gradient for weight j sums
+# feature j times the error). So the temperature weights get huge gradients and the
+# rain weight a tiny one: a learning rate small enough not to blow up the
+# temperatures leaves rain almost untouched.
+#
+# The cure is to **standardise** each feature: subtract its mean and divide by its
+# standard deviation, so every column has mean 0 and spread 1. We measure the mean
+# and spread on the *training* rows only and apply the same numbers to validation
+# and test rows: the model must not learn anything, not even an average, from the
+# days it will be tested on.
+
+
+# %%
+def standardise(train, *others):
+    """Scale every column of `train` to mean 0 and standard deviation 1, and apply the
+    same shift and scale (measured on `train` only) to each array in `others`.
+    Returns the scaled arrays in the order given. A constant column (spread 0) is only
+    shifted, never divided by zero."""
+    mean = train.mean(axis=0)
+    spread = train.std(axis=0)
+    spread = np.where(spread > 0, spread, 1.0)
+    return tuple((array - mean) / spread for array in (train, *others))
+
+
+# %% [markdown]
+# ## The model: a dense network
+#
+# Chapter 02's linear model predicts with one weighted sum. Its weakness is that it
+# can only draw a flat surface: doubling a feature's change always doubles its
+# effect, whatever the season or the other features. A **dense network** stacks
+# several weighted sums (**layers**), and between them bends the numbers with a
+# simple non-linear function, so the whole can follow curves.
+#
+# Each layer is the linear model of chapter 02 with more outputs: `inputs @ weight +
+# bias`, where weight has shape (inputs, outputs) and bias (1, outputs). With layer
+# sizes [3, 32, 32, 1] the first layer turns each day's 3 features into 32 numbers
+# (the **hidden units**), the second turns those 32 into 32 more, and the last into
+# one prediction. We keep the parameters as a list of `(weight, bias)` pairs, one per
+# layer, the same shape as in chapter 02, so the training loop barely changes.
+#
+# **Why a bend is needed.** Two linear layers in a row are still one linear layer:
+# `(x @ W1) @ W2 = x @ (W1 @ W2)`. So after every hidden layer we apply the
+# **ReLU** ("rectified linear unit"), `relu(z) = max(z, 0)`: it keeps positive
+# numbers and zeros negative ones. Each hidden unit then switches on for some days
+# and off for others, and the network adds up these pieces into a curved answer.
+# The last layer has no ReLU: a temperature may be any number.
+
+
+# %%
+def relu(x):
+    """The rectified linear unit: x where x > 0, else 0, elementwise."""
+    return np.maximum(x, 0)
+
+
+# %% [markdown]
+# ## Initialisation
+#
+# A linear model could start from zeros. A network cannot: if every hidden unit
+# starts with the same weights, every one computes the same number and receives the
+# same gradient, and they stay identical copies for ever. So weights start random.
+#
+# How large? Take one unit of a layer with `n` inputs $a_j$ and weights $w_j$ drawn
+# independently with mean 0 and variance $v$: its pre-activation $z = \sum_j a_j w_j$
+# has variance $n \, v \, E[a^2]$. If the inputs came out of a ReLU whose own input
+# was symmetric around 0 with variance $s^2$, half of them are zeroed and
+# $E[a^2] = s^2 / 2$. To keep the variance the same from layer to layer we need
+# $n \, v / 2 = 1$, that is $v = 2 / n$: weights drawn from a normal distribution with
+# standard deviation $\sqrt{2 / n}$. This is **He initialisation** (He et al., 2015).
+# Too small and the signal shrinks layer after layer until the output and all the
+# gradients are nearly zero; too large and it grows until the numbers overflow
+# (chapter 03 measured both). Biases start at zero.
+
+
+# %%
+def init_dense(layer_sizes, rng):
+    """A dense network with the given layer sizes, e.g. [3, 32, 32, 1], as a list of
+    (weight, bias) pairs: weight (inputs, outputs) drawn from a normal distribution
+    with standard deviation sqrt(2 / inputs) (He initialisation), bias (1, outputs)
+    zeros."""
+    return [(rng.normal(0.0, np.sqrt(2.0 / inputs), size=(inputs, outputs)),
+             np.zeros((1, outputs)))
+            for inputs, outputs in zip(layer_sizes[:-1], layer_sizes[1:])]
+
+
+# %% [markdown]
+# ## Forward pass
+#
+# The forward pass runs the layers in order. For layer k, with input $a_{k-1}$ (the
+# features for the first layer):
+#
+#     z_k = a_{k-1} @ W_k + b_k          the pre-activation, (rows, outputs)
+#     a_k = relu(z_k)                    except after the last layer: a_K = z_K
+#
+# It keeps, for every layer, its input and its pre-activation in the `cache`: the
+# backward pass needs exactly these two.
+
+
+# %%
+def dense_forward(layers, inputs):
+    """Run `inputs` (rows, features) through the network. Returns the outputs (rows,
+    last layer size) and the cache: one (layer input, pre-activation) pair a layer."""
+    cache = []
+    activations = inputs
+    for index, (weight, bias) in enumerate(layers):
+        pre_activation = activations @ weight + bias
+        cache.append((activations, pre_activation))
+        is_last = index == len(layers) - 1
+        activations = pre_activation if is_last else relu(pre_activation)
+    return activations, cache
+
+
+# %% [markdown]
+# ## Backward pass: backpropagation by hand
+#
+# We need the gradient of the loss with respect to every weight and bias. The chain
+# rule lets us get all of them in one sweep from the output back to the input,
+# reusing at each layer what the layer above computed. That sweep is
+# **backpropagation**.
+#
+# Start with $G_K$ = d loss / d output (from `mse_grad`, shape (rows, 1)). Walking
+# back through layer k, given $G$ = d loss / d a_k of shape (rows, outputs):
+#
+# 1. Through the ReLU: $a = \max(z, 0)$ has slope 1 where $z > 0$ and 0 elsewhere,
+#    so d loss / d z_k = G * (z_k > 0), elementwise (the last layer has no ReLU: its
+#    gradient passes unchanged). Units that were off let no gradient through.
+# 2. Into the weights: exactly chapter 02's linear-model gradient, with this layer's
+#    input in place of the features: d loss / d W_k = a_{k-1}.T @ dz, shape (inputs,
+#    outputs); d loss / d b_k = dz summed over the rows, shape (1, outputs).
+# 3. Into the layer's input, for the layer below: $z = a W + b$, so each input
+#    $a_{ij}$ reaches every output $z_{il}$ with weight $W_{jl}$, and
+#    d loss / d a_{k-1} = dz @ W_k.T, shape (rows, inputs).
+#
+# Step 3 hands a new $G$ to the next layer down, and the loop repeats. Each gradient
+# has the same shape as the parameter it belongs to, which is a quick check on the
+# maths.
+
+
+# %%
+def dense_backward(layers, cache, output_grad):
+    """Backpropagation: given `cache` from `dense_forward` and `output_grad`, the
+    loss's gradient with respect to the network's outputs, return one (weight_grad,
+    bias_grad) pair per layer, in the order of `layers`."""
+    gradients = []
+    grad = output_grad
+    for index in reversed(range(len(layers))):
+        weight, _ = layers[index]
+        layer_inputs, pre_activation = cache[index]
+        if index < len(layers) - 1:
+            grad = grad * (pre_activation > 0)       # back through the ReLU
+        gradients.append((layer_inputs.T @ grad, grad.sum(axis=0, keepdims=True)))
+        grad = grad @ weight.T                       # on to the layer below
+    return gradients[::-1]
+
+
+# %% [markdown]
+# ## Checking the gradient with finite differences
+#
+# A hand-derived gradient is easy to get subtly wrong, and a wrong gradient often
+# still trains, just badly. So we check it the way chapter 01 measured slopes: nudge
+# one number up by a small step h and down by h, and see how much the loss moves:
+#
+#     d loss / d w  ~  (loss(w + h) - loss(w - h)) / (2 h)
+#
+# This "central difference" is accurate to about h^2. It costs two loss evaluations
+# per number, far too slow for training, but perfect for checking a few rows.
+
+
+# %%
+def numerical_gradient(loss_of, array, step=1e-6):
+    """The gradient of `loss_of()` with respect to every entry of `array`, by central
+    differences. `array` is nudged in place and restored after each entry."""
+    gradient = np.zeros_like(array)
+    for index in np.ndindex(array.shape):
+        original = array[index]
+        array[index] = original + step
+        loss_up = loss_of()
+        array[index] = original - step
+        loss_down = loss_of()
+        array[index] = original
+        gradient[index] = (loss_up - loss_down) / (2 * step)
+    return gradient
+
+
+# %% [markdown]
+# ## From a score to a probability: the sigmoid
+#
+# For "will it rain tomorrow?" the network's single output can be any number, its
+# **logit** z: large and positive for "surely rain", large and negative for "surely
+# dry". The **sigmoid** squashes it into a probability between 0 and 1:
+#
+#     sigmoid(z) = 1 / (1 + exp(-z))
+#
+# sigmoid(0) = 0.5; sigmoid(-z) = 1 - sigmoid(z). Written this way, `exp(-z)`
+# overflows for z below about -710, so we compute it as exp(-log(1 + exp(-z))), with
+# `np.logaddexp(0, -z)` = log(exp(0) + exp(-z)), which numpy evaluates without
+# overflow for any z.
+
+
+# %%
+def sigmoid(x):
+    """The logistic function 1 / (1 + exp(-x)), elementwise, without overflow."""
+    return np.exp(-np.logaddexp(0.0, -x))
+
+
+# %% [markdown]
+# ## Binary cross-entropy
+#
+# How wrong is a probability p of rain when the answer is y (1 for rain, 0 for
+# dry)? The squared error of chapter 02 would work poorly: it barely punishes a
+# confident wrong answer. **Cross-entropy** asks instead how surprised the model
+# is by what happened: it scores -log(p) when it rained and -log(1 - p) when it did
+# not,
+#
+#     loss = -[y log(p) + (1 - y) log(1 - p)],   averaged over the days.
+#
+# A model that says p = 0.99 and is wrong pays -log(0.01) = 4.6; one that hedges
+# at 0.5 pays 0.69 either way. Minimising it is the same as maximising the
+# probability the model gave to what really happened (maximum likelihood).
+#
+# **In terms of the logit**, using log(sigmoid(z)) = -log(1 + exp(-z)) and
+# log(1 - sigmoid(z)) = log(sigmoid(-z)) = -log(1 + exp(z)):
+#
+#     loss = y * log(1 + exp(-z)) + (1 - y) * log(1 + exp(z))
+#
+# which `np.logaddexp` computes stably, without ever forming p.
+#
+# **The gradient.** The slope of log(1 + exp(-z)) is -exp(-z) / (1 + exp(-z)) =
+# -(1 - sigmoid(z)), and the slope of log(1 + exp(z)) is sigmoid(z). So
+#
+#     d loss / d z = -y (1 - sigmoid(z)) + (1 - y) sigmoid(z) = sigmoid(z) - y
+#
+# per day, divided by the number of days for the average. It is the same shape as
+# the MSE gradient, prediction minus truth: the sigmoid and the cross-entropy were
+# made for each other.
+
+
+# %%
+def binary_cross_entropy(logits, labels):
+    """Mean binary cross-entropy, in nats, of probabilities sigmoid(logits) against
+    labels of 0 or 1 (same shape), computed from the logits for stability."""
+    return float(np.mean(labels * np.logaddexp(0.0, -logits)
+                         + (1 - labels) * np.logaddexp(0.0, logits)))
+
+
+def binary_cross_entropy_grad(logits, labels):
+    """The gradient of `binary_cross_entropy` with respect to each logit:
+    (sigmoid(z) - y) / n."""
+    return (sigmoid(logits) - labels) / logits.size
+
+
+def accuracy(predicted_classes, true_classes):
+    """The fraction of predictions that name the right class."""
+    return float(np.mean(predicted_classes == true_classes))
+
+
+# %% [markdown]
+# ## Will it rain tomorrow?
+#
+# The weather table has today's rain but no column for tomorrow's, so we make the
+# labels: day d is labelled 1 when the *next* day had rain (more than 0 inches),
+# else 0. The real table skips a few days, so a day is used only when the next row
+# really is the next calendar day. The features are today's tmax, tmin and rain,
+# standardised as in chapter 02.
+#
+# About one day in six is rainy. So a model that always says "dry" is right five
+# times out of six: accuracy alone flatters. We therefore report two baselines: the
+# **majority class** ("always dry") for accuracy, and for the loss the constant
+# probability equal to the training days' rain rate, the best a model can do
+# without looking at the weather.
+
+
+# %%
+def rain_tomorrow(dates, table):
+    """Today's features (days, 3) and tomorrow's rain labels (days, 1) of 1.0 or 0.0,
+    for every day whose next row is the next calendar day. Dates that are not
+    YYYY-MM-DD are taken to be consecutive rows."""
+    try:
+        days = np.array(dates, dtype="datetime64[D]")
+        consecutive = np.diff(days) == np.timedelta64(1, "D")
+    except ValueError:
+        consecutive = np.ones(len(dates) - 1, dtype=bool)
+    inputs = table[:-1, :3][consecutive]
+    labels = (table[1:, 2] > 0)[consecutive].astype(float)[:, None]
+    return inputs, labels
+
+
+def constant_logit(rate):
+    """The logit whose sigmoid is `rate`: log(rate / (1 - rate)), kept finite."""
+    rate = min(max(rate, 1e-6), 1 - 1e-6)
+    return math.log(rate / (1 - rate))
+
+
+# %% [markdown]
+# ## Set-up: flags, data and plots (not the lesson)
+#
+# The code in this section is what the chapter needs but does not teach; in a
+# notebook its cells open collapsed. Every chapter shares its command line: `--seed`
+# for repeatable runs, `--data` for a local copy of the data, `--quick` for a run of
+# a few seconds (used by the tests) and `--out` for where files are written. In a
+# notebook the flags come from the environment variable `ZERO_TO_GPT_ARGS`. The last
+# line of output is `summary:` and a line of JSON with the chapter's headline figures.
+#
+# This chapter reads two data sets: `--data` is the weather table and `--text` the
+# text corpus. `--epochs` sets the rain classifier's training; `--context`,
+# `--hidden-sizes`, `--steps`, `--learning-rate` and `--batch-size` the character
+# model's. Bad values are refused before any work starts.
 #
 # Every weather chapter (01-08) reads the same table: one row a day, from
 # 1970-01-01 to 2022-11-26, with the day's highest temperature (`tmax`, °F), lowest
 # temperature (`tmin`, °F), rainfall (`rain`, inches) and the next day's highest
-# temperature (`tmax_tomorrow`), the number we learn to predict.
-#
-# The loader below is carried unchanged from chapter to chapter. It downloads the
-# table once into `data/`, checks it against a recorded SHA-256 digest (so a
-# truncated or tampered download is never used), and writes it to a temporary file
-# that is renamed into place only when complete, so an interrupted download never
-# leaves half a file behind. Without a network it generates a stand-in table of the
-# same shape, so the chapter still runs; it says so in one line.
+# temperature (`tmax_tomorrow`), the number we learn to predict. The loader is
+# carried unchanged from chapter to chapter. It downloads the table once into
+# `data/`, checks it against a recorded SHA-256 digest (so a truncated or tampered
+# download is never used), and writes it to a temporary file that is renamed into
+# place only when complete, so an interrupted download never leaves half a file
+# behind. Without a network it generates a stand-in table of the same shape, so the
+# chapter still runs; it says so in one line.
 
-# %%
+
+# %% jupyter={"source_hidden": true}
 WEATHER_URL = ("https://raw.githubusercontent.com/VikParuchuri/zero_to_gpt/"
                "master/data/clean_weather.csv")
 WEATHER_SHA256 = "70d75ac02ccf0c0f45aed0077919fee302c6428b9f3c3401aadf090b0f6dfc8c"
@@ -65,6 +376,7 @@ FEATURES = ["tmax", "tmin", "rain"]     # what the models see
 TARGET = "tmax_tomorrow"                # what they predict
 
 
+# %% jupyter={"source_hidden": true}
 class DataError(Exception):
     """A problem with the input that the user can fix. A script run ends with its one
     sentence (`error: ...`) and exit code 2; a notebook shows the sentence alone."""
@@ -95,6 +407,24 @@ def report_data_errors():
     sys.excepthook = exit_with_sentence
 
 
+def chapter_args():
+    """This run's flags: the command line in a script; in a notebook, which has the
+    kernel's command line instead, the environment variable ZERO_TO_GPT_ARGS."""
+    report_data_errors()
+    if in_notebook():
+        return parse_args(shlex.split(os.environ.get("ZERO_TO_GPT_ARGS", "")))
+    return parse_args()
+
+
+def show_figure(figure, path):
+    """Save a matplotlib figure as a PNG at `path`; in a notebook, also show it here."""
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    if in_notebook():
+        from IPython.display import Image, display
+        display(Image(filename=path))
+
+
+# %% jupyter={"source_hidden": true}
 def sha256_of(path):
     """The SHA-256 digest of a file, read in 1 MiB pieces so big files fit in memory."""
     digest = hashlib.sha256()
@@ -255,7 +585,8 @@ def split_data(inputs, targets, train_fraction=0.7, valid_fraction=0.15):
 # installation: the language reference and library topics behind `help()`
 # (`pydoc_data.topics`, about 465 KB). `--data` takes a local `.txt` file instead.
 
-# %%
+
+# %% jupyter={"source_hidden": true}
 TEXT_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
             "tinyshakespeare/input.txt")
 TEXT_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -293,295 +624,74 @@ def load_text(path=None):
     return python_docs_text(), "python-docs"
 
 
-# %% [markdown]
-# ## Normalising the features
-#
-# Our three features live on very different scales: `tmax` is around 60, `tmin`
-# around 45, `rain` mostly 0 with the odd 0.5. Gradient descent moves every weight
-# with the same learning rate, and a weight's gradient is proportional to the size
-# of its feature (see the derivation below: the gradient for weight j sums
-# feature j times the error). So the temperature weights get huge gradients and the
-# rain weight a tiny one: a learning rate small enough not to blow up the
-# temperatures leaves rain almost untouched.
-#
-# The cure is to **standardise** each feature: subtract its mean and divide by its
-# standard deviation, so every column has mean 0 and spread 1. We measure the mean
-# and spread on the *training* rows only and apply the same numbers to validation
-# and test rows: the model must not learn anything, not even an average, from the
-# days it will be tested on.
+# %% jupyter={"source_hidden": true}
+RAIN_HIDDEN_SIZES = [16]      # the rain classifier: 3 features, 16 hidden units, 1 logit
+RAIN_LEARNING_RATE = 0.1
+RAIN_BATCH_SIZE = 32
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--data", default=None,
+                        help="path of a local weather CSV (default: download, else generate)")
+    parser.add_argument("--text", default=None,
+                        help="path of a local UTF-8 text file (default: download tiny "
+                             "Shakespeare, else the Python documentation)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a run of a few seconds, for tests and a first look")
+    parser.add_argument("--out", default="out", help="folder for plots (default out/)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs of the rain classifier (default 10, --quick 3)")
+    parser.add_argument("--context", type=int, default=3,
+                        help="characters the character model sees (default 3)")
+    parser.add_argument("--hidden-sizes", type=int, nargs="+", default=[128],
+                        help="units in each hidden layer of the character model (default 128)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps of the character model (default 6000, --quick 300)")
+    parser.add_argument("--learning-rate", type=float, default=0.5,
+                        help="step size for the character model (default 0.5)")
+    parser.add_argument("--batch-size", type=int, default=128,
+                        help="positions per batch for the character model (default 128)")
+    args = parser.parse_args(argv)
+    if args.epochs is None:
+        args.epochs = 3 if args.quick else 10
+    if args.steps is None:
+        args.steps = 300 if args.quick else 6000
+    for flag, value in (("--epochs", args.epochs), ("--context", args.context),
+                        ("--steps", args.steps), ("--batch-size", args.batch_size),
+                        ("--hidden-sizes", min(args.hidden_sizes))):
+        if value < 1:
+            raise DataError(f"{flag} must be at least 1, not {value}")
+    if not (args.learning_rate > 0 and np.isfinite(args.learning_rate)):
+        raise DataError(f"--learning-rate must be a positive number, not {args.learning_rate}")
+    if args.text is not None and not os.path.isfile(args.text):
+        # Checked here because the carried `load_text` names the flag --data, which in
+        # this chapter is the weather table's.
+        raise DataError(f"text file {args.text} does not exist; pass --text with the path "
+                        f"of a UTF-8 .txt file")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise DataError(f"--out {args.out} is a file; give a folder for the plots")
+    return args
+
+
+def print_summary(figures):
+    """The chapter's last line: `summary: ` and its headline figures as JSON."""
+    print("summary: " + json.dumps(figures))
+
 
 # %%
-def standardise(train, *others):
-    """Scale every column of `train` to mean 0 and standard deviation 1, and apply the
-    same shift and scale (measured on `train` only) to each array in `others`.
-    Returns the scaled arrays in the order given. A constant column (spread 0) is only
-    shifted, never divided by zero."""
-    mean = train.mean(axis=0)
-    spread = train.std(axis=0)
-    spread = np.where(spread > 0, spread, 1.0)
-    return tuple((array - mean) / spread for array in (train, *others))
-
-
-# %% [markdown]
-# ## The model: a dense network
-#
-# Chapter 02's linear model predicts with one weighted sum. Its weakness is that it
-# can only draw a flat surface: doubling a feature's change always doubles its
-# effect, whatever the season or the other features. A **dense network** stacks
-# several weighted sums (**layers**), and between them bends the numbers with a
-# simple non-linear function, so the whole can follow curves.
-#
-# Each layer is the linear model of chapter 02 with more outputs: `inputs @ weight +
-# bias`, where weight has shape (inputs, outputs) and bias (1, outputs). With layer
-# sizes [3, 32, 32, 1] the first layer turns each day's 3 features into 32 numbers
-# (the **hidden units**), the second turns those 32 into 32 more, and the last into
-# one prediction. We keep the parameters as a list of `(weight, bias)` pairs, one per
-# layer, the same shape as in chapter 02, so the training loop barely changes.
-#
-# **Why a bend is needed.** Two linear layers in a row are still one linear layer:
-# `(x @ W1) @ W2 = x @ (W1 @ W2)`. So after every hidden layer we apply the
-# **ReLU** ("rectified linear unit"), `relu(z) = max(z, 0)`: it keeps positive
-# numbers and zeros negative ones. Each hidden unit then switches on for some days
-# and off for others, and the network adds up these pieces into a curved answer.
-# The last layer has no ReLU: a temperature may be any number.
-
-# %%
-def relu(x):
-    """The rectified linear unit: x where x > 0, else 0, elementwise."""
-    return np.maximum(x, 0)
-
-
-# %% [markdown]
-# ## Initialisation
-#
-# A linear model could start from zeros. A network cannot: if every hidden unit
-# starts with the same weights, every one computes the same number and receives the
-# same gradient, and they stay identical copies for ever. So weights start random.
-#
-# How large? Take one unit of a layer with `n` inputs $a_j$ and weights $w_j$ drawn
-# independently with mean 0 and variance $v$: its pre-activation $z = \sum_j a_j w_j$
-# has variance $n \, v \, E[a^2]$. If the inputs came out of a ReLU whose own input
-# was symmetric around 0 with variance $s^2$, half of them are zeroed and
-# $E[a^2] = s^2 / 2$. To keep the variance the same from layer to layer we need
-# $n \, v / 2 = 1$, that is $v = 2 / n$: weights drawn from a normal distribution with
-# standard deviation $\sqrt{2 / n}$. This is **He initialisation** (He et al., 2015).
-# Too small and the signal shrinks layer after layer until the output and all the
-# gradients are nearly zero; too large and it grows until the numbers overflow
-# (chapter 03 measured both). Biases start at zero.
-
-# %%
-def init_dense(layer_sizes, rng):
-    """A dense network with the given layer sizes, e.g. [3, 32, 32, 1], as a list of
-    (weight, bias) pairs: weight (inputs, outputs) drawn from a normal distribution
-    with standard deviation sqrt(2 / inputs) (He initialisation), bias (1, outputs)
-    zeros."""
-    return [(rng.normal(0.0, np.sqrt(2.0 / inputs), size=(inputs, outputs)),
-             np.zeros((1, outputs)))
-            for inputs, outputs in zip(layer_sizes[:-1], layer_sizes[1:])]
-
-
-# %% [markdown]
-# ## Forward pass
-#
-# The forward pass runs the layers in order. For layer k, with input $a_{k-1}$ (the
-# features for the first layer):
-#
-#     z_k = a_{k-1} @ W_k + b_k          the pre-activation, (rows, outputs)
-#     a_k = relu(z_k)                    except after the last layer: a_K = z_K
-#
-# It keeps, for every layer, its input and its pre-activation in the `cache`: the
-# backward pass needs exactly these two.
-
-# %%
-def dense_forward(layers, inputs):
-    """Run `inputs` (rows, features) through the network. Returns the outputs (rows,
-    last layer size) and the cache: one (layer input, pre-activation) pair a layer."""
-    cache = []
-    activations = inputs
-    for index, (weight, bias) in enumerate(layers):
-        pre_activation = activations @ weight + bias
-        cache.append((activations, pre_activation))
-        is_last = index == len(layers) - 1
-        activations = pre_activation if is_last else relu(pre_activation)
-    return activations, cache
-
-
-# %% [markdown]
-# ## Backward pass: backpropagation by hand
-#
-# We need the gradient of the loss with respect to every weight and bias. The chain
-# rule lets us get all of them in one sweep from the output back to the input,
-# reusing at each layer what the layer above computed. That sweep is
-# **backpropagation**.
-#
-# Start with $G_K$ = d loss / d output (from `mse_grad`, shape (rows, 1)). Walking
-# back through layer k, given $G$ = d loss / d a_k of shape (rows, outputs):
-#
-# 1. Through the ReLU: $a = \max(z, 0)$ has slope 1 where $z > 0$ and 0 elsewhere,
-#    so d loss / d z_k = G * (z_k > 0), elementwise (the last layer has no ReLU: its
-#    gradient passes unchanged). Units that were off let no gradient through.
-# 2. Into the weights: exactly chapter 02's linear-model gradient, with this layer's
-#    input in place of the features: d loss / d W_k = a_{k-1}.T @ dz, shape (inputs,
-#    outputs); d loss / d b_k = dz summed over the rows, shape (1, outputs).
-# 3. Into the layer's input, for the layer below: $z = a W + b$, so each input
-#    $a_{ij}$ reaches every output $z_{il}$ with weight $W_{jl}$, and
-#    d loss / d a_{k-1} = dz @ W_k.T, shape (rows, inputs).
-#
-# Step 3 hands a new $G$ to the next layer down, and the loop repeats. Each gradient
-# has the same shape as the parameter it belongs to, which is a quick check on the
-# maths.
-
-# %%
-def dense_backward(layers, cache, output_grad):
-    """Backpropagation: given `cache` from `dense_forward` and `output_grad`, the
-    loss's gradient with respect to the network's outputs, return one (weight_grad,
-    bias_grad) pair per layer, in the order of `layers`."""
-    gradients = []
-    grad = output_grad
-    for index in reversed(range(len(layers))):
-        weight, _ = layers[index]
-        layer_inputs, pre_activation = cache[index]
-        if index < len(layers) - 1:
-            grad = grad * (pre_activation > 0)       # back through the ReLU
-        gradients.append((layer_inputs.T @ grad, grad.sum(axis=0, keepdims=True)))
-        grad = grad @ weight.T                       # on to the layer below
-    return gradients[::-1]
-
-
-# %% [markdown]
-# ## Checking the gradient with finite differences
-#
-# A hand-derived gradient is easy to get subtly wrong, and a wrong gradient often
-# still trains, just badly. So we check it the way chapter 01 measured slopes: nudge
-# one number up by a small step h and down by h, and see how much the loss moves:
-#
-#     d loss / d w  ~  (loss(w + h) - loss(w - h)) / (2 h)
-#
-# This "central difference" is accurate to about h^2. It costs two loss evaluations
-# per number, far too slow for training, but perfect for checking a few rows.
-
-# %%
-def numerical_gradient(loss_of, array, step=1e-6):
-    """The gradient of `loss_of()` with respect to every entry of `array`, by central
-    differences. `array` is nudged in place and restored after each entry."""
-    gradient = np.zeros_like(array)
-    for index in np.ndindex(array.shape):
-        original = array[index]
-        array[index] = original + step
-        loss_up = loss_of()
-        array[index] = original - step
-        loss_down = loss_of()
-        array[index] = original
-        gradient[index] = (loss_up - loss_down) / (2 * step)
-    return gradient
-
-
-
-
-# %% [markdown]
-# ## From a score to a probability: the sigmoid
-#
-# For "will it rain tomorrow?" the network's single output can be any number, its
-# **logit** z: large and positive for "surely rain", large and negative for "surely
-# dry". The **sigmoid** squashes it into a probability between 0 and 1:
-#
-#     sigmoid(z) = 1 / (1 + exp(-z))
-#
-# sigmoid(0) = 0.5; sigmoid(-z) = 1 - sigmoid(z). Written this way, `exp(-z)`
-# overflows for z below about -710, so we compute it as exp(-log(1 + exp(-z))), with
-# `np.logaddexp(0, -z)` = log(exp(0) + exp(-z)), which numpy evaluates without
-# overflow for any z.
-
-# %%
-def sigmoid(x):
-    """The logistic function 1 / (1 + exp(-x)), elementwise, without overflow."""
-    return np.exp(-np.logaddexp(0.0, -x))
-
-
-# %% [markdown]
-# ## Binary cross-entropy
-#
-# How wrong is a probability p of rain when the answer is y (1 for rain, 0 for
-# dry)? The squared error of chapter 02 would work poorly: it barely punishes a
-# confident wrong answer. **Cross-entropy** asks instead how surprised the model
-# is by what happened: it scores -log(p) when it rained and -log(1 - p) when it did
-# not,
-#
-#     loss = -[y log(p) + (1 - y) log(1 - p)],   averaged over the days.
-#
-# A model that says p = 0.99 and is wrong pays -log(0.01) = 4.6; one that hedges
-# at 0.5 pays 0.69 either way. Minimising it is the same as maximising the
-# probability the model gave to what really happened (maximum likelihood).
-#
-# **In terms of the logit**, using log(sigmoid(z)) = -log(1 + exp(-z)) and
-# log(1 - sigmoid(z)) = log(sigmoid(-z)) = -log(1 + exp(z)):
-#
-#     loss = y * log(1 + exp(-z)) + (1 - y) * log(1 + exp(z))
-#
-# which `np.logaddexp` computes stably, without ever forming p.
-#
-# **The gradient.** The slope of log(1 + exp(-z)) is -exp(-z) / (1 + exp(-z)) =
-# -(1 - sigmoid(z)), and the slope of log(1 + exp(z)) is sigmoid(z). So
-#
-#     d loss / d z = -y (1 - sigmoid(z)) + (1 - y) sigmoid(z) = sigmoid(z) - y
-#
-# per day, divided by the number of days for the average. It is the same shape as
-# the MSE gradient, prediction minus truth: the sigmoid and the cross-entropy were
-# made for each other.
-
-# %%
-def binary_cross_entropy(logits, labels):
-    """Mean binary cross-entropy, in nats, of probabilities sigmoid(logits) against
-    labels of 0 or 1 (same shape), computed from the logits for stability."""
-    return float(np.mean(labels * np.logaddexp(0.0, -logits)
-                         + (1 - labels) * np.logaddexp(0.0, logits)))
-
-
-def binary_cross_entropy_grad(logits, labels):
-    """The gradient of `binary_cross_entropy` with respect to each logit:
-    (sigmoid(z) - y) / n."""
-    return (sigmoid(logits) - labels) / logits.size
-
-
-def accuracy(predicted_classes, true_classes):
-    """The fraction of predictions that name the right class."""
-    return float(np.mean(predicted_classes == true_classes))
-
-
-# %% [markdown]
-# ## Will it rain tomorrow?
-#
-# The weather table has today's rain but no column for tomorrow's, so we make the
-# labels: day d is labelled 1 when the *next* day had rain (more than 0 inches),
-# else 0. The real table skips a few days, so a day is used only when the next row
-# really is the next calendar day. The features are today's tmax, tmin and rain,
-# standardised as in chapter 02.
-#
-# About one day in six is rainy. So a model that always says "dry" is right five
-# times out of six: accuracy alone flatters. We therefore report two baselines: the
-# **majority class** ("always dry") for accuracy, and for the loss the constant
-# probability equal to the training days' rain rate, the best a model can do
-# without looking at the weather.
-
-# %%
-def rain_tomorrow(dates, table):
-    """Today's features (days, 3) and tomorrow's rain labels (days, 1) of 1.0 or 0.0,
-    for every day whose next row is the next calendar day. Dates that are not
-    YYYY-MM-DD are taken to be consecutive rows."""
-    try:
-        days = np.array(dates, dtype="datetime64[D]")
-        consecutive = np.diff(days) == np.timedelta64(1, "D")
-    except ValueError:
-        consecutive = np.ones(len(dates) - 1, dtype=bool)
-    inputs = table[:-1, :3][consecutive]
-    labels = (table[1:, 2] > 0)[consecutive].astype(float)[:, None]
-    return inputs, labels
-
-
-def constant_logit(rate):
-    """The logit whose sigmoid is `rate`: log(rate / (1 - rate)), kept finite."""
-    rate = min(max(rate, 1e-6), 1 - 1e-6)
-    return math.log(rate / (1 - rate))
+if __name__ == "__main__":
+    ARGS = chapter_args()
+    started = time.perf_counter()
+    rng = np.random.default_rng(ARGS.seed)
+    dates, table, source = load_weather(ARGS.data, ARGS.seed)
+    inputs, labels = rain_tomorrow(dates, table)
+    if len(inputs) < 20:
+        raise DataError(f"weather data from {source} has only {len(inputs)} pairs of "
+                        f"consecutive days; the chapter needs at least 20")
+    figures = {"chapter": CHAPTER, "source": source}
 
 
 # %% [markdown]
@@ -607,6 +717,7 @@ def constant_logit(rate):
 # position c; for three classes, class 2 is [0, 0, 1]. Then the answer has the same
 # shape as the probabilities, and the loss and its gradient are plain arithmetic
 # on arrays.
+
 
 # %%
 def one_hot(indices, classes):
@@ -640,6 +751,7 @@ def softmax(logits):
 #
 # since the y_c add up to 1. Once again: prediction minus truth, now one number
 # per class, divided by the rows for the average.
+
 
 # %%
 def cross_entropy(logits, targets):
@@ -675,6 +787,20 @@ def gradient_error(layers, inputs, targets, loss, loss_grad):
     return worst / largest
 
 
+if __name__ == "__main__":
+    # The hand-derived gradients of both losses, through a small network, against
+    # finite differences.
+    probe_inputs = rng.normal(size=(6, 3))
+    errors = [gradient_error(init_dense([3, 5, 1], rng), probe_inputs,
+                             (rng.random((6, 1)) < 0.5).astype(float),
+                             binary_cross_entropy, binary_cross_entropy_grad),
+              gradient_error(init_dense([3, 5, 4], rng), probe_inputs,
+                             one_hot(rng.integers(0, 4, 6), 4), cross_entropy, cross_entropy_grad)]
+    check = max(errors)
+    print(f"gradient check: sigmoid + binary cross-entropy {errors[0]:.1e}, "
+          f"softmax + cross-entropy {errors[1]:.1e} (largest relative difference)")
+
+
 # %% [markdown]
 # ## Training step
 #
@@ -683,6 +809,7 @@ def gradient_error(layers, inputs, targets, loss, loss_grad):
 # gradient. `sgd_step` does one such step on one batch; the rain classifier calls it
 # over shuffled mini-batches epoch by epoch, as before, and the character model on
 # random batches of positions drawn from the training text.
+
 
 # %%
 def sgd_step(layers, inputs, targets, loss, loss_grad, learning_rate):
@@ -713,6 +840,35 @@ def train_classifier(layers, train_set, learning_rate, epochs, batch_size, rng):
     return layers, history
 
 
+if __name__ == "__main__":
+    # Will it rain tomorrow?
+    (train_raw, train_labels), (valid_raw, valid_labels), (test_raw, test_labels) = \
+        split_data(inputs, labels)
+    train_inputs, test_inputs = standardise(train_raw, test_raw)
+    rain_rate = float(train_labels.mean())
+    print(f"rain tomorrow: {len(inputs)} days from {source}; rain on "
+          f"{100 * rain_rate:.1f}% of training days")
+    # The output bias starts at the logit of the training rain rate, the analogue of
+    # chapter 03's start from the mean: the untrained network already gives the
+    # baseline's probability, and training only has to learn departures from it.
+    layers = init_dense([3, *RAIN_HIDDEN_SIZES, 1], rng)
+    weight, bias = layers[-1]
+    layers[-1] = (weight, bias + constant_logit(rain_rate))
+    layers, rain_history = train_classifier(layers, (train_inputs, train_labels),
+                                            RAIN_LEARNING_RATE, ARGS.epochs,
+                                            RAIN_BATCH_SIZE, rng)
+    test_logits, _ = dense_forward(layers, test_inputs)
+    rain_loss = binary_cross_entropy(test_logits, test_labels)
+    rain_accuracy = accuracy(test_logits > 0, test_labels > 0.5)
+    baseline_loss = binary_cross_entropy(np.full_like(test_labels, constant_logit(rain_rate)),
+                                         test_labels)
+    majority_accuracy = accuracy(np.full(test_labels.shape, rain_rate > 0.5), test_labels > 0.5)
+    caught = float(np.mean(test_logits[test_labels > 0.5] > 0)) if test_labels.any() else 0.0
+    print(f"  test loss {rain_loss:.3f} nats (constant rain rate {baseline_loss:.3f}); "
+          f"accuracy {100 * rain_accuracy:.1f}% ('always dry' {100 * majority_accuracy:.1f}%); "
+          f"rainy days called: {100 * caught:.0f}%")
+
+
 # %% [markdown]
 # ## The next character
 #
@@ -731,6 +887,7 @@ def train_classifier(layers, train_set, learning_rate, epochs, batch_size, rng):
 # The first 90% of the text trains the model; the last 10% is held out to measure
 # it, as in chapter 00. (Text is a sequence, like the weather: splitting by
 # position keeps the held-out passage unseen.)
+
 
 # %%
 def encode(text, vocabulary):
@@ -794,6 +951,7 @@ def text_scores(layers, ids, positions, context, chunk=4096):
 # character. Uniform guessing among 100 characters costs log2(100) = 6.6 bits;
 # English text compresses to well under 2 with a good model.
 
+
 # %%
 def unigram_baseline(ids, train_end, positions, vocab_size):
     """Accuracy of always predicting the commonest training character, and the
@@ -820,6 +978,65 @@ def sample_text(layers, vocabulary, prompt, length, context, rng):
     return "".join(vocabulary[number] for number in ids)
 
 
+if __name__ == "__main__":
+    text, text_source = load_text(ARGS.text)
+    vocabulary = sorted(set(text))
+    ids = encode(text, vocabulary)
+    train_end = int(len(ids) * 0.9)
+    if len(ids) - train_end <= ARGS.context or train_end <= ARGS.context:
+        raise DataError(f"the text from {text_source} has {len(ids)} characters, too few "
+                        f"for --context {ARGS.context}; use a longer text or a shorter context")
+    figures["text_source"] = text_source
+    vocab_size = len(vocabulary)
+    test_positions = np.arange(train_end, len(ids))
+    if ARGS.quick:
+        test_positions = test_positions[:5000]  # a quick look at the start of it
+    majority_text, unigram_loss = unigram_baseline(ids, train_end, test_positions, vocab_size)
+    print(f"next character: {len(text):,} characters from {text_source}, "
+          f"{vocab_size} distinct; held out the last 10%, scored on "
+          f"{len(test_positions):,} positions")
+    commonest = vocabulary[int(np.bincount(ids[:train_end]).argmax())]
+    print(f"  baselines: always {commonest!r}, accuracy {100 * majority_text:.1f}%; unigram "
+          f"frequencies "
+          f"{bits(unigram_loss):.2f} bits per character")
+    layer_sizes = [ARGS.context * vocab_size, *ARGS.hidden_sizes, vocab_size]
+    print(f"  training layers {layer_sizes}: {ARGS.steps} steps of {ARGS.batch_size} "
+          f"positions, learning rate {ARGS.learning_rate:g}")
+    text_layers, text_history = train_next_character(
+        init_dense(layer_sizes, rng), ids, train_end, ARGS.context, ARGS.steps,
+        ARGS.batch_size, ARGS.learning_rate, rng)
+    text_loss, text_accuracy = text_scores(text_layers, ids, test_positions, ARGS.context)
+    if not np.isfinite(text_loss):
+        raise DataError(f"training diverged at learning rate {ARGS.learning_rate:g}; "
+                        f"try a smaller --learning-rate")
+    print(f"  held-out: {bits(text_loss):.2f} bits per character "
+          f"({text_loss:.3f} nats), accuracy {100 * text_accuracy:.1f}%")
+    prompt = text[train_end:train_end + ARGS.context]
+    sample = sample_text(text_layers, vocabulary, prompt, 120 if ARGS.quick else 300,
+                         ARGS.context, rng)
+    print(f"  a sample, starting from {prompt!r}:\n")
+    print("\n".join("    " + line for line in sample.splitlines()))
+
+
+# %% [markdown]
+# ## Reading the results
+#
+# * **Rain.** On the real table the network's loss is well below the constant
+#   baseline: today's rain and temperatures say something about tomorrow's rain.
+#   Its accuracy is only a point or so above "always dry", because rain stays the
+#   less likely answer on most days, so the network rarely says "rain" outright;
+#   the loss sees the sharper probabilities that accuracy hides. On the generated
+#   table tomorrow's rain is drawn independently of today, so no model can beat
+#   the baseline: the network ends within a few thousandths of it, and predicts
+#   "dry" every day, as it should.
+# * **Characters.** Three characters of context already cut the loss far below the
+#   unigram frequencies, and name the right character more than twice as often as
+#   "always a space". The samples show the spelling of short words and the rhythm
+#   of the text, but no sense: three characters are too little memory. The
+#   following chapters give the model a longer memory, and chapter 13 trains a GPT
+#   on the same task.
+
+
 # %% [markdown]
 # ## Plots
 #
@@ -828,7 +1045,8 @@ def sample_text(layers, vocabulary, prompt, length, context, rng):
 # character model's loss on its training batches, averaged over stretches of
 # steps, against the unigram baseline on the held-out text.
 
-# %%
+
+# %% jupyter={"source_hidden": true}
 def save_plots(out_dir, rain_history, rain_baseline, text_history, unigram_loss):
     """Save both loss curves as one PNG in `out_dir`; without matplotlib, print a
     compact text view instead. Returns the files written."""
@@ -837,7 +1055,8 @@ def save_plots(out_dir, rain_history, rain_baseline, text_history, unigram_loss)
                   for start in range(0, len(text_history), stretch)]
     try:
         import matplotlib
-        matplotlib.use("Agg")
+        if not in_notebook():
+            matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed, so no plots; a text view instead:")
@@ -862,196 +1081,24 @@ def save_plots(out_dir, rain_history, rain_baseline, text_history, unigram_loss)
               title="Next character")
     right.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    show_figure(figure, path)
     plt.close(figure)
     return [path]
 
 
-# %% [markdown]
-# ## Reading the results
-#
-# * **Rain.** On the real table the network's loss is well below the constant
-#   baseline: today's rain and temperatures say something about tomorrow's rain.
-#   Its accuracy is only a point or so above "always dry", because rain stays the
-#   less likely answer on most days, so the network rarely says "rain" outright;
-#   the loss sees the sharper probabilities that accuracy hides. On the generated
-#   table tomorrow's rain is drawn independently of today, so no model can beat
-#   the baseline: the network ends within a few thousandths of it, and predicts
-#   "dry" every day, as it should.
-# * **Characters.** Three characters of context already cut the loss far below the
-#   unigram frequencies, and name the right character more than twice as often as
-#   "always a space". The samples show the spelling of short words and the rhythm
-#   of the text, but no sense: three characters are too little memory. The
-#   following chapters give the model a longer memory, and chapter 13 trains a GPT
-#   on the same task.
-
-
-# %% [markdown]
-# ## Running the chapter
-#
-# Every chapter shares this command line: `--seed` for repeatable runs, `--data` for a
-# local copy of the data, `--quick` for a run of a few seconds (used by the tests) and
-# `--out` for where files are written. Its last line of output is `summary:` and a
-# line of JSON with the chapter's headline figures, so scripts and tests can read it.
-#
-# This chapter reads two data sets: `--data` is the weather table and `--text` the
-# text corpus. `--epochs` sets the rain classifier's training; `--context`,
-# `--hidden-sizes`, `--steps`, `--learning-rate` and `--batch-size` the character
-# model's. Bad values are refused before any work starts.
-
 # %%
-RAIN_HIDDEN_SIZES = [16]      # the rain classifier: 3 features, 16 hidden units, 1 logit
-RAIN_LEARNING_RATE = 0.1
-RAIN_BATCH_SIZE = 32
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--data", default=None,
-                        help="path of a local weather CSV (default: download, else generate)")
-    parser.add_argument("--text", default=None,
-                        help="path of a local UTF-8 text file (default: download tiny "
-                             "Shakespeare, else the Python documentation)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a run of a few seconds, for tests and a first look")
-    parser.add_argument("--out", default="out", help="folder for plots (default out/)")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="epochs of the rain classifier (default 10, --quick 3)")
-    parser.add_argument("--context", type=int, default=3,
-                        help="characters the character model sees (default 3)")
-    parser.add_argument("--hidden-sizes", type=int, nargs="+", default=[128],
-                        help="units in each hidden layer of the character model (default 128)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="training steps of the character model (default 6000, --quick 300)")
-    parser.add_argument("--learning-rate", type=float, default=0.5,
-                        help="step size for the character model (default 0.5)")
-    parser.add_argument("--batch-size", type=int, default=128,
-                        help="positions per batch for the character model (default 128)")
-    args = parser.parse_args(argv)
-    if args.epochs is None:
-        args.epochs = 3 if args.quick else 10
-    if args.steps is None:
-        args.steps = 300 if args.quick else 6000
-    for flag, value in (("--epochs", args.epochs), ("--context", args.context),
-                        ("--steps", args.steps), ("--batch-size", args.batch_size),
-                        ("--hidden-sizes", min(args.hidden_sizes))):
-        if value < 1:
-            raise DataError(f"{flag} must be at least 1, not {value}")
-    if not (args.learning_rate > 0 and np.isfinite(args.learning_rate)):
-        raise DataError(f"--learning-rate must be a positive number, not {args.learning_rate}")
-    if args.text is not None and not os.path.isfile(args.text):
-        # Checked here because the carried `load_text` names the flag --data, which in
-        # this chapter is the weather table's.
-        raise DataError(f"text file {args.text} does not exist; pass --text with the path "
-                        f"of a UTF-8 .txt file")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise DataError(f"--out {args.out} is a file; give a folder for the plots")
-    return args
-
-
-def print_summary(figures):
-    """The chapter's last line: `summary: ` and its headline figures as JSON."""
-    print("summary: " + json.dumps(figures))
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    started = time.perf_counter()
-    rng = np.random.default_rng(args.seed)
-
-    # Both data sets first, so a bad file is reported before any training.
-    dates, table, source = load_weather(args.data, args.seed)
-    inputs, labels = rain_tomorrow(dates, table)
-    if len(inputs) < 20:
-        raise DataError(f"weather data from {source} has only {len(inputs)} pairs of "
-                        f"consecutive days; the chapter needs at least 20")
-    text, text_source = load_text(args.text)
-    vocabulary = sorted(set(text))
-    ids = encode(text, vocabulary)
-    train_end = int(len(ids) * 0.9)
-    if len(ids) - train_end <= args.context or train_end <= args.context:
-        raise DataError(f"the text from {text_source} has {len(ids)} characters, too few "
-                        f"for --context {args.context}; use a longer text or a shorter context")
-
-    # The hand-derived gradients of both losses, through a small network, against
-    # finite differences.
-    probe_inputs = rng.normal(size=(6, 3))
-    errors = [gradient_error(init_dense([3, 5, 1], rng), probe_inputs,
-                             (rng.random((6, 1)) < 0.5).astype(float),
-                             binary_cross_entropy, binary_cross_entropy_grad),
-              gradient_error(init_dense([3, 5, 4], rng), probe_inputs,
-                             one_hot(rng.integers(0, 4, 6), 4), cross_entropy, cross_entropy_grad)]
-    check = max(errors)
-    print(f"gradient check: sigmoid + binary cross-entropy {errors[0]:.1e}, "
-          f"softmax + cross-entropy {errors[1]:.1e} (largest relative difference)")
-
-    # Part 1: will it rain tomorrow?
-    (train_raw, train_labels), (valid_raw, valid_labels), (test_raw, test_labels) = \
-        split_data(inputs, labels)
-    train_inputs, test_inputs = standardise(train_raw, test_raw)
-    rain_rate = float(train_labels.mean())
-    print(f"\nrain tomorrow: {len(inputs)} days from {source}; rain on "
-          f"{100 * rain_rate:.1f}% of training days")
-    # The output bias starts at the logit of the training rain rate, the analogue of
-    # chapter 03's start from the mean: the untrained network already gives the
-    # baseline's probability, and training only has to learn departures from it.
-    layers = init_dense([3, *RAIN_HIDDEN_SIZES, 1], rng)
-    weight, bias = layers[-1]
-    layers[-1] = (weight, bias + constant_logit(rain_rate))
-    layers, rain_history = train_classifier(layers, (train_inputs, train_labels),
-                                            RAIN_LEARNING_RATE, args.epochs,
-                                            RAIN_BATCH_SIZE, rng)
-    test_logits, _ = dense_forward(layers, test_inputs)
-    rain_loss = binary_cross_entropy(test_logits, test_labels)
-    rain_accuracy = accuracy(test_logits > 0, test_labels > 0.5)
-    baseline_loss = binary_cross_entropy(np.full_like(test_labels, constant_logit(rain_rate)),
-                                         test_labels)
-    majority_accuracy = accuracy(np.full(test_labels.shape, rain_rate > 0.5), test_labels > 0.5)
-    caught = float(np.mean(test_logits[test_labels > 0.5] > 0)) if test_labels.any() else 0.0
-    print(f"  test loss {rain_loss:.3f} nats (constant rain rate {baseline_loss:.3f}); "
-          f"accuracy {100 * rain_accuracy:.1f}% ('always dry' {100 * majority_accuracy:.1f}%); "
-          f"rainy days called: {100 * caught:.0f}%")
-
-    # Part 2: the next character.
-    vocab_size = len(vocabulary)
-    test_positions = np.arange(train_end, len(ids))
-    if args.quick:
-        test_positions = test_positions[:5000]  # a quick look at the start of it
-    majority_text, unigram_loss = unigram_baseline(ids, train_end, test_positions, vocab_size)
-    print(f"\nnext character: {len(text):,} characters from {text_source}, "
-          f"{vocab_size} distinct; held out the last 10%, scored on "
-          f"{len(test_positions):,} positions")
-    commonest = vocabulary[int(np.bincount(ids[:train_end]).argmax())]
-    print(f"  baselines: always {commonest!r}, accuracy {100 * majority_text:.1f}%; unigram "
-          f"frequencies "
-          f"{bits(unigram_loss):.2f} bits per character")
-    layer_sizes = [args.context * vocab_size, *args.hidden_sizes, vocab_size]
-    print(f"  training layers {layer_sizes}: {args.steps} steps of {args.batch_size} "
-          f"positions, learning rate {args.learning_rate:g}")
-    text_layers, text_history = train_next_character(
-        init_dense(layer_sizes, rng), ids, train_end, args.context, args.steps,
-        args.batch_size, args.learning_rate, rng)
-    text_loss, text_accuracy = text_scores(text_layers, ids, test_positions, args.context)
-    if not np.isfinite(text_loss):
-        raise DataError(f"training diverged at learning rate {args.learning_rate:g}; "
-                        f"try a smaller --learning-rate")
-    print(f"  held-out: {bits(text_loss):.2f} bits per character "
-          f"({text_loss:.3f} nats), accuracy {100 * text_accuracy:.1f}%")
-    prompt = text[train_end:train_end + args.context]
-    sample = sample_text(text_layers, vocabulary, prompt, 120 if args.quick else 300,
-                         args.context, rng)
-    print(f"  a sample, starting from {prompt!r}:\n")
-    print("\n".join("    " + line for line in sample.splitlines()))
-    print()
+if __name__ == "__main__":
     # The rain curve is the training loss, so its baseline line is measured on the
     # training days too; the character curve is per batch of training text.
     train_baseline = binary_cross_entropy(np.full_like(train_labels, constant_logit(rain_rate)),
                                           train_labels)
-    for path in save_plots(args.out, rain_history, train_baseline, text_history, unigram_loss):
+    for path in save_plots(ARGS.out, rain_history, train_baseline, text_history, unigram_loss):
         print(f"saved {path}")
-    print_summary({"chapter": CHAPTER, "source": source, "text_source": text_source,
+
+
+# %%
+if __name__ == "__main__":
+    print_summary({**figures,
                    "rain_loss": round(rain_loss, 4), "rain_baseline_loss": round(baseline_loss, 4),
                    "rain_accuracy": round(rain_accuracy, 4),
                    "rain_majority_accuracy": round(majority_accuracy, 4),
@@ -1061,8 +1108,3 @@ def main(argv=None):
                    "text_majority_accuracy": round(majority_text, 4),
                    "gradient_error": float(f"{check:.1e}"),
                    "seconds": round(time.perf_counter() - started, 1)})
-
-
-if __name__ == "__main__":
-    report_data_errors()
-    main(shlex.split(os.environ.get("ZERO_TO_GPT_ARGS", "")) if in_notebook() else None)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_clean_error, load_chapter, run_chapter
+from conftest import assert_clean_error, load_chapter, run_as_script, run_chapter
 
 chapter = load_chapter("04_classify")
 
@@ -168,9 +168,10 @@ def test_bad_text_file_and_context_are_refused(tmp_path):
     assert_clean_error(run, "empty")
     short = tmp_path / "short.txt"
     short.write_text("tiny text")
-    with pytest.raises(chapter.DataError, match="--context"):
-        chapter.main(["--quick", "--text", str(short), "--context", "5",
-                      "--out", str(tmp_path / "out")])
+    with pytest.raises(Exception, match="--context") as refused:
+        run_as_script("04_classify", "--quick", "--text", short, "--context", "5",
+                      "--out", tmp_path / "out")
+    assert type(refused.value).__name__ == "DataError"
     with pytest.raises(chapter.DataError, match="pass --text"):
         chapter.parse_args(["--text", str(tmp_path / "missing.txt")])
     with pytest.raises(chapter.DataError, match="--steps"):

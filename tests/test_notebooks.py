@@ -19,7 +19,8 @@ CHAPTERS = sorted(path.stem for path in ROOT.glob("[0-9][0-9]*_*.py"))
 # Chapters whose experiments run cell by cell, each under the prose that explains it.
 # The others still run every experiment from one `main()` in their last cell, so in a
 # notebook all their results appear there; they are being moved to this form.
-RESULTS_UNDER_THEIR_PROSE = {"00_intro", "01_linalg", "02_linreg", "03_dense", "04b_cnn", "13_gpt"}
+RESULTS_UNDER_THEIR_PROSE = {"00_intro", "01_linalg", "02_linreg", "03_dense", "04_classify",
+                             "04b_cnn", "13_gpt"}
 
 
 def execute(name, flags, folder, notebook=None):
