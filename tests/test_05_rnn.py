@@ -155,4 +155,4 @@ def test_window_longer_than_the_data_is_a_clean_error(tmp_path):
 def test_impossible_flags_are_refused_before_any_work(flag, value):
     # The same DataError that the run above turned into "error: ..." and exit code 2.
     with pytest.raises(chapter.DataError, match=flag):
-        chapter.main([flag, value])
+        chapter.parse_args([flag, value])
