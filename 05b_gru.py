@@ -80,22 +80,67 @@ CHAPTER = "05b_gru"
 # at every step, so the network has the same number of weights whatever `N` is, and
 # what it learns about "a warm day followed by rain" applies wherever that happens.
 
+
 # %% [markdown]
-# ## The weather table
+# ## From a table of days to sequences
 #
-# Every weather chapter (01-08) reads the same table: one row a day, from
-# 1970-01-01 to 2022-11-26, with the day's highest temperature (`tmax`, °F), lowest
-# temperature (`tmin`, °F), rainfall (`rain`, inches) and the next day's highest
-# temperature (`tmax_tomorrow`), the number we learn to predict.
+# Each example is now a *window*: the features of `window` consecutive days, ending
+# today, and the target is today's `tmax_tomorrow`. With days `d` numbered from 0, the
+# example ending on day `d` is
 #
-# The loader below is carried unchanged from chapter to chapter. It downloads the
-# table once into `data/`, checks it against a recorded SHA-256 digest (so a
-# truncated or tampered download is never used), and writes it to a temporary file
-# that is renamed into place only when complete, so an interrupted download never
-# leaves half a file behind. Without a network it generates a stand-in table of the
-# same shape, so the chapter still runs; it says so in one line.
+#     sequence = features[d - window + 1 .. d]      shape (window, 3)
+#     target   = tmax_tomorrow[d]
+#
+# so a table of `D` days gives `D - window + 1` examples, stacked into an array of
+# shape (examples, window, 3): examples, time steps, features. That is the shape every
+# recurrent network in this course reads. The windows overlap (day `d` appears in
+# `window` of them); numpy's `sliding_window_view` finds them all without a Python
+# loop, and we copy the result into one compact array (a few megabytes) so the matrix
+# products that read it later run at full speed.
+#
+# We then split the examples in time order with the carried `split_data`, so the test
+# windows are all later than the training windows, as in every weather chapter.
+
 
 # %%
+def make_sequences(table, window):
+    """Cut the weather table into overlapping windows of `window` days.
+
+    Returns (sequences, targets): sequences of shape (examples, window, features) with
+    the FEATURES columns, targets of shape (examples, 1) with tomorrow's tmax after the
+    last day of each window. A window longer than the table is a DataError."""
+    if window < 1:
+        raise DataError(f"--window must be at least 1 day, not {window}")
+    if window > len(table):
+        raise DataError(f"--window {window} is longer than the data ({len(table)} days); "
+                        f"use a window of at most {len(table)} days")
+    features = table[:, [WEATHER_COLUMNS.index(name) for name in FEATURES]]
+    # sliding_window_view gives (examples, features, window); put time before features.
+    sequences = np.lib.stride_tricks.sliding_window_view(features, window, axis=0)
+    sequences = np.ascontiguousarray(sequences.transpose(0, 2, 1))
+    targets = table[window - 1:, [WEATHER_COLUMNS.index(TARGET)]]
+    return sequences, targets
+
+
+# %% [markdown]
+# ## Set-up: flags, data and plots (not the lesson)
+#
+# The code in this section is what the chapter needs but does not teach; in a
+# notebook its cells open collapsed. Every chapter shares its command line: `--seed`
+# for repeatable runs, `--data` for a local copy of the data, `--quick` for a run of
+# a few seconds (used by the tests) and `--out` for where files are written; this one
+# adds the shape of the networks and of their training. Flags are checked before any
+# work starts, so a typing mistake costs no time; a window longer than the data can
+# only be caught once the data is loaded. In a notebook the flags come from the
+# environment variable `ZERO_TO_GPT_ARGS`. The last line of output is `summary:` and
+# a line of JSON with the chapter's headline figures.
+#
+# The weather table is chapter 01's, read by the same carried loader: downloaded
+# once into `data/` and checked against its SHA-256 digest, or, offline, generated
+# with the same shape.
+
+
+# %% jupyter={"source_hidden": true}
 WEATHER_URL = ("https://raw.githubusercontent.com/VikParuchuri/zero_to_gpt/"
                "master/data/clean_weather.csv")
 WEATHER_SHA256 = "70d75ac02ccf0c0f45aed0077919fee302c6428b9f3c3401aadf090b0f6dfc8c"
@@ -104,6 +149,7 @@ FEATURES = ["tmax", "tmin", "rain"]     # what the models see
 TARGET = "tmax_tomorrow"                # what they predict
 
 
+# %% jupyter={"source_hidden": true}
 class DataError(Exception):
     """A problem with the input that the user can fix. A script run ends with its one
     sentence (`error: ...`) and exit code 2; a notebook shows the sentence alone."""
@@ -134,6 +180,24 @@ def report_data_errors():
     sys.excepthook = exit_with_sentence
 
 
+def chapter_args():
+    """This run's flags: the command line in a script; in a notebook, which has the
+    kernel's command line instead, the environment variable ZERO_TO_GPT_ARGS."""
+    report_data_errors()
+    if in_notebook():
+        return parse_args(shlex.split(os.environ.get("ZERO_TO_GPT_ARGS", "")))
+    return parse_args()
+
+
+def show_figure(figure, path):
+    """Save a matplotlib figure as a PNG at `path`; in a notebook, also show it here."""
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    if in_notebook():
+        from IPython.display import Image, display
+        display(Image(filename=path))
+
+
+# %% jupyter={"source_hidden": true}
 def sha256_of(path):
     """The SHA-256 digest of a file, read in 1 MiB pieces so big files fit in memory."""
     digest = hashlib.sha256()
@@ -299,7 +363,8 @@ def split_data(inputs, targets, train_fraction=0.7, valid_fraction=0.15):
 # (examples, days, features), it standardises each (day, feature) column, which here
 # amounts to standardising each feature.
 
-# %%
+
+# %% jupyter={"source_hidden": true}
 def mse(predictions, targets):
     """Mean squared error: the average of (prediction - target)^2."""
     return float(np.mean((predictions - targets) ** 2))
@@ -333,7 +398,8 @@ def standardise(train, *others):
 # layer but the last, and the backward pass walks back through the layers with the
 # chain rule (chapter 03 derives it line by line).
 
-# %%
+
+# %% jupyter={"source_hidden": true}
 def relu(x):
     """The rectified linear unit: x where x > 0, else 0, elementwise."""
     return np.maximum(x, 0)
@@ -382,7 +448,8 @@ def dense_backward(layers, cache, output_grad):
 # Two more helpers come from chapter 03: the central finite difference that checks a
 # gradient, and the test for a training loss that has blown up.
 
-# %%
+
+# %% jupyter={"source_hidden": true}
 def numerical_gradient(loss_of, array, step=1e-6):
     """The gradient of `loss_of()` with respect to every entry of `array`, by central
     differences. `array` is nudged in place and restored after each entry."""
@@ -405,43 +472,102 @@ def diverged(loss):
 
 
 # %% [markdown]
-# ## From a table of days to sequences
+# ## Pictures
 #
-# Each example is now a *window*: the features of `window` consecutive days, ending
-# today, and the target is today's `tmax_tomorrow`. With days `d` numbered from 0, the
-# example ending on day `d` is
-#
-#     sequence = features[d - window + 1 .. d]      shape (window, 3)
-#     target   = tmax_tomorrow[d]
-#
-# so a table of `D` days gives `D - window + 1` examples, stacked into an array of
-# shape (examples, window, 3): examples, time steps, features. That is the shape every
-# recurrent network in this course reads. The windows overlap (day `d` appears in
-# `window` of them); numpy's `sliding_window_view` finds them all without a Python
-# loop, and we copy the result into one compact array (a few megabytes) so the matrix
-# products that read it later run at full speed.
-#
-# We then split the examples in time order with the carried `split_data`, so the test
-# windows are all later than the training windows, as in every weather chapter.
+# One small helper draws every plot of the chapter: a few named curves against their
+# index, optionally on a logarithmic axis (gradient sizes span many orders of
+# magnitude). Without matplotlib it does nothing; the numbers are printed anyway.
+
+
+# %% jupyter={"source_hidden": true}
+def plot_curves(path, title, xlabel, ylabel, curves, log_scale=False):
+    """Save a line plot of `curves` (label -> sequence of y values) to `path`."""
+    if plt is None:
+        return
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for label, values in curves.items():
+        axes.plot(np.arange(len(values)), values, label=label)
+    if log_scale:
+        axes.set_yscale("log")
+    axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    axes.legend()
+    figure.tight_layout()
+    show_figure(figure, path)
+    plt.close(figure)
+
+
+# %% jupyter={"source_hidden": true}
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--data", default=None,
+                        help="path of a local weather CSV (default: download, else generate)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a run of a few seconds, for tests and a first look")
+    parser.add_argument("--out", default="out", help="folder for plots (default out/)")
+    parser.add_argument("--window", type=int, default=14,
+                        help="days of weather each prediction reads (default 14)")
+    parser.add_argument("--hidden-size", type=int, default=32,
+                        help="units in the hidden state, and in each of the dense "
+                             "baseline's two hidden layers (default 32)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="passes over the training windows (default 20, --quick 2)")
+    parser.add_argument("--learning-rate", type=float, default=0.02,
+                        help="step size of gradient descent (default 0.02)")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="windows per mini-batch (default 32)")
+    parser.add_argument("--max-norm", type=float, default=1.0,
+                        help="clip gradients to this global norm (default 1.0)")
+    parser.add_argument("--large-learning-rate", type=float, default=0.5,
+                        help="the too-large learning rate of the clipping demonstration "
+                             "(default 0.5)")
+    parser.add_argument("--memory-window", type=int, default=25,
+                        help="days in each window of the memory task (default 25)")
+    args = parser.parse_args(argv)
+    if args.epochs is None:
+        args.epochs = 2 if args.quick else 20
+    for flag in ("window", "hidden_size", "epochs", "batch_size", "memory_window"):
+        value = getattr(args, flag)
+        if value < 1:
+            raise DataError(f"--{flag.replace('_', '-')} must be at least 1, not {value}")
+    for flag in ("learning_rate", "max_norm", "large_learning_rate"):
+        value = getattr(args, flag)
+        if not (value > 0 and np.isfinite(value)):
+            raise DataError(f"--{flag.replace('_', '-')} must be a positive number, "
+                            f"not {value}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise DataError(f"--out {args.out} is a file; give a folder for the plots")
+    return args
+
+
+def print_summary(figures):
+    """The chapter's last line: `summary: ` and its headline figures as JSON."""
+    print("summary: " + json.dumps(figures))
+
 
 # %%
-def make_sequences(table, window):
-    """Cut the weather table into overlapping windows of `window` days.
+if __name__ == "__main__":
+    ARGS = chapter_args()
+    started = time.perf_counter()
+    rng = np.random.default_rng(ARGS.seed)
+    dates, table, source = load_weather(ARGS.data, ARGS.seed)
+    print(f"weather: {len(table)} days from {source} ({dates[0]} to {dates[-1]})")
+    sequences, targets = make_sequences(table, ARGS.window)
+    splits = split_data(sequences, targets)
+    if min(len(inputs) for inputs, _ in splits) < 1:
+        raise DataError(f"{len(table)} days make only {len(sequences)} windows of "
+                        f"{ARGS.window} days, too few to split into train, valid and "
+                        f"test; use a shorter --window or more data")
+    (train_inputs, train_targets), _, (test_inputs, test_targets) = splits
+    scaled_inputs = standardise(*(inputs for inputs, _ in splits))
+    scaled_targets = standardise(*(targets for _, targets in splits))
+    print(f"windows of {ARGS.window} days: {len(train_inputs)} train, "
+          f"{len(splits[1][0])} valid, {len(test_inputs)} test")
 
-    Returns (sequences, targets): sequences of shape (examples, window, features) with
-    the FEATURES columns, targets of shape (examples, 1) with tomorrow's tmax after the
-    last day of each window. A window longer than the table is a DataError."""
-    if window < 1:
-        raise DataError(f"--window must be at least 1 day, not {window}")
-    if window > len(table):
-        raise DataError(f"--window {window} is longer than the data ({len(table)} days); "
-                        f"use a window of at most {len(table)} days")
-    features = table[:, [WEATHER_COLUMNS.index(name) for name in FEATURES]]
-    # sliding_window_view gives (examples, features, window); put time before features.
-    sequences = np.lib.stride_tricks.sliding_window_view(features, window, axis=0)
-    sequences = np.ascontiguousarray(sequences.transpose(0, 2, 1))
-    targets = table[window - 1:, [WEATHER_COLUMNS.index(TARGET)]]
-    return sequences, targets
+    # The simplest forecast: tomorrow's tmax equals the last day's tmax in the window.
+    persistence_mae = mae(test_inputs[:, -1, [FEATURES.index("tmax")]], test_targets)
+    print(f"test MAE of 'tomorrow = today': {persistence_mae:.2f} °F")
 
 
 # %% [markdown]
@@ -463,6 +589,7 @@ def make_sequences(table, window):
 # merely linear; biases start at zero. The term `x_t W_x + b` does not depend on the
 # hidden state, so we compute it for all days in one matrix product before the loop;
 # only `h_{t-1} W_h` has to wait for the previous step.
+
 
 # %%
 def init_rnn(input_size, hidden_size, rng):
@@ -530,6 +657,7 @@ def rnn_forward(params, sequences):
 # (small `W_h`, or saturated units where `1 - h^2` is near 0), it *vanishes*: the
 # network cannot learn how early days matter. Clipping, below, treats the first;
 # gates (chapter 05b) treat the second.
+
 
 # %%
 def rnn_backward(params, cache, output_grad, with_input_grad=False):
@@ -604,6 +732,7 @@ def rnn_backward(params, cache, output_grad, with_input_grad=False):
 # for tomorrow's weather and long ones for whatever needs them, and training adjusts
 # them. (With every bias at 0, every unit would start by forgetting half of what it
 # holds every day.)
+
 
 # %%
 def sigmoid(x):
@@ -694,6 +823,7 @@ def gru_forward(params, sequences):
 # step. The other terms still go through the weights, so a GRU's gradient can also
 # shrink, and also explode: clipping stays.
 
+
 # %%
 def gru_backward(params, cache, output_grad, with_input_grad=False):
     """Backpropagation through time for the GRU. `output_grad` is d loss / d
@@ -758,6 +888,7 @@ def gru_backward(params, cache, output_grad, with_input_grad=False):
 # it too. The check costs two forward passes per weight, so it runs on a small
 # network of each kind and a few windows.
 
+
 # %%
 def parameter_list(params):
     """A network's weight arrays (or their gradients) in a fixed order: a dict of
@@ -800,6 +931,7 @@ def network_gradient_error(params, forward, backward, inputs, targets):
 # factor matters: clipping each array (or each number) on its own would change the
 # direction. Ordinary steps, with a norm below `max_norm`, are untouched.
 
+
 # %%
 def global_norm(grads):
     """The length of all gradients seen as one vector."""
@@ -832,6 +964,7 @@ def clip_by_global_norm(grads, max_norm):
 # So the loop keeps a copy of the weights from the epoch with the lowest validation
 # loss and puts them back at the end. Choosing by the validation windows, never the
 # test windows, keeps the test error an honest estimate.
+
 
 # %%
 def train(params, forward, backward, train_set, valid_set, learning_rate, epochs,
@@ -889,6 +1022,7 @@ def train(params, forward, backward, train_set, valid_set, learning_rate, epochs
 # an RNN prone to it: a small change in `W_h` is raised to the power of the window.
 # Clipping caps every step at `learning_rate * max_norm`, and the same learning rate
 # trains.
+
 
 # %%
 def gradient_by_lag(params, forward, backward, sequences, targets):
@@ -950,6 +1084,7 @@ def clipping_experiment(params, forward, backward, train_set, valid_set, learnin
 # and the RNN 0.53 at best. Training is random, so one run can go against the rule:
 # try a few `--seed`s, and a longer `--memory-window` to widen the gap.
 
+
 # %%
 def make_memory_task(table, window, examples, rng):
     """`examples` windows of `window` days drawn at random from `table`, standardised,
@@ -977,98 +1112,12 @@ def memory_experiment(networks, table, window, examples, hidden_size, learning_r
 
 
 # %% [markdown]
-# ## Pictures
-#
-# One small helper draws every plot of the chapter: a few named curves against their
-# index, optionally on a logarithmic axis (gradient sizes span many orders of
-# magnitude). Without matplotlib it does nothing; the numbers are printed anyway.
-
-# %%
-def plot_curves(path, title, xlabel, ylabel, curves, log_scale=False):
-    """Save a line plot of `curves` (label -> sequence of y values) to `path`."""
-    if plt is None:
-        return
-    figure, axes = plt.subplots(figsize=(7, 4))
-    for label, values in curves.items():
-        axes.plot(np.arange(len(values)), values, label=label)
-    if log_scale:
-        axes.set_yscale("log")
-    axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-
-
-# %% [markdown]
-# ## Running the chapter
-#
-# Every chapter shares this command line: `--seed` for repeatable runs, `--data` for a
-# local copy of the data, `--quick` for a run of a few seconds (used by the tests) and
-# `--out` for where files are written. Its last line of output is `summary:` and a
-# line of JSON with the chapter's headline figures, so scripts and tests can read it.
-#
-# This chapter adds the shape of the networks and of their training. Flags are checked
-# before any work starts, so a typing mistake costs no time; a window longer than the
-# data can only be caught once the data is loaded.
-
-# %%
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--data", default=None,
-                        help="path of a local weather CSV (default: download, else generate)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a run of a few seconds, for tests and a first look")
-    parser.add_argument("--out", default="out", help="folder for plots (default out/)")
-    parser.add_argument("--window", type=int, default=14,
-                        help="days of weather each prediction reads (default 14)")
-    parser.add_argument("--hidden-size", type=int, default=32,
-                        help="units in the hidden state, and in each of the dense "
-                             "baseline's two hidden layers (default 32)")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="passes over the training windows (default 20, --quick 2)")
-    parser.add_argument("--learning-rate", type=float, default=0.02,
-                        help="step size of gradient descent (default 0.02)")
-    parser.add_argument("--batch-size", type=int, default=32,
-                        help="windows per mini-batch (default 32)")
-    parser.add_argument("--max-norm", type=float, default=1.0,
-                        help="clip gradients to this global norm (default 1.0)")
-    parser.add_argument("--large-learning-rate", type=float, default=0.5,
-                        help="the too-large learning rate of the clipping demonstration "
-                             "(default 0.5)")
-    parser.add_argument("--memory-window", type=int, default=25,
-                        help="days in each window of the memory task (default 25)")
-    args = parser.parse_args(argv)
-    if args.epochs is None:
-        args.epochs = 2 if args.quick else 20
-    for flag in ("window", "hidden_size", "epochs", "batch_size", "memory_window"):
-        value = getattr(args, flag)
-        if value < 1:
-            raise DataError(f"--{flag.replace('_', '-')} must be at least 1, not {value}")
-    for flag in ("learning_rate", "max_norm", "large_learning_rate"):
-        value = getattr(args, flag)
-        if not (value > 0 and np.isfinite(value)):
-            raise DataError(f"--{flag.replace('_', '-')} must be a positive number, "
-                            f"not {value}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise DataError(f"--out {args.out} is a file; give a folder for the plots")
-    return args
-
-
-def print_summary(figures):
-    """The chapter's last line: `summary: ` and its headline figures as JSON."""
-    print("summary: " + json.dumps(figures))
-
-
-# %% [markdown]
 # ## The experiment
 #
-# `main` loads the weather, cuts it into windows, splits them in time order and scales
-# inputs and targets with the training set's mean and standard deviation (the networks
-# learn faster on numbers near 0 and 1; predictions are turned back into °F to report
-# them). Then, for the RNN and for chapter 03's dense network fed the same window laid
+# The set-up's last cell loaded the weather, cut it into windows, split them in time
+# order and scaled inputs and targets with the training set's mean and standard
+# deviation (the networks learn faster on numbers near 0 and 1; predictions are
+# turned back into °F to report them). Then, for the RNN and for chapter 03's dense network fed the same window laid
 # out flat, it checks the gradients, trains with the same loop, learning rate and
 # clipping, and measures the test error in °F next to the simplest forecast of all,
 # "tomorrow's tmax = today's". Last come the two gradient experiments.
@@ -1082,6 +1131,7 @@ def print_summary(figures):
 # With another `--seed` the RNN's figure moves by a few hundredths of a degree, the
 # dense network's by up to a tenth.
 
+
 # %%
 def flatten_windows(sequences):
     """(examples, days, features) -> (examples, days * features): a window as one row,
@@ -1089,28 +1139,16 @@ def flatten_windows(sequences):
     return sequences.reshape(len(sequences), -1)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    started = time.perf_counter()
-    rng = np.random.default_rng(args.seed)
-    dates, table, source = load_weather(args.data, args.seed)
-    print(f"weather: {len(table)} days from {source} ({dates[0]} to {dates[-1]})")
-    sequences, targets = make_sequences(table, args.window)
-    splits = split_data(sequences, targets)
-    if min(len(inputs) for inputs, _ in splits) < 1:
-        raise DataError(f"{len(table)} days make only {len(sequences)} windows of "
-                        f"{args.window} days, too few to split into train, valid and "
-                        f"test; use a shorter --window or more data")
-    (train_inputs, train_targets), _, (test_inputs, test_targets) = splits
-    scaled_inputs = standardise(*(inputs for inputs, _ in splits))
-    scaled_targets = standardise(*(targets for _, targets in splits))
-    print(f"windows of {args.window} days: {len(train_inputs)} train, "
-          f"{len(splits[1][0])} valid, {len(test_inputs)} test")
+# %% [markdown]
+# ### Training both networks
+#
+# Each network's gradients are checked against finite differences, then it is
+# trained with the same loop, learning rate and clipping, and scored on the test days
+# in °F beside "tomorrow = today".
 
-    # The simplest forecast: tomorrow's tmax equals the last day's tmax in the window.
-    persistence_mae = mae(test_inputs[:, -1, [FEATURES.index("tmax")]], test_targets)
-    print(f"test MAE of 'tomorrow = today': {persistence_mae:.2f} °F")
 
+# %%
+if __name__ == "__main__":
     # Each network: how to make one of a given hidden size, its forward and backward
     # functions, and the shape of input it reads (windows, or windows laid out flat).
     features = len(FEATURES)
@@ -1120,14 +1158,14 @@ def main(argv=None):
         "gru": (lambda hidden_size: init_gru(features, hidden_size, rng),
                 gru_forward, gru_backward, lambda windows: windows),
         "dense": (lambda hidden_size: init_dense(
-                      [args.window * features, hidden_size, hidden_size, 1], rng),
+                      [ARGS.window * features, hidden_size, hidden_size, 1], rng),
                   dense_forward, dense_backward, flatten_windows),
     }
-    figures = {"chapter": CHAPTER, "source": source, "window": args.window,
+    figures = {"chapter": CHAPTER, "source": source, "window": ARGS.window,
                "persistence_mae": round(persistence_mae, 3)}
     losses, predictions, reach, worst_check = {}, {}, {}, 0.0
-    print(f"\ntraining {args.epochs} epochs, learning rate {args.learning_rate:g}, batch "
-          f"{args.batch_size}, gradients clipped at norm {args.max_norm:g}:")
+    print(f"\ntraining {ARGS.epochs} epochs, learning rate {ARGS.learning_rate:g}, batch "
+          f"{ARGS.batch_size}, gradients clipped at norm {ARGS.max_norm:g}:")
     for name, (make, forward, backward, shape) in models.items():
         sets = [(shape(inputs), targets)
                 for inputs, targets in zip(scaled_inputs, scaled_targets)]
@@ -1139,9 +1177,9 @@ def main(argv=None):
         check = network_gradient_error(make(8), forward, backward, sets[0][0][:3],
                                        sets[0][1][:3])
         worst_check = max(worst_check, check)
-        params, history = train(make(args.hidden_size), forward, backward, sets[0],
-                                sets[1], args.learning_rate, args.epochs,
-                                args.batch_size, rng, args.max_norm)
+        params, history = train(make(ARGS.hidden_size), forward, backward, sets[0],
+                                sets[1], ARGS.learning_rate, ARGS.epochs,
+                                ARGS.batch_size, rng, ARGS.max_norm)
         if history["diverged"]:
             raise DataError(f"training the {name} network diverged; use a smaller "
                             f"--learning-rate or --max-norm")
@@ -1159,27 +1197,46 @@ def main(argv=None):
             reach[name] = gradient_by_lag(params, forward, backward, *sets[2])
     figures["gradient_error"] = float(f"{worst_check:.1e}")
 
+
+# %% [markdown]
+# ### Exploding gradients and clipping
+#
+# A learning rate that is too large, first without and then with clipping.
+
+
+# %%
+if __name__ == "__main__":
     # Exploding gradients: a learning rate that is too large, without and with clipping.
     demo_windows = min(3000, len(train_inputs))
     unclipped, clipped = clipping_experiment(
-        init_rnn(features, args.hidden_size, rng), rnn_forward, rnn_backward,
+        init_rnn(features, ARGS.hidden_size, rng), rnn_forward, rnn_backward,
         (scaled_inputs[0][:demo_windows], scaled_targets[0][:demo_windows]),
-        (scaled_inputs[1], scaled_targets[1]), args.large_learning_rate, 3,
-        args.batch_size, args.max_norm, args.seed)
+        (scaled_inputs[1], scaled_targets[1]), ARGS.large_learning_rate, 3,
+        ARGS.batch_size, ARGS.max_norm, ARGS.seed)
     largest = max(unclipped["grad_norm"])
-    print(f"\nlearning rate {args.large_learning_rate:g} without clipping: gradient norm "
+    print(f"\nlearning rate {ARGS.large_learning_rate:g} without clipping: gradient norm "
           f"{unclipped['grad_norm'][0]:.2g} at the first step, "
           + (f"{largest:.2g}" if np.isfinite(largest) else "overflowing")
           + f" after {len(unclipped['grad_norm'])} steps; "
           + ("the loss blew up (diverged)" if unclipped["diverged"] else
              f"valid MSE {min(unclipped['valid_loss']):.3f}"))
-    print(f"learning rate {args.large_learning_rate:g} clipped at {args.max_norm:g}: "
+    print(f"learning rate {ARGS.large_learning_rate:g} clipped at {ARGS.max_norm:g}: "
           f"largest norm before clipping {max(clipped['grad_norm']):.2g}, "
           + ("diverged" if clipped["diverged"] else
              f"valid MSE {min(clipped['valid_loss']):.3f}"))
     figures["unclipped_diverged"] = unclipped["diverged"]
     figures["clipped_diverged"] = clipped["diverged"]
 
+
+# %% [markdown]
+# ### How far back the gradient reaches
+#
+# A fresh RNN and GRU, the RNN's recurrent weights scaled down, unchanged and up, on
+# long windows; then the trained networks on their own windows.
+
+
+# %%
+if __name__ == "__main__":
     # How far back the gradient reaches: a fresh RNN with scaled recurrent weights on
     # long windows, then the trained networks on their own windows.
     long_window = min(60, len(table) // 2)  # at least two windows, even from a tiny file
@@ -1187,8 +1244,8 @@ def main(argv=None):
     long_inputs, long_targets = (standardise(long_inputs[:256])[0],
                                  standardise(long_targets[:256])[0])
     scales = {f"RNN, W_h x {scale:g}": curve for scale, curve in recurrent_scale_experiment(
-        long_inputs, long_targets, args.hidden_size, (0.5, 1, 3), rng).items()}
-    scales["GRU"] = gradient_by_lag(init_gru(features, args.hidden_size, rng), gru_forward,
+        long_inputs, long_targets, ARGS.hidden_size, (0.5, 1, 3), rng).items()}
+    scales["GRU"] = gradient_by_lag(init_gru(features, ARGS.hidden_size, rng), gru_forward,
                                     gru_backward, long_inputs, long_targets)
     lags = [lag for lag in (0, 1, 2, 5, 10, 20, 40, 59) if lag < long_window]
     print(f"\nsize of d loss / d x for the day k days before the last (freshly "
@@ -1201,19 +1258,29 @@ def main(argv=None):
     fresh = scales["GRU"]
     figures["fresh_gru_first_day_gradient"] = float(f"{fresh[-1] / fresh[0]:.2g}")
     for name, curve in reach.items():
-        shown = [lag for lag in lags if lag < args.window]
-        print(f"  trained {name} ({args.window}-day windows), relative to lag 0: "
+        shown = [lag for lag in lags if lag < ARGS.window]
+        print(f"  trained {name} ({ARGS.window}-day windows), relative to lag 0: "
               + ", ".join(f"lag {lag} {curve[lag] / curve[0]:.2g}" for lag in shown))
         figures[f"{name}_first_day_gradient"] = float(f"{curve[-1] / curve[0]:.2g}")
 
+
+# %% [markdown]
+# ### The long-memory task
+#
+# The task above that only a long memory can solve: the RNN against the GRU, with the
+# same training.
+
+
+# %%
+if __name__ == "__main__":
     # A task that needs a long memory: the RNN against the GRU, same training.
-    memory_examples, memory_epochs, memory_learning_rate = (500, 1, 0.1) if args.quick \
+    memory_examples, memory_epochs, memory_learning_rate = (500, 1, 0.1) if ARGS.quick \
         else (4000, 6, 0.1)
     memory = memory_experiment({name: models[name][:3] for name in ("rnn", "gru")}, table,
-                               args.memory_window, memory_examples, args.hidden_size,
-                               memory_learning_rate, memory_epochs, args.batch_size,
-                               args.max_norm, rng)
-    print(f"\nmemory task: recall the tmax of the first of {args.memory_window} random days "
+                               ARGS.memory_window, memory_examples, ARGS.hidden_size,
+                               memory_learning_rate, memory_epochs, ARGS.batch_size,
+                               ARGS.max_norm, rng)
+    print(f"\nmemory task: recall the tmax of the first of {ARGS.memory_window} random days "
           f"({memory_examples} windows, {memory_epochs} epochs, learning rate "
           f"{memory_learning_rate:g}); predicting the average scores an MSE of 1:")
     for name, (valid_losses, curve) in memory.items():
@@ -1221,34 +1288,43 @@ def main(argv=None):
               f"first day is {curve[-1] / curve[0]:.2g} of the last day's")
         figures[f"{name}_memory_mse"] = round(min(valid_losses), 3)
 
+
+# %% [markdown]
+# ### Pictures
+#
+# The validation loss of both networks, the gradient norms with and without
+# clipping, the gradient's reach, and the last 120 test days.
+
+
+# %%
+if __name__ == "__main__":
     if plt is None:
         print("note: matplotlib is not installed; the numbers above are the only view")
     else:
-        os.makedirs(args.out, exist_ok=True)
-        plot_curves(os.path.join(args.out, f"{CHAPTER}_loss.png"), "Validation loss",
+        os.makedirs(ARGS.out, exist_ok=True)
+        plot_curves(os.path.join(ARGS.out, f"{CHAPTER}_loss.png"), "Validation loss",
                     "epoch", "MSE (standardised units)", losses)
-        plot_curves(os.path.join(args.out, f"{CHAPTER}_clipping.png"),
-                    f"Gradient norm at learning rate {args.large_learning_rate:g}", "step",
+        plot_curves(os.path.join(ARGS.out, f"{CHAPTER}_clipping.png"),
+                    f"Gradient norm at learning rate {ARGS.large_learning_rate:g}", "step",
                     "global gradient norm", {"without clipping": unclipped["grad_norm"],
                                              "with clipping": clipped["grad_norm"]},
                     log_scale=True)
-        plot_curves(os.path.join(args.out, f"{CHAPTER}_reach.png"),
+        plot_curves(os.path.join(ARGS.out, f"{CHAPTER}_reach.png"),
                     "How far back the gradient reaches", "days before the last (lag)",
                     "size of d loss / d x", scales, log_scale=True)
-        plot_curves(os.path.join(args.out, f"{CHAPTER}_memory.png"),
-                    f"Recalling the first of {args.memory_window} days", "epoch",
+        plot_curves(os.path.join(ARGS.out, f"{CHAPTER}_memory.png"),
+                    f"Recalling the first of {ARGS.memory_window} days", "epoch",
                     "validation MSE (1 = no memory)",
                     {name: valid_losses for name, (valid_losses, _) in memory.items()})
         last = slice(-120, None)
-        plot_curves(os.path.join(args.out, f"{CHAPTER}_predictions.png"),
+        plot_curves(os.path.join(ARGS.out, f"{CHAPTER}_predictions.png"),
                     "The last 120 test days", "day", "tmax tomorrow (°F)",
                     {"truth": test_targets[last, 0],
                      **{name: values[last, 0] for name, values in predictions.items()}})
-        print(f"plots saved in {args.out}/")
+        print(f"plots saved in {ARGS.out}/")
+
+
+# %%
+if __name__ == "__main__":
     figures["seconds"] = round(time.perf_counter() - started, 1)
     print_summary(figures)
-
-
-if __name__ == "__main__":
-    report_data_errors()
-    main(shlex.split(os.environ.get("ZERO_TO_GPT_ARGS", "")) if in_notebook() else None)

@@ -154,4 +154,4 @@ def test_bad_inputs_are_clean_errors(tmp_path):
     for flag, value in (("--hidden-size", "0"), ("--hidden-size", "-3"),
                         ("--memory-window", "0")):
         with pytest.raises(chapter.DataError, match=flag):
-            chapter.main([flag, value])
+            chapter.parse_args([flag, value])
