@@ -70,31 +70,326 @@ CHAPTER = "10_seq2seq"
 # weights that sum to one, and reads the weighted average. Chapter 11 keeps everything
 # in this file except the model, and replaces the recurrence by attention alone.
 
+
 # %% [markdown]
-# ## The data: sentence pairs
+# ## Tokens, vocabulary, padding
 #
-# The real data is the English-French file of the Tatoeba project (sentences
-# translated by volunteers, licence CC BY 2.0 FR) as PyTorch's translation tutorial
-# packages it: one pair a line, English, a tab, French, e.g. `Go.<TAB>Va !`. The file
-# comes inside a zip archive; we download it once into `data/`, take the one file we
-# need out of the archive, check that it looks right (big enough, and nearly every line
-# a tab-separated pair) and only then rename it into place, so an interrupted download
-# never leaves half a file behind. There is no recorded digest for this file, so the
-# check is on its format instead. `--data PATH` reads a local file of the same format.
+# A network reads numbers, not words. We cut each sentence into *tokens*, here words
+# and punctuation marks (`"quatre-vingt-onze"` becomes `quatre - vingt - onze`, so the
+# model sees the parts it is built from), and give each distinct token an index. Chapter
+# 09 cut text into byte-pair tokens instead; words keep this chapter's sequences short
+# and its attention maps readable.
 #
-# A line that is not a pair (no tab, or an empty side) is *malformed*: we count it,
-# skip it and say how many there were, rather than stopping over one bad line in a
-# hundred thousand.
+# Four indices are special: `<pad>` fills the end of short sentences so a batch is a
+# rectangle, `<bos>` ("beginning of sentence") is the decoder's first input, `<eos>`
+# ("end of sentence") is how the decoder says it has finished, and `<unk>` stands for
+# a word too rare to have its own index (it appeared fewer than `min_count` times in
+# training).
+
 
 # %%
-PAIRS_URL = "https://download.pytorch.org/tutorial/data.zip"
-PAIRS_MEMBER = "data/eng-fra.txt"         # the file we want inside the archive
-PAIRS_FILE = os.path.join("data", "eng-fra.txt")
-PAIRS_MIN_BYTES = 1_000_000               # the real file is about 9 MB
-MIN_PAIRS = 200                           # fewer pairs than this cannot train a model
-MAX_TOKENS = 10                           # real pairs longer than this are left out
+PAD, BOS, EOS, UNK = 0, 1, 2, 3
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 
 
+def tokenize(text):
+    """Lower-cased words and single punctuation marks: "Va !" -> ["va", "!"]."""
+    return re.findall(r"\w+|[^\w\s]", text.lower())
+
+
+def detokenize(tokens):
+    """Tokens back to readable text: hyphens and apostrophes rejoin their words."""
+    return re.sub(r" ?([-']) ?", r"\1", " ".join(tokens))
+
+
+class Vocabulary:
+    """The tokens a model knows, each with an index; rare tokens map to <unk>."""
+
+    def __init__(self, sentences, min_count=2):
+        counts = {}
+        for sentence in sentences:
+            for token in tokenize(sentence):
+                counts[token] = counts.get(token, 0) + 1
+        kept = sorted(token for token, count in counts.items() if count >= min_count)
+        self.tokens = SPECIALS + kept
+        self.index = {token: number for number, token in enumerate(self.tokens)}
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def encode(self, sentence):
+        """A sentence as a list of indices, without <bos> and <eos>."""
+        return [self.index.get(token, UNK) for token in tokenize(sentence)]
+
+    def decode(self, indices):
+        """Indices back to tokens, stopping at the first <eos> and dropping padding."""
+        tokens = []
+        for number in indices:
+            if number == EOS:
+                break
+            if number not in (PAD, BOS):
+                tokens.append(self.tokens[number])
+        return tokens
+
+
+# %% [markdown]
+# ### Batches of similar length
+#
+# A batch is a rectangle: `(batch, longest sentence)`, shorter sentences filled with
+# `<pad>`. Padding is wasted work, and a model must be told to ignore it (the *mask*,
+# `source != PAD`). To waste little, we sort the pairs by length (with a little random
+# jitter, so batches differ from epoch to epoch), cut the sorted list into batches and
+# shuffle the order of the batches: each batch holds sentences of nearly the same
+# length, and training still sees them in random order.
+#
+# The target is wrapped as `<bos> words <eos>`. The decoder's input is that sequence
+# without its last token and its expected output the sequence without its first:
+# at every position the decoder learns to predict the next token.
+
+
+# %%
+def encode_pairs(pairs, source_vocab, target_vocab):
+    """(source indices, target indices with <bos> and <eos>) for each pair."""
+    return [(source_vocab.encode(source), [BOS] + target_vocab.encode(target) + [EOS])
+            for source, target in pairs]
+
+
+def pad_batch(sequences, device):
+    """A list of index lists as one (batch, longest) tensor, padded with PAD."""
+    longest = max(len(sequence) for sequence in sequences)
+    rows = [sequence + [PAD] * (longest - len(sequence)) for sequence in sequences]
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+def make_batches(examples, batch_size, rng):
+    """Lists of example indices, each list of similar source and target lengths."""
+    jitter = rng.random(len(examples))
+    order = sorted(range(len(examples)),
+                   key=lambda i: (len(examples[i][0]) + jitter[i], len(examples[i][1])))
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples, indices, device):
+    """The (source, target) tensors of the examples at `indices`."""
+    return (pad_batch([examples[i][0] for i in indices], device),
+            pad_batch([examples[i][1] for i in indices], device))
+
+
+# %% [markdown]
+# ## The model: a recurrent encoder-decoder with attention
+#
+# ### The encoder: a bidirectional GRU
+#
+# The encoder embeds each source token (a learned vector per vocabulary entry) and runs
+# the GRU of chapter 05b over the sentence twice: once left to right, once right to
+# left. Concatenating the two hidden states at each position gives a vector that
+# summarises the word *and* both of its sides: in "twenty-one thousand", the vector for
+# "one" already knows a "thousand" follows.
+#
+# Padding must change nothing. PyTorch's `pack_padded_sequence` tells the GRU where each
+# sentence really ends, so the backward direction starts at the last real word rather
+# than at a `<pad>`, and the outputs at padded positions are zeros.
+#
+# The decoder starts from a summary of the sentence: the two directions' final states,
+# through a linear layer and tanh (the "bridge").
+
+
+# %%
+class Encoder(nn.Module):
+    def __init__(self, vocab_size, embed_size, hidden_size, dropout):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, embed_size, padding_idx=PAD)
+        self.gru = nn.GRU(embed_size, hidden_size, batch_first=True, bidirectional=True)
+        self.bridge = nn.Linear(2 * hidden_size, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, source):
+        """source (batch, source length) -> outputs (batch, source length,
+        2 * hidden), the decoder's first hidden state (batch, hidden)."""
+        lengths = (source != PAD).sum(dim=1)  # padding comes last, so this is the length
+        embedded = self.dropout(self.embedding(source))  # (batch, length, embed size)
+        packed = nn.utils.rnn.pack_padded_sequence(embedded, lengths.cpu(), batch_first=True,
+                                                   enforce_sorted=False)
+        outputs, final = self.gru(packed)  # final: (2 directions, batch, hidden)
+        outputs, _ = nn.utils.rnn.pad_packed_sequence(outputs, batch_first=True,
+                                                      total_length=source.shape[1])
+        # final[0] has read the sentence left to right, final[1] right to left: together
+        # they summarise all of it, and the bridge turns them into the decoder's size.
+        hidden = torch.tanh(self.bridge(torch.cat([final[0], final[1]], dim=1)))
+        return outputs, hidden
+
+
+# %% [markdown]
+# ### Additive (Bahdanau) attention
+#
+# At each output step the decoder holds a state $s$ (its GRU hidden state) and the
+# encoder offers one vector $h_j$ per source word. Attention scores each pair with a
+# one-hidden-layer network,
+#
+# $$e_j = v^\top \tanh(W s + U h_j),$$
+#
+# turns the scores into weights with a softmax, $a_j = e^{e_j} / \sum_k e^{e_k}$, and
+# reads the *context* $c = \sum_j a_j h_j$, an average of the source vectors weighted
+# by how relevant each is now. Padded positions get a score of $-\infty$, hence a
+# weight of exactly zero. $U h_j$ does not depend on the step, so it is computed once
+# per sentence (`projected_keys`).
+#
+# Every operation here is differentiable, so the network learns *where to look* from
+# the translation loss alone, without ever being told which words correspond.
+
+
+# %%
+class AdditiveAttention(nn.Module):
+    def __init__(self, query_size, key_size, attention_size):
+        super().__init__()
+        self.query = nn.Linear(query_size, attention_size, bias=False)  # W
+        self.key = nn.Linear(key_size, attention_size)                   # U (and a bias)
+        self.score = nn.Linear(attention_size, 1, bias=False)            # v
+
+    def forward(self, query, keys, projected_keys, mask):
+        """query (batch, query size), keys (batch, source length, key size),
+        projected_keys = self.key(keys), mask (batch, source length), True where real.
+        Returns the context (batch, key size) and the weights (batch, source length)."""
+        # W s is (batch, attention size); [:, None, :] lines it up with every source
+        # position of U h, (batch, source length, attention size), by broadcasting.
+        scores = self.score(torch.tanh(self.query(query)[:, None, :] + projected_keys))
+        scores = scores.squeeze(-1).masked_fill(~mask, float("-inf"))  # e^-inf = 0
+        weights = torch.softmax(scores, dim=-1)
+        # (batch, 1, source length) @ (batch, source length, key size): the weighted sum
+        context = torch.bmm(weights[:, None, :], keys).squeeze(1)
+        return context, weights
+
+
+# %% [markdown]
+# ### The decoder, one step at a time
+#
+# One decoder step takes the previous output token and:
+#
+# 1. attends to the source with its current state $s_{t-1}$, getting a context $c_t$;
+# 2. feeds the token's embedding and $c_t$ to a GRU cell, getting the new state $s_t$;
+# 3. predicts the next token from $s_t$, $c_t$ and the embedding together (a linear
+#    layer to one score, a *logit*, per vocabulary entry).
+#
+# The model offers this as two methods that the decoding code of this chapter and the
+# next both use: `start(source)` encodes the source and returns the decoder's state,
+# `step(state, token)` makes one step and returns the logits, the new state and the
+# attention weights (for the attention map).
+#
+# ### Teacher forcing
+#
+# In training, what does the decoder get as its previous token: the true one, or the
+# one it predicted itself? Feeding the truth (*teacher forcing*) makes training fast
+# and stable, but then the model never practises recovering from its own mistakes,
+# which is all it will see when it translates alone. We start with the truth and feed
+# the model its own predictions more and more often: `teacher_forcing` is the
+# probability of the true token, and the training loop lowers it from 1 to 0.5 over
+# the run (*scheduled sampling*, Bengio et al., 2015).
+
+
+# %%
+class Seq2Seq(nn.Module):
+    scheduled_sampling = True  # it can be fed its own predictions while training
+
+    def __init__(self, source_vocab_size, target_vocab_size, embed_size=64,
+                 hidden_size=128, dropout=0.1):
+        super().__init__()
+        self.encoder = Encoder(source_vocab_size, embed_size, hidden_size, dropout)
+        self.attention = AdditiveAttention(hidden_size, 2 * hidden_size, hidden_size)
+        self.embedding = nn.Embedding(target_vocab_size, embed_size, padding_idx=PAD)
+        self.gru = nn.GRUCell(embed_size + 2 * hidden_size, hidden_size)
+        self.output = nn.Linear(hidden_size + 2 * hidden_size + embed_size, target_vocab_size)
+        self.dropout = nn.Dropout(dropout)
+
+    def start(self, source):
+        """Encode `source` (batch, source length); return the decoder's first state."""
+        keys, hidden = self.encoder(source)
+        return {"keys": keys, "projected_keys": self.attention.key(keys),
+                "mask": source != PAD, "hidden": hidden}
+
+    def step(self, state, token):
+        """One decoder step from the previous token (batch,): returns the logits
+        (batch, target vocabulary), the new state and the attention weights (batch,
+        source length)."""
+        embedded = self.dropout(self.embedding(token))
+        # Attend with the state *before* this step (Bahdanau's choice): the context is
+        # what the decoder needs to write the next word.
+        context, weights = self.attention(state["hidden"], state["keys"],
+                                          state["projected_keys"], state["mask"])
+        hidden = self.gru(torch.cat([embedded, context], dim=1), state["hidden"])
+        # The output layer sees the new state, the context and the previous word: the
+        # context carries *which* source word is being translated, straight through.
+        logits = self.output(self.dropout(torch.cat([hidden, context, embedded], dim=1)))
+        return logits, {**state, "hidden": hidden}, weights  # a new dict: no side effects
+
+    def forward(self, source, target_input, teacher_forcing=1.0):
+        """Logits (batch, target length, vocabulary) for every position of
+        `target_input` (<bos> and the target without its last token). With probability
+        1 - teacher_forcing a step is fed the model's own previous prediction instead
+        of the true token."""
+        state = self.start(source)
+        token, all_logits = target_input[:, 0], []
+        for position in range(target_input.shape[1]):
+            logits, state, _ = self.step(state, token)
+            all_logits.append(logits)
+            if position + 1 < target_input.shape[1]:
+                token = target_input[:, position + 1]
+                if teacher_forcing < 1.0:  # each sentence tosses its own coin each step
+                    own = torch.rand(token.shape, device=token.device) >= teacher_forcing
+                    token = torch.where(own, logits.argmax(dim=-1), token)
+        return torch.stack(all_logits, dim=1)
+
+
+def add_model_args(parser):
+    """The command-line flags of this chapter's model."""
+    parser.add_argument("--hidden-size", type=int, default=128,
+                        help="GRU hidden size, in each direction (default 128)")
+    parser.add_argument("--embed-size", type=int, default=64,
+                        help="size of the token embeddings (default 64)")
+    parser.add_argument("--dropout", type=float, default=0.1,
+                        help="dropout probability, 0 to below 1 (default 0.1)")
+    parser.add_argument("--lr", type=float, default=6e-3,
+                        help="peak learning rate of Adam (default 0.006)")
+
+
+def model_checks(args):
+    """(condition, message) pairs: the model flags must make a possible model."""
+    return [(args.hidden_size >= 1 and args.embed_size >= 1,
+             f"--hidden-size and --embed-size must be at least 1 (got {args.hidden_size} "
+             f"and {args.embed_size})")]
+
+
+def build_model(args, source_vocab_size, target_vocab_size):
+    """The model the flags ask for."""
+    return Seq2Seq(source_vocab_size, target_vocab_size, args.embed_size, args.hidden_size,
+                   args.dropout)
+
+
+# %% [markdown]
+# ## Set-up: flags and data (not the lesson)
+#
+# The code in this section is what the chapter needs but does not teach; in a
+# notebook its cells open collapsed, and the flags come from the environment
+# variable `ZERO_TO_GPT_ARGS`.
+#
+# Every chapter shares this command line: `--seed` for repeatable runs, `--data` for a
+# local copy of the data, `--quick` for a run of a few seconds (used by the tests) and
+# `--out` for where files are written. Its last line of output is `summary:` and a
+# line of JSON with the chapter's headline figures, so scripts and tests can read it.
+#
+# `--time-budget` is the training time in seconds; give chapters 10 and 11 the same
+# one to compare them fairly. Timed training depends on how fast the machine is at
+# that moment; `--steps` trains a fixed number of steps instead, which repeats exactly.
+#
+# `--threads` is how many CPU cores PyTorch may use for one operation. The matrices
+# here are small, so splitting each product between cores saves little, and on a busy
+# machine it costs a lot: every operation then waits for its slowest thread, and a
+# thread that the system has paused to run another program can stall it for a whole
+# time slice. One thread is the steady default; try `--threads 2` on an idle machine.
+
+
+# %% jupyter={"source_hidden": true}
 class DataError(Exception):
     """A problem with the input that the user can fix. A script run ends with its one
     sentence (`error: ...`) and exit code 2; a notebook shows the sentence alone."""
@@ -123,6 +418,49 @@ def report_data_errors():
         sys.stderr.flush()
         os._exit(2)
     sys.excepthook = exit_with_sentence
+
+
+def chapter_args():
+    """This run's flags: the command line in a script; in a notebook, which has the
+    kernel's command line instead, the environment variable ZERO_TO_GPT_ARGS."""
+    report_data_errors()
+    if in_notebook():
+        return parse_args(shlex.split(os.environ.get("ZERO_TO_GPT_ARGS", "")))
+    return parse_args()
+
+
+def show_figure(figure, path):
+    """Save a matplotlib figure as a PNG at `path`; in a notebook, also show it here."""
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    if in_notebook():
+        from IPython.display import Image, display
+        display(Image(filename=path))
+
+
+# %% [markdown]
+# ## The data: sentence pairs
+#
+# The real data is the English-French file of the Tatoeba project (sentences
+# translated by volunteers, licence CC BY 2.0 FR) as PyTorch's translation tutorial
+# packages it: one pair a line, English, a tab, French, e.g. `Go.<TAB>Va !`. The file
+# comes inside a zip archive; we download it once into `data/`, take the one file we
+# need out of the archive, check that it looks right (big enough, and nearly every line
+# a tab-separated pair) and only then rename it into place, so an interrupted download
+# never leaves half a file behind. There is no recorded digest for this file, so the
+# check is on its format instead. `--data PATH` reads a local file of the same format.
+#
+# A line that is not a pair (no tab, or an empty side) is *malformed*: we count it,
+# skip it and say how many there were, rather than stopping over one bad line in a
+# hundred thousand.
+
+
+# %% jupyter={"source_hidden": true}
+PAIRS_URL = "https://download.pytorch.org/tutorial/data.zip"
+PAIRS_MEMBER = "data/eng-fra.txt"         # the file we want inside the archive
+PAIRS_FILE = os.path.join("data", "eng-fra.txt")
+PAIRS_MIN_BYTES = 1_000_000               # the real file is about 9 MB
+MIN_PAIRS = 200                           # fewer pairs than this cannot train a model
+MAX_TOKENS = 10                           # real pairs longer than this are left out
 
 
 def download_pairs(url=PAIRS_URL, path=PAIRS_FILE, timeout=30):
@@ -219,7 +557,8 @@ def read_pairs(path):
 # as most French texts still write them). English follows the American style without
 # "and": 101 is "one hundred one".
 
-# %%
+
+# %% jupyter={"source_hidden": true}
 ENGLISH_ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
                 "nine", "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen",
                 "sixteen", "seventeen", "eighteen", "nineteen"]
@@ -314,7 +653,8 @@ def french_words(number):
 # numbers); drawing uniformly from 0 to 999,999 would give 6-digit numbers 90% of the
 # time.
 
-# %%
+
+# %% jupyter={"source_hidden": true}
 HELD_OUT_SEED = 20_141_001    # fixed: the held-out numbers never depend on --seed
 HELD_OUT_SIZE = 1000
 
@@ -385,294 +725,85 @@ def load_pairs(path=None, train_size=50_000, seed=0):
     return training, held_out, "generated numbers", 0
 
 
-# %% [markdown]
-# ## Tokens, vocabulary, padding
-#
-# A network reads numbers, not words. We cut each sentence into *tokens*, here words
-# and punctuation marks (`"quatre-vingt-onze"` becomes `quatre - vingt - onze`, so the
-# model sees the parts it is built from), and give each distinct token an index. Chapter
-# 09 cut text into byte-pair tokens instead; words keep this chapter's sequences short
-# and its attention maps readable.
-#
-# Four indices are special: `<pad>` fills the end of short sentences so a batch is a
-# rectangle, `<bos>` ("beginning of sentence") is the decoder's first input, `<eos>`
-# ("end of sentence") is how the decoder says it has finished, and `<unk>` stands for
-# a word too rare to have its own index (it appeared fewer than `min_count` times in
-# training).
+# %% jupyter={"source_hidden": true}
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--data", default=None,
+                        help="path of a local file of 'English<TAB>French' lines "
+                             "(default: download the Tatoeba pairs, else generate numbers)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a short run (100 steps), for tests and a first look")
+    parser.add_argument("--out", default="out", help="folder for plots (default out/)")
+    parser.add_argument("--time-budget", type=float, default=40.0,
+                        help="seconds of training (default 40; --quick: 100 steps instead)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="train exactly this many steps instead of for a time budget")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="sentence pairs per training step (default 64)")
+    parser.add_argument("--train-size", type=int, default=None,
+                        help="training pairs of the generated number task, at least 1000 "
+                             "(default 50000; --quick: 10000)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for PyTorch (default 1: these models are small, "
+                             "and one thread is nearly as fast and far steadier on a busy "
+                             "machine)")
+    parser.add_argument("--held-out", type=int, default=None,
+                        help="how many held-out pairs to evaluate (default all; "
+                             "--quick: 50)")
+    add_model_args(parser)
+    args = parser.parse_args(argv)
+    if args.quick:  # quick defaults; flags given explicitly still win
+        args.steps = 100 if args.steps is None else args.steps
+        args.held_out = 50 if args.held_out is None else args.held_out
+        args.train_size = 10_000 if args.train_size is None else args.train_size
+    args.train_size = 50_000 if args.train_size is None else args.train_size
+    checks = [(args.time_budget > 0, f"--time-budget must be positive (got {args.time_budget})"),
+              (args.steps is None or args.steps >= 1,
+               f"--steps must be at least 1 (got {args.steps})"),
+              (args.batch_size >= 1, f"--batch-size must be at least 1 (got {args.batch_size})"),
+              (args.threads >= 1, f"--threads must be at least 1 (got {args.threads})"),
+              (args.train_size >= 1000,
+               f"--train-size must be at least 1000 (got {args.train_size})"),
+              (args.held_out is None or args.held_out >= 1,
+               f"--held-out must be at least 1 (got {args.held_out})"),
+              (0 <= args.dropout < 1, f"--dropout must be from 0 to below 1 (got {args.dropout})"),
+              (args.lr > 0, f"--lr must be positive (got {args.lr})")] + model_checks(args)
+    for ok, message in checks:
+        if not ok:
+            raise DataError(message)
+    return args
+
+
+def print_summary(figures):
+    """The chapter's last line: `summary: ` and its headline figures as JSON."""
+    print("summary: " + json.dumps(figures))
+
 
 # %%
-PAD, BOS, EOS, UNK = 0, 1, 2, 3
-SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
-
-
-def tokenize(text):
-    """Lower-cased words and single punctuation marks: "Va !" -> ["va", "!"]."""
-    return re.findall(r"\w+|[^\w\s]", text.lower())
-
-
-def detokenize(tokens):
-    """Tokens back to readable text: hyphens and apostrophes rejoin their words."""
-    return re.sub(r" ?([-']) ?", r"\1", " ".join(tokens))
-
-
-class Vocabulary:
-    """The tokens a model knows, each with an index; rare tokens map to <unk>."""
-
-    def __init__(self, sentences, min_count=2):
-        counts = {}
-        for sentence in sentences:
-            for token in tokenize(sentence):
-                counts[token] = counts.get(token, 0) + 1
-        kept = sorted(token for token, count in counts.items() if count >= min_count)
-        self.tokens = SPECIALS + kept
-        self.index = {token: number for number, token in enumerate(self.tokens)}
-
-    def __len__(self):
-        return len(self.tokens)
-
-    def encode(self, sentence):
-        """A sentence as a list of indices, without <bos> and <eos>."""
-        return [self.index.get(token, UNK) for token in tokenize(sentence)]
-
-    def decode(self, indices):
-        """Indices back to tokens, stopping at the first <eos> and dropping padding."""
-        tokens = []
-        for number in indices:
-            if number == EOS:
-                break
-            if number not in (PAD, BOS):
-                tokens.append(self.tokens[number])
-        return tokens
-
-
-# %% [markdown]
-# ### Batches of similar length
-#
-# A batch is a rectangle: `(batch, longest sentence)`, shorter sentences filled with
-# `<pad>`. Padding is wasted work, and a model must be told to ignore it (the *mask*,
-# `source != PAD`). To waste little, we sort the pairs by length (with a little random
-# jitter, so batches differ from epoch to epoch), cut the sorted list into batches and
-# shuffle the order of the batches: each batch holds sentences of nearly the same
-# length, and training still sees them in random order.
-#
-# The target is wrapped as `<bos> words <eos>`. The decoder's input is that sequence
-# without its last token and its expected output the sequence without its first:
-# at every position the decoder learns to predict the next token.
-
-# %%
-def encode_pairs(pairs, source_vocab, target_vocab):
-    """(source indices, target indices with <bos> and <eos>) for each pair."""
-    return [(source_vocab.encode(source), [BOS] + target_vocab.encode(target) + [EOS])
-            for source, target in pairs]
-
-
-def pad_batch(sequences, device):
-    """A list of index lists as one (batch, longest) tensor, padded with PAD."""
-    longest = max(len(sequence) for sequence in sequences)
-    rows = [sequence + [PAD] * (longest - len(sequence)) for sequence in sequences]
-    return torch.tensor(rows, dtype=torch.long, device=device)
-
-
-def make_batches(examples, batch_size, rng):
-    """Lists of example indices, each list of similar source and target lengths."""
-    jitter = rng.random(len(examples))
-    order = sorted(range(len(examples)),
-                   key=lambda i: (len(examples[i][0]) + jitter[i], len(examples[i][1])))
-    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
-def collate(examples, indices, device):
-    """The (source, target) tensors of the examples at `indices`."""
-    return (pad_batch([examples[i][0] for i in indices], device),
-            pad_batch([examples[i][1] for i in indices], device))
-
-
-# %% [markdown]
-# ## The model: a recurrent encoder-decoder with attention
-#
-# ### The encoder: a bidirectional GRU
-#
-# The encoder embeds each source token (a learned vector per vocabulary entry) and runs
-# the GRU of chapter 05b over the sentence twice: once left to right, once right to
-# left. Concatenating the two hidden states at each position gives a vector that
-# summarises the word *and* both of its sides: in "twenty-one thousand", the vector for
-# "one" already knows a "thousand" follows.
-#
-# Padding must change nothing. PyTorch's `pack_padded_sequence` tells the GRU where each
-# sentence really ends, so the backward direction starts at the last real word rather
-# than at a `<pad>`, and the outputs at padded positions are zeros.
-#
-# The decoder starts from a summary of the sentence: the two directions' final states,
-# through a linear layer and tanh (the "bridge").
-
-# %%
-class Encoder(nn.Module):
-    def __init__(self, vocab_size, embed_size, hidden_size, dropout):
-        super().__init__()
-        self.embedding = nn.Embedding(vocab_size, embed_size, padding_idx=PAD)
-        self.gru = nn.GRU(embed_size, hidden_size, batch_first=True, bidirectional=True)
-        self.bridge = nn.Linear(2 * hidden_size, hidden_size)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, source):
-        """source (batch, source length) -> outputs (batch, source length,
-        2 * hidden), the decoder's first hidden state (batch, hidden)."""
-        lengths = (source != PAD).sum(dim=1)  # padding comes last, so this is the length
-        embedded = self.dropout(self.embedding(source))  # (batch, length, embed size)
-        packed = nn.utils.rnn.pack_padded_sequence(embedded, lengths.cpu(), batch_first=True,
-                                                   enforce_sorted=False)
-        outputs, final = self.gru(packed)  # final: (2 directions, batch, hidden)
-        outputs, _ = nn.utils.rnn.pad_packed_sequence(outputs, batch_first=True,
-                                                      total_length=source.shape[1])
-        # final[0] has read the sentence left to right, final[1] right to left: together
-        # they summarise all of it, and the bridge turns them into the decoder's size.
-        hidden = torch.tanh(self.bridge(torch.cat([final[0], final[1]], dim=1)))
-        return outputs, hidden
-
-
-# %% [markdown]
-# ### Additive (Bahdanau) attention
-#
-# At each output step the decoder holds a state $s$ (its GRU hidden state) and the
-# encoder offers one vector $h_j$ per source word. Attention scores each pair with a
-# one-hidden-layer network,
-#
-# $$e_j = v^\top \tanh(W s + U h_j),$$
-#
-# turns the scores into weights with a softmax, $a_j = e^{e_j} / \sum_k e^{e_k}$, and
-# reads the *context* $c = \sum_j a_j h_j$, an average of the source vectors weighted
-# by how relevant each is now. Padded positions get a score of $-\infty$, hence a
-# weight of exactly zero. $U h_j$ does not depend on the step, so it is computed once
-# per sentence (`projected_keys`).
-#
-# Every operation here is differentiable, so the network learns *where to look* from
-# the translation loss alone, without ever being told which words correspond.
-
-# %%
-class AdditiveAttention(nn.Module):
-    def __init__(self, query_size, key_size, attention_size):
-        super().__init__()
-        self.query = nn.Linear(query_size, attention_size, bias=False)  # W
-        self.key = nn.Linear(key_size, attention_size)                   # U (and a bias)
-        self.score = nn.Linear(attention_size, 1, bias=False)            # v
-
-    def forward(self, query, keys, projected_keys, mask):
-        """query (batch, query size), keys (batch, source length, key size),
-        projected_keys = self.key(keys), mask (batch, source length), True where real.
-        Returns the context (batch, key size) and the weights (batch, source length)."""
-        # W s is (batch, attention size); [:, None, :] lines it up with every source
-        # position of U h, (batch, source length, attention size), by broadcasting.
-        scores = self.score(torch.tanh(self.query(query)[:, None, :] + projected_keys))
-        scores = scores.squeeze(-1).masked_fill(~mask, float("-inf"))  # e^-inf = 0
-        weights = torch.softmax(scores, dim=-1)
-        # (batch, 1, source length) @ (batch, source length, key size): the weighted sum
-        context = torch.bmm(weights[:, None, :], keys).squeeze(1)
-        return context, weights
-
-
-# %% [markdown]
-# ### The decoder, one step at a time
-#
-# One decoder step takes the previous output token and:
-#
-# 1. attends to the source with its current state $s_{t-1}$, getting a context $c_t$;
-# 2. feeds the token's embedding and $c_t$ to a GRU cell, getting the new state $s_t$;
-# 3. predicts the next token from $s_t$, $c_t$ and the embedding together (a linear
-#    layer to one score, a *logit*, per vocabulary entry).
-#
-# The model offers this as two methods that the decoding code of this chapter and the
-# next both use: `start(source)` encodes the source and returns the decoder's state,
-# `step(state, token)` makes one step and returns the logits, the new state and the
-# attention weights (for the attention map).
-#
-# ### Teacher forcing
-#
-# In training, what does the decoder get as its previous token: the true one, or the
-# one it predicted itself? Feeding the truth (*teacher forcing*) makes training fast
-# and stable, but then the model never practises recovering from its own mistakes,
-# which is all it will see when it translates alone. We start with the truth and feed
-# the model its own predictions more and more often: `teacher_forcing` is the
-# probability of the true token, and the training loop lowers it from 1 to 0.5 over
-# the run (*scheduled sampling*, Bengio et al., 2015).
-
-# %%
-class Seq2Seq(nn.Module):
-    scheduled_sampling = True  # it can be fed its own predictions while training
-
-    def __init__(self, source_vocab_size, target_vocab_size, embed_size=64,
-                 hidden_size=128, dropout=0.1):
-        super().__init__()
-        self.encoder = Encoder(source_vocab_size, embed_size, hidden_size, dropout)
-        self.attention = AdditiveAttention(hidden_size, 2 * hidden_size, hidden_size)
-        self.embedding = nn.Embedding(target_vocab_size, embed_size, padding_idx=PAD)
-        self.gru = nn.GRUCell(embed_size + 2 * hidden_size, hidden_size)
-        self.output = nn.Linear(hidden_size + 2 * hidden_size + embed_size, target_vocab_size)
-        self.dropout = nn.Dropout(dropout)
-
-    def start(self, source):
-        """Encode `source` (batch, source length); return the decoder's first state."""
-        keys, hidden = self.encoder(source)
-        return {"keys": keys, "projected_keys": self.attention.key(keys),
-                "mask": source != PAD, "hidden": hidden}
-
-    def step(self, state, token):
-        """One decoder step from the previous token (batch,): returns the logits
-        (batch, target vocabulary), the new state and the attention weights (batch,
-        source length)."""
-        embedded = self.dropout(self.embedding(token))
-        # Attend with the state *before* this step (Bahdanau's choice): the context is
-        # what the decoder needs to write the next word.
-        context, weights = self.attention(state["hidden"], state["keys"],
-                                          state["projected_keys"], state["mask"])
-        hidden = self.gru(torch.cat([embedded, context], dim=1), state["hidden"])
-        # The output layer sees the new state, the context and the previous word: the
-        # context carries *which* source word is being translated, straight through.
-        logits = self.output(self.dropout(torch.cat([hidden, context, embedded], dim=1)))
-        return logits, {**state, "hidden": hidden}, weights  # a new dict: no side effects
-
-    def forward(self, source, target_input, teacher_forcing=1.0):
-        """Logits (batch, target length, vocabulary) for every position of
-        `target_input` (<bos> and the target without its last token). With probability
-        1 - teacher_forcing a step is fed the model's own previous prediction instead
-        of the true token."""
-        state = self.start(source)
-        token, all_logits = target_input[:, 0], []
-        for position in range(target_input.shape[1]):
-            logits, state, _ = self.step(state, token)
-            all_logits.append(logits)
-            if position + 1 < target_input.shape[1]:
-                token = target_input[:, position + 1]
-                if teacher_forcing < 1.0:  # each sentence tosses its own coin each step
-                    own = torch.rand(token.shape, device=token.device) >= teacher_forcing
-                    token = torch.where(own, logits.argmax(dim=-1), token)
-        return torch.stack(all_logits, dim=1)
-
-
-def add_model_args(parser):
-    """The command-line flags of this chapter's model."""
-    parser.add_argument("--hidden-size", type=int, default=128,
-                        help="GRU hidden size, in each direction (default 128)")
-    parser.add_argument("--embed-size", type=int, default=64,
-                        help="size of the token embeddings (default 64)")
-    parser.add_argument("--dropout", type=float, default=0.1,
-                        help="dropout probability, 0 to below 1 (default 0.1)")
-    parser.add_argument("--lr", type=float, default=6e-3,
-                        help="peak learning rate of Adam (default 0.006)")
-
-
-def model_checks(args):
-    """(condition, message) pairs: the model flags must make a possible model."""
-    return [(args.hidden_size >= 1 and args.embed_size >= 1,
-             f"--hidden-size and --embed-size must be at least 1 (got {args.hidden_size} "
-             f"and {args.embed_size})")]
-
-
-def build_model(args, source_vocab_size, target_vocab_size):
-    """The model the flags ask for."""
-    return Seq2Seq(source_vocab_size, target_vocab_size, args.embed_size, args.hidden_size,
-                   args.dropout)
+if __name__ == "__main__":
+    ARGS = chapter_args()
+    started = time.perf_counter()
+    torch.manual_seed(ARGS.seed)  # weights, dropout and teacher forcing repeat
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(ARGS.threads)
+    training, held_out, source, malformed = load_pairs(ARGS.data, ARGS.train_size, ARGS.seed)
+    if malformed:
+        print(f"skipped {malformed} malformed lines (not two tab-separated sentences)")
+    held_out = held_out[:ARGS.held_out]
+    # The vocabularies come from the training pairs only: a held-out word never seen in
+    # training becomes <unk>, as a new word would in real use.
+    source_vocab = Vocabulary(english for english, _ in training)
+    target_vocab = Vocabulary(french for _, french in training)
+    train_examples = encode_pairs(training, source_vocab, target_vocab)
+    held_out_examples = encode_pairs(held_out, source_vocab, target_vocab)
+    # Room for a translation a little longer than any seen in training, and no more.
+    max_length = max(len(target) for _, target in train_examples) + 5
+    print(f"data: {source}, {len(training)} training pairs, {len(held_out)} held-out pairs, "
+          f"vocabularies {len(source_vocab)} / {len(target_vocab)} tokens, on {device}")
+    model = build_model(ARGS, len(source_vocab), len(target_vocab)).to(device)
+    print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
 
 
 # %% [markdown]
@@ -700,6 +831,7 @@ def build_model(args, source_vocab_size, target_vocab_size):
 # Every fifth of the way the loop stops the clock and measures the exact match on 100
 # held-out pairs. These points (`curve` in the summary) show how fast a model learns,
 # not only where it ends, which is what "at equal training time" is about.
+
 
 # %%
 def learning_rate(progress, peak, warmup=0.05):
@@ -772,6 +904,7 @@ def train(model, examples, args, device, monitor):
 # decoding is not guaranteed to find the most likely sentence (beam search keeps
 # several candidates), but on this task it is close and it is simple.
 
+
 # %%
 @torch.no_grad()
 def greedy_decode(model, source, max_length):
@@ -808,6 +941,7 @@ def greedy_decode(model, source, max_length):
 # judge (BLEU, which counts shared word groups, is the usual softer one); on numbers
 # there is exactly one right answer.
 
+
 # %%
 @torch.no_grad()
 def evaluate(model, examples, batch_size, max_length, device):
@@ -839,6 +973,22 @@ def evaluate(model, examples, batch_size, max_length, device):
     return exact / len(examples), correct / counted, predictions
 
 
+if __name__ == "__main__":
+    def monitor(model):  # exact match on the first 100 held-out pairs, during training
+        return evaluate(model, held_out_examples[:100], 256, max_length, device)[0]
+
+    steps, train_seconds, losses, curve = train(model, train_examples, ARGS, device, monitor)
+    exact, token_accuracy, predictions = evaluate(model, held_out_examples, 256, max_length,
+                                                  device)
+    print(f"trained {steps} steps in {train_seconds:.1f}s; held-out exact match "
+          f"{exact:.1%}, token accuracy {token_accuracy:.1%}")
+    print("sample translations (held out):")
+    for (english, french), predicted in list(zip(held_out, predictions))[:6]:
+        answer = detokenize(target_vocab.decode(predicted))
+        mark = "right" if answer == detokenize(tokenize(french)) else f"wrong, expected: {french}"
+        print(f"  {english}\n    -> {answer}   ({mark})")
+
+
 # %% [markdown]
 # ## Where the model looks: attention maps
 #
@@ -848,6 +998,7 @@ def evaluate(model, examples, batch_size, max_length, device):
 # "quatre - vingt - dix", and at "thousand" while writing "mille": an alignment between
 # the languages that nobody taught it. Without matplotlib the same grid is printed with
 # characters, darker characters for larger weights.
+
 
 # %%
 def attention_maps(model, examples, source_vocab, target_vocab, max_length, device):
@@ -869,7 +1020,8 @@ def show_attention(maps, out_dir):
     written, or None."""
     try:
         import matplotlib
-        matplotlib.use("Agg")
+        if not in_notebook():
+            matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed; attention maps as text (darker = more weight):")
@@ -889,134 +1041,24 @@ def show_attention(maps, out_dir):
     figure.tight_layout()
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{CHAPTER}_attention.png")
-    figure.savefig(path, dpi=80)
+    show_figure(figure, path)
     plt.close(figure)
     return path
 
 
-# %% [markdown]
-# ## Running the chapter
-#
-# Every chapter shares this command line: `--seed` for repeatable runs, `--data` for a
-# local copy of the data, `--quick` for a run of a few seconds (used by the tests) and
-# `--out` for where files are written. Its last line of output is `summary:` and a
-# line of JSON with the chapter's headline figures, so scripts and tests can read it.
-#
-# `--time-budget` is the training time in seconds; give chapters 10 and 11 the same
-# one to compare them fairly. Timed training depends on how fast the machine is at
-# that moment; `--steps` trains a fixed number of steps instead, which repeats exactly.
-#
-# `--threads` is how many CPU cores PyTorch may use for one operation. The matrices
-# here are small, so splitting each product between cores saves little, and on a busy
-# machine it costs a lot: every operation then waits for its slowest thread, and a
-# thread that the system has paused to run another program can stall it for a whole
-# time slice. One thread is the steady default; try `--threads 2` on an idle machine.
-
-# %%
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--data", default=None,
-                        help="path of a local file of 'English<TAB>French' lines "
-                             "(default: download the Tatoeba pairs, else generate numbers)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a short run (100 steps), for tests and a first look")
-    parser.add_argument("--out", default="out", help="folder for plots (default out/)")
-    parser.add_argument("--time-budget", type=float, default=40.0,
-                        help="seconds of training (default 40; --quick: 100 steps instead)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="train exactly this many steps instead of for a time budget")
-    parser.add_argument("--batch-size", type=int, default=64,
-                        help="sentence pairs per training step (default 64)")
-    parser.add_argument("--train-size", type=int, default=None,
-                        help="training pairs of the generated number task, at least 1000 "
-                             "(default 50000; --quick: 10000)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads for PyTorch (default 1: these models are small, "
-                             "and one thread is nearly as fast and far steadier on a busy "
-                             "machine)")
-    parser.add_argument("--held-out", type=int, default=None,
-                        help="how many held-out pairs to evaluate (default all; "
-                             "--quick: 50)")
-    add_model_args(parser)
-    args = parser.parse_args(argv)
-    if args.quick:  # quick defaults; flags given explicitly still win
-        args.steps = 100 if args.steps is None else args.steps
-        args.held_out = 50 if args.held_out is None else args.held_out
-        args.train_size = 10_000 if args.train_size is None else args.train_size
-    args.train_size = 50_000 if args.train_size is None else args.train_size
-    checks = [(args.time_budget > 0, f"--time-budget must be positive (got {args.time_budget})"),
-              (args.steps is None or args.steps >= 1,
-               f"--steps must be at least 1 (got {args.steps})"),
-              (args.batch_size >= 1, f"--batch-size must be at least 1 (got {args.batch_size})"),
-              (args.threads >= 1, f"--threads must be at least 1 (got {args.threads})"),
-              (args.train_size >= 1000,
-               f"--train-size must be at least 1000 (got {args.train_size})"),
-              (args.held_out is None or args.held_out >= 1,
-               f"--held-out must be at least 1 (got {args.held_out})"),
-              (0 <= args.dropout < 1, f"--dropout must be from 0 to below 1 (got {args.dropout})"),
-              (args.lr > 0, f"--lr must be positive (got {args.lr})")] + model_checks(args)
-    for ok, message in checks:
-        if not ok:
-            raise DataError(message)
-    return args
-
-
-def print_summary(figures):
-    """The chapter's last line: `summary: ` and its headline figures as JSON."""
-    print("summary: " + json.dumps(figures))
-
-
-def main(argv=None):
-    args = parse_args(argv)  # bad flags stop here, before anything is loaded or written
-    started = time.perf_counter()
-    torch.manual_seed(args.seed)  # weights, dropout and teacher forcing repeat
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.set_num_threads(args.threads)
-    training, held_out, source, malformed = load_pairs(args.data, args.train_size, args.seed)
-    if malformed:
-        print(f"skipped {malformed} malformed lines (not two tab-separated sentences)")
-    held_out = held_out[:args.held_out]
-    # The vocabularies come from the training pairs only: a held-out word never seen in
-    # training becomes <unk>, as a new word would in real use.
-    source_vocab = Vocabulary(english for english, _ in training)
-    target_vocab = Vocabulary(french for _, french in training)
-    train_examples = encode_pairs(training, source_vocab, target_vocab)
-    held_out_examples = encode_pairs(held_out, source_vocab, target_vocab)
-    # Room for a translation a little longer than any seen in training, and no more.
-    max_length = max(len(target) for _, target in train_examples) + 5
-    print(f"data: {source}, {len(training)} training pairs, {len(held_out)} held-out pairs, "
-          f"vocabularies {len(source_vocab)} / {len(target_vocab)} tokens, on {device}")
-    model = build_model(args, len(source_vocab), len(target_vocab)).to(device)
-    print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
-
-    def monitor(model):  # exact match on the first 100 held-out pairs, during training
-        return evaluate(model, held_out_examples[:100], 256, max_length, device)[0]
-
-    steps, train_seconds, losses, curve = train(model, train_examples, args, device, monitor)
-    exact, token_accuracy, predictions = evaluate(model, held_out_examples, 256, max_length,
-                                                  device)
-    print(f"trained {steps} steps in {train_seconds:.1f}s; held-out exact match "
-          f"{exact:.1%}, token accuracy {token_accuracy:.1%}")
-    print("sample translations (held out):")
-    for (english, french), predicted in list(zip(held_out, predictions))[:6]:
-        answer = detokenize(target_vocab.decode(predicted))
-        mark = "right" if answer == detokenize(tokenize(french)) else f"wrong, expected: {french}"
-        print(f"  {english}\n    -> {answer}   ({mark})")
+if __name__ == "__main__":
     maps = attention_maps(model, held_out_examples[:3], source_vocab, target_vocab,
                           max_length, device)
-    path = show_attention(maps, args.out)
+    path = show_attention(maps, ARGS.out)
     if path:
         print(f"attention maps saved to {path}")
+
+
+# %%
+if __name__ == "__main__":
     print_summary({"chapter": CHAPTER, "data": source, "steps": steps,
                    "train_seconds": round(train_seconds, 1),
                    "final_loss": round(float(np.mean(losses[-50:])), 4),
                    "exact_match": round(exact, 4), "token_accuracy": round(token_accuracy, 4),
                    "curve": curve,
                    "seconds": round(time.perf_counter() - started, 1)})
-
-
-if __name__ == "__main__":
-    report_data_errors()
-    main(shlex.split(os.environ.get("ZERO_TO_GPT_ARGS", "")) if in_notebook() else None)

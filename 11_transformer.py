@@ -69,320 +69,6 @@ CHAPTER = "11_transformer"
 # Everything outside the model is chapter 10's, unchanged: `diff 10_seq2seq.py
 # 11_transformer.py` reads as "recurrence replaced by attention".
 
-# %% [markdown]
-# ## The data: sentence pairs
-#
-# The real data is the English-French file of the Tatoeba project (sentences
-# translated by volunteers, licence CC BY 2.0 FR) as PyTorch's translation tutorial
-# packages it: one pair a line, English, a tab, French, e.g. `Go.<TAB>Va !`. The file
-# comes inside a zip archive; we download it once into `data/`, take the one file we
-# need out of the archive, check that it looks right (big enough, and nearly every line
-# a tab-separated pair) and only then rename it into place, so an interrupted download
-# never leaves half a file behind. There is no recorded digest for this file, so the
-# check is on its format instead. `--data PATH` reads a local file of the same format.
-#
-# A line that is not a pair (no tab, or an empty side) is *malformed*: we count it,
-# skip it and say how many there were, rather than stopping over one bad line in a
-# hundred thousand.
-
-# %%
-PAIRS_URL = "https://download.pytorch.org/tutorial/data.zip"
-PAIRS_MEMBER = "data/eng-fra.txt"         # the file we want inside the archive
-PAIRS_FILE = os.path.join("data", "eng-fra.txt")
-PAIRS_MIN_BYTES = 1_000_000               # the real file is about 9 MB
-MIN_PAIRS = 200                           # fewer pairs than this cannot train a model
-MAX_TOKENS = 10                           # real pairs longer than this are left out
-
-
-class DataError(Exception):
-    """A problem with the input that the user can fix. A script run ends with its one
-    sentence (`error: ...`) and exit code 2; a notebook shows the sentence alone."""
-
-
-def in_notebook():
-    """True inside Jupyter or VS Code's notebook, where the command line is the kernel's."""
-    ipython = sys.modules.get("IPython")
-    return ipython is not None and ipython.get_ipython() is not None
-
-
-def report_data_errors():
-    """Make a DataError end the run with its one sentence instead of a traceback."""
-    def one_sentence(error):
-        print(f"error: {error}", file=sys.stderr)
-    if in_notebook():
-        sys.modules["IPython"].get_ipython().set_custom_exc(
-            (DataError,), lambda shell, kind, error, trace, tb_offset=None: one_sentence(error))
-        return
-
-    def exit_with_sentence(kind, error, trace):
-        if not issubclass(kind, DataError):
-            return sys.__excepthook__(kind, error, trace)
-        one_sentence(error)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(2)
-    sys.excepthook = exit_with_sentence
-
-
-def download_pairs(url=PAIRS_URL, path=PAIRS_FILE, timeout=30):
-    """Fetch the sentence-pair archive, extract the English-French file into `path`.
-
-    Returns True when `path` holds the file (already there, or freshly downloaded and
-    checked), False when it could not be had (no network, a broken archive, a file
-    that does not look like sentence pairs); the caller then generates data."""
-    if os.path.exists(path):
-        return True
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    archive_part, text_part = path + ".zip.part", path + ".part"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, \
-                open(archive_part, "wb") as file:
-            total = int(response.headers.get("Content-Length") or 0)
-            done = 0
-            while piece := response.read(1 << 16):
-                file.write(piece)
-                done += len(piece)
-                if total:
-                    print(f"\rdownloading {os.path.basename(url)}: {100 * done // total}%",
-                          end="", file=sys.stderr, flush=True)
-        print(file=sys.stderr)
-        with zipfile.ZipFile(archive_part) as archive:
-            content = archive.read(PAIRS_MEMBER)
-        lines = content.splitlines()
-        paired = sum(line.count(b"\t") >= 1 for line in lines)
-        if len(content) < PAIRS_MIN_BYTES or paired < 0.9 * len(lines):
-            print(f"download of {url} does not look like sentence pairs; not using it",
-                  file=sys.stderr)
-            return False
-        with open(text_part, "wb") as file:
-            file.write(content)
-        os.replace(text_part, path)
-        return True
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # offline, broken archive
-        return False
-    finally:
-        for leftover in (archive_part, text_part):
-            if os.path.exists(leftover):
-                os.remove(leftover)
-
-
-def read_pairs(path):
-    """Read a file of `source<TAB>target` lines into a list of (source, target) strings.
-
-    Extra tab-separated fields (some Tatoeba exports add an attribution column) are
-    ignored. Returns (pairs, malformed) where `malformed` counts the skipped lines."""
-    if not os.path.isfile(path):
-        raise DataError(f"sentence-pair file {path} does not exist; pass --data with the "
-                        f"path of a UTF-8 text file of 'English<TAB>French' lines")
-    try:
-        with open(path, encoding="utf-8") as file:
-            text = file.read()
-    except UnicodeDecodeError as error:
-        raise DataError(f"sentence-pair file {path} is not valid UTF-8 (byte {error.start}); "
-                        f"convert it to UTF-8 first")
-    pairs, malformed = [], 0
-    for line in text.splitlines():
-        if not line.strip():
-            continue  # blank lines are not errors
-        fields = line.split("\t")
-        if len(fields) < 2 or not fields[0].strip() or not fields[1].strip():
-            malformed += 1
-            continue
-        pairs.append((fields[0].strip(), fields[1].strip()))
-    if len(pairs) < MIN_PAIRS:
-        raise DataError(f"sentence-pair file {path} has {len(pairs)} tab-separated pairs "
-                        f"({malformed} malformed lines); it needs at least {MIN_PAIRS} "
-                        f"lines of the form 'English<TAB>French'")
-    return pairs, malformed
-
-
-# %% [markdown]
-# ## The offline task: numbers in words
-#
-# Without a network we still want a task with real grammar, so we generate one: the
-# number 91 is "ninety-one" in English and "quatre-vingt-onze" in French. English is
-# regular (a word for each ten, hyphen, a word for the unit). French is not, and its
-# irregularities are exactly what a translation model has to learn:
-#
-# - 17, 18, 19 are built from ten: "dix-sept"; 11 to 16 have their own words.
-# - 70 is "sixty-ten" (soixante-dix) and 90 is "four-twenties-ten"
-#   (quatre-vingt-dix), so 71 is "soixante et onze" and 91 "quatre-vingt-onze".
-# - A one after a ten takes "et" ("vingt et un", "soixante et onze") except after
-#   eighty ("quatre-vingt-un").
-# - "vingt" in eighty and "cent" take a plural *s* when multiplied and last:
-#   "quatre-vingts", "deux cents", but "quatre-vingt-un", "deux cent un", and, because
-#   "mille" is not a noun, "quatre-vingt mille" and "deux cent mille".
-# - "mille" never changes and never takes "un": 1000 is "mille", 2000 "deux mille".
-#
-# We use the traditional spelling (hyphens only inside the numbers below one hundred,
-# as most French texts still write them). English follows the American style without
-# "and": 101 is "one hundred one".
-
-# %%
-ENGLISH_ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
-                "nine", "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen",
-                "sixteen", "seventeen", "eighteen", "nineteen"]
-ENGLISH_TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy",
-                "eighty", "ninety"]
-FRENCH_ONES = ["zéro", "un", "deux", "trois", "quatre", "cinq", "six", "sept", "huit",
-               "neuf", "dix", "onze", "douze", "treize", "quatorze", "quinze", "seize"]
-FRENCH_TENS = ["", "", "vingt", "trente", "quarante", "cinquante", "soixante"]
-
-
-def english_words(number):
-    """`number` (0 to 999,999) in English words: 91 -> "ninety-one"."""
-    def below_hundred(n):
-        if n < 20:
-            return ENGLISH_ONES[n]
-        tens, ones = divmod(n, 10)
-        return ENGLISH_TENS[tens] + (f"-{ENGLISH_ONES[ones]}" if ones else "")
-
-    def below_thousand(n):
-        hundreds, rest = divmod(n, 100)
-        words = [f"{ENGLISH_ONES[hundreds]} hundred"] if hundreds else []
-        return " ".join(words + ([below_hundred(rest)] if rest or not hundreds else []))
-
-    if not 0 <= number <= 999_999:
-        raise ValueError(f"{number} is outside 0 to 999,999")
-    thousands, rest = divmod(number, 1000)
-    words = [f"{below_thousand(thousands)} thousand"] if thousands else []
-    return " ".join(words + ([below_thousand(rest)] if rest or not thousands else []))
-
-
-def french_words(number):
-    """`number` (0 to 999,999) in French words: 91 -> "quatre-vingt-onze"."""
-    def below_hundred(n):
-        if n <= 16:
-            return FRENCH_ONES[n]
-        if n < 20:
-            return "dix-" + FRENCH_ONES[n - 10]
-        tens, ones = divmod(n, 10)
-        if tens in (7, 9):  # sixty + 10..19, eighty + 10..19
-            if n == 71:
-                return "soixante et onze"
-            base = "soixante" if tens == 7 else "quatre-vingt"
-            return base + "-" + below_hundred(10 + ones)
-        if tens == 8:
-            return "quatre-vingts" if ones == 0 else "quatre-vingt-" + FRENCH_ONES[ones]
-        if ones == 0:
-            return FRENCH_TENS[tens]
-        return FRENCH_TENS[tens] + (" et un" if ones == 1 else "-" + FRENCH_ONES[ones])
-
-    def below_thousand(n, before_mille):
-        hundreds, rest = divmod(n, 100)
-        words = []
-        if hundreds == 1:
-            words.append("cent")
-        elif hundreds > 1:  # "deux cents" takes an s only when nothing follows
-            plural = rest == 0 and not before_mille
-            words.append(FRENCH_ONES[hundreds] + (" cents" if plural else " cent"))
-        if rest:
-            tail = below_hundred(rest)
-            if before_mille and tail.endswith("quatre-vingts"):
-                tail = tail[:-1]  # "quatre-vingt mille": mille is not a noun
-            words.append(tail)
-        return " ".join(words)
-
-    if not 0 <= number <= 999_999:
-        raise ValueError(f"{number} is outside 0 to 999,999")
-    if number == 0:
-        return FRENCH_ONES[0]
-    thousands, rest = divmod(number, 1000)
-    words = []
-    if thousands == 1:
-        words.append("mille")  # never "un mille"
-    elif thousands > 1:
-        words.append(below_thousand(thousands, before_mille=True) + " mille")
-    if rest:
-        words.append(below_thousand(rest, before_mille=False))
-    return " ".join(words)
-
-
-# %% [markdown]
-# ### A fixed held-out set
-#
-# To measure whether the model *translates* rather than remembers, we keep 1,000
-# numbers aside: drawn once from 1,000 to 999,999 with a seed of their own, so they are
-# the same whatever `--seed` a learner picks, and removed from everything training may
-# draw. Training gets every number below 1,000 (the building blocks: without ever
-# seeing "quatre-vingt-dix-sept" the model could not invent it) and a sample of larger
-# numbers. Each held-out number is then a new combination of parts the model has seen
-# elsewhere, which is what translating a new sentence is.
-#
-# Numbers are drawn with their digit count uniform (as many 4-digit as 6-digit
-# numbers); drawing uniformly from 0 to 999,999 would give 6-digit numbers 90% of the
-# time.
-
-# %%
-HELD_OUT_SEED = 20_141_001    # fixed: the held-out numbers never depend on --seed
-HELD_OUT_SIZE = 1000
-
-
-def draw_numbers(rng, count, exclude=()):
-    """`count` distinct numbers of 4 to 6 digits (digit count uniform), none in
-    `exclude`."""
-    chosen, excluded = [], set(exclude)
-    while len(chosen) < count:
-        digits = rng.integers(4, 7, size=count)  # a batch of draws at a time: faster
-        for number in rng.integers(10 ** (digits - 1), 10 ** digits).tolist():
-            if number not in excluded and len(chosen) < count:
-                excluded.add(number)
-                chosen.append(number)
-    return chosen
-
-
-def held_out_numbers():
-    """The fixed held-out numbers, the same on every run."""
-    return draw_numbers(np.random.default_rng(HELD_OUT_SEED), HELD_OUT_SIZE)
-
-
-def number_pairs(numbers):
-    """(English, French) sentence pairs for a list of numbers."""
-    return [(english_words(number), french_words(number)) for number in numbers]
-
-
-def generate_number_task(train_size, seed):
-    """The offline task: (training pairs, held-out pairs). Training holds every number
-    below 1,000 and `train_size - 1000` larger numbers drawn with `seed`, none of them
-    held out."""
-    held_out = held_out_numbers()
-    training = list(range(1000)) + draw_numbers(np.random.default_rng(seed),
-                                                train_size - 1000, exclude=held_out)
-    return number_pairs(training), number_pairs(held_out)
-
-
-def split_pairs(pairs):
-    """Split real sentence pairs into training and held-out (about 5%).
-
-    The choice hangs on a checksum of the English sentence, so it is the same on every
-    run and every machine, and an English sentence with several translations falls
-    wholly on one side: the model is never tested on a sentence it trained on."""
-    training, held_out = [], []
-    for source, target in pairs:
-        side = held_out if zlib.crc32(source.lower().encode()) % 20 == 0 else training
-        side.append((source, target))
-    return training, held_out
-
-
-def load_pairs(path=None, train_size=50_000, seed=0):
-    """The task as (training pairs, held-out pairs, source, malformed lines). `path`
-    (from --data) wins; then the downloaded Tatoeba file in data/; then the generated
-    number task, announced in one line."""
-    if path or download_pairs():
-        pairs, malformed = read_pairs(path or PAIRS_FILE)
-        short = [(source, target) for source, target in pairs
-                 if len(tokenize(source)) <= MAX_TOKENS and len(tokenize(target)) <= MAX_TOKENS]
-        training, held_out = split_pairs(short)
-        if len(training) < MIN_PAIRS or not held_out:
-            raise DataError(f"sentence-pair file {path or PAIRS_FILE} has too few pairs of at "
-                            f"most {MAX_TOKENS} words on each side ({len(short)}); it needs "
-                            f"at least {MIN_PAIRS} short pairs")
-        return training, held_out, path or PAIRS_FILE, malformed
-    print("note: could not download the sentence pairs (offline?); translating numbers "
-          "written in English words into French words instead", file=sys.stderr)
-    training, held_out = generate_number_task(train_size, seed)
-    return training, held_out, "generated numbers", 0
-
 
 # %% [markdown]
 # ## Tokens, vocabulary, padding
@@ -398,6 +84,7 @@ def load_pairs(path=None, train_size=50_000, seed=0):
 # ("end of sentence") is how the decoder says it has finished, and `<unk>` stands for
 # a word too rare to have its own index (it appeared fewer than `min_count` times in
 # training).
+
 
 # %%
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
@@ -458,6 +145,7 @@ class Vocabulary:
 # without its last token and its expected output the sequence without its first:
 # at every position the decoder learns to predict the next token.
 
+
 # %%
 def encode_pairs(pairs, source_vocab, target_vocab):
     """(source indices, target indices with <bos> and <eos>) for each pair."""
@@ -517,6 +205,7 @@ def collate(examples, indices, device):
 # attention) that computes the same thing without ever storing the score matrix.
 # `attention_weights` keeps the weights for the attention maps.
 
+
 # %%
 def attention_weights(q, k, mask):
     """softmax(q kᵀ / √d) with forbidden scores set to -inf: (batch, heads, queries,
@@ -550,6 +239,7 @@ def scaled_dot_product_attention(q, k, v, mask):
 # (`queries`, `keys_values`): the same sequence for self-attention, the encoder's
 # output for the decoder's cross-attention. `self.attend` holds the core function, so a
 # faster one can be swapped in without touching the rest.
+
 
 # %%
 class MultiHeadAttention(nn.Module):
@@ -598,6 +288,7 @@ class MultiHeadAttention(nn.Module):
 # vector of $p + k$ is a fixed rotation of that of $p$, which makes relative positions
 # easy for attention to read.
 
+
 # %%
 def sinusoidal_positions(length, model_size):
     """The (length, model size) table of sinusoidal position vectors."""
@@ -628,6 +319,7 @@ def sinusoidal_positions(length, model_size):
 # that GPT uses, so that chapters 12 and 13 find the same model. Both the normalisation
 # (`self.normalise`) and the nonlinearity (`self.activation`) are attributes, so
 # chapter 12 can swap in its own kernels.
+
 
 # %%
 def layer_norm(x, weight, bias, eps=1e-5):
@@ -682,6 +374,7 @@ class FeedForward(nn.Module):
 #
 # Dropout (chapter 08) zeroes a random tenth of each block's output in training, and of
 # the embeddings; in evaluation (`model.eval()`) it does nothing.
+
 
 # %%
 class EncoderLayer(nn.Module):
@@ -752,6 +445,7 @@ class DecoderLayer(nn.Module):
 # the decoder over the whole prefix, keeping the last position's logits. (Production
 # decoders cache the keys and values of earlier positions instead of recomputing them;
 # chapter 13 comes back to this.)
+
 
 # %%
 class Transformer(nn.Module):
@@ -895,6 +589,446 @@ def build_model(args, source_vocab_size, target_vocab_size):
 
 
 # %% [markdown]
+# ## Set-up: flags and data (not the lesson)
+#
+# The code in this section is what the chapter needs but does not teach; in a
+# notebook its cells open collapsed, and the flags come from the environment
+# variable `ZERO_TO_GPT_ARGS`.
+#
+# Every chapter shares this command line: `--seed` for repeatable runs, `--data` for a
+# local copy of the data, `--quick` for a run of a few seconds (used by the tests) and
+# `--out` for where files are written. Its last line of output is `summary:` and a
+# line of JSON with the chapter's headline figures, so scripts and tests can read it.
+#
+# `--time-budget` is the training time in seconds; give chapters 10 and 11 the same
+# one to compare them fairly. Timed training depends on how fast the machine is at
+# that moment; `--steps` trains a fixed number of steps instead, which repeats exactly.
+#
+# `--threads` is how many CPU cores PyTorch may use for one operation. The matrices
+# here are small, so splitting each product between cores saves little, and on a busy
+# machine it costs a lot: every operation then waits for its slowest thread, and a
+# thread that the system has paused to run another program can stall it for a whole
+# time slice. One thread is the steady default; try `--threads 2` on an idle machine.
+
+
+# %% jupyter={"source_hidden": true}
+class DataError(Exception):
+    """A problem with the input that the user can fix. A script run ends with its one
+    sentence (`error: ...`) and exit code 2; a notebook shows the sentence alone."""
+
+
+def in_notebook():
+    """True inside Jupyter or VS Code's notebook, where the command line is the kernel's."""
+    ipython = sys.modules.get("IPython")
+    return ipython is not None and ipython.get_ipython() is not None
+
+
+def report_data_errors():
+    """Make a DataError end the run with its one sentence instead of a traceback."""
+    def one_sentence(error):
+        print(f"error: {error}", file=sys.stderr)
+    if in_notebook():
+        sys.modules["IPython"].get_ipython().set_custom_exc(
+            (DataError,), lambda shell, kind, error, trace, tb_offset=None: one_sentence(error))
+        return
+
+    def exit_with_sentence(kind, error, trace):
+        if not issubclass(kind, DataError):
+            return sys.__excepthook__(kind, error, trace)
+        one_sentence(error)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
+    sys.excepthook = exit_with_sentence
+
+
+def chapter_args():
+    """This run's flags: the command line in a script; in a notebook, which has the
+    kernel's command line instead, the environment variable ZERO_TO_GPT_ARGS."""
+    report_data_errors()
+    if in_notebook():
+        return parse_args(shlex.split(os.environ.get("ZERO_TO_GPT_ARGS", "")))
+    return parse_args()
+
+
+def show_figure(figure, path):
+    """Save a matplotlib figure as a PNG at `path`; in a notebook, also show it here."""
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    if in_notebook():
+        from IPython.display import Image, display
+        display(Image(filename=path))
+
+
+# %% [markdown]
+# ## The data: sentence pairs
+#
+# The real data is the English-French file of the Tatoeba project (sentences
+# translated by volunteers, licence CC BY 2.0 FR) as PyTorch's translation tutorial
+# packages it: one pair a line, English, a tab, French, e.g. `Go.<TAB>Va !`. The file
+# comes inside a zip archive; we download it once into `data/`, take the one file we
+# need out of the archive, check that it looks right (big enough, and nearly every line
+# a tab-separated pair) and only then rename it into place, so an interrupted download
+# never leaves half a file behind. There is no recorded digest for this file, so the
+# check is on its format instead. `--data PATH` reads a local file of the same format.
+#
+# A line that is not a pair (no tab, or an empty side) is *malformed*: we count it,
+# skip it and say how many there were, rather than stopping over one bad line in a
+# hundred thousand.
+
+
+# %% jupyter={"source_hidden": true}
+PAIRS_URL = "https://download.pytorch.org/tutorial/data.zip"
+PAIRS_MEMBER = "data/eng-fra.txt"         # the file we want inside the archive
+PAIRS_FILE = os.path.join("data", "eng-fra.txt")
+PAIRS_MIN_BYTES = 1_000_000               # the real file is about 9 MB
+MIN_PAIRS = 200                           # fewer pairs than this cannot train a model
+MAX_TOKENS = 10                           # real pairs longer than this are left out
+
+
+def download_pairs(url=PAIRS_URL, path=PAIRS_FILE, timeout=30):
+    """Fetch the sentence-pair archive, extract the English-French file into `path`.
+
+    Returns True when `path` holds the file (already there, or freshly downloaded and
+    checked), False when it could not be had (no network, a broken archive, a file
+    that does not look like sentence pairs); the caller then generates data."""
+    if os.path.exists(path):
+        return True
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    archive_part, text_part = path + ".zip.part", path + ".part"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, \
+                open(archive_part, "wb") as file:
+            total = int(response.headers.get("Content-Length") or 0)
+            done = 0
+            while piece := response.read(1 << 16):
+                file.write(piece)
+                done += len(piece)
+                if total:
+                    print(f"\rdownloading {os.path.basename(url)}: {100 * done // total}%",
+                          end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+        with zipfile.ZipFile(archive_part) as archive:
+            content = archive.read(PAIRS_MEMBER)
+        lines = content.splitlines()
+        paired = sum(line.count(b"\t") >= 1 for line in lines)
+        if len(content) < PAIRS_MIN_BYTES or paired < 0.9 * len(lines):
+            print(f"download of {url} does not look like sentence pairs; not using it",
+                  file=sys.stderr)
+            return False
+        with open(text_part, "wb") as file:
+            file.write(content)
+        os.replace(text_part, path)
+        return True
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # offline, broken archive
+        return False
+    finally:
+        for leftover in (archive_part, text_part):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+
+
+def read_pairs(path):
+    """Read a file of `source<TAB>target` lines into a list of (source, target) strings.
+
+    Extra tab-separated fields (some Tatoeba exports add an attribution column) are
+    ignored. Returns (pairs, malformed) where `malformed` counts the skipped lines."""
+    if not os.path.isfile(path):
+        raise DataError(f"sentence-pair file {path} does not exist; pass --data with the "
+                        f"path of a UTF-8 text file of 'English<TAB>French' lines")
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except UnicodeDecodeError as error:
+        raise DataError(f"sentence-pair file {path} is not valid UTF-8 (byte {error.start}); "
+                        f"convert it to UTF-8 first")
+    pairs, malformed = [], 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue  # blank lines are not errors
+        fields = line.split("\t")
+        if len(fields) < 2 or not fields[0].strip() or not fields[1].strip():
+            malformed += 1
+            continue
+        pairs.append((fields[0].strip(), fields[1].strip()))
+    if len(pairs) < MIN_PAIRS:
+        raise DataError(f"sentence-pair file {path} has {len(pairs)} tab-separated pairs "
+                        f"({malformed} malformed lines); it needs at least {MIN_PAIRS} "
+                        f"lines of the form 'English<TAB>French'")
+    return pairs, malformed
+
+
+# %% [markdown]
+# ## The offline task: numbers in words
+#
+# Without a network we still want a task with real grammar, so we generate one: the
+# number 91 is "ninety-one" in English and "quatre-vingt-onze" in French. English is
+# regular (a word for each ten, hyphen, a word for the unit). French is not, and its
+# irregularities are exactly what a translation model has to learn:
+#
+# - 17, 18, 19 are built from ten: "dix-sept"; 11 to 16 have their own words.
+# - 70 is "sixty-ten" (soixante-dix) and 90 is "four-twenties-ten"
+#   (quatre-vingt-dix), so 71 is "soixante et onze" and 91 "quatre-vingt-onze".
+# - A one after a ten takes "et" ("vingt et un", "soixante et onze") except after
+#   eighty ("quatre-vingt-un").
+# - "vingt" in eighty and "cent" take a plural *s* when multiplied and last:
+#   "quatre-vingts", "deux cents", but "quatre-vingt-un", "deux cent un", and, because
+#   "mille" is not a noun, "quatre-vingt mille" and "deux cent mille".
+# - "mille" never changes and never takes "un": 1000 is "mille", 2000 "deux mille".
+#
+# We use the traditional spelling (hyphens only inside the numbers below one hundred,
+# as most French texts still write them). English follows the American style without
+# "and": 101 is "one hundred one".
+
+
+# %% jupyter={"source_hidden": true}
+ENGLISH_ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
+                "nine", "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen",
+                "sixteen", "seventeen", "eighteen", "nineteen"]
+ENGLISH_TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy",
+                "eighty", "ninety"]
+FRENCH_ONES = ["zéro", "un", "deux", "trois", "quatre", "cinq", "six", "sept", "huit",
+               "neuf", "dix", "onze", "douze", "treize", "quatorze", "quinze", "seize"]
+FRENCH_TENS = ["", "", "vingt", "trente", "quarante", "cinquante", "soixante"]
+
+
+def english_words(number):
+    """`number` (0 to 999,999) in English words: 91 -> "ninety-one"."""
+    def below_hundred(n):
+        if n < 20:
+            return ENGLISH_ONES[n]
+        tens, ones = divmod(n, 10)
+        return ENGLISH_TENS[tens] + (f"-{ENGLISH_ONES[ones]}" if ones else "")
+
+    def below_thousand(n):
+        hundreds, rest = divmod(n, 100)
+        words = [f"{ENGLISH_ONES[hundreds]} hundred"] if hundreds else []
+        return " ".join(words + ([below_hundred(rest)] if rest or not hundreds else []))
+
+    if not 0 <= number <= 999_999:
+        raise ValueError(f"{number} is outside 0 to 999,999")
+    thousands, rest = divmod(number, 1000)
+    words = [f"{below_thousand(thousands)} thousand"] if thousands else []
+    return " ".join(words + ([below_thousand(rest)] if rest or not thousands else []))
+
+
+def french_words(number):
+    """`number` (0 to 999,999) in French words: 91 -> "quatre-vingt-onze"."""
+    def below_hundred(n):
+        if n <= 16:
+            return FRENCH_ONES[n]
+        if n < 20:
+            return "dix-" + FRENCH_ONES[n - 10]
+        tens, ones = divmod(n, 10)
+        if tens in (7, 9):  # sixty + 10..19, eighty + 10..19
+            if n == 71:
+                return "soixante et onze"
+            base = "soixante" if tens == 7 else "quatre-vingt"
+            return base + "-" + below_hundred(10 + ones)
+        if tens == 8:
+            return "quatre-vingts" if ones == 0 else "quatre-vingt-" + FRENCH_ONES[ones]
+        if ones == 0:
+            return FRENCH_TENS[tens]
+        return FRENCH_TENS[tens] + (" et un" if ones == 1 else "-" + FRENCH_ONES[ones])
+
+    def below_thousand(n, before_mille):
+        hundreds, rest = divmod(n, 100)
+        words = []
+        if hundreds == 1:
+            words.append("cent")
+        elif hundreds > 1:  # "deux cents" takes an s only when nothing follows
+            plural = rest == 0 and not before_mille
+            words.append(FRENCH_ONES[hundreds] + (" cents" if plural else " cent"))
+        if rest:
+            tail = below_hundred(rest)
+            if before_mille and tail.endswith("quatre-vingts"):
+                tail = tail[:-1]  # "quatre-vingt mille": mille is not a noun
+            words.append(tail)
+        return " ".join(words)
+
+    if not 0 <= number <= 999_999:
+        raise ValueError(f"{number} is outside 0 to 999,999")
+    if number == 0:
+        return FRENCH_ONES[0]
+    thousands, rest = divmod(number, 1000)
+    words = []
+    if thousands == 1:
+        words.append("mille")  # never "un mille"
+    elif thousands > 1:
+        words.append(below_thousand(thousands, before_mille=True) + " mille")
+    if rest:
+        words.append(below_thousand(rest, before_mille=False))
+    return " ".join(words)
+
+
+# %% [markdown]
+# ### A fixed held-out set
+#
+# To measure whether the model *translates* rather than remembers, we keep 1,000
+# numbers aside: drawn once from 1,000 to 999,999 with a seed of their own, so they are
+# the same whatever `--seed` a learner picks, and removed from everything training may
+# draw. Training gets every number below 1,000 (the building blocks: without ever
+# seeing "quatre-vingt-dix-sept" the model could not invent it) and a sample of larger
+# numbers. Each held-out number is then a new combination of parts the model has seen
+# elsewhere, which is what translating a new sentence is.
+#
+# Numbers are drawn with their digit count uniform (as many 4-digit as 6-digit
+# numbers); drawing uniformly from 0 to 999,999 would give 6-digit numbers 90% of the
+# time.
+
+
+# %% jupyter={"source_hidden": true}
+HELD_OUT_SEED = 20_141_001    # fixed: the held-out numbers never depend on --seed
+HELD_OUT_SIZE = 1000
+
+
+def draw_numbers(rng, count, exclude=()):
+    """`count` distinct numbers of 4 to 6 digits (digit count uniform), none in
+    `exclude`."""
+    chosen, excluded = [], set(exclude)
+    while len(chosen) < count:
+        digits = rng.integers(4, 7, size=count)  # a batch of draws at a time: faster
+        for number in rng.integers(10 ** (digits - 1), 10 ** digits).tolist():
+            if number not in excluded and len(chosen) < count:
+                excluded.add(number)
+                chosen.append(number)
+    return chosen
+
+
+def held_out_numbers():
+    """The fixed held-out numbers, the same on every run."""
+    return draw_numbers(np.random.default_rng(HELD_OUT_SEED), HELD_OUT_SIZE)
+
+
+def number_pairs(numbers):
+    """(English, French) sentence pairs for a list of numbers."""
+    return [(english_words(number), french_words(number)) for number in numbers]
+
+
+def generate_number_task(train_size, seed):
+    """The offline task: (training pairs, held-out pairs). Training holds every number
+    below 1,000 and `train_size - 1000` larger numbers drawn with `seed`, none of them
+    held out."""
+    held_out = held_out_numbers()
+    training = list(range(1000)) + draw_numbers(np.random.default_rng(seed),
+                                                train_size - 1000, exclude=held_out)
+    return number_pairs(training), number_pairs(held_out)
+
+
+def split_pairs(pairs):
+    """Split real sentence pairs into training and held-out (about 5%).
+
+    The choice hangs on a checksum of the English sentence, so it is the same on every
+    run and every machine, and an English sentence with several translations falls
+    wholly on one side: the model is never tested on a sentence it trained on."""
+    training, held_out = [], []
+    for source, target in pairs:
+        side = held_out if zlib.crc32(source.lower().encode()) % 20 == 0 else training
+        side.append((source, target))
+    return training, held_out
+
+
+def load_pairs(path=None, train_size=50_000, seed=0):
+    """The task as (training pairs, held-out pairs, source, malformed lines). `path`
+    (from --data) wins; then the downloaded Tatoeba file in data/; then the generated
+    number task, announced in one line."""
+    if path or download_pairs():
+        pairs, malformed = read_pairs(path or PAIRS_FILE)
+        short = [(source, target) for source, target in pairs
+                 if len(tokenize(source)) <= MAX_TOKENS and len(tokenize(target)) <= MAX_TOKENS]
+        training, held_out = split_pairs(short)
+        if len(training) < MIN_PAIRS or not held_out:
+            raise DataError(f"sentence-pair file {path or PAIRS_FILE} has too few pairs of at "
+                            f"most {MAX_TOKENS} words on each side ({len(short)}); it needs "
+                            f"at least {MIN_PAIRS} short pairs")
+        return training, held_out, path or PAIRS_FILE, malformed
+    print("note: could not download the sentence pairs (offline?); translating numbers "
+          "written in English words into French words instead", file=sys.stderr)
+    training, held_out = generate_number_task(train_size, seed)
+    return training, held_out, "generated numbers", 0
+
+
+# %% jupyter={"source_hidden": true}
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--data", default=None,
+                        help="path of a local file of 'English<TAB>French' lines "
+                             "(default: download the Tatoeba pairs, else generate numbers)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a short run (100 steps), for tests and a first look")
+    parser.add_argument("--out", default="out", help="folder for plots (default out/)")
+    parser.add_argument("--time-budget", type=float, default=40.0,
+                        help="seconds of training (default 40; --quick: 100 steps instead)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="train exactly this many steps instead of for a time budget")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="sentence pairs per training step (default 64)")
+    parser.add_argument("--train-size", type=int, default=None,
+                        help="training pairs of the generated number task, at least 1000 "
+                             "(default 50000; --quick: 10000)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for PyTorch (default 1: these models are small, "
+                             "and one thread is nearly as fast and far steadier on a busy "
+                             "machine)")
+    parser.add_argument("--held-out", type=int, default=None,
+                        help="how many held-out pairs to evaluate (default all; "
+                             "--quick: 50)")
+    add_model_args(parser)
+    args = parser.parse_args(argv)
+    if args.quick:  # quick defaults; flags given explicitly still win
+        args.steps = 100 if args.steps is None else args.steps
+        args.held_out = 50 if args.held_out is None else args.held_out
+        args.train_size = 10_000 if args.train_size is None else args.train_size
+    args.train_size = 50_000 if args.train_size is None else args.train_size
+    checks = [(args.time_budget > 0, f"--time-budget must be positive (got {args.time_budget})"),
+              (args.steps is None or args.steps >= 1,
+               f"--steps must be at least 1 (got {args.steps})"),
+              (args.batch_size >= 1, f"--batch-size must be at least 1 (got {args.batch_size})"),
+              (args.threads >= 1, f"--threads must be at least 1 (got {args.threads})"),
+              (args.train_size >= 1000,
+               f"--train-size must be at least 1000 (got {args.train_size})"),
+              (args.held_out is None or args.held_out >= 1,
+               f"--held-out must be at least 1 (got {args.held_out})"),
+              (0 <= args.dropout < 1, f"--dropout must be from 0 to below 1 (got {args.dropout})"),
+              (args.lr > 0, f"--lr must be positive (got {args.lr})")] + model_checks(args)
+    for ok, message in checks:
+        if not ok:
+            raise DataError(message)
+    return args
+
+
+def print_summary(figures):
+    """The chapter's last line: `summary: ` and its headline figures as JSON."""
+    print("summary: " + json.dumps(figures))
+
+
+# %%
+if __name__ == "__main__":
+    ARGS = chapter_args()
+    started = time.perf_counter()
+    torch.manual_seed(ARGS.seed)  # weights, dropout and teacher forcing repeat
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(ARGS.threads)
+    training, held_out, source, malformed = load_pairs(ARGS.data, ARGS.train_size, ARGS.seed)
+    if malformed:
+        print(f"skipped {malformed} malformed lines (not two tab-separated sentences)")
+    held_out = held_out[:ARGS.held_out]
+    # The vocabularies come from the training pairs only: a held-out word never seen in
+    # training becomes <unk>, as a new word would in real use.
+    source_vocab = Vocabulary(english for english, _ in training)
+    target_vocab = Vocabulary(french for _, french in training)
+    train_examples = encode_pairs(training, source_vocab, target_vocab)
+    held_out_examples = encode_pairs(held_out, source_vocab, target_vocab)
+    # Room for a translation a little longer than any seen in training, and no more.
+    max_length = max(len(target) for _, target in train_examples) + 5
+    print(f"data: {source}, {len(training)} training pairs, {len(held_out)} held-out pairs, "
+          f"vocabularies {len(source_vocab)} / {len(target_vocab)} tokens, on {device}")
+    model = build_model(ARGS, len(source_vocab), len(target_vocab)).to(device)
+    print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
+
+
+# %% [markdown]
 # ## Training for a fixed time
 #
 # The loss is the cross-entropy of chapter 04 between the logits at each target
@@ -919,6 +1053,7 @@ def build_model(args, source_vocab_size, target_vocab_size):
 # Every fifth of the way the loop stops the clock and measures the exact match on 100
 # held-out pairs. These points (`curve` in the summary) show how fast a model learns,
 # not only where it ends, which is what "at equal training time" is about.
+
 
 # %%
 def learning_rate(progress, peak, warmup=0.05):
@@ -991,6 +1126,7 @@ def train(model, examples, args, device, monitor):
 # decoding is not guaranteed to find the most likely sentence (beam search keeps
 # several candidates), but on this task it is close and it is simple.
 
+
 # %%
 @torch.no_grad()
 def greedy_decode(model, source, max_length):
@@ -1027,6 +1163,7 @@ def greedy_decode(model, source, max_length):
 # judge (BLEU, which counts shared word groups, is the usual softer one); on numbers
 # there is exactly one right answer.
 
+
 # %%
 @torch.no_grad()
 def evaluate(model, examples, batch_size, max_length, device):
@@ -1058,6 +1195,22 @@ def evaluate(model, examples, batch_size, max_length, device):
     return exact / len(examples), correct / counted, predictions
 
 
+if __name__ == "__main__":
+    def monitor(model):  # exact match on the first 100 held-out pairs, during training
+        return evaluate(model, held_out_examples[:100], 256, max_length, device)[0]
+
+    steps, train_seconds, losses, curve = train(model, train_examples, ARGS, device, monitor)
+    exact, token_accuracy, predictions = evaluate(model, held_out_examples, 256, max_length,
+                                                  device)
+    print(f"trained {steps} steps in {train_seconds:.1f}s; held-out exact match "
+          f"{exact:.1%}, token accuracy {token_accuracy:.1%}")
+    print("sample translations (held out):")
+    for (english, french), predicted in list(zip(held_out, predictions))[:6]:
+        answer = detokenize(target_vocab.decode(predicted))
+        mark = "right" if answer == detokenize(tokenize(french)) else f"wrong, expected: {french}"
+        print(f"  {english}\n    -> {answer}   ({mark})")
+
+
 # %% [markdown]
 # ## Where the model looks: attention maps
 #
@@ -1067,6 +1220,7 @@ def evaluate(model, examples, batch_size, max_length, device):
 # "quatre - vingt - dix", and at "thousand" while writing "mille": an alignment between
 # the languages that nobody taught it. Without matplotlib the same grid is printed with
 # characters, darker characters for larger weights.
+
 
 # %%
 def attention_maps(model, examples, source_vocab, target_vocab, max_length, device):
@@ -1088,7 +1242,8 @@ def show_attention(maps, out_dir):
     written, or None."""
     try:
         import matplotlib
-        matplotlib.use("Agg")
+        if not in_notebook():
+            matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed; attention maps as text (darker = more weight):")
@@ -1108,134 +1263,24 @@ def show_attention(maps, out_dir):
     figure.tight_layout()
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{CHAPTER}_attention.png")
-    figure.savefig(path, dpi=80)
+    show_figure(figure, path)
     plt.close(figure)
     return path
 
 
-# %% [markdown]
-# ## Running the chapter
-#
-# Every chapter shares this command line: `--seed` for repeatable runs, `--data` for a
-# local copy of the data, `--quick` for a run of a few seconds (used by the tests) and
-# `--out` for where files are written. Its last line of output is `summary:` and a
-# line of JSON with the chapter's headline figures, so scripts and tests can read it.
-#
-# `--time-budget` is the training time in seconds; give chapters 10 and 11 the same
-# one to compare them fairly. Timed training depends on how fast the machine is at
-# that moment; `--steps` trains a fixed number of steps instead, which repeats exactly.
-#
-# `--threads` is how many CPU cores PyTorch may use for one operation. The matrices
-# here are small, so splitting each product between cores saves little, and on a busy
-# machine it costs a lot: every operation then waits for its slowest thread, and a
-# thread that the system has paused to run another program can stall it for a whole
-# time slice. One thread is the steady default; try `--threads 2` on an idle machine.
-
-# %%
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--data", default=None,
-                        help="path of a local file of 'English<TAB>French' lines "
-                             "(default: download the Tatoeba pairs, else generate numbers)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a short run (100 steps), for tests and a first look")
-    parser.add_argument("--out", default="out", help="folder for plots (default out/)")
-    parser.add_argument("--time-budget", type=float, default=40.0,
-                        help="seconds of training (default 40; --quick: 100 steps instead)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="train exactly this many steps instead of for a time budget")
-    parser.add_argument("--batch-size", type=int, default=64,
-                        help="sentence pairs per training step (default 64)")
-    parser.add_argument("--train-size", type=int, default=None,
-                        help="training pairs of the generated number task, at least 1000 "
-                             "(default 50000; --quick: 10000)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads for PyTorch (default 1: these models are small, "
-                             "and one thread is nearly as fast and far steadier on a busy "
-                             "machine)")
-    parser.add_argument("--held-out", type=int, default=None,
-                        help="how many held-out pairs to evaluate (default all; "
-                             "--quick: 50)")
-    add_model_args(parser)
-    args = parser.parse_args(argv)
-    if args.quick:  # quick defaults; flags given explicitly still win
-        args.steps = 100 if args.steps is None else args.steps
-        args.held_out = 50 if args.held_out is None else args.held_out
-        args.train_size = 10_000 if args.train_size is None else args.train_size
-    args.train_size = 50_000 if args.train_size is None else args.train_size
-    checks = [(args.time_budget > 0, f"--time-budget must be positive (got {args.time_budget})"),
-              (args.steps is None or args.steps >= 1,
-               f"--steps must be at least 1 (got {args.steps})"),
-              (args.batch_size >= 1, f"--batch-size must be at least 1 (got {args.batch_size})"),
-              (args.threads >= 1, f"--threads must be at least 1 (got {args.threads})"),
-              (args.train_size >= 1000,
-               f"--train-size must be at least 1000 (got {args.train_size})"),
-              (args.held_out is None or args.held_out >= 1,
-               f"--held-out must be at least 1 (got {args.held_out})"),
-              (0 <= args.dropout < 1, f"--dropout must be from 0 to below 1 (got {args.dropout})"),
-              (args.lr > 0, f"--lr must be positive (got {args.lr})")] + model_checks(args)
-    for ok, message in checks:
-        if not ok:
-            raise DataError(message)
-    return args
-
-
-def print_summary(figures):
-    """The chapter's last line: `summary: ` and its headline figures as JSON."""
-    print("summary: " + json.dumps(figures))
-
-
-def main(argv=None):
-    args = parse_args(argv)  # bad flags stop here, before anything is loaded or written
-    started = time.perf_counter()
-    torch.manual_seed(args.seed)  # weights, dropout and teacher forcing repeat
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.set_num_threads(args.threads)
-    training, held_out, source, malformed = load_pairs(args.data, args.train_size, args.seed)
-    if malformed:
-        print(f"skipped {malformed} malformed lines (not two tab-separated sentences)")
-    held_out = held_out[:args.held_out]
-    # The vocabularies come from the training pairs only: a held-out word never seen in
-    # training becomes <unk>, as a new word would in real use.
-    source_vocab = Vocabulary(english for english, _ in training)
-    target_vocab = Vocabulary(french for _, french in training)
-    train_examples = encode_pairs(training, source_vocab, target_vocab)
-    held_out_examples = encode_pairs(held_out, source_vocab, target_vocab)
-    # Room for a translation a little longer than any seen in training, and no more.
-    max_length = max(len(target) for _, target in train_examples) + 5
-    print(f"data: {source}, {len(training)} training pairs, {len(held_out)} held-out pairs, "
-          f"vocabularies {len(source_vocab)} / {len(target_vocab)} tokens, on {device}")
-    model = build_model(args, len(source_vocab), len(target_vocab)).to(device)
-    print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
-
-    def monitor(model):  # exact match on the first 100 held-out pairs, during training
-        return evaluate(model, held_out_examples[:100], 256, max_length, device)[0]
-
-    steps, train_seconds, losses, curve = train(model, train_examples, args, device, monitor)
-    exact, token_accuracy, predictions = evaluate(model, held_out_examples, 256, max_length,
-                                                  device)
-    print(f"trained {steps} steps in {train_seconds:.1f}s; held-out exact match "
-          f"{exact:.1%}, token accuracy {token_accuracy:.1%}")
-    print("sample translations (held out):")
-    for (english, french), predicted in list(zip(held_out, predictions))[:6]:
-        answer = detokenize(target_vocab.decode(predicted))
-        mark = "right" if answer == detokenize(tokenize(french)) else f"wrong, expected: {french}"
-        print(f"  {english}\n    -> {answer}   ({mark})")
+if __name__ == "__main__":
     maps = attention_maps(model, held_out_examples[:3], source_vocab, target_vocab,
                           max_length, device)
-    path = show_attention(maps, args.out)
+    path = show_attention(maps, ARGS.out)
     if path:
         print(f"attention maps saved to {path}")
+
+
+# %%
+if __name__ == "__main__":
     print_summary({"chapter": CHAPTER, "data": source, "steps": steps,
                    "train_seconds": round(train_seconds, 1),
                    "final_loss": round(float(np.mean(losses[-50:])), 4),
                    "exact_match": round(exact, 4), "token_accuracy": round(token_accuracy, 4),
                    "curve": curve,
                    "seconds": round(time.perf_counter() - started, 1)})
-
-
-if __name__ == "__main__":
-    report_data_errors()
-    main(shlex.split(os.environ.get("ZERO_TO_GPT_ARGS", "")) if in_notebook() else None)

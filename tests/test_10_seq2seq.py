@@ -8,8 +8,8 @@ import zipfile
 import pytest
 import torch
 
-from conftest import (assert_clean_error, has_matplotlib, load_chapter, run_chapter,
-                      without_matplotlib)
+from conftest import (assert_clean_error, has_matplotlib, load_chapter, run_as_script,
+                      run_chapter, without_matplotlib)
 
 chapter = load_chapter("10_seq2seq")
 
@@ -216,8 +216,8 @@ def test_learning_rate_and_teacher_forcing_schedules():
 def test_real_pair_file_trains_and_reports_malformed_lines(tmp_path, capsys):
     path = tmp_path / "pairs.txt"
     write_pairs(path, 400, 2)
-    chapter.main(["--data", str(path), "--steps", "2", "--out", str(tmp_path / "out"),
-                  "--hidden-size", "8", "--embed-size", "8"])
+    run_as_script("10_seq2seq", "--data", path, "--steps", "2", "--out", tmp_path / "out",
+                  "--hidden-size", "8", "--embed-size", "8")
     output = capsys.readouterr().out
     assert "skipped 3 malformed lines" in output
     assert output.strip().splitlines()[-1].startswith("summary: ")
@@ -232,8 +232,9 @@ def test_bad_flags_and_files_raise_data_error(tmp_path):
         chapter.parse_args(["--hidden-size", "-4"])
     no_tabs = tmp_path / "no_tabs.txt"
     no_tabs.write_text("just one language here\n" * 300, encoding="utf-8")
-    with pytest.raises(chapter.DataError, match="tab-separated"):
-        chapter.main(["--data", str(no_tabs), "--out", str(tmp_path)])
+    with pytest.raises(Exception, match="tab-separated") as refused:
+        run_as_script("10_seq2seq", "--data", no_tabs, "--out", tmp_path)
+    assert type(refused.value).__name__ == "DataError"
 
 
 def test_missing_file_exits_cleanly(tmp_path):

@@ -1,6 +1,7 @@
 """Tests of chapter 11: the transformer's parts against PyTorch's own, its masks (no
 peeking at the future, padding changes nothing), step-by-step decoding against the
 parallel forward pass, the code shared with chapter 10, and a --quick run."""
+import ast
 import inspect
 import math
 
@@ -8,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (assert_clean_error, has_matplotlib, load_chapter, run_chapter,
-                      without_matplotlib)
+from conftest import (assert_clean_error, has_matplotlib, load_chapter, run_as_script,
+                      run_chapter, without_matplotlib)
 
 chapter = load_chapter("11_transformer")
 
@@ -153,9 +154,19 @@ def test_code_outside_the_model_is_chapter_10s():
                  "encode_pairs", "pad_batch", "make_batches", "collate", "learning_rate",
                  "teacher_forcing_ratio", "sequence_loss", "train", "greedy_decode",
                  "evaluate", "attention_maps", "show_attention", "parse_args",
-                 "print_summary", "main"]:
+                 "print_summary", "in_notebook", "report_data_errors", "chapter_args",
+                 "show_figure"]:
         assert inspect.getsource(getattr(chapter, name)) == \
             inspect.getsource(getattr(previous, name)), name
+    # The run itself, the cells under `if __name__ == "__main__":`, is the same too.
+    assert run_cells(chapter) == run_cells(previous)
+
+
+def run_cells(module):
+    """The source of a chapter's top-level `if __name__ == "__main__":` blocks."""
+    source = inspect.getsource(module)
+    return [ast.get_source_segment(source, node) for node in ast.parse(source).body
+            if isinstance(node, ast.If) and "__main__" in ast.get_source_segment(source, node.test)]
 
 
 def test_bad_flags_and_files_raise_data_error(tmp_path):
@@ -165,8 +176,9 @@ def test_bad_flags_and_files_raise_data_error(tmp_path):
         chapter.parse_args(["--model-size", "30", "--heads", "4"])
     with pytest.raises(chapter.DataError, match="layers"):
         chapter.parse_args(["--layers", "0"])
-    with pytest.raises(chapter.DataError, match="does not exist"):
-        chapter.main(["--data", str(tmp_path / "nothing.txt"), "--out", str(tmp_path)])
+    with pytest.raises(Exception, match="does not exist") as refused:
+        run_as_script("11_transformer", "--data", tmp_path / "nothing.txt", "--out", tmp_path)
+    assert type(refused.value).__name__ == "DataError"
 
 
 def test_impossible_model_exits_cleanly(tmp_path):
