@@ -56,6 +56,7 @@ import torch.nn.functional as F
 
 CHAPTER = "12_triton"
 
+
 # %% [markdown]
 # # GPU programming with Triton
 #
@@ -144,6 +145,7 @@ CHAPTER = "12_triton"
 # fp32 arithmetic costs nothing next to memory traffic, while sums and exponentials in
 # bf16 would lose most of their digits.
 
+
 # %% [markdown]
 # ## The kernels
 #
@@ -152,6 +154,7 @@ CHAPTER = "12_triton"
 # its autograd wrapper. Each public function falls back to PyTorch where Triton cannot
 # run on its tensors (no Triton, or tensors on the CPU while a GPU compiles the kernels),
 # so code that calls these functions runs anywhere.
+
 
 # %%
 # Triton's interpreter runs kernels with numpy on the CPU: each program of the grid in
@@ -288,6 +291,7 @@ def rows_of(x):
 # flight to keep all 132 SMs busy and to hide the memory latency (hundreds of cycles per
 # load) behind other programs' work.
 
+
 # %%
 @triton.jit
 def _add_kernel(x_ptr, y_ptr, out_ptr, n_elements, BLOCK: tl.constexpr):
@@ -361,6 +365,7 @@ def add(x, y):
 # width that fits gets a kernel with no loop at all, a wider one a kernel with only the
 # loop. `_row_max_and_sum` is a `@triton.jit` function called from kernels: Triton inlines
 # it, so helpers cost nothing and keep each idea in one place.
+
 
 # %%
 @triton.jit
@@ -528,6 +533,7 @@ def torch_softmax(x):
 # backward reads `x` and `dy`, writes `dx`. PyTorch's own `F.layer_norm` is also a fused
 # kernel, so here the point is less speed than seeing how such a kernel, and its
 # cross-row reduction, is built.
+
 
 # %%
 @triton.jit
@@ -743,6 +749,7 @@ def torch_rms_norm(x, weight, eps=1e-6):
 # kernels read the saved inputs and `dy` and write the input gradients: 3 trips for
 # GELU, 5 for SwiGLU.
 
+
 # %%
 # The kernels write c = sqrt(2 / pi) = 0.7978845608028654 as a literal: a kernel may only
 # read a global if it is a compile-time constant.
@@ -888,6 +895,7 @@ def torch_swiglu(a, b):
 # `n_valid` is counted on the device and read by the kernel from memory, so the host
 # never waits for the GPU to learn it.
 
+
 # %%
 @triton.jit
 def _cross_entropy_kernel(logits_ptr, targets_ptr, valid_count_ptr, loss_ptr, grad_ptr, n_cols,
@@ -1029,6 +1037,7 @@ def cross_entropy(logits, targets, ignore_index=-100):
 # 300 (990 TFLOP/s over 3.35 TB/s), and more at longer sequences. What limits a good flash
 # kernel is the tensor cores and the exponentials of the softmax, not HBM, so it is
 # judged in TFLOP/s, as a matmul is.
+
 
 # %%
 LOG2_E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
@@ -1416,6 +1425,7 @@ def flash_attention(q, k, v, causal=True, scale=None):
 # Backward: `dA = dC B^T`, `dB = A^T dC`, the same kernel on transposed views: the
 # kernel takes strides, so a transpose is free (no copy).
 
+
 # %%
 @triton.jit
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
@@ -1517,6 +1527,132 @@ def matmul(a, b):
 
 
 # %% [markdown]
+# ## Set-up: flags (not the lesson)
+#
+# The code in this section is what the chapter needs but does not teach; in a
+# notebook its cells open collapsed, and the flags come from the environment
+# variable `ZERO_TO_GPT_ARGS`.
+#
+# Without flags the chapter prints the correctness table (one line per kernel, shape and
+# dtype), then the transformer comparison, and writes both to `out/12_triton_checks.json`.
+# With `--bench` on a GPU it prints one line per benchmark and writes
+# `out/12_triton_bench.json`; the first call of each autotuned kernel at a new shape takes
+# a few seconds while Triton compiles and times its candidates, which do_bench's warm-up
+# absorbs.
+#
+# The chapter's command line: `--seed` for the random inputs, `--quick` for a run of a few
+# seconds (used by the tests), `--out` for where the results are written as JSON, and
+# `--bench` to time the kernels on a GPU instead of checking them. (This chapter reads no
+# data set: its inputs are random tensors and chapter 11's model.) The last line of output
+# is `summary:` and a line of JSON with the headline figures.
+
+
+# %% jupyter={"source_hidden": true}
+class DataError(Exception):
+    """A problem with the input that the user can fix. A script run ends with its one
+    sentence (`error: ...`) and exit code 2; a notebook shows the sentence alone."""
+
+
+def in_notebook():
+    """True inside Jupyter or VS Code's notebook, where the command line is the kernel's."""
+    ipython = sys.modules.get("IPython")
+    return ipython is not None and ipython.get_ipython() is not None
+
+
+def report_data_errors():
+    """Make a DataError end the run with its one sentence instead of a traceback."""
+    def one_sentence(error):
+        print(f"error: {error}", file=sys.stderr)
+    if in_notebook():
+        sys.modules["IPython"].get_ipython().set_custom_exc(
+            (DataError,), lambda shell, kind, error, trace, tb_offset=None: one_sentence(error))
+        return
+
+    def exit_with_sentence(kind, error, trace):
+        if not issubclass(kind, DataError):
+            return sys.__excepthook__(kind, error, trace)
+        one_sentence(error)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
+    sys.excepthook = exit_with_sentence
+
+
+def chapter_args():
+    """This run's flags: the command line in a script; in a notebook, which has the
+    kernel's command line instead, the environment variable ZERO_TO_GPT_ARGS."""
+    report_data_errors()
+    if in_notebook():
+        return parse_args(shlex.split(os.environ.get("ZERO_TO_GPT_ARGS", "")))
+    return parse_args()
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a run of a few seconds, for tests and a first look")
+    parser.add_argument("--out", default="out",
+                        help="folder for the results, as JSON (default out/)")
+    parser.add_argument("--bench", action="store_true",
+                        help="time every kernel against PyTorch on a CUDA GPU instead of "
+                             "checking correctness (without a GPU: a message, nothing timed)")
+    return parser.parse_args(argv)
+
+
+def print_summary(figures):
+    """The chapter's last line: `summary: ` and its headline figures as JSON."""
+    print("summary: " + json.dumps(figures))
+
+
+def prepare_out(folder):
+    """Create the output folder; DataError if the path exists and is not a folder."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise DataError(f"--out {folder} is a file, not a folder: give a folder path")
+    os.makedirs(folder, exist_ok=True)
+
+
+def save_json(path, content):
+    """Write JSON through a temporary file and a rename, so a crash leaves no half file."""
+    temporary = path + ".part"
+    with open(temporary, "w") as handle:
+        json.dump(content, handle, indent=1)
+    os.replace(temporary, path)
+
+
+def bench_summary(results):
+    """Headline figures of the benchmark: the worst memory-bound kernel's share of HBM
+    peak, attention TFLOP/s and against SDPA, and the matmul against cuBLAS."""
+    def find(kernel, direction):
+        return next(row for row in results if row["kernel"] == kernel and row["direction"] == direction)
+    memory = [row["peak_percent"] for row in results if row["peak_percent"] is not None]
+    forward, both = find("flash_attention", "fwd"), find("flash_attention", "fwd+bwd")
+    return {"device": torch.cuda.get_device_name(),
+            "min_hbm_percent": round(min(memory), 1) if memory else None,
+            "attention_fwd_tflops": round(forward["rate"], 1),
+            "attention_fwd_bwd_vs_sdpa": round(both["versus"]["PyTorch SDPA"]["speedup"], 2),
+            "matmul_vs_cublas": round(find("matmul", "fwd")["versus"]["PyTorch eager"]["speedup"], 2)}
+
+
+# %%
+if __name__ == "__main__":
+    ARGS = chapter_args()
+    started = time.perf_counter()
+    prepare_out(ARGS.out)
+    print(f"kernels: {backend_name()}")
+    on_gpu = HAS_TRITON and torch.cuda.is_available() and not INTERPRET
+    if not HAS_TRITON and not ARGS.bench:
+        print(f"{TRITON_UNAVAILABLE}. Every function runs its PyTorch path, so the table "
+              "below compares PyTorch with itself")
+    # On a GPU: compiled kernels, three dtypes, and GPT-2-sized shapes besides the small
+    # ones. In the interpreter: fp32 only (numpy has no bfloat16), small shapes.
+    device = torch.device("cuda" if on_gpu else "cpu")
+    dtypes = [torch.float32, torch.bfloat16, torch.float16] if on_gpu else [torch.float32]
+    figures = {"chapter": CHAPTER}
+
+
+# %% [markdown]
 # ## Checking every kernel against PyTorch
 #
 # A kernel is only as good as its check. Each case below builds random inputs, runs the
@@ -1549,6 +1685,7 @@ def matmul(a, b):
 # written from derivations in comments. A forward pass can be right while its gradient
 # is silently wrong, and the model would still train, only worse. The tests file also
 # checks each backward against finite differences, independently of PyTorch.
+
 
 # %%
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
@@ -1612,6 +1749,7 @@ def sdpa(q, k, v, causal):
 #   groups in the grouped ordering.
 # On a GPU the same cases run in bf16 and fp16 too, then GPT-2-sized ones: the full
 # vocabulary, rows of 768, 1,000 positions with 12 heads of 64, a head size of 128.
+
 
 # %%
 def attention_pair(causal):
@@ -1708,6 +1846,7 @@ def check_kernels(dtypes, device, quick=False, large=False, seed=0):
 # The table, one line per case and dtype: the kernel, the input shapes, the dtype, the
 # forward and backward errors, the limit and whether both errors are within it.
 
+
 # %%
 def print_check_table(rows):
     """Print the correctness table, one line per (case, dtype)."""
@@ -1718,6 +1857,14 @@ def print_check_table(rows):
         print(f"{row['kernel']:24s} {row['shape'][:36]:36s} {row['dtype']:9s} "
               f"{row['forward']:9.1e} {backward:>9s} {row['limit']:7.0e}  "
               f"{'yes' if row['ok'] else 'NO'}")
+
+
+if __name__ == "__main__" and not ARGS.bench:
+    print("Every kernel against PyTorch: max |kernel - PyTorch| / max |PyTorch|, forward "
+          "output and worst input gradient")
+    rows = check_kernels(dtypes, device, quick=ARGS.quick, large=on_gpu and not ARGS.quick,
+                         seed=ARGS.seed)
+    print_check_table(rows)
 
 
 # %% [markdown]
@@ -1747,6 +1894,7 @@ def print_check_table(rows):
 # in the chain were wrong, forward or backward, the logits or some parameter's gradient
 # would disagree, because every parameter's gradient flows through several kernels:
 # the embeddings' through every layer norm, attention and GELU of the network.
+
 
 # %%
 # Carried from chapter 11 unchanged:
@@ -2020,6 +2168,31 @@ def check_transformer(quick=False, seed=0, device=torch.device("cpu")):
             "parameters": sum(p.numel() for p in kernels.parameters())}
 
 
+if __name__ == "__main__" and not ARGS.bench:
+    model = check_transformer(ARGS.quick, ARGS.seed, device)
+    print(f"Chapter 11's transformer ({model['parameters']:,} parameters), PyTorch operations "
+          f"against the kernels (flash attention, layer norm, GELU, cross-entropy):")
+    print(f"  logits {model['logits']:.1e}   loss {model['loss']:.1e}   "
+          f"all parameter gradients {model['gradients']:.1e}")
+    model_limit = TF32_TOLERANCE if on_gpu else TOLERANCE[torch.float32]
+    model_ok = max(model["logits"], model["loss"], model["gradients"]) <= model_limit
+    save_json(os.path.join(ARGS.out, "12_triton_checks.json"), {"kernels": rows, "transformer": model})
+    # A failed check is reported, not raised: the table shows which kernel and dtype, and
+    # the summary counts the failures.
+    failed = [f"{row['kernel']} {row['dtype']}" for row in rows if not row["ok"]]
+    if failed or not model_ok:
+        print(f"\nOUTSIDE THE LIMIT: {', '.join(failed) or 'the transformer'}")
+    else:
+        print(f"\nall {len(rows)} checks and the transformer within their limits")
+    worst_fp32 = max(max(row["forward"], row["backward"] or 0.0)
+                     for row in rows if row["dtype"] == "float32")
+    figures.update({"backend": backend_name(), "checks": len(rows),
+                    "failed": len(failed) + (not model_ok),
+                    "worst_fp32_error": float(f"{worst_fp32:.2e}"),
+                    "model_logits_error": float(f"{model['logits']:.2e}"),
+                    "model_gradient_error": float(f"{model['gradients']:.2e}")})
+
+
 # %% [markdown]
 # ## Benchmarks: how fast, measured against what the card can do
 #
@@ -2068,6 +2241,7 @@ def check_transformer(quick=False, seed=0, device=torch.device("cpu")):
 # candidates, left that at 0.475 ms against 0.472 before: its time goes elsewhere, and
 # a profiler (Nsight Compute's `ncu`) is the next tool. Those three are the places to
 # work on next.
+
 
 # %%
 # HBM bandwidth in TB/s by device name; the first entry whose text is in the name wins,
@@ -2123,6 +2297,7 @@ def eager_attention(q, k, v):
 # their gradient: 2 (the loss itself is a few bytes per row). Extra reads a kernel makes
 # (the second sweep over a long row) are not counted: they cost time, which is the point
 # of measuring.
+
 
 # %%
 # GPT-2 small: 16,384 token rows (16 sequences of 1,024) of 768 features, a 3,072-wide
@@ -2223,6 +2398,18 @@ def print_benchmark_row(row):
           f"{row['ms']:8.3f} ms {row['rate']:8.1f} {row['unit']:8s}{peak} | {versus}")
 
 
+if __name__ == "__main__" and ARGS.bench:
+    if not on_gpu:
+        print("--bench times compiled kernels on a CUDA GPU with Triton; this machine has "
+              "none, so nothing was timed (run without --bench for the correctness table)")
+        figures["bench"] = "skipped: no CUDA GPU"
+    else:
+        print(f"benchmark on {torch.cuda.get_device_name()}, bf16, median of do_bench")
+        results = run_benchmarks(QUICK_BENCH_SIZES if ARGS.quick else BENCH_SIZES, ARGS.seed)
+        save_json(os.path.join(ARGS.out, "12_triton_bench.json"), results)
+        figures.update(bench_summary(results))
+
+
 # %% [markdown]
 # ## What to try
 #
@@ -2242,158 +2429,7 @@ def print_benchmark_row(row):
 # RMS norm, SwiGLU, flash attention and the fused cross-entropy on a GPU, PyTorch's
 # operations on a CPU, with a test that the two paths agree.
 
-# %% [markdown]
-# ## Running the chapter
-#
-# Without flags the chapter prints the correctness table (one line per kernel, shape and
-# dtype), then the transformer comparison, and writes both to `out/12_triton_checks.json`.
-# With `--bench` on a GPU it prints one line per benchmark and writes
-# `out/12_triton_bench.json`; the first call of each autotuned kernel at a new shape takes
-# a few seconds while Triton compiles and times its candidates, which do_bench's warm-up
-# absorbs.
-#
-# The chapter's command line: `--seed` for the random inputs, `--quick` for a run of a few
-# seconds (used by the tests), `--out` for where the results are written as JSON, and
-# `--bench` to time the kernels on a GPU instead of checking them. (This chapter reads no
-# data set: its inputs are random tensors and chapter 11's model.) The last line of output
-# is `summary:` and a line of JSON with the headline figures.
 
 # %%
-class DataError(Exception):
-    """A problem with the input that the user can fix. A script run ends with its one
-    sentence (`error: ...`) and exit code 2; a notebook shows the sentence alone."""
-
-
-def in_notebook():
-    """True inside Jupyter or VS Code's notebook, where the command line is the kernel's."""
-    ipython = sys.modules.get("IPython")
-    return ipython is not None and ipython.get_ipython() is not None
-
-
-def report_data_errors():
-    """Make a DataError end the run with its one sentence instead of a traceback."""
-    def one_sentence(error):
-        print(f"error: {error}", file=sys.stderr)
-    if in_notebook():
-        sys.modules["IPython"].get_ipython().set_custom_exc(
-            (DataError,), lambda shell, kind, error, trace, tb_offset=None: one_sentence(error))
-        return
-
-    def exit_with_sentence(kind, error, trace):
-        if not issubclass(kind, DataError):
-            return sys.__excepthook__(kind, error, trace)
-        one_sentence(error)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(2)
-    sys.excepthook = exit_with_sentence
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a run of a few seconds, for tests and a first look")
-    parser.add_argument("--out", default="out",
-                        help="folder for the results, as JSON (default out/)")
-    parser.add_argument("--bench", action="store_true",
-                        help="time every kernel against PyTorch on a CUDA GPU instead of "
-                             "checking correctness (without a GPU: a message, nothing timed)")
-    return parser.parse_args(argv)
-
-
-def print_summary(figures):
-    """The chapter's last line: `summary: ` and its headline figures as JSON."""
-    print("summary: " + json.dumps(figures))
-
-
-def prepare_out(folder):
-    """Create the output folder; DataError if the path exists and is not a folder."""
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise DataError(f"--out {folder} is a file, not a folder: give a folder path")
-    os.makedirs(folder, exist_ok=True)
-
-
-def save_json(path, content):
-    """Write JSON through a temporary file and a rename, so a crash leaves no half file."""
-    temporary = path + ".part"
-    with open(temporary, "w") as handle:
-        json.dump(content, handle, indent=1)
-    os.replace(temporary, path)
-
-
-def bench_summary(results):
-    """Headline figures of the benchmark: the worst memory-bound kernel's share of HBM
-    peak, attention TFLOP/s and against SDPA, and the matmul against cuBLAS."""
-    def find(kernel, direction):
-        return next(row for row in results if row["kernel"] == kernel and row["direction"] == direction)
-    memory = [row["peak_percent"] for row in results if row["peak_percent"] is not None]
-    forward, both = find("flash_attention", "fwd"), find("flash_attention", "fwd+bwd")
-    return {"device": torch.cuda.get_device_name(),
-            "min_hbm_percent": round(min(memory), 1) if memory else None,
-            "attention_fwd_tflops": round(forward["rate"], 1),
-            "attention_fwd_bwd_vs_sdpa": round(both["versus"]["PyTorch SDPA"]["speedup"], 2),
-            "matmul_vs_cublas": round(find("matmul", "fwd")["versus"]["PyTorch eager"]["speedup"], 2)}
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    started = time.perf_counter()
-    prepare_out(args.out)
-    print(f"kernels: {backend_name()}")
-    on_gpu = HAS_TRITON and torch.cuda.is_available() and not INTERPRET
-    if args.bench:
-        if not on_gpu:
-            print("--bench times compiled kernels on a CUDA GPU with Triton; this machine has "
-                  "none, so nothing was timed (run without --bench for the correctness table)")
-            print_summary({"chapter": CHAPTER, "bench": "skipped: no CUDA GPU",
-                           "seconds": round(time.perf_counter() - started, 1)})
-            return
-        print(f"benchmark on {torch.cuda.get_device_name()}, bf16, median of do_bench")
-        results = run_benchmarks(QUICK_BENCH_SIZES if args.quick else BENCH_SIZES, args.seed)
-        save_json(os.path.join(args.out, "12_triton_bench.json"), results)
-        print_summary({"chapter": CHAPTER, **bench_summary(results),
-                       "seconds": round(time.perf_counter() - started, 1)})
-        return
-    if not HAS_TRITON:
-        print(f"{TRITON_UNAVAILABLE}. Every function runs its PyTorch path, so the table "
-              "below compares PyTorch with itself")
-    # On a GPU: compiled kernels, three dtypes, and GPT-2-sized shapes besides the small
-    # ones. In the interpreter: fp32 only (numpy has no bfloat16), small shapes.
-    device = torch.device("cuda" if on_gpu else "cpu")
-    dtypes = [torch.float32, torch.bfloat16, torch.float16] if on_gpu else [torch.float32]
-    print("\nEvery kernel against PyTorch: max |kernel - PyTorch| / max |PyTorch|, forward "
-          "output and worst input gradient")
-    rows = check_kernels(dtypes, device, quick=args.quick, large=on_gpu and not args.quick,
-                         seed=args.seed)
-    print_check_table(rows)
-    # The kernels together, inside a real model, forward and backward.
-    model = check_transformer(args.quick, args.seed, device)
-    print(f"\nChapter 11's transformer ({model['parameters']:,} parameters), PyTorch operations "
-          f"against the kernels (flash attention, layer norm, GELU, cross-entropy):")
-    print(f"  logits {model['logits']:.1e}   loss {model['loss']:.1e}   "
-          f"all parameter gradients {model['gradients']:.1e}")
-    model_limit = TF32_TOLERANCE if on_gpu else TOLERANCE[torch.float32]
-    model_ok = max(model["logits"], model["loss"], model["gradients"]) <= model_limit
-    save_json(os.path.join(args.out, "12_triton_checks.json"), {"kernels": rows, "transformer": model})
-    # A failed check is reported, not raised: the table shows which kernel and dtype, and
-    # the summary counts the failures.
-    failed = [f"{row['kernel']} {row['dtype']}" for row in rows if not row["ok"]]
-    if failed or not model_ok:
-        print(f"\nOUTSIDE THE LIMIT: {', '.join(failed) or 'the transformer'}")
-    else:
-        print(f"\nall {len(rows)} checks and the transformer within their limits")
-    worst_fp32 = max(max(row["forward"], row["backward"] or 0.0)
-                     for row in rows if row["dtype"] == "float32")
-    print_summary({"chapter": CHAPTER, "backend": backend_name(), "checks": len(rows),
-                   "failed": len(failed) + (not model_ok),
-                   "worst_fp32_error": float(f"{worst_fp32:.2e}"),
-                   "model_logits_error": float(f"{model['logits']:.2e}"),
-                   "model_gradient_error": float(f"{model['gradients']:.2e}"),
-                   "seconds": round(time.perf_counter() - started, 1)})
-
-
 if __name__ == "__main__":
-    report_data_errors()
-    main(shlex.split(os.environ.get("ZERO_TO_GPT_ARGS", "")) if in_notebook() else None)
+    print_summary({**figures, "seconds": round(time.perf_counter() - started, 1)})

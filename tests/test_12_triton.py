@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, assert_clean_error, load_chapter, run_chapter
+from conftest import ROOT, assert_clean_error, load_chapter, run_as_script, run_chapter
 
 chapter = load_chapter("12_triton")
 # The interpreter computes with numpy, which warns when exp overflows to inf or a masked
@@ -207,7 +207,7 @@ def test_pytorch_path_without_triton(monkeypatch):
 
 def test_bench_without_gpu_says_so(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a laptop
-    chapter.main(["--bench", "--out", str(tmp_path)])
+    run_as_script("12_triton", "--bench", "--out", tmp_path)
     lines = capsys.readouterr().out.strip().splitlines()
     assert any("no" in line.lower() and "gpu" in line.lower() for line in lines[:-1])
     assert '"bench": "skipped: no CUDA GPU"' in lines[-1]
