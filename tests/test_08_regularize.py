@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import assert_clean_error, load_chapter, run_chapter
+from conftest import assert_clean_error, load_chapter, run_as_script, run_chapter
 
 chapter = load_chapter("08_regularize")
 
@@ -158,6 +158,8 @@ def test_bad_inputs_exit_cleanly(tmp_path, monkeypatch):
     # More training days than the data has: refused once the data is loaded, before
     # any training or writing (in-process: the path to exit code 2 is checked above).
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(chapter.DataError, match="train-days"):
-        chapter.main(["--quick", "--train-days", "100000", "--out", str(tmp_path / "out")])
+    with pytest.raises(Exception, match="train-days") as refused:
+        run_as_script("08_regularize", "--quick", "--train-days", "100000",
+                      "--out", tmp_path / "out")
+    assert type(refused.value).__name__ == "DataError"
     assert not (tmp_path / "out").exists()
