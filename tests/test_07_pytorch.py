@@ -1,13 +1,15 @@
 """Chapter 07: the PyTorch networks must compute exactly what the numpy networks of
 chapters 03 and 05 compute, train along the same path, and save and load safely."""
 import os
+import sys
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from conftest import assert_clean_error, load_chapter, run_chapter
+from conftest import (assert_clean_error, has_matplotlib, load_chapter, run_as_script,
+                      run_chapter)
 
 chapter = load_chapter("07_pytorch")
 
@@ -161,6 +163,21 @@ def test_quick_run(tmp_path):
     assert summary["adam_test_mae"] < 3.9 and summary["rnn_test_mae"] < 3.9
     assert summary["reload_gap"] == 0
     assert (tmp_path / "07_pytorch_dense.pt").exists()
+    if has_matplotlib():
+        assert (tmp_path / "07_pytorch_validation.png").exists()
+    else:
+        assert "matplotlib is not installed" in run.stdout
+
+
+def test_without_matplotlib_prints_the_curves_as_text(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # `import matplotlib` fails
+    monkeypatch.chdir(tmp_path)
+    result = run_as_script("07_pytorch", "--quick", "--out", tmp_path / "out")
+    printed = capsys.readouterr().out
+    assert "matplotlib is not installed" in printed and "PyTorch Adam:" in printed
+    assert not (tmp_path / "out" / "07_pytorch_validation.png").exists()
+    assert printed.strip().splitlines()[-1].startswith("summary: ")
+    assert result["figures"]["reload_gap"] == 0
 
 
 def test_bad_inputs_exit_cleanly(tmp_path):
@@ -168,7 +185,9 @@ def test_bad_inputs_exit_cleanly(tmp_path):
     assert_clean_error(run, "hidden-sizes")
     # A missing data file is refused before anything is written (in-process: the
     # command-line path to exit code 2 is the one checked just above).
-    with pytest.raises(chapter.DataError, match="does not exist"):
-        chapter.main(["--quick", "--data", str(tmp_path / "nowhere.csv"),
-                      "--out", str(tmp_path / "out")])
+    # The run's DataError is its own class, not chapter.DataError: check it by name.
+    with pytest.raises(Exception, match="does not exist") as error:
+        run_as_script("07_pytorch", "--quick", "--data", tmp_path / "nowhere.csv",
+                      "--out", tmp_path / "out")
+    assert type(error.value).__name__ == "DataError"
     assert not (tmp_path / "out").exists()

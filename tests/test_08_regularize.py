@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import assert_clean_error, load_chapter, run_as_script, run_chapter
+from conftest import (assert_clean_error, has_matplotlib, load_chapter, run_as_script,
+                      run_chapter, without_matplotlib)
 
 chapter = load_chapter("08_regularize")
 
@@ -139,6 +140,19 @@ def test_quick_run_cures_beat_the_overfit_baseline(tmp_path):
     assert summary["layer_norm_gap"] < 1e-10 and summary["clip_gap"] < 1e-10
     assert abs(summary["dropout_zero_fraction"] - 0.3) < 0.01
     assert (tmp_path / "08_regularize_best.pt").exists()
+    if has_matplotlib():
+        assert (tmp_path / "08_regularize_curves.png").exists()
+    else:
+        assert "matplotlib is not installed" in run.stdout
+
+
+def test_without_matplotlib_prints_the_curves_as_text(tmp_path):
+    run = run_chapter("08_regularize", "--quick", "--epochs", "3", "--out", tmp_path / "out",
+                      cwd=tmp_path, env=without_matplotlib(tmp_path))
+    assert run.returncode == 0 and run.summary is not None, run
+    assert "matplotlib is not installed" in run.stdout, run
+    assert "all cures together:" in run.stdout, run
+    assert not (tmp_path / "out" / "08_regularize_curves.png").exists()
 
 
 @pytest.mark.parametrize("flags, word", [

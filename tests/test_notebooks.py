@@ -20,7 +20,7 @@ CHAPTERS = sorted(path.stem for path in ROOT.glob("[0-9][0-9]*_*.py"))
 # The others still run every experiment from one `main()` in their last cell, so in a
 # notebook all their results appear there; they are being moved to this form.
 RESULTS_UNDER_THEIR_PROSE = {"00_intro", "01_linalg", "02_linreg", "03_dense", "04_classify",
-                             "04b_cnn", "05_rnn", "05b_gru", "08_regularize", "10_seq2seq", "11_transformer", "12_triton", "13_gpt"}
+                             "04b_cnn", "05_rnn", "05b_gru", "07_pytorch", "08_regularize", "10_seq2seq", "11_transformer", "12_triton", "13_gpt"}
 
 
 def execute(name, flags, folder, notebook=None):
