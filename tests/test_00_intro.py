@@ -4,7 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from conftest import assert_clean_error, load_chapter, run_as_script, run_chapter
+from conftest import (assert_clean_error, has_matplotlib, load_chapter, run_as_script,
+                      run_chapter, without_matplotlib)
 
 chapter = load_chapter("00_intro")
 
@@ -64,6 +65,20 @@ def test_quick_run_counting_beats_frequencies(tmp_path):
     assert summary["bigram_bits_per_char"] < summary["unigram_bits_per_char"] - 1.0
     assert summary["unigram_bits_per_char"] < summary["uniform_bits_per_char"]
     assert "00_intro.py" in run.stdout and "13_gpt.py" in run.stdout  # the course map
+    # The plot where matplotlib is installed, the text view where it is not.
+    if has_matplotlib():
+        assert (tmp_path / "00_intro_bigrams.png").is_file(), run
+    else:
+        assert "matplotlib is not installed" in run.stdout, run
+
+
+def test_without_matplotlib_prints_a_text_view(tmp_path):
+    run = run_chapter("00_intro", "--quick", "--out", tmp_path / "out", cwd=tmp_path,
+                      env=without_matplotlib(tmp_path))
+    assert run.returncode == 0 and run.summary["chapter"] == "00_intro", run
+    assert "matplotlib is not installed" in run.stdout, run
+    assert "the likeliest next character" in run.stdout, run
+    assert not list(tmp_path.glob("out/*.png")), run
 
 
 def test_bad_inputs_are_refused(tmp_path):

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import load_chapter, run_chapter
+from conftest import has_matplotlib, load_chapter, run_chapter, without_matplotlib
 
 chapter = load_chapter("01_linalg")
 
@@ -44,3 +44,17 @@ def test_quick_run_beats_tomorrow_equals_today(tmp_path):
     assert run.summary["hand_set_mae"] < run.summary["persistence_mae"] - 0.1
     assert run.summary["hand_set_mae"] < 3.8
     assert run.summary["slope_error"] < 1e-6
+    # The plot where matplotlib is installed, the text view where it is not.
+    if has_matplotlib():
+        assert (tmp_path / "01_linalg_slope.png").is_file(), run
+    else:
+        assert "matplotlib is not installed" in run.stdout, run
+
+
+def test_without_matplotlib_prints_a_text_view(tmp_path):
+    run = run_chapter("01_linalg", "--quick", "--out", tmp_path / "out", cwd=tmp_path,
+                      env=without_matplotlib(tmp_path))
+    assert run.returncode == 0 and run.summary["chapter"] == "01_linalg", run
+    assert "matplotlib is not installed" in run.stdout, run
+    assert "training MSE" in run.stdout, run
+    assert not list(tmp_path.glob("out/*.png")), run

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_clean_error, load_chapter, run_as_script, run_chapter
+from conftest import (assert_clean_error, has_matplotlib, load_chapter, run_as_script,
+                      run_chapter, without_matplotlib)
 
 chapter = load_chapter("02_linreg")
 
@@ -206,6 +207,21 @@ def test_quick_run_matches_least_squares(tmp_path):
     assert run.summary["test_mae"] < run.summary["persistence_mae"] - 0.1
     assert run.summary["test_mae"] < 3.8
     assert run.summary["gradient_error"] < 1e-6
+    # The plots where matplotlib is installed, the text view where it is not.
+    if has_matplotlib():
+        assert (tmp_path / "02_linreg_loss.png").is_file(), run
+        assert (tmp_path / "02_linreg_predictions.png").is_file(), run
+    else:
+        assert "matplotlib is not installed" in run.stdout, run
+
+
+def test_without_matplotlib_prints_a_text_view(tmp_path):
+    run = run_chapter("02_linreg", "--quick", "--out", tmp_path / "out", cwd=tmp_path,
+                      env=without_matplotlib(tmp_path))
+    assert run.returncode == 0 and run.summary["chapter"] == "02_linreg", run
+    assert "matplotlib is not installed" in run.stdout, run
+    assert "mean prediction" in run.stdout, run
+    assert not list(tmp_path.glob("out/*.png")), run
 
 
 @pytest.mark.parametrize("content, words", [

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_clean_error, load_chapter, run_chapter
+from conftest import (assert_clean_error, has_matplotlib, load_chapter, run_as_script,
+                      run_chapter, without_matplotlib)
 
 chapter = load_chapter("06_autograd")
 Tensor = chapter.Tensor
@@ -323,6 +324,28 @@ def test_quick_run_reaches_its_figures(tmp_path):
     assert figures["rnn_gradient_difference"] < 1e-12
     assert figures["unroll_gradient_difference"] < 1e-6
     assert "graph of" in run.stdout
+    if has_matplotlib():
+        assert (tmp_path / "06_autograd_training.png").stat().st_size > 0
+    else:
+        assert "matplotlib is not installed" in run.stdout
+
+
+def test_without_matplotlib_the_numbers_are_the_view(tmp_path):
+    run = run_chapter("06_autograd", "--quick", "--out", tmp_path, cwd=tmp_path,
+                      env=without_matplotlib(tmp_path))
+    assert run.returncode == 0, run
+    assert "matplotlib is not installed" in run.stdout, run
+    assert "dense by hand:" in run.stdout and "recurrent engine:" in run.stdout, run
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_a_run_stops_at_a_window_longer_than_the_data(tmp_path, monkeypatch):
+    # In-process, as a notebook runs it: the cells raise DataError, caught by name
+    # (the run's DataError is a class of its own, not chapter.DataError).
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Exception, match="--window 20000 is longer than the data") as error:
+        run_as_script("06_autograd", "--quick", "--window", "20000", "--out", tmp_path)
+    assert type(error.value).__name__ == "DataError"
 
 
 @pytest.mark.parametrize("flags, word", [

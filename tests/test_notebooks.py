@@ -17,10 +17,12 @@ nbclient = pytest.importorskip("nbclient", reason="the README's set-up installs 
 
 CHAPTERS = sorted(path.stem for path in ROOT.glob("[0-9][0-9]*_*.py"))
 # Chapters whose experiments run cell by cell, each under the prose that explains it.
-# The others still run every experiment from one `main()` in their last cell, so in a
-# notebook all their results appear there; they are being moved to this form.
-RESULTS_UNDER_THEIR_PROSE = {"00_intro", "01_linalg", "02_linreg", "03_dense", "04_classify",
-                             "04b_cnn", "05_rnn", "05b_gru", "07_pytorch", "08_regularize", "10_seq2seq", "11_transformer", "12_triton", "13_gpt"}
+# 09_data still runs every experiment from one `main()` in its last cell, so in a
+# notebook all its results appear there; it is the one left to move to this form.
+RESULTS_UNDER_THEIR_PROSE = {"00_intro", "01_linalg", "02_linreg", "03_dense",
+                             "04_classify", "04b_cnn", "05_rnn", "05b_gru",
+                             "06_autograd", "07_pytorch", "08_regularize", "10_seq2seq",
+                             "11_transformer", "12_triton", "13_gpt"}
 
 
 def execute(name, flags, folder, notebook=None):
