@@ -747,8 +747,9 @@ if __name__ == "__main__":
 # the network's first, and times each.
 #
 # **Reading the result.** They agree to rounding error (about 1e-13): the same sums,
-# added in a different order. And im2col is several hundred times faster, which is
-# the difference between minutes and a second for one pass over the digits.
+# added in a different order. And im2col is a hundred to a few hundred times faster
+# (the figure varies with the machine), the difference between minutes and seconds
+# for one pass over the digits.
 
 # %%
 def check_convolutions(rng, batch=2):

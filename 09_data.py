@@ -1,22 +1,14 @@
 """Chapter 9: text data at scale: clean, deduplicate, tokenize with BPE, shard and stream.
 
-Chapter 8 trained networks on a table that fits in a spreadsheet. A GPT learns from
-text, and a lot of it, so before any model sees a word the text goes through a
-pipeline. This chapter builds that pipeline from scratch, step by step:
-
-* acquire: tiny Shakespeare (downloaded and checked against its SHA-256 digest), any
-  `.txt` file or folder of them (`--data`), or offline the Python documentation;
-  files that are not valid UTF-8 are named and skipped, never silently garbled;
-* clean: one spelling for line endings, whitespace and Unicode;
-* deduplicate: exact copies by hashing, near copies by MinHash over word shingles,
-  with a report of what went;
-* tokenize: a byte-level byte-pair-encoding (BPE) tokenizer trained from scratch with
-  GPT-2's pre-tokenisation rule and an `<|endoftext|>` special token, then loaded into
-  tiktoken, whose Rust encoder gives the same ids as our Python one, much faster;
-* shard: encode documents in parallel and write binary token shards with a header
-  (validation shard first);
-* stream: a batch loader over the shards that splits the work between several
-  processes, shuffles with a seed and can save and restore its exact position.
+Chapter 8 trained networks on a table; a GPT learns from a lot of text, and before any
+model sees a word the text goes through a pipeline. This chapter builds it from scratch:
+acquire (tiny Shakespeare, checked against its SHA-256 digest; your own `.txt` files
+with `--data`; offline, the Python documentation), clean (one spelling for line endings,
+whitespace and Unicode), deduplicate (exact copies by hashing, near copies by MinHash),
+tokenize (a byte-level BPE tokenizer trained from scratch, then loaded into tiktoken,
+which gives the same ids much faster), shard (documents encoded in parallel into binary
+token files) and stream (a batch loader that splits the work between processes, shuffles
+with a seed and resumes exactly from a saved position).
 
 New since chapter 8: text instead of tables; tokenizers; binary file formats;
 multiprocessing; data loading for several processes at once. No neural network is
@@ -28,31 +20,13 @@ How to run it:
                                        # offline, about 20 s with tiny Shakespeare
     python 09_data.py --quick          # 2-5 s, smaller vocabulary and corpus
     python 09_data.py --shards out/shards   # check and stream shards written before
-    python 09_data.py --data my_texts/ # your own .txt files (a file or a folder)
-    python 09_data.py --vocab-size 8192 --workers 4
+    python 09_data.py --data my_texts/ --vocab-size 8192 --workers 4
 
-It writes token shards, the learned merges and plots to `--out` (default `out/`).
-
-Carried into chapter 13 unchanged (keep these textually identical there):
-
-    GPT2_SPLIT_PATTERN, END_OF_TEXT     the pre-tokenisation rule, the special token
-    train_bpe(text, vocab_size)         -> mergeable_ranks {token bytes: id}
-    bpe_encode(text, mergeable_ranks)   -> list of ids (pure Python)
-    make_encoding(mergeable_ranks, name="course-bpe") -> tiktoken.Encoding
-    gpt2_encoding()                     -> GPT-2's tiktoken.Encoding, or None offline
-    SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER
-    write_shard(path, tokens, vocab_size=None), read_shard(path) -> numpy array
-    ShardLoader(paths, batch_size, block_size, rank=0, world_size=1, seed=0)
-        .next_batch() -> (inputs, targets), .state_dict(), .load_state_dict(state)
-
-They need DataError (carried from the earlier chapters) and the imports heapq,
-os, struct, threading, collections.Counter and defaultdict, numpy, regex, tiktoken.
-
-In a notebook (Jupyter, VS Code) the chapter ignores the kernel's command line and
-takes its flags from the environment variable ZERO_TO_GPT_ARGS, for example
+It writes token shards, the learned merges and plots to `--out` (default `out/`). In a
+notebook (Jupyter, VS Code) the chapter ignores the kernel's command line and takes its
+flags from the environment variable ZERO_TO_GPT_ARGS, for example
 `ZERO_TO_GPT_ARGS="--quick"`; without it, the defaults.
 """
-
 import argparse
 import base64
 import hashlib
@@ -96,16 +70,78 @@ CHAPTER = "09_data"
 #                -> token shards on disk -> streaming batch loader -> (chapter 13)
 #
 # Every step is short, written out in plain Python and numpy, and checked.
+# Each step's results are printed right under the text that explains it.
 
 # %% [markdown]
-# ## Errors and downloads (carried from the earlier chapters)
+# ## Clean
 #
-# A problem with the learner's input ends the run with one sentence and exit code 2;
-# downloads are checked against a recorded SHA-256 digest and renamed into place only
-# when complete. These three pieces are carried unchanged from the weather chapters.
-
+# The same text can be spelled in different bytes, and a tokenizer would learn every
+# spelling separately. Cleaning picks one:
+#
+# * Unicode normalisation (NFC): "é" can be one code point or "e" plus a combining
+#   accent; NFC makes both the single code point;
+# * line endings: Windows `\r\n` and old Mac `\r` become `\n`;
+# * control characters (NUL, escape codes, the C1 range) are removed, except tab and
+#   newline; exotic spaces (no-break, thin, ideographic) become a plain space;
+# * spaces at the end of lines go; three or more line breaks become one blank line.
+#
+# Cleaning must not change what the text *says*: we leave case, punctuation and
+# indentation alone (code in the Python documentation needs its indentation).
+#
+# What is a *document*? In a folder, each file is one. A single file (tiny
+# Shakespeare, the Python documentation) is one long text, so we cut it at blank
+# lines into paragraphs (a speech, a section of the manual) and treat those as the
+# documents: they are what gets deduplicated, and what `<|endoftext|>` separates.
 
 # %%
+def clean_text(text):
+    """`text` with one spelling for Unicode, line endings and whitespace."""
+    text = unicodedata.normalize("NFC", text)
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = regex.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]", "", text)
+    text = regex.sub(r"\p{Zs}", " ", text)
+    text = regex.sub(r"[ \t]+\n", "\n", text)
+    text = regex.sub(r"\n{3,}", "\n\n", text)
+    return text.strip()
+
+
+def split_documents(texts):
+    """Clean each (name, text) and return the list of documents: each file is one
+    document, except a lone file, which is cut at blank lines into paragraphs."""
+    cleaned = [clean_text(text) for _, text in texts]
+    if len(cleaned) == 1:
+        cleaned = cleaned[0].split("\n\n")
+    return [document for document in cleaned if document.strip()]
+
+
+# %% [markdown]
+# ## Set-up: flags, data and plots (not the lesson)
+#
+# The code in this section is what the chapter needs but does not teach; in a notebook
+# its cells open collapsed, and the flags come from the environment variable
+# `ZERO_TO_GPT_ARGS`. A problem with the learner's input ends the run with one sentence
+# and exit code 2; downloads are checked against a recorded SHA-256 digest and renamed
+# into place only when complete. Both are carried unchanged from the earlier chapters.
+#
+# The text chapters (00, 04, 09, 13) read one corpus: tiny Shakespeare, about a million
+# characters of plays, downloaded once into `data/` and checked against its recorded
+# SHA-256 digest. Offline, they use real English prose that ships with every Python
+# installation: the language reference and library topics behind `help()`
+# (`pydoc_data.topics`, about 465 KB). `--data` may instead name one `.txt` file or a
+# folder, searched (sub-folders too) for `.txt` files, read in sorted order so runs
+# are repeatable. A file that is not valid UTF-8 is named and skipped: decoding it
+# "leniently" would replace its accented letters with question marks or worse, and
+# the tokenizer would learn the garbage.
+#
+# Every chapter shares this command line: `--seed` for repeatable runs, `--data` for a
+# local copy of the data, `--quick` for a run of a few seconds (used by the tests) and
+# `--out` for where files are written. Its last line of output is `summary:` and a
+# line of JSON with the chapter's headline figures, so scripts and tests can read it.
+# The code that draws the chapter's two plots (shown under Pictures, at the end) is
+# here too.
+
+
+# %% jupyter={"source_hidden": true}
 class DataError(Exception):
     """A problem with the input that the user can fix. A script run ends with its one
     sentence (`error: ...`) and exit code 2; a notebook shows the sentence alone."""
@@ -134,6 +170,23 @@ def report_data_errors():
         sys.stderr.flush()
         os._exit(2)
     sys.excepthook = exit_with_sentence
+
+
+def chapter_args():
+    """This run's flags: the command line in a script; in a notebook, which has the
+    kernel's command line instead, the environment variable ZERO_TO_GPT_ARGS."""
+    report_data_errors()
+    if in_notebook():
+        return parse_args(shlex.split(os.environ.get("ZERO_TO_GPT_ARGS", "")))
+    return parse_args()
+
+
+def show_figure(figure, path):
+    """Save a matplotlib figure as a PNG at `path`; in a notebook, also show it here."""
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    if in_notebook():
+        from IPython.display import Image, display
+        display(Image(filename=path))
 
 
 def sha256_of(path):
@@ -180,16 +233,7 @@ def download(url, path, sha256, timeout=20):
         return False
 
 
-# %% [markdown]
-# ## The text corpus
-#
-# The text chapters (00, 04, 09, 13) read one corpus: tiny Shakespeare, about a million
-# characters of plays, downloaded once into `data/` and checked against its recorded
-# SHA-256 digest. Offline, they use real English prose that ships with every Python
-# installation: the language reference and library topics behind `help()`
-# (`pydoc_data.topics`, about 465 KB). `--data` takes a local `.txt` file instead.
-
-# %%
+# %% jupyter={"source_hidden": true}
 TEXT_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
             "tinyshakespeare/input.txt")
 TEXT_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -225,6 +269,354 @@ def load_text(path=None):
     print("note: could not download tiny Shakespeare (offline?); using the Python "
           "documentation text instead", file=sys.stderr)
     return python_docs_text(), "python-docs"
+
+
+# %% jupyter={"source_hidden": true}
+def read_corpus(path=None):
+    """The raw corpus as (texts, source): `texts` is a list of (name, text) pairs, one
+    per file read. Non-UTF-8 or empty files in a folder are reported and skipped."""
+    if path and os.path.isdir(path):
+        found = sorted(os.path.join(folder, name) for folder, _, names in os.walk(path)
+                       for name in names if name.endswith(".txt"))
+        texts = []
+        for file_path in found:
+            try:
+                texts.append((file_path, load_text(file_path)[0]))
+            except DataError as error:
+                print(f"note: skipping a file: {error}", file=sys.stderr)
+        if not texts:
+            raise DataError(f"the corpus is empty: folder {path} holds {len(found)} .txt "
+                            f"files and none is usable UTF-8 text; add some text files")
+        return texts, path
+    text, source = load_text(path)
+    return [(source, text)], source
+
+
+# %% jupyter={"source_hidden": true}
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--data", default=None,
+                        help="a UTF-8 .txt file or a folder of them (default: download "
+                             "tiny Shakespeare, else the Python documentation)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a run of a few seconds, for tests and a first look "
+                             "(150,000 characters, vocabulary 512)")
+    parser.add_argument("--out", default="out",
+                        help="folder for shards, merges and plots (default out/)")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="tokens in the vocabulary, <|endoftext|> included; at least "
+                             "257 (default 4096, --quick 512)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="processes that encode documents in parallel (default 2)")
+    parser.add_argument("--shard-tokens", type=int, default=None,
+                        help="tokens per training shard (default 50000, --quick 20000)")
+    parser.add_argument("--valid-fraction", type=float, default=0.1,
+                        help="share of the text held out for validation (default 0.1)")
+    parser.add_argument("--threshold", type=float, default=0.8,
+                        help="Jaccard similarity from which two documents count as near "
+                             "duplicates (default 0.8)")
+    parser.add_argument("--shards", default=None, metavar="FOLDER",
+                        help="instead of building shards, check the shards already in "
+                             "FOLDER (e.g. out/shards) and stream a batch from them")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="rows per batch in the loader demonstration (default 8)")
+    parser.add_argument("--block-size", type=int, default=64,
+                        help="tokens per row in the loader demonstration (default 64)")
+    args = parser.parse_args(argv)
+    if args.vocab_size is None:
+        args.vocab_size = 512 if args.quick else 4096
+    if args.shard_tokens is None:
+        args.shard_tokens = 20_000 if args.quick else 50_000
+    return args
+
+
+def check_args(args):
+    """Refuse impossible settings before any work is done."""
+    if not 257 <= args.vocab_size <= 2**32:
+        raise DataError(f"--vocab-size {args.vocab_size} is out of range: a byte-level "
+                        f"vocabulary needs at least 257 tokens (256 bytes and "
+                        f"<|endoftext|>) and ids must fit in 32 bits")
+    for name in ("workers", "shard_tokens", "batch_size", "block_size"):
+        if getattr(args, name) < 1:
+            raise DataError(f"--{name.replace('_', '-')} must be at least 1 "
+                            f"(got {getattr(args, name)})")
+    if not 0 < args.valid_fraction < 1:
+        raise DataError(f"--valid-fraction must lie between 0 and 1 "
+                        f"(got {args.valid_fraction})")
+    if not 0 < args.threshold <= 1:
+        raise DataError(f"--threshold must lie in (0, 1] (got {args.threshold})")
+
+
+def print_summary(figures):
+    """The chapter's last line: `summary: ` and its headline figures as JSON."""
+    print("summary: " + json.dumps(figures))
+
+
+# %% jupyter={"source_hidden": true}
+def plot_results(out, vocab_sizes, train_compression, valid_compression, threshold):
+    """Save compression.png and minhash.png to `out`; without matplotlib, say so once
+    and print a text view instead."""
+    similarities = np.linspace(0, 1, 101)
+    try:
+        import matplotlib
+        if not in_notebook():
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed; no plots, text view instead")
+        for size, train_value, valid_value in zip(vocab_sizes, train_compression,
+                                                  valid_compression):
+            print(f"  vocabulary {size:6d}: {train_value:.2f} bytes/token on training "
+                  f"text, {valid_value:.2f} held out")
+        return []
+    figure, axes = plt.subplots(figsize=(6, 4))
+    axes.plot(vocab_sizes, train_compression, "o-", label="training text")
+    axes.plot(vocab_sizes, valid_compression, "s--", label="held-out text")
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel("vocabulary size (tokens)")
+    axes.set_ylabel("bytes per token")
+    axes.set_title("BPE compression grows with every merge")
+    axes.legend()
+    figure.tight_layout()
+    paths = [os.path.join(out, "compression.png")]
+    show_figure(figure, paths[-1])
+    plt.close(figure)
+    figure, axes = plt.subplots(figsize=(6, 4))
+    axes.plot(similarities, candidate_probability(similarities))
+    axes.axvline(threshold, color="gray", linestyle=":", label=f"threshold {threshold}")
+    axes.set_xlabel("Jaccard similarity of two documents")
+    axes.set_ylabel("probability of being compared")
+    axes.set_title(f"MinHash LSH, {MINHASH_BANDS} bands of {MINHASH_ROWS} rows")
+    axes.legend()
+    figure.tight_layout()
+    paths.append(os.path.join(out, "minhash.png"))
+    show_figure(figure, paths[-1])
+    plt.close(figure)
+    return paths
+
+
+# %% [markdown]
+# ## The corpus, read and cleaned
+#
+# The run, in order: read and clean the corpus; remove duplicates; hold back the
+# validation documents; train the tokenizer on the rest and time it; check it against
+# tiktoken and on hard strings; measure compression and encoding speed; write the
+# shards in parallel and check they decode back to the documents; and finally stream
+# batches for two ranks and resume a loader from a saved position.
+#
+# `--shards FOLDER` does something smaller: it reads shards written earlier (checking
+# each header and length) and streams one batch from them, the way chapter 13 will, and
+# skips every step before it.
+
+# %%
+# Every step of the run sits behind this guard: importing the file (as the tests do,
+# and as every worker process of the parallel encoding does on macOS and Windows) must
+# define the functions and run nothing. `figures` collects the headline numbers of each
+# step for the summary line at the end.
+if __name__ == "__main__":
+    ARGS = chapter_args()
+    check_args(ARGS)   # impossible settings are refused before anything is read
+    started = time.perf_counter()
+    figures = {"chapter": CHAPTER}
+# A `--shards` run skips every step of the pipeline, this one included.
+if __name__ == "__main__" and not ARGS.shards:
+    os.makedirs(ARGS.out, exist_ok=True)
+    # --quick keeps the first 150,000 characters' worth of documents: enough for every
+    # step to mean something, small enough to run in a few seconds.
+    texts, source = read_corpus(ARGS.data)
+    raw_bytes = sum(len(text.encode("utf-8")) for _, text in texts)
+    documents = split_documents(texts)
+    if ARGS.quick:
+        kept_characters, count = 0, 0
+        while count < len(documents) and kept_characters < 150_000:
+            kept_characters += len(documents[count])
+            count += 1
+        documents = documents[:count]
+    if not documents:
+        raise DataError(f"the corpus from {source} is empty after cleaning; it holds "
+                        f"only whitespace and control characters")
+    print(f"acquired {len(texts)} file(s) from {source}: {raw_bytes:,} bytes; "
+          f"{len(documents):,} documents after cleaning"
+          + (" (--quick: the first 150,000 characters)" if ARGS.quick else ""))
+    figures.update(source=source, documents=len(documents))
+
+
+# %% [markdown]
+# ## Deduplicate
+#
+# Corpora repeat themselves: web pages are mirrored, licences and cookie banners
+# appear on every page, a manual repeats a note in every section. A model trained on
+# repeats wastes its time on them and learns to recite them; its validation loss
+# also flatters it when a copy of a training document sits in the validation set.
+#
+# **Exact duplicates** are cheap to find: hash each document (SHA-256) and keep the
+# first document with each hash. Equal hashes mean equal texts (a collision has
+# never been observed), and comparing 32-byte digests is far faster than comparing
+# texts pairwise.
+#
+# **Near duplicates** (the same paragraph with a word changed) need a measure of
+# similarity. Cut each document into *shingles*, its runs of 5 consecutive words, and
+# compare the sets: the Jaccard similarity of sets A and B is |A ∩ B| / |A ∪ B|, 1 for
+# the same shingles, 0 for none shared. Changing one word of a 100-word paragraph
+# changes the 5 shingles that contain it: (96 - 5) / (96 + 5) = 0.90. Two changed
+# words give (96 - 10) / (96 + 10) = 0.81. Our threshold, **0.8**, thus calls two
+# documents near duplicates when they differ in about 2 words per hundred or fewer.
+#
+# Comparing every pair of N documents costs N²/2 set comparisons: a billion for
+# 45,000 documents. **MinHash** avoids that. Apply a random hash function h to every
+# shingle of a document and keep the minimum. For two documents, the probability that
+# their minima are equal is exactly their Jaccard similarity (the smallest hash over
+# A ∪ B is equally likely to be any of its shingles, and the minima agree exactly when
+# it belongs to A ∩ B). With 128 hash functions, each document gets a 128-number
+# *signature*, and the fraction of equal entries estimates the similarity.
+#
+# **Locality-sensitive hashing** then finds the candidates without comparing all
+# pairs: cut the signature into b = 16 *bands* of r = 8 numbers; documents that agree
+# on all 8 numbers of any one band land in the same bucket. Two documents with
+# similarity s agree on one band with probability s^8, and on at least one of 16 with
+#
+#     P(candidate) = 1 - (1 - s^8)^16
+#
+# an S-shaped curve: 0.06 at s = 0.5, 0.59 at s = 0.7, 0.95 at s = 0.8, 0.9997 at
+# s = 0.9. Candidates are then checked with their exact Jaccard similarity, so the
+# curve decides only what we might *miss* (about 5% of pairs right at 0.8, almost
+# none of the clear copies), never what we wrongly remove.
+#
+# Very short documents ("Ay, my lord.", "See also:") repeat because language does, not
+# because someone copied them; and a short document has too few shingles for the
+# similarity to mean much (16 words make 12 shingles, and one changed word already
+# drops the similarity to 7 / 17 = 0.41). So documents of fewer than 16 words are
+# always kept.
+#
+# Two things to notice in the output. MinHash sees only words: two code examples that
+# differ only in punctuation (`'1 2 3'.split()` and `'1,2,3'.split(',')`) look
+# identical to it. And near duplicates are not always copies: the manual describes
+# `str.ljust`, `str.rjust` and `str.center` in nearly the same words, and at 0.8 the
+# second and third go. For training a language model that is the intent (the model
+# still sees the template once); for a search engine it would not be.
+
+# %%
+SHINGLE_WORDS = 5        # words per shingle
+MINHASH_BANDS = 16       # bands x rows = 128 hash functions
+MINHASH_ROWS = 8
+MINHASH_PRIME = 4294967311   # the smallest prime above 2**32: hashes are taken mod it
+MIN_DEDUP_WORDS = 16     # shorter documents are always kept
+
+
+def shingles(document):
+    """The set of runs of SHINGLE_WORDS consecutive words (lower-cased) of `document`,
+    each hashed to a 32-bit integer with BLAKE2 (stable across runs, unlike hash())."""
+    words = regex.findall(r"\w+", document.lower())
+    runs = {" ".join(words[start:start + SHINGLE_WORDS])
+            for start in range(max(len(words) - SHINGLE_WORDS + 1, 1))}
+    return {int.from_bytes(hashlib.blake2b(run.encode(), digest_size=4).digest(), "little")
+            for run in runs}
+
+
+def minhash_signature(shingle_set, multipliers, offsets):
+    """One minimum per hash function h(x) = (a x + b) mod p, over the shingle hashes.
+    With a, b, x below 2**32, a x + b stays below 2**64: no overflow in uint64."""
+    values = np.fromiter(shingle_set, dtype=np.uint64, count=len(shingle_set))
+    hashed = (values[:, None] * multipliers[None, :] + offsets[None, :]) % MINHASH_PRIME
+    return hashed.min(axis=0)
+
+
+def candidate_probability(similarity, bands=MINHASH_BANDS, rows=MINHASH_ROWS):
+    """The chance that two documents of Jaccard `similarity` share at least one band."""
+    return 1 - (1 - similarity ** rows) ** bands
+
+
+def deduplicate(documents, threshold=0.8, seed=0):
+    """Drop exact and near duplicates, keeping the first of each group.
+
+    Returns (kept documents, exact removals, near removals); each removal is a tuple
+    (removed index, index of the kept document it copies, Jaccard similarity)."""
+    rng = np.random.default_rng(seed)
+    functions = MINHASH_BANDS * MINHASH_ROWS
+    multipliers = rng.integers(1, 2**32, size=functions, dtype=np.uint64)
+    offsets = rng.integers(0, 2**32, size=functions, dtype=np.uint64)
+    first_with_digest = {}             # SHA-256 digest -> index of the kept document
+    buckets = defaultdict(list)        # (band, its 8 minima) -> kept document indices
+    kept_shingles = {}                 # index of a kept document -> its shingle set
+    kept, exact, near = [], [], []
+    for index, document in enumerate(documents):
+        if len(regex.findall(r"\w+", document)) < MIN_DEDUP_WORDS:
+            kept.append(document)
+            continue
+        digest = hashlib.sha256(document.encode("utf-8")).digest()
+        if digest in first_with_digest:
+            exact.append((index, first_with_digest[digest], 1.0))
+            continue
+        first_with_digest[digest] = index
+        shingle_set = shingles(document)
+        signature = minhash_signature(shingle_set, multipliers, offsets)
+        keys = [(band, signature[band * MINHASH_ROWS:(band + 1) * MINHASH_ROWS].tobytes())
+                for band in range(MINHASH_BANDS)]
+        candidates = {other for key in keys for other in buckets.get(key, ())}
+        best_similarity, best_match = 0.0, None
+        for other in sorted(candidates):
+            other_set = kept_shingles[other]
+            similarity = len(shingle_set & other_set) / len(shingle_set | other_set)
+            if similarity > best_similarity:
+                best_similarity, best_match = similarity, other
+        if best_similarity >= threshold:
+            near.append((index, best_match, best_similarity))
+            continue
+        kept.append(document)
+        kept_shingles[index] = shingle_set
+        for key in keys:
+            buckets[key].append(index)
+    return kept, exact, near
+
+
+if __name__ == "__main__" and not ARGS.shards:
+    # Removals are reported with the document they repeat, so you can judge for
+    # yourself whether the threshold was right for your text.
+    kept, exact, near = deduplicate(documents, ARGS.threshold, ARGS.seed)
+    removed_bytes = sum(len(documents[index].encode("utf-8")) for index, _, _ in exact + near)
+    total_bytes = sum(len(document.encode("utf-8")) for document in documents)
+    print(f"deduplicated: removed {len(exact)} exact and {len(near)} near duplicates, "
+          f"{removed_bytes:,} of {total_bytes:,} bytes ({100 * removed_bytes / total_bytes:.1f}%)")
+    for kind, removals in (("exact", exact), ("near", sorted(near, key=lambda item: item[2]))):
+        for index, original, similarity in removals[:2]:   # the least similar near pairs
+            print(f"  {kind} (Jaccard {similarity:.2f}): document {index} repeats "
+                  f"{original}: {documents[index][:60]!r}")
+    print("  MinHash chance of comparing a pair: "
+          + ", ".join(f"{candidate_probability(s):.3f} at {s}" for s in (0.5, 0.7, 0.8, 0.9)))
+    figures.update(exact_duplicates=len(exact), near_duplicates=len(near))
+
+
+# %% [markdown]
+# ## Validation documents
+#
+# We hold back about 10% of the text, whole documents, before the tokenizer is
+# trained, so that "bytes per token" on it measures how well the merges carry over to
+# text they were not learned from, and chapter 13 can measure its model on text it
+# never trained on. The held-out documents are the first ones: in the shards, the
+# validation shard comes first.
+
+# %%
+def split_validation(documents, valid_fraction):
+    """(validation documents, training documents): the first documents until they hold
+    `valid_fraction` of the characters, and the rest. Both are non-empty."""
+    if len(documents) < 2:
+        raise DataError(f"the corpus has {len(documents)} document after cleaning and "
+                        f"deduplication; it needs at least 2 (one to validate on)")
+    target = valid_fraction * sum(len(document) for document in documents)
+    count, characters = 0, 0
+    while count < len(documents) - 1 and (count == 0 or characters < target):
+        characters += len(documents[count])
+        count += 1
+    return documents[:count], documents[count:]
+
+
+# The split comes before the tokenizer is trained, and from the deduplicated documents:
+# a copy of a training paragraph among the held-out ones would flatter every figure
+# measured on them.
+if __name__ == "__main__" and not ARGS.shards:
+    valid_documents, train_documents = split_validation(kept, ARGS.valid_fraction)
 
 
 # %% [markdown]
@@ -447,6 +839,175 @@ def gpt2_encoding(timeout=15.0):
 
 
 # %% [markdown]
+# ## Training the tokenizer on the training documents
+#
+# Documents are joined with END_OF_TEXT, which train_bpe cuts at again: no merge may
+# span two documents. The timing is the headline figure of this step. The first merges
+# are the commonest pairs (spaces, "th", "he"); the longest tokens show what the corpus
+# repeats most: in the Python documentation, the borders of its ASCII tables, which BPE
+# learns as single tokens. Last, one sentence cut into its tokens shows a rare word
+# ("Pythonista") falling apart into pieces.
+
+# %%
+if __name__ == "__main__" and not ARGS.shards:
+    train_text = END_OF_TEXT.join(train_documents)
+    train_bytes = len(train_text.encode("utf-8"))
+    clock = time.perf_counter()
+    mergeable_ranks = train_bpe(train_text, ARGS.vocab_size)
+    train_seconds = time.perf_counter() - clock
+    encoding = make_encoding(mergeable_ranks)
+    print(f"trained BPE on {train_bytes:,} bytes: {encoding.n_vocab} tokens "
+          f"({len(mergeable_ranks) - 256} merges + {END_OF_TEXT} as id {encoding.eot_token}) "
+          f"in {train_seconds:.2f} s")
+    if encoding.n_vocab < ARGS.vocab_size:
+        print(f"  note: the text ran out of pairs to merge before {ARGS.vocab_size} tokens")
+    by_rank = sorted(mergeable_ranks, key=mergeable_ranks.get)
+    print("  first merges:", " ".join(repr(piece.decode("utf-8", "replace"))
+                                      for piece in by_rank[256:266]))
+    print("  longest tokens:", " ".join(repr(piece.decode("utf-8", "replace")) for piece in
+                                        sorted(by_rank[256:], key=len)[-5:]))
+    example = "The tokenizer splits unfamiliar words like Pythonista into pieces."
+    print("  " + "|".join(encoding.decode_single_token_bytes(token).decode("utf-8", "replace")
+                          for token in encoding.encode_ordinary(example)))
+    figures.update(vocab_size=encoding.n_vocab, train_bytes=train_bytes,
+                   bpe_seconds=round(train_seconds, 2))
+
+
+# %% [markdown]
+# ## Checking the tokenizer
+#
+# Two promises must hold for *any* string, not just the English we trained on:
+#
+# 1. the pure-Python encoder and tiktoken give the same ids, so tiktoken really is
+#    "our tokenizer, only faster";
+# 2. decoding the ids gives back the exact string (`decode(encode(s)) == s`). This is
+#    what byte-level BPE buys: every string is UTF-8 bytes, and every byte is a token.
+#    ("Every string" means every valid Unicode text. Python also allows a lone half
+#    of a UTF-16 surrogate pair, "\ud800", which has no UTF-8 form and cannot occur in
+#    a text file; tiktoken replaces it with "\ufffd" and our encoder refuses it.)
+#
+# The strings below are chosen to break weaker tokenizers: emoji (4 bytes in UTF-8),
+# a family emoji made of several joined by zero-width joiners, flags made of two
+# "regional indicator" letters, combining accents that are *not* normalised (decode
+# must not "fix" them), Chinese and Japanese, right-to-left Arabic and Hebrew, control
+# characters, odd whitespace, and the special token's text itself inside a document.
+#
+# One honest limit: the pure-Python encoder classifies characters with the `regex`
+# module's Unicode tables and tiktoken with those compiled into its Rust code. For the
+# handful of characters added to Unicode in its newest versions (rare letters of
+# historic scripts), the two tables can disagree on "is this a letter?", and then so
+# do the chunks. For every character of the long-established scripts they agree.
+
+# %%
+HARD_STRINGS = [
+    "Hello, world! It's 3.14159 o'clock; we'll see.",
+    "emoji: 🤖🚀 family: 👨‍👩‍👧‍👦 flag: 🇫🇷 skin tone: 👍🏽",
+    "combining: e\u0301 a\u0308 n\u0303 (not normalised) vs é ä ñ; Zalgo: Z\u0351\u0334a\u0362",
+    "中文分词很难。日本語のテキスト、カタカナ。한국어 문장.",
+    "RTL: שלום עולם and مرحبا بالعالم mixed with English 123.",
+    "control \x00\x01\x1b[31m red \x7f\x85 and tabs\tand\r\nline endings\u2028sep",
+    "spaces:   three,\u00a0no-break,\u3000ideographic, trailing   ",
+    "a document that mentions <|endoftext|> in its text",
+    "numbers ½ ² ٣ 〇 Ⅻ and math ∑∫√ and code: x += 1  # comment",
+    "",
+]
+
+
+def tokenizer_checks(mergeable_ranks, encoding, texts):
+    """(identical, round_trip): whether bpe_encode equals tiktoken's encode_ordinary on
+    every text, and whether decoding gives every text back."""
+    identical = all(bpe_encode(text, mergeable_ranks) == encoding.encode_ordinary(text)
+                    for text in texts)
+    round_trip = all(encoding.decode(encoding.encode_ordinary(text)) == text
+                     for text in texts)
+    return identical, round_trip
+
+
+if __name__ == "__main__" and not ARGS.shards:
+    # On the hard strings and on 100,000 characters of held-out text. The special
+    # token's text inside a document shows the three ways tiktoken can treat it:
+    # refuse (the default of encode), plain text (encode_ordinary), or the special id.
+    valid_text = END_OF_TEXT.join(valid_documents)
+    sample = valid_text[:100_000]
+    identical, round_trip = tokenizer_checks(mergeable_ranks, encoding, HARD_STRINGS + [sample])
+    print(f"pure Python and tiktoken give identical ids: {identical}; "
+          f"decode(encode(s)) == s on hard strings: {round_trip}")
+    special = "one document<|endoftext|>another"
+    try:
+        encoding.encode(special)
+        print("  (unexpected) tiktoken encoded the special token's text without being asked")
+    except ValueError:
+        print(f"  text containing {END_OF_TEXT} is refused by encode() unless allowed; as "
+              f"ordinary text it is {len(encoding.encode_ordinary(special))} tokens, as the "
+              f"special token {len(encoding.encode(special, allowed_special='all'))}")
+    figures.update(identical_ids=identical, round_trip=round_trip)
+
+
+# %% [markdown]
+# ## Speed and compression
+#
+# Pure Python is timed on the 100,000-character sample (it is the slow one), tiktoken
+# on the whole training text; each the best of three runs, because a run can only be
+# slowed down by whatever else the machine is doing, never sped up, so the fastest is
+# the fairest figure.
+#
+# Compression is bytes per token: how many bytes of text one token stands for on
+# average, on the training text and on the held-out text the merges were not learned
+# from; more bytes per token means shorter sequences for the same text, so a model with
+# a fixed context length sees more of it. Compression at smaller
+# vocabularies costs nothing extra to measure: the first k ranks of a BPE vocabulary are
+# themselves a complete tokenizer (the k - 256 merges learned first), so we cut the
+# dictionary and encode again. GPT-2's own tokenizer, when its files are cached or can
+# be downloaded, is the yardstick: 50,257 tokens trained on web text.
+
+# %%
+def bytes_per_token(encoding, texts):
+    """Compression: UTF-8 bytes of `texts` divided by the tokens they encode to."""
+    data = sum(len(text.encode("utf-8")) for text in texts)
+    return data / max(sum(len(encoding.encode_ordinary(text)) for text in texts), 1)
+
+
+def best_time(function, *arguments, repeats=3):
+    """The fastest of `repeats` timed calls, in seconds: the least disturbed by
+    whatever else the machine is doing."""
+    times = []
+    for _ in range(repeats):
+        clock = time.perf_counter()
+        function(*arguments)
+        times.append(time.perf_counter() - clock)
+    return min(times)
+
+
+if __name__ == "__main__" and not ARGS.shards:
+    pure_speed = len(sample.encode("utf-8")) / best_time(bpe_encode, sample, mergeable_ranks) / 1e6
+    tiktoken_speed = train_bytes / best_time(encoding.encode_ordinary, train_text) / 1e6
+    print(f"encoding speed: pure Python {pure_speed:.2f} MB/s, tiktoken {tiktoken_speed:.1f} "
+          f"MB/s ({tiktoken_speed / pure_speed:.0f}x)")
+    vocab_sizes = [size for size in (256, 512, 1024, 2048, 4096, 8192, 16384)
+                   if size < len(mergeable_ranks)] + [len(mergeable_ranks)]
+    train_compression, valid_compression = [], []
+    for size in vocab_sizes:
+        smaller = make_encoding({piece: rank for piece, rank in mergeable_ranks.items()
+                                 if rank < size}, name=f"course-bpe-{size}")
+        train_compression.append(bytes_per_token(smaller, train_documents))
+        valid_compression.append(bytes_per_token(smaller, valid_documents))
+    print(f"compression: {train_compression[-1]:.2f} bytes/token on training text, "
+          f"{valid_compression[-1]:.2f} on held-out text (single bytes: 1.00)")
+    gpt2 = gpt2_encoding()
+    gpt2_compression = bytes_per_token(gpt2, valid_documents) if gpt2 else None
+    if gpt2:
+        print(f"  GPT-2's tokenizer (50,257 tokens, trained on web text): "
+              f"{gpt2_compression:.2f} bytes/token on the same held-out text")
+    else:
+        print("  GPT-2's tokenizer files are not cached and could not be downloaded "
+              "(offline?); skipping that comparison")
+    figures.update(bytes_per_token=round(valid_compression[-1], 3),
+                   gpt2_bytes_per_token=gpt2_compression and round(gpt2_compression, 3),
+                   pure_python_mb_s=round(pure_speed, 2),
+                   tiktoken_mb_s=round(tiktoken_speed, 1))
+
+
+# %% [markdown]
 # ## Token shards: a tiny binary file format
 #
 # Token ids are small integers. Written as text ("464 3290 ...") they would take
@@ -525,6 +1086,135 @@ def read_shard(path):
     if count == 0:
         return np.zeros(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r", offset=SHARD_HEADER.size, shape=(count,))
+
+
+# %% [markdown]
+# ## Encoding in parallel and writing shards
+#
+# tiktoken is fast, but one Python process still uses one core. Documents are
+# independent, so a pool of worker processes can each encode some of them. Each
+# worker receives the `Encoding` once (when it starts, not with every document), and
+# `imap` hands documents out in chunks and returns the results *in order*, so the
+# shards come out the same whatever the number of workers.
+#
+# Starting processes is why every step of the run sits behind `if __name__ ==
+# "__main__"`, and why the workers' functions are defined at the top level of the file.
+# On macOS and Windows each worker starts a fresh Python ("spawn") that imports this
+# file to find `encode_document`; without the guard, every worker would start the whole
+# pipeline again. A notebook's cells are no file that a fresh Python can import, so
+# there, unless workers are forked copies of the notebook (Linux), the documents are
+# encoded in the notebook's own process.
+#
+# Documents are ordinary text, encoded with `encode_ordinary`: a document containing
+# the characters `<|endoftext|>` gets them as ordinary tokens. The real special token
+# is put *before* every document by our code, so every document, the first one
+# included, starts right after one; a model trained on the shards learns that
+# `<|endoftext|>` means "a new document begins", and sampling from it alone starts one.
+
+# %%
+worker_encoding = None   # the Encoding inside each worker process
+
+
+def start_worker(encoding):
+    """Pool initializer: keep the encoding for this worker's documents."""
+    global worker_encoding
+    worker_encoding = encoding
+
+
+def encode_document(document):
+    """`<|endoftext|>` then the document's tokens, as a numpy array."""
+    return np.array([worker_encoding.eot_token] + worker_encoding.encode_ordinary(document),
+                    dtype=np.uint32)
+
+
+def encode_documents(documents, encoding, workers):
+    """Encoded documents, in order, using `workers` processes (1: this process)."""
+    if workers > 1 and in_notebook() and multiprocessing.get_start_method() != "fork":
+        print(f"note: a notebook cannot start {workers} fresh worker processes on this "
+              f"system; encoding in this one")
+        workers = 1
+    if workers <= 1:
+        start_worker(encoding)
+        yield from map(encode_document, documents)
+        return
+    with multiprocessing.Pool(workers, initializer=start_worker,
+                              initargs=(encoding,)) as pool:
+        yield from pool.imap(encode_document, documents, chunksize=32)
+
+
+def write_shards(valid_documents, train_documents, encoding, folder, shard_tokens,
+                 workers=1):
+    """Encode the documents and write them as shards into `folder`: shard 0 holds the
+    validation documents, shards 1, 2, ... the training documents, `shard_tokens`
+    each (the last one shorter). Returns (validation paths, training paths).
+
+    Training shards are cut at exactly `shard_tokens` tokens, often in the middle of
+    a document: the loader joins the shards back into one stream. Shards left over
+    from an earlier, longer run in `folder` are removed at the end."""
+    os.makedirs(folder, exist_ok=True)
+    vocab_size = encoding.n_vocab
+    valid_paths, train_paths = [], []
+
+    def path_of(index, split):
+        return os.path.join(folder, f"{split}_{index:06d}.bin")
+
+    stream = encode_documents(valid_documents + train_documents, encoding, workers)
+    valid_tokens = np.concatenate([next(stream) for _ in valid_documents])
+    valid_paths.append(path_of(0, "valid"))
+    write_shard(valid_paths[0], valid_tokens, vocab_size)
+    pending, pending_count = [], 0
+    for tokens in stream:
+        pending.append(tokens)
+        pending_count += len(tokens)
+        while pending_count >= shard_tokens:
+            joined = np.concatenate(pending)
+            train_paths.append(path_of(len(train_paths) + 1, "train"))
+            write_shard(train_paths[-1], joined[:shard_tokens], vocab_size)
+            pending, pending_count = [joined[shard_tokens:]], len(joined) - shard_tokens
+    if pending_count:
+        train_paths.append(path_of(len(train_paths) + 1, "train"))
+        write_shard(train_paths[-1], np.concatenate(pending), vocab_size)
+    current = {os.path.basename(path) for path in valid_paths + train_paths}
+    for name in os.listdir(folder):
+        if regex.fullmatch(r"(valid|train)_\d{6}\.bin", name) and name not in current:
+            os.remove(os.path.join(folder, name))
+    return valid_paths, train_paths
+
+
+def save_merges(mergeable_ranks, path):
+    """Save the tokenizer in tiktoken's own file format (one "base64-bytes rank" line
+    per token), so `tiktoken.load.load_tiktoken_bpe(path)` reads it back."""
+    temporary = path + ".part"
+    with open(temporary, "w") as file:
+        for piece, rank in sorted(mergeable_ranks.items(), key=lambda item: item[1]):
+            file.write(f"{base64.b64encode(piece).decode()} {rank}\n")
+    os.replace(temporary, path)
+
+
+if __name__ == "__main__" and not ARGS.shards:
+    # The merges are saved next to the shards in tiktoken's file format: the shards
+    # are numbers, and only this file says which text each number stands for.
+    folder = os.path.join(ARGS.out, "shards")
+    clock = time.perf_counter()
+    valid_paths, train_paths = write_shards(valid_documents, train_documents, encoding,
+                                            folder, ARGS.shard_tokens, ARGS.workers)
+    shard_seconds = time.perf_counter() - clock
+    save_merges(mergeable_ranks, os.path.join(ARGS.out, "course-bpe.tiktoken"))
+    valid_tokens = len(read_shard(valid_paths[0]))
+    train_tokens = sum(len(read_shard(path)) for path in train_paths)
+    dtype = read_shard(train_paths[0]).dtype
+    print(f"wrote {len(valid_paths) + len(train_paths)} shards to {folder} with "
+          f"{ARGS.workers} worker(s) in {shard_seconds:.2f} s: validation {valid_tokens:,} "
+          f"tokens, training {train_tokens:,} tokens, ids as {dtype.name}")
+    # The strongest check of the whole path: the shards decode back to exactly the
+    # documents, each after one <|endoftext|>, in order, whatever the number of workers.
+    decoded = encoding.decode(np.concatenate([read_shard(path) for path in
+                                              valid_paths + train_paths]).tolist())
+    shards_exact = decoded == "".join(END_OF_TEXT + document for document in
+                                      valid_documents + train_documents)
+    print(f"  the shards decode back to the documents exactly: {shards_exact}")
+    figures.update(valid_tokens=valid_tokens, train_tokens=train_tokens,
+                   shards=len(valid_paths) + len(train_paths), shards_exact=shards_exact)
 
 
 # %% [markdown]
@@ -634,522 +1324,39 @@ class ShardLoader:
 
 
 # %% [markdown]
-# ## Acquire: files in, documents out
+# ### Two ranks, and an exact resume
 #
-# `--data` may name one `.txt` file or a folder; a folder is searched (sub-folders
-# too) for `.txt` files, read in sorted order so runs are repeatable. A file that is
-# not valid UTF-8 is named and skipped: decoding it "leniently" would replace its
-# accented letters with question marks or worse, and the tokenizer would learn the
-# garbage. Without `--data` we read the course corpus (carried `load_text` above).
-#
-# What is a *document*? In a folder, each file is one. A single file (tiny
-# Shakespeare, the Python documentation) is one long text, so we cut it at blank
-# lines into paragraphs (a speech, a section of the manual) and treat those as the
-# documents: they are what gets deduplicated, and what `<|endoftext|>` separates.
+# Two loaders play two processes of a data-parallel run. The position of rank 1 goes
+# through JSON, as it would through a checkpoint file, into a fresh loader, which must
+# then produce exactly the batch the original produces next.
 
 # %%
-def read_corpus(path=None):
-    """The raw corpus as (texts, source): `texts` is a list of (name, text) pairs, one
-    per file read. Non-UTF-8 or empty files in a folder are reported and skipped."""
-    if path and os.path.isdir(path):
-        found = sorted(os.path.join(folder, name) for folder, _, names in os.walk(path)
-                       for name in names if name.endswith(".txt"))
-        texts = []
-        for file_path in found:
-            try:
-                texts.append((file_path, load_text(file_path)[0]))
-            except DataError as error:
-                print(f"note: skipping a file: {error}", file=sys.stderr)
-        if not texts:
-            raise DataError(f"the corpus is empty: folder {path} holds {len(found)} .txt "
-                            f"files and none is usable UTF-8 text; add some text files")
-        return texts, path
-    text, source = load_text(path)
-    return [(source, text)], source
+if __name__ == "__main__" and not ARGS.shards:
+    loaders = [ShardLoader(train_paths, ARGS.batch_size, ARGS.block_size, rank=rank,
+                           world_size=2, seed=ARGS.seed) for rank in (0, 1)]
+    first_batches = [loader.next_batch() for loader in loaders]
+    print(f"loader: {loaders[0].windows:,} windows of {ARGS.block_size + 1} tokens, "
+          f"{loaders[0].steps_per_epoch} steps per epoch with 2 ranks of "
+          f"{ARGS.batch_size} rows; rank 0 row 0 reads "
+          f"{encoding.decode(first_batches[0][0][0][:16].tolist())!r}")
+    resumed = ShardLoader(train_paths, ARGS.batch_size, ARGS.block_size, rank=1,
+                          world_size=2, seed=ARGS.seed)
+    resumed.load_state_dict(json.loads(json.dumps(loaders[1].state_dict())))
+    expected, got = loaders[1].next_batch(), resumed.next_batch()
+    resume_exact = bool(np.array_equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]))
+    print(f"  a loader restored from a saved position gives the identical next batch: "
+          f"{resume_exact}")
+    figures.update(resume_exact=resume_exact)
 
 
 # %% [markdown]
-# ## Clean
+# ### Shards written before (`--shards FOLDER`)
 #
-# The same text can be spelled in different bytes, and a tokenizer would learn every
-# spelling separately. Cleaning picks one:
-#
-# * Unicode normalisation (NFC): "é" can be one code point or "e" plus a combining
-#   accent; NFC makes both the single code point;
-# * line endings: Windows `\r\n` and old Mac `\r` become `\n`;
-# * control characters (NUL, escape codes, the C1 range) are removed, except tab and
-#   newline; exotic spaces (no-break, thin, ideographic) become a plain space;
-# * spaces at the end of lines go; three or more line breaks become one blank line.
-#
-# Cleaning must not change what the text *says*: we leave case, punctuation and
-# indentation alone (code in the Python documentation needs its indentation).
+# The `--shards` run reads every shard in the folder, each checked (magic, version, id
+# size, length), and streams one batch from the training shards, the way chapter 13
+# reads them. It prints its own summary and is the whole of that run.
 
 # %%
-def clean_text(text):
-    """`text` with one spelling for Unicode, line endings and whitespace."""
-    text = unicodedata.normalize("NFC", text)
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = regex.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]", "", text)
-    text = regex.sub(r"\p{Zs}", " ", text)
-    text = regex.sub(r"[ \t]+\n", "\n", text)
-    text = regex.sub(r"\n{3,}", "\n\n", text)
-    return text.strip()
-
-
-def split_documents(texts):
-    """Clean each (name, text) and return the list of documents: each file is one
-    document, except a lone file, which is cut at blank lines into paragraphs."""
-    cleaned = [clean_text(text) for _, text in texts]
-    if len(cleaned) == 1:
-        cleaned = cleaned[0].split("\n\n")
-    return [document for document in cleaned if document.strip()]
-
-
-# %% [markdown]
-# ## Deduplicate
-#
-# Corpora repeat themselves: web pages are mirrored, licences and cookie banners
-# appear on every page, a manual repeats a note in every section. A model trained on
-# repeats wastes its time on them and learns to recite them; its validation loss
-# also flatters it when a copy of a training document sits in the validation set.
-#
-# **Exact duplicates** are cheap to find: hash each document (SHA-256) and keep the
-# first document with each hash. Equal hashes mean equal texts (a collision has
-# never been observed), and comparing 32-byte digests is far faster than comparing
-# texts pairwise.
-#
-# **Near duplicates** (the same paragraph with a word changed) need a measure of
-# similarity. Cut each document into *shingles*, its runs of 5 consecutive words, and
-# compare the sets: the Jaccard similarity of sets A and B is |A ∩ B| / |A ∪ B|, 1 for
-# the same shingles, 0 for none shared. Changing one word of a 100-word paragraph
-# changes the 5 shingles that contain it: (96 - 5) / (96 + 5) = 0.90. Two changed
-# words give (96 - 10) / (96 + 10) = 0.81. Our threshold, **0.8**, thus calls two
-# documents near duplicates when they differ in about 2 words per hundred or fewer.
-#
-# Comparing every pair of N documents costs N²/2 set comparisons: a billion for
-# 45,000 documents. **MinHash** avoids that. Apply a random hash function h to every
-# shingle of a document and keep the minimum. For two documents, the probability that
-# their minima are equal is exactly their Jaccard similarity (the smallest hash over
-# A ∪ B is equally likely to be any of its shingles, and the minima agree exactly when
-# it belongs to A ∩ B). With 128 hash functions, each document gets a 128-number
-# *signature*, and the fraction of equal entries estimates the similarity.
-#
-# **Locality-sensitive hashing** then finds the candidates without comparing all
-# pairs: cut the signature into b = 16 *bands* of r = 8 numbers; documents that agree
-# on all 8 numbers of any one band land in the same bucket. Two documents with
-# similarity s agree on one band with probability s^8, and on at least one of 16 with
-#
-#     P(candidate) = 1 - (1 - s^8)^16
-#
-# an S-shaped curve: 0.06 at s = 0.5, 0.59 at s = 0.7, 0.95 at s = 0.8, 0.9997 at
-# s = 0.9. Candidates are then checked with their exact Jaccard similarity, so the
-# curve decides only what we might *miss* (about 5% of pairs right at 0.8, almost
-# none of the clear copies), never what we wrongly remove.
-#
-# Very short documents ("Ay, my lord.", "See also:") repeat because language does, not
-# because someone copied them; and a short document has too few shingles for the
-# similarity to mean much (16 words make 12 shingles, and one changed word already
-# drops the similarity to 7 / 17 = 0.41). So documents of fewer than 16 words are
-# always kept.
-#
-# Two things to notice in the output. MinHash sees only words: two code examples that
-# differ only in punctuation (`'1 2 3'.split()` and `'1,2,3'.split(',')`) look
-# identical to it. And near duplicates are not always copies: the manual describes
-# `str.ljust`, `str.rjust` and `str.center` in nearly the same words, and at 0.8 the
-# second and third go. For training a language model that is the intent (the model
-# still sees the template once); for a search engine it would not be.
-
-# %%
-SHINGLE_WORDS = 5        # words per shingle
-MINHASH_BANDS = 16       # bands x rows = 128 hash functions
-MINHASH_ROWS = 8
-MINHASH_PRIME = 4294967311   # the smallest prime above 2**32: hashes are taken mod it
-MIN_DEDUP_WORDS = 16     # shorter documents are always kept
-
-
-def shingles(document):
-    """The set of runs of SHINGLE_WORDS consecutive words (lower-cased) of `document`,
-    each hashed to a 32-bit integer with BLAKE2 (stable across runs, unlike hash())."""
-    words = regex.findall(r"\w+", document.lower())
-    runs = {" ".join(words[start:start + SHINGLE_WORDS])
-            for start in range(max(len(words) - SHINGLE_WORDS + 1, 1))}
-    return {int.from_bytes(hashlib.blake2b(run.encode(), digest_size=4).digest(), "little")
-            for run in runs}
-
-
-def minhash_signature(shingle_set, multipliers, offsets):
-    """One minimum per hash function h(x) = (a x + b) mod p, over the shingle hashes.
-    With a, b, x below 2**32, a x + b stays below 2**64: no overflow in uint64."""
-    values = np.fromiter(shingle_set, dtype=np.uint64, count=len(shingle_set))
-    hashed = (values[:, None] * multipliers[None, :] + offsets[None, :]) % MINHASH_PRIME
-    return hashed.min(axis=0)
-
-
-def candidate_probability(similarity, bands=MINHASH_BANDS, rows=MINHASH_ROWS):
-    """The chance that two documents of Jaccard `similarity` share at least one band."""
-    return 1 - (1 - similarity ** rows) ** bands
-
-
-def deduplicate(documents, threshold=0.8, seed=0):
-    """Drop exact and near duplicates, keeping the first of each group.
-
-    Returns (kept documents, exact removals, near removals); each removal is a tuple
-    (removed index, index of the kept document it copies, Jaccard similarity)."""
-    rng = np.random.default_rng(seed)
-    functions = MINHASH_BANDS * MINHASH_ROWS
-    multipliers = rng.integers(1, 2**32, size=functions, dtype=np.uint64)
-    offsets = rng.integers(0, 2**32, size=functions, dtype=np.uint64)
-    first_with_digest = {}             # SHA-256 digest -> index of the kept document
-    buckets = defaultdict(list)        # (band, its 8 minima) -> kept document indices
-    kept_shingles = {}                 # index of a kept document -> its shingle set
-    kept, exact, near = [], [], []
-    for index, document in enumerate(documents):
-        if len(regex.findall(r"\w+", document)) < MIN_DEDUP_WORDS:
-            kept.append(document)
-            continue
-        digest = hashlib.sha256(document.encode("utf-8")).digest()
-        if digest in first_with_digest:
-            exact.append((index, first_with_digest[digest], 1.0))
-            continue
-        first_with_digest[digest] = index
-        shingle_set = shingles(document)
-        signature = minhash_signature(shingle_set, multipliers, offsets)
-        keys = [(band, signature[band * MINHASH_ROWS:(band + 1) * MINHASH_ROWS].tobytes())
-                for band in range(MINHASH_BANDS)]
-        candidates = {other for key in keys for other in buckets.get(key, ())}
-        best_similarity, best_match = 0.0, None
-        for other in sorted(candidates):
-            other_set = kept_shingles[other]
-            similarity = len(shingle_set & other_set) / len(shingle_set | other_set)
-            if similarity > best_similarity:
-                best_similarity, best_match = similarity, other
-        if best_similarity >= threshold:
-            near.append((index, best_match, best_similarity))
-            continue
-        kept.append(document)
-        kept_shingles[index] = shingle_set
-        for key in keys:
-            buckets[key].append(index)
-    return kept, exact, near
-
-
-# %% [markdown]
-# ## Validation documents
-#
-# We hold back about 10% of the text, whole documents, before the tokenizer is
-# trained, so that "bytes per token" on it measures how well the merges carry over to
-# text they were not learned from, and chapter 13 can measure its model on text it
-# never trained on. The held-out documents are the first ones: in the shards, the
-# validation shard comes first.
-
-# %%
-def split_validation(documents, valid_fraction):
-    """(validation documents, training documents): the first documents until they hold
-    `valid_fraction` of the characters, and the rest. Both are non-empty."""
-    if len(documents) < 2:
-        raise DataError(f"the corpus has {len(documents)} document after cleaning and "
-                        f"deduplication; it needs at least 2 (one to validate on)")
-    target = valid_fraction * sum(len(document) for document in documents)
-    count, characters = 0, 0
-    while count < len(documents) - 1 and (count == 0 or characters < target):
-        characters += len(documents[count])
-        count += 1
-    return documents[:count], documents[count:]
-
-
-# %% [markdown]
-# ## Checking the tokenizer
-#
-# Two promises must hold for *any* string, not just the English we trained on:
-#
-# 1. the pure-Python encoder and tiktoken give the same ids, so tiktoken really is
-#    "our tokenizer, only faster";
-# 2. decoding the ids gives back the exact string (`decode(encode(s)) == s`). This is
-#    what byte-level BPE buys: every string is UTF-8 bytes, and every byte is a token.
-#    ("Every string" means every valid Unicode text. Python also allows a lone half
-#    of a UTF-16 surrogate pair, "\ud800", which has no UTF-8 form and cannot occur in
-#    a text file; tiktoken replaces it with "\ufffd" and our encoder refuses it.)
-#
-# The strings below are chosen to break weaker tokenizers: emoji (4 bytes in UTF-8),
-# a family emoji made of several joined by zero-width joiners, flags made of two
-# "regional indicator" letters, combining accents that are *not* normalised (decode
-# must not "fix" them), Chinese and Japanese, right-to-left Arabic and Hebrew, control
-# characters, odd whitespace, and the special token's text itself inside a document.
-#
-# One honest limit: the pure-Python encoder classifies characters with the `regex`
-# module's Unicode tables and tiktoken with those compiled into its Rust code. For the
-# handful of characters added to Unicode in its newest versions (rare letters of
-# historic scripts), the two tables can disagree on "is this a letter?", and then so
-# do the chunks. For every character of the long-established scripts they agree.
-
-# %%
-HARD_STRINGS = [
-    "Hello, world! It's 3.14159 o'clock; we'll see.",
-    "emoji: 🤖🚀 family: 👨‍👩‍👧‍👦 flag: 🇫🇷 skin tone: 👍🏽",
-    "combining: e\u0301 a\u0308 n\u0303 (not normalised) vs é ä ñ; Zalgo: Z\u0351\u0334a\u0362",
-    "中文分词很难。日本語のテキスト、カタカナ。한국어 문장.",
-    "RTL: שלום עולם and مرحبا بالعالم mixed with English 123.",
-    "control \x00\x01\x1b[31m red \x7f\x85 and tabs\tand\r\nline endings\u2028sep",
-    "spaces:   three,\u00a0no-break,\u3000ideographic, trailing   ",
-    "a document that mentions <|endoftext|> in its text",
-    "numbers ½ ² ٣ 〇 Ⅻ and math ∑∫√ and code: x += 1  # comment",
-    "",
-]
-
-
-def tokenizer_checks(mergeable_ranks, encoding, texts):
-    """(identical, round_trip): whether bpe_encode equals tiktoken's encode_ordinary on
-    every text, and whether decoding gives every text back."""
-    identical = all(bpe_encode(text, mergeable_ranks) == encoding.encode_ordinary(text)
-                    for text in texts)
-    round_trip = all(encoding.decode(encoding.encode_ordinary(text)) == text
-                     for text in texts)
-    return identical, round_trip
-
-
-# %% [markdown]
-# ## Encoding in parallel and writing shards
-#
-# tiktoken is fast, but one Python process still uses one core. Documents are
-# independent, so a pool of worker processes can each encode some of them. Each
-# worker receives the `Encoding` once (when it starts, not with every document), and
-# `imap` hands documents out in chunks and returns the results *in order*, so the
-# shards come out the same whatever the number of workers.
-#
-# Starting processes is why the run sits behind `if __name__ == "__main__":`. On
-# macOS and Windows each worker starts a fresh Python that imports this file; without
-# the guard, every worker would start the whole pipeline again.
-#
-# Documents are ordinary text, encoded with `encode_ordinary`: a document containing
-# the characters `<|endoftext|>` gets them as ordinary tokens. The real special token
-# is put *before* every document by our code, so every document, the first one
-# included, starts right after one; a model trained on the shards learns that
-# `<|endoftext|>` means "a new document begins", and sampling from it alone starts one.
-
-# %%
-worker_encoding = None   # the Encoding inside each worker process
-
-
-def start_worker(encoding):
-    """Pool initializer: keep the encoding for this worker's documents."""
-    global worker_encoding
-    worker_encoding = encoding
-
-
-def encode_document(document):
-    """`<|endoftext|>` then the document's tokens, as a numpy array."""
-    return np.array([worker_encoding.eot_token] + worker_encoding.encode_ordinary(document),
-                    dtype=np.uint32)
-
-
-def encode_documents(documents, encoding, workers):
-    """Encoded documents, in order, using `workers` processes (1: this process)."""
-    if workers <= 1:
-        start_worker(encoding)
-        yield from map(encode_document, documents)
-        return
-    with multiprocessing.Pool(workers, initializer=start_worker,
-                              initargs=(encoding,)) as pool:
-        yield from pool.imap(encode_document, documents, chunksize=32)
-
-
-def write_shards(valid_documents, train_documents, encoding, folder, shard_tokens,
-                 workers=1):
-    """Encode the documents and write them as shards into `folder`: shard 0 holds the
-    validation documents, shards 1, 2, ... the training documents, `shard_tokens`
-    each (the last one shorter). Returns (validation paths, training paths).
-
-    Training shards are cut at exactly `shard_tokens` tokens, often in the middle of
-    a document: the loader joins the shards back into one stream. Shards left over
-    from an earlier, longer run in `folder` are removed at the end."""
-    os.makedirs(folder, exist_ok=True)
-    vocab_size = encoding.n_vocab
-    valid_paths, train_paths = [], []
-
-    def path_of(index, split):
-        return os.path.join(folder, f"{split}_{index:06d}.bin")
-
-    stream = encode_documents(valid_documents + train_documents, encoding, workers)
-    valid_tokens = np.concatenate([next(stream) for _ in valid_documents])
-    valid_paths.append(path_of(0, "valid"))
-    write_shard(valid_paths[0], valid_tokens, vocab_size)
-    pending, pending_count = [], 0
-    for tokens in stream:
-        pending.append(tokens)
-        pending_count += len(tokens)
-        while pending_count >= shard_tokens:
-            joined = np.concatenate(pending)
-            train_paths.append(path_of(len(train_paths) + 1, "train"))
-            write_shard(train_paths[-1], joined[:shard_tokens], vocab_size)
-            pending, pending_count = [joined[shard_tokens:]], len(joined) - shard_tokens
-    if pending_count:
-        train_paths.append(path_of(len(train_paths) + 1, "train"))
-        write_shard(train_paths[-1], np.concatenate(pending), vocab_size)
-    current = {os.path.basename(path) for path in valid_paths + train_paths}
-    for name in os.listdir(folder):
-        if regex.fullmatch(r"(valid|train)_\d{6}\.bin", name) and name not in current:
-            os.remove(os.path.join(folder, name))
-    return valid_paths, train_paths
-
-
-def save_merges(mergeable_ranks, path):
-    """Save the tokenizer in tiktoken's own file format (one "base64-bytes rank" line
-    per token), so `tiktoken.load.load_tiktoken_bpe(path)` reads it back."""
-    temporary = path + ".part"
-    with open(temporary, "w") as file:
-        for piece, rank in sorted(mergeable_ranks.items(), key=lambda item: item[1]):
-            file.write(f"{base64.b64encode(piece).decode()} {rank}\n")
-    os.replace(temporary, path)
-
-
-# %% [markdown]
-# ## Pictures
-#
-# Two plots, when matplotlib is installed: how compression (bytes per token) grows
-# with the number of merges, on the training text and on held-out text; and the
-# MinHash S-curve, the chance that a pair of documents is examined as a function of
-# how similar they are, with our threshold marked.
-
-# %%
-def plot_results(out, vocab_sizes, train_compression, valid_compression, threshold):
-    """Save compression.png and minhash.png to `out`; without matplotlib, say so once
-    and print a text view instead."""
-    similarities = np.linspace(0, 1, 101)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib is not installed; no plots, text view instead")
-        for size, train_value, valid_value in zip(vocab_sizes, train_compression,
-                                                  valid_compression):
-            print(f"  vocabulary {size:6d}: {train_value:.2f} bytes/token on training "
-                  f"text, {valid_value:.2f} held out")
-        return []
-    figure, axes = plt.subplots(figsize=(6, 4))
-    axes.plot(vocab_sizes, train_compression, "o-", label="training text")
-    axes.plot(vocab_sizes, valid_compression, "s--", label="held-out text")
-    axes.set_xscale("log", base=2)
-    axes.set_xlabel("vocabulary size (tokens)")
-    axes.set_ylabel("bytes per token")
-    axes.set_title("BPE compression grows with every merge")
-    axes.legend()
-    figure.tight_layout()
-    paths = [os.path.join(out, "compression.png")]
-    figure.savefig(paths[-1], dpi=100)
-    plt.close(figure)
-    figure, axes = plt.subplots(figsize=(6, 4))
-    axes.plot(similarities, candidate_probability(similarities))
-    axes.axvline(threshold, color="gray", linestyle=":", label=f"threshold {threshold}")
-    axes.set_xlabel("Jaccard similarity of two documents")
-    axes.set_ylabel("probability of being compared")
-    axes.set_title(f"MinHash LSH, {MINHASH_BANDS} bands of {MINHASH_ROWS} rows")
-    axes.legend()
-    figure.tight_layout()
-    paths.append(os.path.join(out, "minhash.png"))
-    figure.savefig(paths[-1], dpi=100)
-    plt.close(figure)
-    return paths
-
-
-# %% [markdown]
-# ## Running the chapter
-#
-# Every chapter shares this command line: `--seed` for repeatable runs, `--data` for a
-# local copy of the data, `--quick` for a run of a few seconds (used by the tests) and
-# `--out` for where files are written. Its last line of output is `summary:` and a
-# line of JSON with the chapter's headline figures, so scripts and tests can read it.
-
-
-#
-# The run, in order: read and clean the corpus; remove duplicates; hold back the
-# validation documents; train the tokenizer on the rest and time it; check it against
-# tiktoken and on hard strings; measure compression and encoding speed; write the
-# shards in parallel and check they decode back to the documents; and finally stream
-# batches for two ranks and resume a loader from a saved position.
-#
-# `--shards FOLDER` does something smaller: it reads shards written earlier (checking
-# each header and length) and streams one batch from them, the way chapter 13 will.
-
-# %%
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--data", default=None,
-                        help="a UTF-8 .txt file or a folder of them (default: download "
-                             "tiny Shakespeare, else the Python documentation)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a run of a few seconds, for tests and a first look "
-                             "(150,000 characters, vocabulary 512)")
-    parser.add_argument("--out", default="out",
-                        help="folder for shards, merges and plots (default out/)")
-    parser.add_argument("--vocab-size", type=int, default=None,
-                        help="tokens in the vocabulary, <|endoftext|> included; at least "
-                             "257 (default 4096, --quick 512)")
-    parser.add_argument("--workers", type=int, default=2,
-                        help="processes that encode documents in parallel (default 2)")
-    parser.add_argument("--shard-tokens", type=int, default=None,
-                        help="tokens per training shard (default 50000, --quick 20000)")
-    parser.add_argument("--valid-fraction", type=float, default=0.1,
-                        help="share of the text held out for validation (default 0.1)")
-    parser.add_argument("--threshold", type=float, default=0.8,
-                        help="Jaccard similarity from which two documents count as near "
-                             "duplicates (default 0.8)")
-    parser.add_argument("--shards", default=None, metavar="FOLDER",
-                        help="instead of building shards, check the shards already in "
-                             "FOLDER (e.g. out/shards) and stream a batch from them")
-    parser.add_argument("--batch-size", type=int, default=8,
-                        help="rows per batch in the loader demonstration (default 8)")
-    parser.add_argument("--block-size", type=int, default=64,
-                        help="tokens per row in the loader demonstration (default 64)")
-    args = parser.parse_args(argv)
-    if args.vocab_size is None:
-        args.vocab_size = 512 if args.quick else 4096
-    if args.shard_tokens is None:
-        args.shard_tokens = 20_000 if args.quick else 50_000
-    return args
-
-
-def check_args(args):
-    """Refuse impossible settings before any work is done."""
-    if not 257 <= args.vocab_size <= 2**32:
-        raise DataError(f"--vocab-size {args.vocab_size} is out of range: a byte-level "
-                        f"vocabulary needs at least 257 tokens (256 bytes and "
-                        f"{END_OF_TEXT}) and ids must fit in 32 bits")
-    for name in ("workers", "shard_tokens", "batch_size", "block_size"):
-        if getattr(args, name) < 1:
-            raise DataError(f"--{name.replace('_', '-')} must be at least 1 "
-                            f"(got {getattr(args, name)})")
-    if not 0 < args.valid_fraction < 1:
-        raise DataError(f"--valid-fraction must lie between 0 and 1 "
-                        f"(got {args.valid_fraction})")
-    if not 0 < args.threshold <= 1:
-        raise DataError(f"--threshold must lie in (0, 1] (got {args.threshold})")
-
-
-def bytes_per_token(encoding, texts):
-    """Compression: UTF-8 bytes of `texts` divided by the tokens they encode to."""
-    data = sum(len(text.encode("utf-8")) for text in texts)
-    return data / max(sum(len(encoding.encode_ordinary(text)) for text in texts), 1)
-
-
-def best_time(function, *arguments, repeats=3):
-    """The fastest of `repeats` timed calls, in seconds: the least disturbed by
-    whatever else the machine is doing."""
-    times = []
-    for _ in range(repeats):
-        clock = time.perf_counter()
-        function(*arguments)
-        times.append(time.perf_counter() - clock)
-    return min(times)
-
-
-def print_summary(figures):
-    """The chapter's last line: `summary: ` and its headline figures as JSON."""
-    print("summary: " + json.dumps(figures))
-
-
 def inspect_shards(folder, args, started):
     """The `--shards` run: read every shard in `folder` (each is checked: magic,
     version, id size, length), then stream one batch from the training shards."""
@@ -1175,181 +1382,26 @@ def inspect_shards(folder, args, started):
                    "seconds": round(time.perf_counter() - started, 1)})
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    check_args(args)
-    started = time.perf_counter()
-    if args.shards:
-        return inspect_shards(args.shards, args, started)
-    os.makedirs(args.out, exist_ok=True)
+if __name__ == "__main__" and ARGS.shards:
+    inspect_shards(ARGS.shards, ARGS, started)
 
-    # ---- acquire and clean ----
-    # --quick keeps the first 150,000 characters' worth of documents: enough for every
-    # step to mean something, small enough to run in a few seconds.
-    texts, source = read_corpus(args.data)
-    raw_bytes = sum(len(text.encode("utf-8")) for _, text in texts)
-    documents = split_documents(texts)
-    if args.quick:
-        kept_characters, count = 0, 0
-        while count < len(documents) and kept_characters < 150_000:
-            kept_characters += len(documents[count])
-            count += 1
-        documents = documents[:count]
-    if not documents:
-        raise DataError(f"the corpus from {source} is empty after cleaning; it holds "
-                        f"only whitespace and control characters")
-    print(f"acquired {len(texts)} file(s) from {source}: {raw_bytes:,} bytes; "
-          f"{len(documents):,} documents after cleaning"
-          + (" (--quick: the first 150,000 characters)" if args.quick else ""))
 
-    # ---- deduplicate ----
-    # Removals are reported with the document they repeat, so you can judge for
-    # yourself whether the threshold was right for your text.
-    kept, exact, near = deduplicate(documents, args.threshold, args.seed)
-    removed_bytes = sum(len(documents[index].encode("utf-8")) for index, _, _ in exact + near)
-    total_bytes = sum(len(document.encode("utf-8")) for document in documents)
-    print(f"deduplicated: removed {len(exact)} exact and {len(near)} near duplicates, "
-          f"{removed_bytes:,} of {total_bytes:,} bytes ({100 * removed_bytes / total_bytes:.1f}%)")
-    for kind, removals in (("exact", exact), ("near", sorted(near, key=lambda item: item[2]))):
-        for index, original, similarity in removals[:2]:   # the least similar near pairs
-            print(f"  {kind} (Jaccard {similarity:.2f}): document {index} repeats "
-                  f"{original}: {documents[index][:60]!r}")
-    print("  MinHash chance of comparing a pair: "
-          + ", ".join(f"{candidate_probability(s):.3f} at {s}" for s in (0.5, 0.7, 0.8, 0.9)))
+# %% [markdown]
+# ## Pictures
+#
+# Two plots, when matplotlib is installed: how compression (bytes per token) grows
+# with the number of merges, on the training text and on held-out text; and the
+# MinHash S-curve, the chance that a pair of documents is examined as a function of
+# how similar they are, with our threshold marked.
+# Both are saved as PNG files in `--out`, and in a notebook they also appear below.
+# Without matplotlib, the compression figures are printed as a small table instead.
 
-    # ---- train the tokenizer on the training documents only ----
-    # Documents are joined with END_OF_TEXT, which train_bpe cuts at again: no merge
-    # may span two documents. The timing is the headline figure of this step.
-    valid_documents, train_documents = split_validation(kept, args.valid_fraction)
-    train_text = END_OF_TEXT.join(train_documents)
-    train_bytes = len(train_text.encode("utf-8"))
-    clock = time.perf_counter()
-    mergeable_ranks = train_bpe(train_text, args.vocab_size)
-    train_seconds = time.perf_counter() - clock
-    encoding = make_encoding(mergeable_ranks)
-    print(f"trained BPE on {train_bytes:,} bytes: {encoding.n_vocab} tokens "
-          f"({len(mergeable_ranks) - 256} merges + {END_OF_TEXT} as id {encoding.eot_token}) "
-          f"in {train_seconds:.2f} s")
-    if encoding.n_vocab < args.vocab_size:
-        print(f"  note: the text ran out of pairs to merge before {args.vocab_size} tokens")
-    # The first merges are the commonest pairs (spaces, "th", "he"); the longest
-    # tokens show what the corpus repeats most: in the Python documentation, the
-    # borders of its ASCII tables, which BPE learns as single tokens.
-    by_rank = sorted(mergeable_ranks, key=mergeable_ranks.get)
-    print("  first merges:", " ".join(repr(piece.decode("utf-8", "replace"))
-                                      for piece in by_rank[256:266]))
-    print("  longest tokens:", " ".join(repr(piece.decode("utf-8", "replace")) for piece in
-                                        sorted(by_rank[256:], key=len)[-5:]))
-    example = "The tokenizer splits unfamiliar words like Pythonista into pieces."
-    print("  " + "|".join(encoding.decode_single_token_bytes(token).decode("utf-8", "replace")
-                          for token in encoding.encode_ordinary(example)))
-
-    # ---- check: pure Python and tiktoken agree, and decoding is exact ----
-    # On the hard strings and on 100,000 characters of held-out text. The special
-    # token's text inside a document shows the three ways tiktoken can treat it:
-    # refuse (the default of encode), plain text (encode_ordinary), or the special id.
-    valid_text = END_OF_TEXT.join(valid_documents)
-    sample = valid_text[:100_000]
-    identical, round_trip = tokenizer_checks(mergeable_ranks, encoding, HARD_STRINGS + [sample])
-    print(f"pure Python and tiktoken give identical ids: {identical}; "
-          f"decode(encode(s)) == s on hard strings: {round_trip}")
-    special = "one document<|endoftext|>another"
-    try:
-        encoding.encode(special)
-        print("  (unexpected) tiktoken encoded the special token's text without being asked")
-    except ValueError:
-        print(f"  text containing {END_OF_TEXT} is refused by encode() unless allowed; as "
-              f"ordinary text it is {len(encoding.encode_ordinary(special))} tokens, as the "
-              f"special token {len(encoding.encode(special, allowed_special='all'))}")
-
-    # ---- speed and compression ----
-    # Pure Python is timed on the 100,000-character sample (it is the slow one),
-    # tiktoken on the whole training text; each the best of three runs. Compression
-    # at smaller vocabularies costs nothing extra to measure: the first k ranks of a
-    # BPE vocabulary are themselves a complete tokenizer (the k - 256 merges learned
-    # first), so we cut the dictionary and encode again.
-    pure_speed = len(sample.encode("utf-8")) / best_time(bpe_encode, sample, mergeable_ranks) / 1e6
-    tiktoken_speed = train_bytes / best_time(encoding.encode_ordinary, train_text) / 1e6
-    print(f"encoding speed: pure Python {pure_speed:.2f} MB/s, tiktoken {tiktoken_speed:.1f} "
-          f"MB/s ({tiktoken_speed / pure_speed:.0f}x)")
-    vocab_sizes = [size for size in (256, 512, 1024, 2048, 4096, 8192, 16384)
-                   if size < len(mergeable_ranks)] + [len(mergeable_ranks)]
-    train_compression, valid_compression = [], []
-    for size in vocab_sizes:
-        smaller = make_encoding({piece: rank for piece, rank in mergeable_ranks.items()
-                                 if rank < size}, name=f"course-bpe-{size}")
-        train_compression.append(bytes_per_token(smaller, train_documents))
-        valid_compression.append(bytes_per_token(smaller, valid_documents))
-    print(f"compression: {train_compression[-1]:.2f} bytes/token on training text, "
-          f"{valid_compression[-1]:.2f} on held-out text (single bytes: 1.00)")
-    gpt2 = gpt2_encoding()
-    gpt2_compression = bytes_per_token(gpt2, valid_documents) if gpt2 else None
-    if gpt2:
-        print(f"  GPT-2's tokenizer (50,257 tokens, trained on web text): "
-              f"{gpt2_compression:.2f} bytes/token on the same held-out text")
-    else:
-        print("  GPT-2's tokenizer files are not cached and could not be downloaded "
-              "(offline?); skipping that comparison")
-
-    # ---- shards, encoded in parallel ----
-    # The merges are saved next to the shards in tiktoken's file format: the shards
-    # are numbers, and only this file says which text each number stands for.
-    folder = os.path.join(args.out, "shards")
-    clock = time.perf_counter()
-    valid_paths, train_paths = write_shards(valid_documents, train_documents, encoding,
-                                            folder, args.shard_tokens, args.workers)
-    shard_seconds = time.perf_counter() - clock
-    save_merges(mergeable_ranks, os.path.join(args.out, "course-bpe.tiktoken"))
-    valid_tokens = len(read_shard(valid_paths[0]))
-    train_tokens = sum(len(read_shard(path)) for path in train_paths)
-    dtype = read_shard(train_paths[0]).dtype
-    print(f"wrote {len(valid_paths) + len(train_paths)} shards to {folder} with "
-          f"{args.workers} worker(s) in {shard_seconds:.2f} s: validation {valid_tokens:,} "
-          f"tokens, training {train_tokens:,} tokens, ids as {dtype.name}")
-    # The strongest check of the whole path: the shards decode back to exactly the
-    # documents, each after one <|endoftext|>, in order, whatever the number of workers.
-    decoded = encoding.decode(np.concatenate([read_shard(path) for path in
-                                              valid_paths + train_paths]).tolist())
-    shards_exact = decoded == "".join(END_OF_TEXT + document for document in
-                                      valid_documents + train_documents)
-    print(f"  the shards decode back to the documents exactly: {shards_exact}")
-
-    # ---- stream batches: two ranks, disjoint; and an exact resume ----
-    # Two loaders play two processes of a data-parallel run. The position of rank 1
-    # goes through JSON, as it would through a checkpoint file, into a fresh loader,
-    # which must then produce exactly the batch the original produces next.
-    loaders = [ShardLoader(train_paths, args.batch_size, args.block_size, rank=rank,
-                           world_size=2, seed=args.seed) for rank in (0, 1)]
-    first_batches = [loader.next_batch() for loader in loaders]
-    print(f"loader: {loaders[0].windows:,} windows of {args.block_size + 1} tokens, "
-          f"{loaders[0].steps_per_epoch} steps per epoch with 2 ranks of "
-          f"{args.batch_size} rows; rank 0 row 0 reads "
-          f"{encoding.decode(first_batches[0][0][0][:16].tolist())!r}")
-    resumed = ShardLoader(train_paths, args.batch_size, args.block_size, rank=1,
-                          world_size=2, seed=args.seed)
-    resumed.load_state_dict(json.loads(json.dumps(loaders[1].state_dict())))
-    expected, got = loaders[1].next_batch(), resumed.next_batch()
-    resume_exact = bool(np.array_equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]))
-    print(f"  a loader restored from a saved position gives the identical next batch: "
-          f"{resume_exact}")
-
-    plots = plot_results(args.out, vocab_sizes, train_compression, valid_compression,
-                         args.threshold)
+# %%
+if __name__ == "__main__" and not ARGS.shards:
+    plots = plot_results(ARGS.out, vocab_sizes, train_compression, valid_compression,
+                         ARGS.threshold)
     if plots:
         print("saved plots:", ", ".join(plots))
-    print_summary({"chapter": CHAPTER, "source": source, "documents": len(documents),
-                   "exact_duplicates": len(exact), "near_duplicates": len(near),
-                   "vocab_size": encoding.n_vocab, "train_bytes": train_bytes,
-                   "bpe_seconds": round(train_seconds, 2),
-                   "bytes_per_token": round(valid_compression[-1], 3),
-                   "gpt2_bytes_per_token": gpt2_compression and round(gpt2_compression, 3),
-                   "pure_python_mb_s": round(pure_speed, 2),
-                   "tiktoken_mb_s": round(tiktoken_speed, 1),
-                   "identical_ids": identical, "round_trip": round_trip,
-                   "valid_tokens": valid_tokens, "train_tokens": train_tokens,
-                   "shards": len(valid_paths) + len(train_paths),
-                   "shards_exact": shards_exact, "resume_exact": resume_exact,
-                   "seconds": round(time.perf_counter() - started, 1)})
 
 
 # %% [markdown]
@@ -1370,8 +1422,24 @@ def main(argv=None):
 #   `--data` on the folder: one exact and one near duplicate should go.
 # * Time `--workers 1` against `--workers 4` on a bigger corpus; with a few hundred
 #   kilobytes, starting the processes costs more than it saves.
+#
+# The pieces that chapter 13 carries, to be kept textually identical there:
+#
+#   GPT2_SPLIT_PATTERN, END_OF_TEXT     the pre-tokenisation rule, the special token
+#   train_bpe(text, vocab_size)         -> mergeable_ranks {token bytes: id}
+#   bpe_encode(text, mergeable_ranks)   -> list of ids (pure Python)
+#   make_encoding(mergeable_ranks, name="course-bpe") -> tiktoken.Encoding
+#   gpt2_encoding()                     -> GPT-2's tiktoken.Encoding, or None offline
+#   SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER
+#   write_shard(path, tokens, vocab_size=None), read_shard(path) -> numpy array
+#   ShardLoader(paths, batch_size, block_size, rank=0, world_size=1, seed=0)
+#       .next_batch() -> (inputs, targets), .state_dict(), .load_state_dict(state)
+#
+# They need DataError (carried from the earlier chapters) and the imports heapq,
+# os, struct, threading, collections.Counter and defaultdict, numpy, regex, tiktoken.
 
 # %%
-if __name__ == "__main__":
-    report_data_errors()
-    main(shlex.split(os.environ.get("ZERO_TO_GPT_ARGS", "")) if in_notebook() else None)
+# The last line of every run: the headline figures of each step, gathered as they were
+# printed, and the time the whole pipeline took.
+if __name__ == "__main__" and not ARGS.shards:
+    print_summary({**figures, "seconds": round(time.perf_counter() - started, 1)})

@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from conftest import assert_clean_error, load_chapter, run_chapter
+from conftest import (assert_clean_error, has_matplotlib, load_chapter, run_chapter,
+                      without_matplotlib)
 
 chapter = load_chapter("09_data")
 
@@ -310,6 +311,10 @@ def test_quick_run(tmp_path):
     assert figures["bytes_per_token"] > 2.0
     assert figures["exact_duplicates"] > 0
     assert figures["tiktoken_mb_s"] > figures["pure_python_mb_s"]
+    if has_matplotlib():
+        assert (tmp_path / "compression.png").exists() and (tmp_path / "minhash.png").exists()
+    else:
+        assert "text view instead" in run.stdout and "bytes/token on training" in run.stdout
     shards = tmp_path / "shards"
     assert (shards / "valid_000000.bin").exists() and (shards / "train_000001.bin").exists()
     # The written shards can be checked and streamed from the command line, and a
@@ -322,6 +327,15 @@ def test_quick_run(tmp_path):
                        "train_000002.bin", "wrong length")
     corrupt(str(shards / "train_000002.bin"), "magic")
     assert_clean_error(run_chapter("09_data", "--shards", shards, cwd=tmp_path), "bad magic")
+
+
+def test_without_matplotlib_compression_is_printed_as_text(tmp_path):
+    run = run_chapter("09_data", "--quick", "--vocab-size", "300", "--out", tmp_path,
+                      cwd=tmp_path, env=without_matplotlib(tmp_path))
+    assert run.returncode == 0 and run.summary["chapter"] == "09_data", run
+    assert "matplotlib is not installed" in run.stdout, run
+    assert "vocabulary    256:" in run.stdout, run
+    assert not list(tmp_path.glob("*.png"))
 
 
 def test_bad_inputs_exit_cleanly(tmp_path):

@@ -1,10 +1,10 @@
 """Every chapter as a learner opens it in Jupyter: converted by jupytext, executed top
 to bottom in a real kernel with `ZERO_TO_GPT_ARGS="--quick"`, as "Run All" would.
 
-Each must run without an error cell and print its `summary:` line in the last cell
-that prints; a chapter in the cell-by-cell form also shows output in at least three
-code cells spread over the chapter (results under the prose that explains them) and
-its figures inline where it plots. A bad flag shows its one sentence under the cell, no traceback.
+Each must run without an error cell, print its `summary:` line in the last cell that
+prints, show output in at least three code cells under at least three different prose
+sections (results under the prose that explains them, not all under the last cell),
+and show its figures inline where it plots. A bad flag shows its one sentence under the cell, no traceback.
 """
 import os
 
@@ -16,13 +16,6 @@ jupytext = pytest.importorskip("jupytext", reason="the README's set-up installs 
 nbclient = pytest.importorskip("nbclient", reason="the README's set-up installs nbclient")
 
 CHAPTERS = sorted(path.stem for path in ROOT.glob("[0-9][0-9]*_*.py"))
-# Chapters whose experiments run cell by cell, each under the prose that explains it.
-# 09_data still runs every experiment from one `main()` in its last cell, so in a
-# notebook all its results appear there; it is the one left to move to this form.
-RESULTS_UNDER_THEIR_PROSE = {"00_intro", "01_linalg", "02_linreg", "03_dense",
-                             "04_classify", "04b_cnn", "05_rnn", "05b_gru",
-                             "06_autograd", "07_pytorch", "08_regularize", "10_seq2seq",
-                             "11_transformer", "12_triton", "13_gpt"}
 
 
 def execute(name, flags, folder, notebook=None):
@@ -59,8 +52,6 @@ def test_chapter_runs_as_a_notebook(name, tmp_path):
     assert last_printed.strip().splitlines()[-1].startswith("summary: {"), last_printed[-500:]
     # The title cell holds the docstring and the imports, so it echoes nothing.
     assert not code[0].get("outputs"), code[0]["outputs"]
-    if name not in RESULTS_UNDER_THEIR_PROSE:
-        return
     with_output = [index for index, cell in enumerate(code) if cell.get("outputs")]
     assert len(with_output) >= 3, f"{name}: only cells {with_output} of {len(code)} show output"
     # Spread over the chapter: results sit under at least three different prose cells,
