@@ -96,6 +96,33 @@ CHAPTER = "12_triton"
 #   takes about 140 microseconds at 990 TFLOP/s, moving the bytes once 30: compute
 #   bound, provided each number is fetched from HBM only a few times (section 7).
 #
+# The same arithmetic as code: a kernel can finish no sooner than its operations allow
+# at the chip's peak rate, nor sooner than its bytes allow at HBM's bandwidth, and the
+# larger of the two bounds says which one limits it.
+
+
+# %%
+H100_FLOPS = 990e12          # bf16 tensor-core multiply-adds, counted as 2 operations
+H100_BYTES_PER_SECOND = 3.35e12
+
+
+def time_bounds(operations, bytes_moved):
+    """Lower bounds on a kernel's run time in microseconds: (arithmetic, memory)."""
+    return 1e6 * operations / H100_FLOPS, 1e6 * bytes_moved / H100_BYTES_PER_SECOND
+
+
+if __name__ == "__main__":
+    rows, features, size = 16_384, 768, 4_096
+    for name, operations, bytes_moved in [
+            ("layer norm, 16,384 x 768", 10 * rows * features, 2 * 2 * rows * features),
+            ("matmul, 4,096^3", 2 * size ** 3, 3 * 2 * size * size)]:
+        arithmetic, memory = time_bounds(operations, bytes_moved)
+        print(f"{name:<26} arithmetic {arithmetic:8.2f} us, memory {memory:6.2f} us: "
+              f"{'memory' if memory > arithmetic else 'compute'} bound, "
+              f"{operations / bytes_moved:6.1f} operations per byte")
+
+
+# %% [markdown]
 # ## Triton's programming model
 #
 # CUDA programs one thread at a time. Triton programs one *block* at a time: you write a

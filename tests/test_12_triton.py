@@ -253,3 +253,12 @@ def test_flash_attention_bf16_gpt2_shape_against_sdpa():
     out = chapter.flash_attention(q, k, v)
     expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
     assert chapter.relative_error(out, expected) < 2e-2
+
+
+def test_the_opening_examples_are_memory_and_compute_bound_as_the_prose_says():
+    # Layer norm of 16,384 x 768 in bf16: ~15 us to move its bytes, far more than its
+    # arithmetic; a 4,096^3 matmul: ~140 us of arithmetic, ~30 us of bytes.
+    arithmetic, memory = chapter.time_bounds(10 * 16_384 * 768, 4 * 16_384 * 768)
+    assert memory == pytest.approx(15.0, rel=0.01) and arithmetic < memory / 100
+    arithmetic, memory = chapter.time_bounds(2 * 4_096 ** 3, 6 * 4_096 ** 2)
+    assert arithmetic == pytest.approx(139, rel=0.01) and memory == pytest.approx(30, rel=0.01)
