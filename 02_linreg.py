@@ -16,8 +16,8 @@ gradient), move it a little, repeat. The pieces are:
 New since 01_linalg.py: instead of setting the weights by hand, the chapter learns
 them from the data, and checks its own gradient with finite differences.
 
-Run it with `python 02_linreg.py` (a few seconds on a 2-core CPU) or
-`python 02_linreg.py --quick` (about a second). `--data PATH` reads a local copy of
+Run it with `python 02_linreg.py` (about a second on a 2-core CPU) or
+`python 02_linreg.py --quick` (under a second). `--data PATH` reads a local copy of
 the weather table; `--help` lists every flag.
 
 In a notebook (Jupyter, VS Code) the chapter ignores the kernel's command line and
@@ -53,13 +53,25 @@ CHAPTER = "02_linreg"
 #   train on, because its slope is simple and smooth everywhere (the absolute value
 #   has a kink at zero), and it punishes a few big misses more than many small ones.
 #
-# For predictions $p_i$ and targets $t_i$ over $n$ numbers:
+# For predictions p_i and targets t_i over n numbers:
 #
 #     MSE = (1/n) * sum_i (p_i - t_i)^2        MAE = (1/n) * sum_i |p_i - t_i|
 #
 # Gradient descent needs to know how the MSE changes when one prediction changes.
-# Only one term of the sum contains $p_i$, and the derivative of $(p_i - t_i)^2$ is
-# $2 (p_i - t_i)$, so
+# One rule of calculus does all the work here and in every later chapter, the
+# **chain rule**: when a result depends on a number only through a middle step,
+# their slopes multiply. If y = f(u) and u = g(x), then
+#
+#     dy / dx = (dy / du) * (du / dx)
+#
+# For instance, nudging x by a little changes u by (du / dx) times as much, and each
+# bit of change in u changes y by (dy / du) times as much. (Chapter 01's finite
+# differences would measure the same product.) And when x reaches y along several
+# paths, the paths' products add up.
+#
+# Only one term of the sum contains p_i. Its square (p_i - t_i)^2 is y = u^2 with
+# u = p_i - t_i: dy / du = 2 u, and du / dp_i = 1, so the term's slope is
+# 2 (p_i - t_i), and
 #
 #     d MSE / d p_i = 2 * (p_i - t_i) / n
 #
@@ -129,10 +141,10 @@ def standardise(train, *others):
 # Chapter 03 stacks several such layers into a network, and this shape lets the
 # training loop below stay the same.
 #
-# **The gradient, by hand.** Write $g_i$ = d MSE / d p_i (from `mse_grad`). Each
-# prediction is $p_i = \sum_j x_{ij} w_j + b$, so $p_i$ changes by $x_{ij}$ when
-# $w_j$ grows by one, and by 1 when $b$ does. The chain rule adds up those effects
-# over every row:
+# **The gradient, by hand.** Write g_i = d MSE / d p_i (from `mse_grad`). Each
+# prediction is p_i = sum_j x_ij w_j + b, so d p_i / d w_j = x_ij and d p_i / d b = 1.
+# A weight reaches the MSE through every row's prediction, so by the chain rule its
+# slope is the sum over the rows of (d MSE / d p_i) * (d p_i / d w_j):
 #
 #     d MSE / d w_j = sum_i g_i * x_ij      ->  weight_grad = inputs.T @ g   (3, 1)
 #     d MSE / d b   = sum_i g_i             ->  bias_grad   = g summed over rows (1, 1)
@@ -358,24 +370,40 @@ def read_weather_csv(path):
 def generate_weather(seed=0, days=13509):
     """A stand-in for the real table, used when it cannot be downloaded.
 
-    It has the real table's columns and its main features, so every model in the
-    course has something genuine to learn: a yearly seasonal cycle (about 66 °F on
-    average, ±7 °F over the year), day-to-day persistence (today's weather is
-    yesterday's plus a random step, pulled back towards the season), tmin about 16 °F
-    below tmax, and rain on about 17% of days, which cools the day a little.
+    It has the real table's columns and the features the course's models learn from,
+    modelled on a coastal climate with wet winters and dry summers:
+
+    * rain persists: whether a day is wet is a two-state (wet, dry) Markov chain, so
+      a wet day is followed by another a little over half the time and a dry day by
+      a wet one about one time in ten, which makes wet spells; both chances rise in
+      the wet season (winter) and fall almost to nothing in summer, and about 17% of
+      days are wet over the year; a wet day's rainfall is drawn from an exponential
+      distribution (about 0.27 inches on average);
+    * temperatures follow the season (a high of about 66 °F on average, ±8 °F over
+      the year, warmest in late summer) plus an anomaly that carries from day to day
+      (an AR(1) process: yesterday's anomaly, shrunk, plus a random step);
+    * rain cools the day: a wet day's high is 3 °F lower and its range from low to
+      high narrower (about 11 °F instead of 16 °F), as clouds hold the night's heat.
+
     Deterministic from `seed`."""
     rng = np.random.default_rng(seed)
     day_of_year = np.arange(days) % 365.25
-    season = 66 + 7 * np.sin(2 * np.pi * (day_of_year - 110) / 365.25)
-    anomaly = np.zeros(days)  # how far each day is from its season: an AR(1) process
+    season = 66 + 8 * np.sin(2 * np.pi * (day_of_year - 140) / 365.25)
+    wetness = (1 + np.cos(2 * np.pi * (day_of_year - 20) / 365.25)) / 2  # 1 in late January
+    rain_after_dry = 0.01 + 0.21 * wetness ** 1.5  # the chain's two chances of a wet day
+    rain_after_rain = 0.3 + 0.35 * wetness
+    chance = rng.random(days)
+    rainy = np.zeros(days, dtype=bool)
+    for day in range(1, days):
+        rainy[day] = chance[day] < (rain_after_rain if rainy[day - 1] else rain_after_dry)[day]
+    rain = np.where(rainy, np.maximum(0.01, np.round(rng.exponential(0.27, days), 2)), 0.0)
+    anomaly = np.zeros(days)
     steps = rng.normal(0, 4.0, days)
     for day in range(1, days):
         anomaly[day] = 0.7 * anomaly[day - 1] + steps[day]
-    rainy = rng.random(days) < 0.17
-    rain = np.where(rainy, np.round(rng.exponential(0.27, days), 2), 0.0)
-    tmax = np.round(season + anomaly - 4 * rainy)
-    tmin = np.round(tmax - 16 + 4 * np.sin(2 * np.pi * day_of_year / 365.25)
-                    + rng.normal(0, 3.5, days))
+    tmax = np.round(season + anomaly - 3 * rainy)
+    spread = 16 + 2 * np.sin(2 * np.pi * (day_of_year - 200) / 365.25) - 5 * rainy
+    tmin = np.round(tmax - spread + rng.normal(0, 3.5, days))
     tmax_tomorrow = np.append(tmax[1:], tmax[-1])
     start = np.datetime64("1970-01-01")
     dates = [str(start + day) for day in range(days)]
@@ -756,7 +784,7 @@ if __name__ == "__main__":
 # What a run of this chapter shows (above), on the real table and on the generated one:
 #
 # * **Learning rate.** On standardised features, rates from 0.001 to 0.1 all come
-#   within about a tenth of a degree of each other; 0.0001 is still crawling after
+#   within about two tenths of a degree of each other; 0.0001 is still crawling after
 #   three epochs, and 1.0
 #   overshoots further at every step until the numbers overflow ("diverged").
 # * **Normalisation.** On raw features only the smallest rate survives, and even it

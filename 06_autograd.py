@@ -16,8 +16,8 @@ unchanged as the reference: rebuilt on the engine, the same weights give the sam
 gradients, and training reaches the same figures. Chapter 07 swaps this engine for
 PyTorch's, which works the same way.
 
-Run it with `python 06_autograd.py` (about 30 seconds on an idle 2-core CPU) or
-`python 06_autograd.py --quick` (about 4 seconds). `--bench` times a training step
+Run it with `python 06_autograd.py` (about 8 seconds on an idle 2-core CPU) or
+`python 06_autograd.py --quick` (about a second). `--bench` times a training step
 with the engine, by hand and with PyTorch (set `OMP_NUM_THREADS=1` for steadier
 timings); `--data PATH` reads a local copy of the weather table; `--help` lists
 every flag. In a notebook (Jupyter, VS Code) the chapter ignores the kernel's command
@@ -938,24 +938,40 @@ def read_weather_csv(path):
 def generate_weather(seed=0, days=13509):
     """A stand-in for the real table, used when it cannot be downloaded.
 
-    It has the real table's columns and its main features, so every model in the
-    course has something genuine to learn: a yearly seasonal cycle (about 66 °F on
-    average, ±7 °F over the year), day-to-day persistence (today's weather is
-    yesterday's plus a random step, pulled back towards the season), tmin about 16 °F
-    below tmax, and rain on about 17% of days, which cools the day a little.
+    It has the real table's columns and the features the course's models learn from,
+    modelled on a coastal climate with wet winters and dry summers:
+
+    * rain persists: whether a day is wet is a two-state (wet, dry) Markov chain, so
+      a wet day is followed by another a little over half the time and a dry day by
+      a wet one about one time in ten, which makes wet spells; both chances rise in
+      the wet season (winter) and fall almost to nothing in summer, and about 17% of
+      days are wet over the year; a wet day's rainfall is drawn from an exponential
+      distribution (about 0.27 inches on average);
+    * temperatures follow the season (a high of about 66 °F on average, ±8 °F over
+      the year, warmest in late summer) plus an anomaly that carries from day to day
+      (an AR(1) process: yesterday's anomaly, shrunk, plus a random step);
+    * rain cools the day: a wet day's high is 3 °F lower and its range from low to
+      high narrower (about 11 °F instead of 16 °F), as clouds hold the night's heat.
+
     Deterministic from `seed`."""
     rng = np.random.default_rng(seed)
     day_of_year = np.arange(days) % 365.25
-    season = 66 + 7 * np.sin(2 * np.pi * (day_of_year - 110) / 365.25)
-    anomaly = np.zeros(days)  # how far each day is from its season: an AR(1) process
+    season = 66 + 8 * np.sin(2 * np.pi * (day_of_year - 140) / 365.25)
+    wetness = (1 + np.cos(2 * np.pi * (day_of_year - 20) / 365.25)) / 2  # 1 in late January
+    rain_after_dry = 0.01 + 0.21 * wetness ** 1.5  # the chain's two chances of a wet day
+    rain_after_rain = 0.3 + 0.35 * wetness
+    chance = rng.random(days)
+    rainy = np.zeros(days, dtype=bool)
+    for day in range(1, days):
+        rainy[day] = chance[day] < (rain_after_rain if rainy[day - 1] else rain_after_dry)[day]
+    rain = np.where(rainy, np.maximum(0.01, np.round(rng.exponential(0.27, days), 2)), 0.0)
+    anomaly = np.zeros(days)
     steps = rng.normal(0, 4.0, days)
     for day in range(1, days):
         anomaly[day] = 0.7 * anomaly[day - 1] + steps[day]
-    rainy = rng.random(days) < 0.17
-    rain = np.where(rainy, np.round(rng.exponential(0.27, days), 2), 0.0)
-    tmax = np.round(season + anomaly - 4 * rainy)
-    tmin = np.round(tmax - 16 + 4 * np.sin(2 * np.pi * day_of_year / 365.25)
-                    + rng.normal(0, 3.5, days))
+    tmax = np.round(season + anomaly - 3 * rainy)
+    spread = 16 + 2 * np.sin(2 * np.pi * (day_of_year - 200) / 365.25) - 5 * rainy
+    tmin = np.round(tmax - spread + rng.normal(0, 3.5, days))
     tmax_tomorrow = np.append(tmax[1:], tmax[-1])
     start = np.datetime64("1970-01-01")
     dates = [str(start + day) for day in range(days)]
@@ -1409,6 +1425,15 @@ if __name__ == "__main__":
         train_inputs, valid_inputs, test_inputs = standardise(train_raw, valid_raw, test_raw)
         print(f"weather: {len(table)} days from {source} ({dates[0]} to {dates[-1]}); "
               f"{len(train_raw)} train, {len(valid_raw)} valid, {len(test_raw)} test")
+        # The weather thread's two yardsticks on these test days, printed beside the
+        # networks' figures at the end: "tomorrow = today", and chapter 02's
+        # least-squares line (a column of ones for the bias).
+        persistence_mae = mae(test_raw[:, :1], test_targets)
+        with_ones = lambda rows: np.column_stack([rows, np.ones(len(rows))])
+        line = np.linalg.lstsq(with_ones(train_inputs), train_targets, rcond=None)[0]
+        closed_form_mae = mae(with_ones(test_inputs) @ line, test_targets)
+        figures.update(persistence_mae=round(persistence_mae, 3),
+                       closed_form_mae=round(closed_form_mae, 3))
         splits = split_data(*make_sequences(table, ARGS.window))
         if min(len(part_inputs) for part_inputs, _ in splits) < 1:
             raise DataError(f"{len(table)} days make too few windows of {ARGS.window} days "
@@ -1661,6 +1686,15 @@ if __name__ == "__main__" and not ARGS.bench:
     adam_mae = mae(tensor_dense_forward(tensors, Tensor(test_inputs)).data, test_targets)
     print(f"dense [3, 32, 32, 1] trained with the engine's Adam: test MAE {adam_mae:.4f} °F")
     figures["adam_test_mae"] = round(adam_mae, 4)
+    # The networks trained with the engine beside the yardsticks (the recurrent
+    # network's test windows end on the same last 15% of days).
+    print("test MAE, lower is better:")
+    for name, value in (("'tomorrow = today'", persistence_mae),
+                        ("least squares", closed_form_mae),
+                        ("dense, engine's SGD", dense_maes[1]),
+                        ("dense, engine's Adam", adam_mae),
+                        ("recurrent, engine", rnn_maes[1])):
+        print(f"  {name:<22} {value:.2f} °F")
 
 
 # %% [markdown]

@@ -111,13 +111,14 @@ def test_network_learns_a_curve_a_line_cannot():
     assert history[-1][1] < 0.1
 
 
-def test_quick_run_is_at_least_as_good_as_least_squares(tmp_path):
+def test_quick_run_ties_with_least_squares(tmp_path):
     run = run_chapter("03_dense", "--quick", "--out", tmp_path, cwd=tmp_path)
     assert run.returncode == 0, run
     assert run.summary["chapter"] == "03_dense" and run.summary["source"] == "generated"
-    # The generated table is linear plus noise, so the network can at best tie.
-    assert run.summary["test_mae"] < run.summary["closed_form_mae"] + 0.05
-    assert run.summary["test_mae"] < 3.75
+    # The chapter's claim: the network and the line tie within a few hundredths (the
+    # generated table's bends are worth about 0.01 °F), and both beat "tomorrow = today".
+    assert abs(run.summary["test_mae"] - run.summary["closed_form_mae"]) < 0.04
+    assert run.summary["test_mae"] < run.summary["persistence_mae"] - 0.05
     assert run.summary["gradient_error"] < 1e-6
 
 

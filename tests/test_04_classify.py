@@ -152,10 +152,11 @@ def test_quick_run_beats_the_baselines(tmp_path):
     summary = run.summary
     assert summary["chapter"] == "04_classify" and summary["text_source"] == "python-docs"
     assert summary["gradient_error"] < 1e-6
-    # Generated weather draws tomorrow's rain independently of today: the classifier
-    # can only match the constant baseline, and must not do worse.
-    assert summary["rain_loss"] < summary["rain_baseline_loss"] + 0.02
-    assert summary["rain_accuracy"] >= summary["rain_majority_accuracy"] - 0.01
+    # Generated rain comes in spells and seasons, so today's row says something about
+    # tomorrow: the classifier must beat the constant rain rate clearly in loss (the
+    # chapter measures 0.37 against 0.45 nats) and "always dry" in accuracy.
+    assert summary["rain_loss"] < summary["rain_baseline_loss"] - 0.05
+    assert summary["rain_accuracy"] > summary["rain_majority_accuracy"] + 0.003
     # Three characters of context beat the unigram frequencies by a wide margin.
     assert summary["text_bits_per_char"] < 4.1 < summary["unigram_bits_per_char"]
     assert summary["text_accuracy"] > summary["text_majority_accuracy"] + 0.08

@@ -115,6 +115,20 @@ def test_memory_task_targets_are_the_first_day():
     np.testing.assert_array_equal(targets[:, 0], sequences[:, 0, 0])
 
 
+def test_gru_solves_the_memory_task_the_rnn_cannot():
+    # The chapter's headline, at its default size (4000 windows of 25 days, 6 epochs):
+    # the RNN stays near the average's MSE of 1, the GRU falls far below it.
+    rng = np.random.default_rng(0)
+    networks = {"rnn": (lambda size: chapter.init_rnn(3, size, rng), chapter.rnn_forward,
+                        chapter.rnn_backward),
+                "gru": (lambda size: chapter.init_gru(3, size, rng), chapter.gru_forward,
+                        chapter.gru_backward)}
+    results = chapter.memory_experiment(networks, chapter.generate_weather(0)[1], 25, 4000,
+                                        32, 0.1, 6, 32, 1.0, rng)
+    rnn, gru = (min(results[name][0]) for name in ("rnn", "gru"))
+    assert rnn > 0.9 and gru < 0.5, (rnn, gru)
+
+
 def test_quick_run_reaches_its_figures(tmp_path):
     # One BLAS thread: the matrices are small, and extra threads only spin (twice the
     # time or worse on a busy 2-core machine).
@@ -123,10 +137,11 @@ def test_quick_run_reaches_its_figures(tmp_path):
     assert run.returncode == 0, run
     figures = run.summary
     assert figures["chapter"] == "05b_gru" and figures["source"] == "generated"
-    # Generated weather, 2 epochs: both recurrent nets beat "tomorrow = today" (3.90 °F).
-    assert figures["gru_test_mae"] < 3.85
+    # Generated weather, 2 epochs: both recurrent nets beat "tomorrow = today" (3.68 °F).
+    assert figures["gru_test_mae"] < 3.7
     assert figures["gru_test_mae"] < figures["persistence_mae"]
-    assert figures["rnn_test_mae"] < 3.8
+    assert figures["rnn_test_mae"] < figures["persistence_mae"]
+    assert figures["closed_form_mae"] < figures["persistence_mae"]
     assert figures["gradient_error"] < 1e-6
     assert figures["fresh_gru_first_day_gradient"] > 100 * figures["fresh_rnn_first_day_gradient"]
     if has_matplotlib():

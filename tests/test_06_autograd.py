@@ -305,7 +305,11 @@ def test_bad_inputs_raise_clear_errors():
 def test_benchmark_times_all_three():
     timings = chapter.benchmark(batch_size=8, hidden_size=8, repeats=3)
     assert set(timings) == {"by hand", "engine", "torch"}
-    assert all(0 < fastest <= median for fastest, median in timings.values())
+    assert all(np.isfinite(fastest) and fastest > 0 for fastest, _ in timings.values())
+    # The engine does the hand-written step's arithmetic plus its bookkeeping (a node
+    # per operation, a sort, a backward closure each): on a network this small the
+    # bookkeeping dominates, so its fastest step cannot beat the hand-written one.
+    assert timings["engine"][0] > timings["by hand"][0], timings
 
 
 def test_quick_run_reaches_its_figures(tmp_path):
@@ -314,12 +318,15 @@ def test_quick_run_reaches_its_figures(tmp_path):
     figures = run.summary
     assert figures["chapter"] == "06_autograd" and "seconds" in figures
     # Stated figures: on the generated weather, after 2 epochs, both networks beat
-    # 4.2 °F, and the engine ends with the hand-written weights (to rounding).
-    assert figures["dense_test_mae_engine"] < 4.2, run
-    assert figures["rnn_test_mae_engine"] < 4.2, run
+    # "tomorrow = today" (3.68 °F), and the engine ends with the hand-written weights
+    # (to rounding).
+    assert figures["dense_test_mae_engine"] < figures["persistence_mae"], run
+    assert figures["rnn_test_mae_engine"] < figures["persistence_mae"], run
+    assert figures["closed_form_mae"] < figures["persistence_mae"], run
+    assert "least squares" in run.stdout
     assert abs(figures["dense_test_mae_engine"] - figures["dense_test_mae_by_hand"]) < 1e-3
     assert abs(figures["rnn_test_mae_engine"] - figures["rnn_test_mae_by_hand"]) < 1e-3
-    assert figures["trained_weight_difference"] < 1e-9, run
+    assert figures["trained_weight_difference"] < 1e-12, run
     assert figures["dense_gradient_difference"] < 1e-12
     assert figures["rnn_gradient_difference"] < 1e-12
     assert figures["unroll_gradient_difference"] < 1e-6
