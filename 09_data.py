@@ -7,8 +7,10 @@ with `--data`; offline, the Python documentation), clean (one spelling for line 
 whitespace and Unicode), deduplicate (exact copies by hashing, near copies by MinHash),
 tokenize (a byte-level BPE tokenizer trained from scratch, then loaded into tiktoken,
 which gives the same ids much faster), shard (documents encoded in parallel into binary
-token files) and stream (a batch loader that splits the work between processes, shuffles
-with a seed and resumes exactly from a saved position).
+token files that name their tokenizer, listed by a manifest; for a corpus of any size,
+streamed from disk in constant memory, with our BPE, GPT-2's or a saved tokenizer) and
+stream (a batch loader that splits the work between processes, shuffles with a seed
+and resumes exactly from a saved position).
 
 New since chapter 8: text instead of tables; tokenizers; binary file formats;
 multiprocessing; data loading for several processes at once. No neural network is
@@ -16,13 +18,17 @@ trained here: chapter 13 trains its GPT on what this chapter writes.
 
 How to run it:
 
-    python 09_data.py                  # the whole pipeline: about 10 s on a 2-core CPU
-                                       # offline, about 20 s with tiny Shakespeare
-    python 09_data.py --quick          # 2-5 s, smaller vocabulary and corpus
+    python 09_data.py                  # the whole lesson: about 2 s on a 2-core CPU
+                                       # offline, a few seconds with tiny Shakespeare
+    python 09_data.py --quick          # about 1 s, smaller vocabulary and corpus
     python 09_data.py --shards out/shards   # check and stream shards written before
     python 09_data.py --data my_texts/ --vocab-size 8192 --workers 4
+    python 09_data.py --shard-corpus corpus/ --tokenizer gpt2 --out out/big
+                                       # only shard a corpus of any size, streaming:
+                                       # memory stays flat however big it is
 
-It writes token shards, the learned merges and plots to `--out` (default `out/`). In a
+It writes token shards (with a manifest and the tokenizer file, in `--out`/shards), and
+plots to `--out` (default `out/`). In a
 notebook (Jupyter, VS Code) the chapter ignores the kernel's command line and takes its
 flags from the environment variable ZERO_TO_GPT_ARGS, for example
 `ZERO_TO_GPT_ARGS="--quick"`; without it, the defaults.
@@ -31,17 +37,20 @@ import argparse
 import base64
 import hashlib
 import heapq
+import itertools
 import json
 import multiprocessing
 import os
+import re
 import shlex
+import shutil
 import struct
 import sys
 import threading
 import time
 import unicodedata
 import urllib.request
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque, namedtuple
 
 import numpy as np
 # `regex` is the pattern module that tiktoken itself depends on (so it is installed
@@ -83,10 +92,17 @@ CHAPTER = "09_data"
 # * line endings: Windows `\r\n` and old Mac `\r` become `\n`;
 # * control characters (NUL, escape codes, the C1 range) are removed, except tab and
 #   newline; exotic spaces (no-break, thin, ideographic) become a plain space;
-# * spaces at the end of lines go; three or more line breaks become one blank line.
+# * spaces at the end of lines go, and so do blank lines at the start and the end;
+#   three or more line breaks become one blank line.
 #
 # Cleaning must not change what the text *says*: we leave case, punctuation and
 # indentation alone (code in the Python documentation needs its indentation).
+# Cleaning is also the first thing every byte of a big corpus goes through, so it
+# must be fast: each step is one pass of a compiled loop (a precompiled pattern of the
+# standard `re` module, `str.rstrip` on each line), about 75 MB/s in all on the Python
+# documentation, where the same steps as `regex` substitutions ran at 14 MB/s. The
+# exotic spaces are written out (the 16 characters of Unicode's class Zs besides the
+# plain space) because `regex`'s `\p{Zs}`, though shorter, was the slowest step.
 #
 # What is a *document*? In a folder, each file is one. A single file (tiny
 # Shakespeare, the Python documentation) is one long text, so we cut it at blank
@@ -94,23 +110,33 @@ CHAPTER = "09_data"
 # documents: they are what gets deduplicated, and what `<|endoftext|>` separates.
 
 # %%
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # not \t, \n
+UNICODE_SPACES = re.compile("[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
+BLANK_LINES = regex.compile(r"\n{3,}")
+
+
 def clean_text(text):
     """`text` with one spelling for Unicode, line endings and whitespace."""
     text = unicodedata.normalize("NFC", text)
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = regex.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]", "", text)
-    text = regex.sub(r"\p{Zs}", " ", text)
-    text = regex.sub(r"[ \t]+\n", "\n", text)
-    text = regex.sub(r"\n{3,}", "\n\n", text)
-    return text.strip()
+    text = CONTROL_CHARACTERS.sub("", text)
+    text = UNICODE_SPACES.sub(" ", text)
+    text = "\n".join(line.rstrip(" \t") for line in text.split("\n"))
+    text = BLANK_LINES.sub("\n\n", text)
+    return text.strip("\n")
 
 
-def split_documents(texts):
+def split_paragraphs(text):
+    """The paragraphs of `text`, cleaned: the pieces between its blank lines."""
+    return [paragraph for paragraph in clean_text(text).split("\n\n") if paragraph.strip()]
+
+
+def clean_documents(texts):
     """Clean each (name, text) and return the list of documents: each file is one
     document, except a lone file, which is cut at blank lines into paragraphs."""
+    if len(texts) == 1:
+        return split_paragraphs(texts[0][1])
     cleaned = [clean_text(text) for _, text in texts]
-    if len(cleaned) == 1:
-        cleaned = cleaned[0].split("\n\n")
     return [document for document in cleaned if document.strip()]
 
 
@@ -304,22 +330,40 @@ def parse_args(argv=None):
                         help="a run of a few seconds, for tests and a first look "
                              "(150,000 characters, vocabulary 512)")
     parser.add_argument("--out", default="out",
-                        help="folder for shards, merges and plots (default out/)")
+                        help="folder for plots and OUT/shards: the shards, their "
+                             "manifest.json and tokenizer.tiktoken (default out/)")
     parser.add_argument("--vocab-size", type=int, default=None,
                         help="tokens in the vocabulary, <|endoftext|> included; at least "
                              "257 (default 4096, --quick 512)")
     parser.add_argument("--workers", type=int, default=2,
                         help="processes that encode documents in parallel (default 2)")
     parser.add_argument("--shard-tokens", type=int, default=None,
-                        help="tokens per training shard (default 50000, --quick 20000)")
+                        help="tokens per shard (default 50000, --quick 20000; with "
+                             "--shard-corpus 10000000)")
     parser.add_argument("--valid-fraction", type=float, default=0.1,
-                        help="share of the text held out for validation (default 0.1)")
+                        help="share of the text held out for validation (default 0.1; "
+                             "with --shard-corpus, the share of documents, chosen by "
+                             "their hash)")
     parser.add_argument("--threshold", type=float, default=0.8,
                         help="Jaccard similarity from which two documents count as near "
                              "duplicates (default 0.8)")
     parser.add_argument("--shards", default=None, metavar="FOLDER",
                         help="instead of building shards, check the shards already in "
                              "FOLDER (e.g. out/shards) and stream a batch from them")
+    parser.add_argument("--shard-corpus", default=None, metavar="PATH",
+                        help="instead of the lesson, stream PATH (a .txt or .jsonl file, or "
+                             "a folder of them) into token shards in OUT/shards, with a "
+                             "manifest and the tokenizer file; memory does not grow "
+                             "with the corpus's size (only by ~70 bytes a document)")
+    parser.add_argument("--tokenizer", default="bpe", metavar="{bpe,gpt2,FILE}",
+                        help="with --shard-corpus: bpe trains the course's BPE "
+                             "(--vocab-size tokens) on the first --bpe-sample-mb of the "
+                             "training documents; gpt2 is GPT-2's tokenizer (its files "
+                             "cached in data/tiktoken or downloadable); FILE is a "
+                             "tokenizer file saved by this chapter (default bpe)")
+    parser.add_argument("--bpe-sample-mb", type=float, default=None,
+                        help="with --shard-corpus --tokenizer bpe: megabytes of text the "
+                             "tokenizer is trained on (default 10, --quick 1)")
     parser.add_argument("--batch-size", type=int, default=8,
                         help="rows per batch in the loader demonstration (default 8)")
     parser.add_argument("--block-size", type=int, default=64,
@@ -328,7 +372,9 @@ def parse_args(argv=None):
     if args.vocab_size is None:
         args.vocab_size = 512 if args.quick else 4096
     if args.shard_tokens is None:
-        args.shard_tokens = 20_000 if args.quick else 50_000
+        args.shard_tokens = 10_000_000 if args.shard_corpus else 20_000 if args.quick else 50_000
+    if args.bpe_sample_mb is None:
+        args.bpe_sample_mb = 1.0 if args.quick else 10.0
     return args
 
 
@@ -347,6 +393,19 @@ def check_args(args):
                         f"(got {args.valid_fraction})")
     if not 0 < args.threshold <= 1:
         raise DataError(f"--threshold must lie in (0, 1] (got {args.threshold})")
+    if args.bpe_sample_mb <= 0:
+        raise DataError(f"--bpe-sample-mb must be positive (got {args.bpe_sample_mb})")
+    if args.tokenizer != "bpe" and not args.shard_corpus:
+        raise DataError("--tokenizer applies to --shard-corpus; the lesson always trains "
+                        "its own BPE")
+    if args.shard_corpus and args.shards:
+        raise DataError("--shard-corpus writes shards and --shards reads them; give one")
+    if args.shard_corpus and not os.path.exists(args.shard_corpus):
+        raise DataError(f"corpus {args.shard_corpus} does not exist; give --shard-corpus "
+                        f"a .txt or .jsonl file or a folder of them")
+    if args.tokenizer not in ("bpe", "gpt2") and not os.path.isfile(args.tokenizer):
+        raise DataError(f"--tokenizer {args.tokenizer} is neither bpe, gpt2 nor an existing "
+                        f"tokenizer file (such as OUT/shards/tokenizer.tiktoken)")
 
 
 def print_summary(figures):
@@ -406,9 +465,10 @@ def plot_results(out, vocab_sizes, train_compression, valid_compression, thresho
 # shards in parallel and check they decode back to the documents; and finally stream
 # batches for two ranks and resume a loader from a saved position.
 #
-# `--shards FOLDER` does something smaller: it reads shards written earlier (checking
-# each header and length) and streams one batch from them, the way chapter 13 will, and
-# skips every step before it.
+# Two flags make a different, smaller run that skips the lesson: `--shards FOLDER`
+# reads shards written earlier (checking each one) and streams one batch from them,
+# the way chapter 13 will; `--shard-corpus PATH` only shards a corpus, of any size,
+# streaming (its section comes after the shards').
 
 # %%
 # Every step of the run sits behind this guard: importing the file (as the tests do,
@@ -420,14 +480,15 @@ if __name__ == "__main__":
     check_args(ARGS)   # impossible settings are refused before anything is read
     started = time.perf_counter()
     figures = {"chapter": CHAPTER}
-# A `--shards` run skips every step of the pipeline, this one included.
-if __name__ == "__main__" and not ARGS.shards:
+    MODE = "inspect" if ARGS.shards else "shard-corpus" if ARGS.shard_corpus else "lesson"
+# A `--shards` or `--shard-corpus` run skips every step of the lesson, this one included.
+if __name__ == "__main__" and MODE == "lesson":
     os.makedirs(ARGS.out, exist_ok=True)
     # --quick keeps the first 150,000 characters' worth of documents: enough for every
     # step to mean something, small enough to run in a few seconds.
     texts, source = read_corpus(ARGS.data)
     raw_bytes = sum(len(text.encode("utf-8")) for _, text in texts)
-    documents = split_documents(texts)
+    documents = clean_documents(texts)
     if ARGS.quick:
         kept_characters, count = 0, 0
         while count < len(documents) and kept_characters < 150_000:
@@ -479,10 +540,11 @@ if __name__ == "__main__" and not ARGS.shards:
 #
 #     P(candidate) = 1 - (1 - s^8)^16
 #
-# an S-shaped curve: 0.06 at s = 0.5, 0.59 at s = 0.7, 0.95 at s = 0.8, 0.9997 at
-# s = 0.9. Candidates are then checked with their exact Jaccard similarity, so the
-# curve decides only what we might *miss* (about 5% of pairs right at 0.8, almost
-# none of the clear copies), never what we wrongly remove.
+# an S-shaped curve: 0.06 at s = 0.5, 0.61 at s = 0.7, 0.95 at s = 0.8, 0.99988 at
+# s = 0.9 (the run prints these four from the formula). Candidates are then checked
+# with their exact Jaccard similarity, so the curve decides only what we might *miss*
+# (about 5% of pairs right at 0.8, almost none of the clear copies), never what we
+# wrongly remove.
 #
 # Very short documents ("Ay, my lord.", "See also:") repeat because language does, not
 # because someone copied them; and a short document has too few shingles for the
@@ -503,6 +565,7 @@ MINHASH_BANDS = 16       # bands x rows = 128 hash functions
 MINHASH_ROWS = 8
 MINHASH_PRIME = 4294967311   # the smallest prime above 2**32: hashes are taken mod it
 MIN_DEDUP_WORDS = 16     # shorter documents are always kept
+WORD = regex.compile(r"\w+")
 
 
 def shingles(document):
@@ -521,6 +584,13 @@ def minhash_signature(shingle_set, multipliers, offsets):
     values = np.fromiter(shingle_set, dtype=np.uint64, count=len(shingle_set))
     hashed = (values[:, None] * multipliers[None, :] + offsets[None, :]) % MINHASH_PRIME
     return hashed.min(axis=0)
+
+
+def is_short(document):
+    """Whether `document` has fewer than MIN_DEDUP_WORDS words (it stops counting at
+    MIN_DEDUP_WORDS, so a long document costs no more than a short one)."""
+    words = WORD.finditer(document)
+    return next(itertools.islice(words, MIN_DEDUP_WORDS - 1, None), None) is None
 
 
 def candidate_probability(similarity, bands=MINHASH_BANDS, rows=MINHASH_ROWS):
@@ -542,7 +612,7 @@ def deduplicate(documents, threshold=0.8, seed=0):
     kept_shingles = {}                 # index of a kept document -> its shingle set
     kept, exact, near = [], [], []
     for index, document in enumerate(documents):
-        if len(regex.findall(r"\w+", document)) < MIN_DEDUP_WORDS:
+        if is_short(document):
             kept.append(document)
             continue
         digest = hashlib.sha256(document.encode("utf-8")).digest()
@@ -571,7 +641,7 @@ def deduplicate(documents, threshold=0.8, seed=0):
     return kept, exact, near
 
 
-if __name__ == "__main__" and not ARGS.shards:
+if __name__ == "__main__" and MODE == "lesson":
     # Removals are reported with the document they repeat, so you can judge for
     # yourself whether the threshold was right for your text.
     kept, exact, near = deduplicate(documents, ARGS.threshold, ARGS.seed)
@@ -584,7 +654,7 @@ if __name__ == "__main__" and not ARGS.shards:
             print(f"  {kind} (Jaccard {similarity:.2f}): document {index} repeats "
                   f"{original}: {documents[index][:60]!r}")
     print("  MinHash chance of comparing a pair: "
-          + ", ".join(f"{candidate_probability(s):.3f} at {s}" for s in (0.5, 0.7, 0.8, 0.9)))
+          + ", ".join(f"{candidate_probability(s):.5g} at {s}" for s in (0.5, 0.7, 0.8, 0.9)))
     figures.update(exact_duplicates=len(exact), near_duplicates=len(near))
 
 
@@ -594,8 +664,10 @@ if __name__ == "__main__" and not ARGS.shards:
 # We hold back about 10% of the text, whole documents, before the tokenizer is
 # trained, so that "bytes per token" on it measures how well the merges carry over to
 # text they were not learned from, and chapter 13 can measure its model on text it
-# never trained on. The held-out documents are the first ones: in the shards, the
-# validation shard comes first.
+# never trained on. Here the held-out documents are the first ones, and they go to
+# the validation shards (`valid_*.bin`), named as such in the manifest. (A corpus
+# streamed from disk picks them by fingerprint instead: see "Sharding a corpus of any
+# size".)
 
 # %%
 def split_validation(documents, valid_fraction):
@@ -615,7 +687,7 @@ def split_validation(documents, valid_fraction):
 # The split comes before the tokenizer is trained, and from the deduplicated documents:
 # a copy of a training paragraph among the held-out ones would flatter every figure
 # measured on them.
-if __name__ == "__main__" and not ARGS.shards:
+if __name__ == "__main__" and MODE == "lesson":
     valid_documents, train_documents = split_validation(kept, ARGS.valid_fraction)
 
 
@@ -700,10 +772,11 @@ END_OF_TEXT = "<|endoftext|>"   # the special token that separates documents
 
 
 def train_bpe(text, vocab_size):
-    """Learn byte-level BPE merges on `text` for a vocabulary of `vocab_size` tokens,
-    counting END_OF_TEXT: the 256 single bytes, `vocab_size - 257` merges, and the
-    special token, whose id (`vocab_size - 1`) comes after them. END_OF_TEXT in
-    `text` separates documents and is never merged into anything.
+    """Learn byte-level BPE merges on `text` for at most `vocab_size` tokens, counting
+    END_OF_TEXT: the 256 single bytes and up to `vocab_size - 257` merges, fewer when a
+    small text runs out of pairs. `make_encoding` gives END_OF_TEXT the next id,
+    `len(mergeable_ranks)`: `vocab_size - 1` only when every merge was learned.
+    END_OF_TEXT in `text` separates documents and is never merged into anything.
 
     Returns tiktoken's `mergeable_ranks`: a dict from each token's bytes to its id,
     the 256 single bytes first (id = byte value), then the merges in the order they
@@ -849,7 +922,7 @@ def gpt2_encoding(timeout=15.0):
 # ("Pythonista") falling apart into pieces.
 
 # %%
-if __name__ == "__main__" and not ARGS.shards:
+if __name__ == "__main__" and MODE == "lesson":
     train_text = END_OF_TEXT.join(train_documents)
     train_bytes = len(train_text.encode("utf-8"))
     clock = time.perf_counter()
@@ -923,7 +996,7 @@ def tokenizer_checks(mergeable_ranks, encoding, texts):
     return identical, round_trip
 
 
-if __name__ == "__main__" and not ARGS.shards:
+if __name__ == "__main__" and MODE == "lesson":
     # On the hard strings and on 100,000 characters of held-out text. The special
     # token's text inside a document shows the three ways tiktoken can treat it:
     # refuse (the default of encode), plain text (encode_ordinary), or the special id.
@@ -978,7 +1051,7 @@ def best_time(function, *arguments, repeats=3):
     return min(times)
 
 
-if __name__ == "__main__" and not ARGS.shards:
+if __name__ == "__main__" and MODE == "lesson":
     pure_speed = len(sample.encode("utf-8")) / best_time(bpe_encode, sample, mergeable_ranks) / 1e6
     tiktoken_speed = train_bytes / best_time(encoding.encode_ordinary, train_text) / 1e6
     print(f"encoding speed: pure Python {pure_speed:.2f} MB/s, tiktoken {tiktoken_speed:.1f} "
@@ -1017,49 +1090,88 @@ if __name__ == "__main__" and not ARGS.shards:
 # bigger than memory are fine. 16 bits hold ids up to 65,535, enough for GPT-2's
 # 50,257 tokens; bigger vocabularies need 32 bits.
 #
-# A raw file has no way to say what it is, so each shard starts with a 24-byte header:
+# A raw file has no way to say what it is, nor which tokenizer its numbers belong
+# to: id 464 is " The" for one tokenizer and "ing" for another, and a model fed
+# shards of the wrong tokenizer trains on noise without any error. So each shard
+# starts with a 48-byte header:
 #
-#     bytes 0-7    magic      b"Z2GTOKEN": "this is a token shard" (anything else: not ours)
-#     bytes 8-11   version    1: lets a future format change be detected, not misread
-#     bytes 12-15  itemsize   2 (uint16 ids) or 4 (uint32 ids)
-#     bytes 16-23  count      the number of tokens that follow
+#     bytes 0-7    magic       b"Z2GTOKEN": "this is a token shard" (anything else: not ours)
+#     bytes 8-11   version     2: lets a future format change be detected, not misread
+#     bytes 12-15  itemsize    2 (uint16 ids, vocabulary of at most 65,536) or 4 (uint32)
+#     bytes 16-23  count       the number of tokens that follow
+#     bytes 24-31  vocab_size  the tokenizer's vocabulary: every id in the shard is below it
+#     bytes 32-47  digest      the tokenizer's fingerprint (below)
 #
-# all little-endian, then `count * itemsize` bytes of ids. A reader checks all four
-# and the file's length, so a truncated copy or somebody else's file is refused with
-# a clear message instead of becoming garbage tokens. Writes go to a temporary file
-# that is renamed into place, so a crash never leaves half a shard under the real name.
+# all little-endian, then `count * itemsize` bytes of ids. The tokenizer's
+# *fingerprint* is the first 16 bytes of the SHA-256 of its complete description:
+# every token's bytes and id, in the tokenizer file's own format (one line
+# "base64-bytes id" per token, by id), then one line per special token. Two
+# tokenizers with the same fingerprint give every text the same ids; any other pair
+# differs (16 bytes make an accidental match a 1-in-2^128 event), and the same
+# training on the same text gives the same fingerprint in every run.
+#
+# A reader checks everything: magic, version, an id size that fits the vocabulary,
+# the file's length, that the largest id is below the vocabulary, and, when it is
+# told which tokenizer to expect, the vocabulary and the fingerprint. A truncated
+# copy, somebody else's file or shards of another tokenizer are refused with a clear
+# message instead of becoming garbage tokens. Writes go to a temporary file that is
+# renamed into place, so a crash never leaves half a shard under the real name.
 
 # %%
 SHARD_MAGIC = b"Z2GTOKEN"
-SHARD_VERSION = 1
-SHARD_HEADER = struct.Struct("<8sIIQ")   # magic, version, bytes per token, token count
+SHARD_VERSION = 2
+# magic, version, bytes per id, token count, vocabulary size, tokenizer fingerprint
+SHARD_HEADER = struct.Struct("<8sIIQQ16s")
+ShardHeader = namedtuple("ShardHeader", "version itemsize count vocab_size digest")
+NO_DIGEST = bytes(16)    # "tokenizer unknown": for shards of made-up ids (tests, benchmarks)
 
 
-def write_shard(path, tokens, vocab_size=None):
-    """Write token ids to `path` as a shard: header, then uint16 ids when they fit
-    (all below 65,536, or `vocab_size` at most 65,536 when given, so every shard of one
-    corpus gets the same type), else uint32. Atomic: temporary file, then rename."""
+def tokenizer_digest(encoding):
+    """The tokenizer's 16-byte fingerprint: the start of the SHA-256 of its tokens,
+    each as "base64-bytes id" by id, then its special tokens as "special name id"."""
+    digest = hashlib.sha256()
+    for piece, rank in sorted(encoding._mergeable_ranks.items(), key=lambda item: item[1]):
+        digest.update(b"%s %d\n" % (base64.b64encode(piece), rank))
+    for name, token in sorted(encoding._special_tokens.items()):
+        digest.update(b"special %s %d\n" % (base64.b64encode(name.encode("utf-8")), token))
+    return digest.digest()[:16]
+
+
+def shard_dtype(vocab_size):
+    """The id type of a shard: uint16 for vocabularies of at most 65,536, else uint32."""
+    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
+
+
+def write_shard(path, tokens, vocab_size=None, digest=NO_DIGEST):
+    """Write token ids to `path` as a shard: the header, then the ids as uint16 or
+    uint32 (`shard_dtype`). `vocab_size` is the tokenizer's (every id must be below
+    it; default: the largest id + 1) and `digest` its `tokenizer_digest`. Atomic: a
+    temporary file, then a rename."""
     tokens = np.asarray(tokens)
-    largest = (vocab_size - 1) if vocab_size else (int(tokens.max()) if tokens.size else 0)
-    if tokens.size and (tokens.min() < 0 or tokens.max() > largest or largest >= 2**32):
-        raise DataError(f"token ids for shard {path} must lie in 0..{min(largest, 2**32 - 1)}")
-    dtype = np.dtype("<u2") if largest < 2**16 else np.dtype("<u4")   # little-endian
+    if vocab_size is None:
+        vocab_size = int(tokens.max()) + 1 if tokens.size else 1
+    if not 1 <= vocab_size <= 2**32 or len(digest) != 16:
+        raise DataError(f"shard {path}: vocabulary size {vocab_size} must lie in 1..2**32 "
+                        f"and the tokenizer digest must be 16 bytes")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise DataError(f"token ids for shard {path} must lie in 0..{vocab_size - 1}")
+    dtype = shard_dtype(vocab_size)
     temporary = path + ".part"
     try:
         with open(temporary, "wb") as file:
-            file.write(SHARD_HEADER.pack(SHARD_MAGIC, SHARD_VERSION,
-                                         dtype.itemsize, tokens.size))
-            file.write(tokens.astype(dtype).tobytes())
+            file.write(SHARD_HEADER.pack(SHARD_MAGIC, SHARD_VERSION, dtype.itemsize,
+                                         tokens.size, vocab_size, digest))
+            tokens.astype(dtype, copy=False).tofile(file)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
 
 
-def read_shard(path):
-    """The token ids of the shard at `path` as a read-only numpy array (memory-mapped:
-    pages are read from disk only when used). Raises DataError for a missing file, a
-    foreign file (bad magic), an unknown version or id size, or a wrong length."""
+def read_shard_header(path):
+    """The ShardHeader of the shard at `path`, checked: a DataError for a missing
+    file, a foreign file (bad magic), an unknown version, an id size that does not
+    fit the vocabulary, or a file length that disagrees with the token count."""
     if not os.path.isfile(path):
         raise DataError(f"token shard {path} does not exist; write shards with 09_data.py")
     size = os.path.getsize(path)
@@ -1067,25 +1179,62 @@ def read_shard(path):
         raise DataError(f"token shard {path} is truncated: {size} bytes, shorter than "
                         f"its {SHARD_HEADER.size}-byte header")
     with open(path, "rb") as file:
-        magic, version, itemsize, count = SHARD_HEADER.unpack(file.read(SHARD_HEADER.size))
+        magic, *fields = SHARD_HEADER.unpack(file.read(SHARD_HEADER.size))
+    header = ShardHeader(*fields)
     if magic != SHARD_MAGIC:
         raise DataError(f"{path} is not a token shard (bad magic {magic!r}, expected "
                         f"{SHARD_MAGIC!r})")
-    if version != SHARD_VERSION:
-        raise DataError(f"token shard {path} has format version {version}; this code "
-                        f"reads version {SHARD_VERSION}")
-    if itemsize not in (2, 4):
-        raise DataError(f"token shard {path} says each id takes {itemsize} bytes; "
-                        f"expected 2 or 4")
-    expected = SHARD_HEADER.size + count * itemsize
+    if header.version != SHARD_VERSION:
+        raise DataError(f"token shard {path} has format version {header.version}; this "
+                        f"code reads version {SHARD_VERSION}; write the shards again")
+    if not 1 <= header.vocab_size <= 2**32 or \
+            header.itemsize != shard_dtype(header.vocab_size).itemsize:
+        raise DataError(f"token shard {path} has a damaged header: {header.itemsize}-byte "
+                        f"ids for a vocabulary of {header.vocab_size}; write it again")
+    expected = SHARD_HEADER.size + header.count * header.itemsize
     if size != expected:
         raise DataError(f"token shard {path} has the wrong length: its header promises "
-                        f"{count} tokens ({expected} bytes) but the file has {size} bytes "
-                        f"(truncated or damaged; write it again)")
-    dtype = np.dtype("<u2" if itemsize == 2 else "<u4")
-    if count == 0:
+                        f"{header.count} tokens ({expected} bytes) but the file has {size} "
+                        f"bytes (truncated or damaged; write it again)")
+    return header
+
+
+def read_shard(path, vocab_size=None, digest=None):
+    """The token ids of the shard at `path` as a read-only numpy array (memory-mapped:
+    pages are read from disk only when used), after every check of
+    `read_shard_header`, a check that its largest id is below its vocabulary, and,
+    when given, that it was written with a tokenizer of `vocab_size` tokens and
+    fingerprint `digest`. Each failed check is a DataError."""
+    header = read_shard_header(path)
+    if ((vocab_size is not None and header.vocab_size != vocab_size) or
+            (digest is not None and header.digest != digest)):
+        raise DataError(f"token shard {path} was written with another tokenizer "
+                        f"({header.vocab_size} tokens, fingerprint {header.digest.hex()}) "
+                        f"than the one expected ({vocab_size} tokens, fingerprint "
+                        f"{digest.hex() if digest else 'any'}); shard the corpus again "
+                        f"with this tokenizer")
+    dtype = shard_dtype(header.vocab_size)
+    if header.count == 0:
         return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=SHARD_HEADER.size, shape=(count,))
+    tokens = np.memmap(path, dtype=dtype, mode="r", offset=SHARD_HEADER.size,
+                       shape=(header.count,))
+    largest = int(tokens.max())
+    if largest >= header.vocab_size:
+        raise DataError(f"token shard {path} holds id {largest}, not below its vocabulary "
+                        f"of {header.vocab_size} tokens (damaged); write it again")
+    return tokens
+
+
+def check_shards(paths, vocab_size=None, digest=None):
+    """The headers of the shards at `paths`, each read and checked by `read_shard` one
+    at a time; all must share one tokenizer: `vocab_size` and `digest` when given,
+    else those of the first shard."""
+    headers = []
+    for path in paths:
+        read_shard(path, vocab_size, digest)
+        headers.append(read_shard_header(path))
+        vocab_size, digest = headers[0].vocab_size, headers[0].digest
+    return headers
 
 
 # %% [markdown]
@@ -1094,22 +1243,40 @@ def read_shard(path):
 # tiktoken is fast, but one Python process still uses one core. Documents are
 # independent, so a pool of worker processes can each encode some of them. Each
 # worker receives the `Encoding` once (when it starts, not with every document), and
-# `imap` hands documents out in chunks and returns the results *in order*, so the
-# shards come out the same whatever the number of workers.
+# the documents go out in batches and come back *in order*, so the shards come out
+# the same whatever the number of workers. At most two batches per worker are out
+# at any time: the obvious `pool.imap` would read ahead through *all* of its input
+# to keep the workers busy, which is harmless for a list already in memory and fatal
+# for a corpus streamed from disk (below), whose whole point is never to hold it.
 #
 # Starting processes is why every step of the run sits behind `if __name__ ==
 # "__main__"`, and why the workers' functions are defined at the top level of the file.
 # On macOS and Windows each worker starts a fresh Python ("spawn") that imports this
-# file to find `encode_document`; without the guard, every worker would start the whole
+# file to find `encode_batch`; without the guard, every worker would start the whole
 # pipeline again. A notebook's cells are no file that a fresh Python can import, so
 # there, unless workers are forked copies of the notebook (Linux), the documents are
 # encoded in the notebook's own process.
 #
 # Documents are ordinary text, encoded with `encode_ordinary`: a document containing
 # the characters `<|endoftext|>` gets them as ordinary tokens. The real special token
-# is put *before* every document by our code, so every document, the first one
-# included, starts right after one; a model trained on the shards learns that
-# `<|endoftext|>` means "a new document begins", and sampling from it alone starts one.
+# is put *after* every document by our code (as chapter 13 does), so every document
+# ends with one and every document but the first starts right after one: a model
+# trained on the shards learns that `<|endoftext|>` means "this document is over",
+# and sampling after it starts a new one.
+#
+# The shards of one run form a set, written together into a folder: the validation
+# shards `valid_000000.bin, valid_000001.bin, ...` and the training shards
+# `train_000000.bin, ...`, each of exactly `shard_tokens` tokens but the last of its
+# split (a shard often ends in the middle of a document: the loader joins them back
+# into one stream); the tokenizer, in tiktoken's file format, as `tokenizer.tiktoken`
+# (the shards are numbers, and only this file says which text each number stands
+# for); and `manifest.json`, which lists the shards of each split by name with their
+# token counts, and the tokenizer's vocabulary, fingerprint and end-of-text id. A
+# reader takes the splits from the manifest, never from guessing at file names.
+#
+# Everything is written into a fresh folder beside the real one, which replaces it
+# only once the last file is complete: a run that fails half-way, or is stopped,
+# leaves the shards of the previous run as they were.
 
 # %%
 worker_encoding = None   # the Encoding inside each worker process
@@ -1121,64 +1288,66 @@ def start_worker(encoding):
     worker_encoding = encoding
 
 
-def encode_document(document):
-    """`<|endoftext|>` then the document's tokens, as a numpy array."""
-    return np.array([worker_encoding.eot_token] + worker_encoding.encode_ordinary(document),
-                    dtype=np.uint32)
+def encode_batch(documents):
+    """One uint32 array: each document's tokens, then `<|endoftext|>`, in order."""
+    arrays = [np.array(worker_encoding.encode_ordinary(document)
+                       + [worker_encoding.eot_token], dtype=np.uint32) for document in documents]
+    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.uint32)
 
 
-def encode_documents(documents, encoding, workers):
-    """Encoded documents, in order, using `workers` processes (1: this process)."""
+def usable_workers(workers):
+    """`workers`, or 1 in a notebook that cannot start fresh worker processes."""
     if workers > 1 and in_notebook() and multiprocessing.get_start_method() != "fork":
         print(f"note: a notebook cannot start {workers} fresh worker processes on this "
               f"system; encoding in this one")
-        workers = 1
+        return 1
+    return workers
+
+
+def encode_batches(encoding, batches, workers=1):
+    """For each (tag, documents) of `batches`, in order: (tag, `encode_batch` of the
+    documents), with `workers` processes (1: this one). At most 2 batches per worker
+    are out at a time, so `batches` may be a stream of any length."""
+    workers = usable_workers(workers)
     if workers <= 1:
         start_worker(encoding)
-        yield from map(encode_document, documents)
+        for tag, documents in batches:
+            yield tag, encode_batch(documents)
         return
+    # `pending` is a queue of batches handed out, oldest first: results are taken in
+    # the order the batches were given, whichever worker finishes first.
     with multiprocessing.Pool(workers, initializer=start_worker,
                               initargs=(encoding,)) as pool:
-        yield from pool.imap(encode_document, documents, chunksize=32)
+        pending = deque()
+        for tag, documents in batches:
+            pending.append((tag, pool.apply_async(encode_batch, (documents,))))
+            if len(pending) >= 2 * workers:
+                tag, result = pending.popleft()
+                yield tag, result.get()
+        while pending:
+            tag, result = pending.popleft()
+            yield tag, result.get()
 
 
-def write_shards(valid_documents, train_documents, encoding, folder, shard_tokens,
-                 workers=1):
-    """Encode the documents and write them as shards into `folder`: shard 0 holds the
-    validation documents, shards 1, 2, ... the training documents, `shard_tokens`
-    each (the last one shorter). Returns (validation paths, training paths).
+def in_groups(items, size):
+    """Lists of `size` consecutive items (the last one shorter)."""
+    items = iter(items)
+    while group := list(itertools.islice(items, size)):
+        yield group
 
-    Training shards are cut at exactly `shard_tokens` tokens, often in the middle of
-    a document: the loader joins the shards back into one stream. Shards left over
-    from an earlier, longer run in `folder` are removed at the end."""
-    os.makedirs(folder, exist_ok=True)
-    vocab_size = encoding.n_vocab
-    valid_paths, train_paths = [], []
 
-    def path_of(index, split):
-        return os.path.join(folder, f"{split}_{index:06d}.bin")
+def encode_documents(encoding, documents, workers=1):
+    """The token ids of `documents` as one uint32 array, `<|endoftext|>` after each
+    document, encoded by `workers` processes."""
+    batches = (("", group) for group in in_groups(documents, 64))
+    return np.concatenate([np.zeros(0, dtype=np.uint32)] +
+                          [tokens for _, tokens in encode_batches(encoding, batches, workers)])
 
-    stream = encode_documents(valid_documents + train_documents, encoding, workers)
-    valid_tokens = np.concatenate([next(stream) for _ in valid_documents])
-    valid_paths.append(path_of(0, "valid"))
-    write_shard(valid_paths[0], valid_tokens, vocab_size)
-    pending, pending_count = [], 0
-    for tokens in stream:
-        pending.append(tokens)
-        pending_count += len(tokens)
-        while pending_count >= shard_tokens:
-            joined = np.concatenate(pending)
-            train_paths.append(path_of(len(train_paths) + 1, "train"))
-            write_shard(train_paths[-1], joined[:shard_tokens], vocab_size)
-            pending, pending_count = [joined[shard_tokens:]], len(joined) - shard_tokens
-    if pending_count:
-        train_paths.append(path_of(len(train_paths) + 1, "train"))
-        write_shard(train_paths[-1], np.concatenate(pending), vocab_size)
-    current = {os.path.basename(path) for path in valid_paths + train_paths}
-    for name in os.listdir(folder):
-        if regex.fullmatch(r"(valid|train)_\d{6}\.bin", name) and name not in current:
-            os.remove(os.path.join(folder, name))
-    return valid_paths, train_paths
+
+# %% jupyter={"source_hidden": true}
+MANIFEST = "manifest.json"
+TOKENIZER_FILE = "tokenizer.tiktoken"
+SHARD_NAME = regex.compile(r"(train|valid)_\d{6}\.bin")
 
 
 def save_merges(mergeable_ranks, path):
@@ -1191,30 +1360,549 @@ def save_merges(mergeable_ranks, path):
     os.replace(temporary, path)
 
 
-if __name__ == "__main__" and not ARGS.shards:
-    # The merges are saved next to the shards in tiktoken's file format: the shards
-    # are numbers, and only this file says which text each number stands for.
+def load_tokenizer(path, name="course-bpe"):
+    """The tokenizer saved at `path` by `save_merges`, as a tiktoken Encoding with
+    END_OF_TEXT after its tokens. A file that is not one is a DataError."""
+    ranks = {}
+    try:
+        with open(path, "rb") as file:
+            for line in file:
+                if line.strip():
+                    piece, rank = line.split()
+                    ranks[base64.b64decode(piece, validate=True)] = int(rank)
+    except (OSError, ValueError):   # unreadable, not two fields, bad base64 or number
+        ranks = {}
+    if not ranks or sorted(ranks.values()) != list(range(len(ranks))) or \
+            any(bytes([value]) not in ranks for value in range(256)):
+        raise DataError(f"{path} is not a tokenizer file written by 09_data.py (one "
+                        f"\"base64-bytes id\" line per token, every byte a token)")
+    return make_encoding(ranks, name)
+
+
+def check_replaceable(folder):
+    """Refuse to replace `folder` when it holds anything but shards of this chapter."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise DataError(f"{folder} is a file, not a shard folder; choose another --out")
+    if os.path.isdir(folder):
+        foreign = [name for name in sorted(os.listdir(folder)) if name not in
+                   (MANIFEST, TOKENIZER_FILE) and not SHARD_NAME.fullmatch(name)]
+        if foreign:
+            raise DataError(f"folder {folder} holds {foreign[0]}, which is not a shard, and "
+                            f"new shards replace the folder; choose another --out")
+
+
+def replace_folder(new, folder):
+    """Put the complete folder `new` in the place of `folder` (two renames)."""
+    # A rename within one file system is atomic: readers see the old folder or the
+    # new one, never a mix. Between the two renames `folder` is briefly absent; a
+    # crash there leaves both sets complete, under `new` and `new + ".old"`.
+    if os.path.exists(folder):
+        old = new + ".old"
+        os.rename(folder, old)
+        os.rename(new, folder)
+        shutil.rmtree(old)
+    else:
+        os.rename(new, folder)
+
+
+# %%
+class ShardFolder:
+    """A set of shards, written as the tokens come: `add(split, tokens)` appends ids
+    to split "train" or "valid", and every `shard_tokens` of them become one shard.
+    Used in a `with` block: at its end the last shards, the tokenizer file and the
+    manifest are written, then the folder replaces `folder`; if the block fails, the
+    new files are deleted and `folder` is left untouched. Memory: one buffer of
+    `shard_tokens` ids per split."""
+
+    def __init__(self, folder, encoding, shard_tokens, name="course-bpe"):
+        check_replaceable(folder)
+        self.folder, self.encoding, self.name = folder, encoding, name
+        self.staging = folder.rstrip("/\\") + f".part-{os.getpid()}"
+        shutil.rmtree(self.staging, ignore_errors=True)    # left by a crashed run
+        os.makedirs(self.staging)
+        self.vocab_size, self.digest = encoding.n_vocab, tokenizer_digest(encoding)
+        dtype = shard_dtype(self.vocab_size)
+        # np.empty only reserves the memory: the operating system hands out pages as
+        # they are first written, so a split that stays small costs little.
+        self.buffers = {split: np.empty(shard_tokens, dtype) for split in ("train", "valid")}
+        self.filled = {"train": 0, "valid": 0}
+        self.files = {"train": [], "valid": []}
+        self.details = {}                  # more facts for the manifest, from the caller
+
+    def add(self, split, tokens):
+        if len(tokens) and int(tokens.max()) >= self.vocab_size:
+            raise DataError(f"token id {int(tokens.max())} is not below the vocabulary "
+                            f"of {self.vocab_size}")
+        # Copy as much as fits into the split's buffer; a full buffer becomes a shard
+        # and starts again empty, so one batch may complete several shards, and a
+        # shard may hold the end of one batch and the start of the next.
+        buffer = self.buffers[split]
+        while len(tokens):
+            start = self.filled[split]
+            piece = tokens[:len(buffer) - start]
+            buffer[start:start + len(piece)] = piece
+            self.filled[split] += len(piece)
+            tokens = tokens[len(piece):]
+            if self.filled[split] == len(buffer):
+                self.flush(split)
+
+    def flush(self, split):
+        """Write the buffered ids of `split`, if any, as its next shard."""
+        if self.filled[split]:
+            name = f"{split}_{len(self.files[split]):06d}.bin"
+            write_shard(os.path.join(self.staging, name),
+                        self.buffers[split][:self.filled[split]], self.vocab_size, self.digest)
+            self.files[split].append({"file": name, "tokens": self.filled[split]})
+            self.filled[split] = 0
+
+    def paths(self, split):
+        return [os.path.join(self.folder, entry["file"]) for entry in self.files[split]]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace):
+        try:
+            if kind is None:
+                self.finish()
+        finally:
+            if os.path.exists(self.staging):          # failed: drop the new files
+                shutil.rmtree(self.staging, ignore_errors=True)
+        return False
+
+    def finish(self):
+        for split in self.files:
+            self.flush(split)
+        for split, words in (("valid", "validation"), ("train", "training")):
+            if not self.files[split]:
+                raise DataError(f"no document went to the {words} shards; give the "
+                                f"corpus more documents or change --valid-fraction")
+        save_merges(self.encoding._mergeable_ranks, os.path.join(self.staging, TOKENIZER_FILE))
+        with open(os.path.join(self.staging, MANIFEST), "w") as file:
+            json.dump(manifest_of(self), file, indent=1)
+        replace_folder(self.staging, self.folder)
+
+
+def manifest_of(shards):
+    """The manifest of a finished ShardFolder, as a dict for JSON."""
+    return {"format": SHARD_MAGIC.decode(), "version": SHARD_VERSION,
+            "tokenizer": {"name": shards.name, "file": TOKENIZER_FILE,
+                          "vocab_size": shards.vocab_size, "digest": shards.digest.hex(),
+                          "end_of_text": shards.encoding.eot_token},
+            "end_of_text": "after each document",
+            "dtype": shard_dtype(shards.vocab_size).name,
+            "train": shards.files["train"], "valid": shards.files["valid"], **shards.details}
+
+
+def read_manifest(folder, vocab_size=None, digest=None):
+    """The shard set in `folder`, from its manifest, every shard checked: a dict with
+    "train" and "valid" (lists of shard paths, in order), "tokenizer" (the manifest's
+    record, its "file" made a path) and "manifest" (the whole manifest). Each shard
+    must exist, pass `read_shard`, hold the manifest's token count and carry the
+    manifest's tokenizer, which must be `vocab_size` and `digest` when given."""
+    path = os.path.join(folder, MANIFEST)
+    try:
+        with open(path) as file:
+            manifest = json.load(file)
+        tokenizer = manifest["tokenizer"]
+        listed = {split: [(entry["file"], int(entry["tokens"])) for entry in manifest[split]]
+                  for split in ("train", "valid")}
+        expected = int(tokenizer["vocab_size"]), bytes.fromhex(tokenizer["digest"])
+    except FileNotFoundError:
+        raise DataError(f"{folder} holds no {MANIFEST}; write shards there with "
+                        f"python 09_data.py --out DIR (they go to DIR/shards)")
+    except (OSError, ValueError, KeyError, TypeError):   # not JSON, a field missing
+        raise DataError(f"{path} is damaged (not the JSON manifest 09_data.py writes); "
+                        f"write the shards again")
+    if ((vocab_size is not None and expected[0] != vocab_size) or
+            (digest is not None and expected[1] != digest)):
+        raise DataError(f"the shards in {folder} were written with another tokenizer "
+                        f"({expected[0]} tokens, fingerprint {expected[1].hex()}); shard "
+                        f"the corpus again with this one")
+    # Each shard is checked against the manifest, not only against itself: a shard
+    # copied in from another set, or one left behind by an older run, would pass its
+    # own checks and still be the wrong data.
+    result = {"tokenizer": {**tokenizer, "file": os.path.join(folder, tokenizer["file"])},
+              "manifest": manifest}
+    for split, entries in listed.items():
+        result[split] = [os.path.join(folder, name) for name, _ in entries]
+        headers = check_shards(result[split], *expected)
+        for (name, count), header in zip(entries, headers):
+            if header.count != count:
+                raise DataError(f"shard {name} in {folder} holds {header.count} tokens, "
+                                f"its manifest says {count}; write the shards again")
+    return result
+
+
+def write_shards(valid_documents, train_documents, encoding, folder, shard_tokens,
+                 workers=1):
+    """Encode the documents with `workers` processes and write them, in order, as a
+    shard set in `folder` (`ShardFolder`). Returns (validation paths, training paths)."""
+    batches = itertools.chain(
+        (("valid", group) for group in in_groups(valid_documents, 64)),
+        (("train", group) for group in in_groups(train_documents, 64)))
+    with ShardFolder(folder, encoding, shard_tokens) as shards:
+        for split, tokens in encode_batches(encoding, batches, workers):
+            shards.add(split, tokens)
+        shards.details["documents"] = {"valid": len(valid_documents),
+                                       "train": len(train_documents)}
+    return shards.paths("valid"), shards.paths("train")
+
+
+if __name__ == "__main__" and MODE == "lesson":
     folder = os.path.join(ARGS.out, "shards")
     clock = time.perf_counter()
     valid_paths, train_paths = write_shards(valid_documents, train_documents, encoding,
                                             folder, ARGS.shard_tokens, ARGS.workers)
     shard_seconds = time.perf_counter() - clock
-    save_merges(mergeable_ranks, os.path.join(ARGS.out, "course-bpe.tiktoken"))
-    valid_tokens = len(read_shard(valid_paths[0]))
+    shard_set = read_manifest(folder, encoding.n_vocab, tokenizer_digest(encoding))
+    valid_tokens = sum(len(read_shard(path)) for path in valid_paths)
     train_tokens = sum(len(read_shard(path)) for path in train_paths)
-    dtype = read_shard(train_paths[0]).dtype
-    print(f"wrote {len(valid_paths) + len(train_paths)} shards to {folder} with "
-          f"{ARGS.workers} worker(s) in {shard_seconds:.2f} s: validation {valid_tokens:,} "
-          f"tokens, training {train_tokens:,} tokens, ids as {dtype.name}")
+    print(f"wrote {len(valid_paths) + len(train_paths)} shards, {TOKENIZER_FILE} and "
+          f"{MANIFEST} to {folder} with {ARGS.workers} worker(s) in {shard_seconds:.2f} s: "
+          f"validation {valid_tokens:,} tokens, training {train_tokens:,} tokens, ids as "
+          f"{shard_set['manifest']['dtype']}, tokenizer fingerprint "
+          f"{shard_set['tokenizer']['digest'][:16]}...")
     # The strongest check of the whole path: the shards decode back to exactly the
-    # documents, each after one <|endoftext|>, in order, whatever the number of workers.
+    # documents, each followed by one <|endoftext|>, in order, whatever the number of
+    # workers; and the saved tokenizer file is the same tokenizer (same fingerprint).
     decoded = encoding.decode(np.concatenate([read_shard(path) for path in
                                               valid_paths + train_paths]).tolist())
-    shards_exact = decoded == "".join(END_OF_TEXT + document for document in
+    shards_exact = decoded == "".join(document + END_OF_TEXT for document in
                                       valid_documents + train_documents)
-    print(f"  the shards decode back to the documents exactly: {shards_exact}")
+    same_tokenizer = (tokenizer_digest(load_tokenizer(shard_set["tokenizer"]["file"]))
+                      == tokenizer_digest(encoding))
+    print(f"  the shards decode back to the documents exactly: {shards_exact}; the "
+          f"saved tokenizer file has the same fingerprint: {same_tokenizer}")
     figures.update(valid_tokens=valid_tokens, train_tokens=train_tokens,
-                   shards=len(valid_paths) + len(train_paths), shards_exact=shards_exact)
+                   shards=len(valid_paths) + len(train_paths),
+                   shards_exact=shards_exact and same_tokenizer)
+
+
+# %% [markdown]
+# ## Sharding a corpus of any size
+#
+# Everything so far held the whole corpus in memory: fine for a few megabytes, and
+# impossible for the 10 billion tokens (some 45 GB of text) that GPT-2 small is
+# trained on. `shard_documents` does the same job as a stream: it takes the
+# documents one at a time, from any iterable (`stream_documents` reads them from
+# files), and at no moment holds more than
+#
+# * one piece of the file being read (a megabyte) and the paragraph being cut from it;
+# * one batch of documents per worker being encoded (about a megabyte of text each);
+# * the shard being filled: `--shard-tokens` ids (10 million by default: 20 MB as uint16);
+# * the fingerprints of the documents seen, for exact deduplication: 8 bytes of
+#   BLAKE2b per document, kept as Python integers in a set, about 70 bytes each (10
+#   million documents: 700 MB; two different documents share a fingerprint with
+#   probability about n^2 / 2^65, one in 400,000 for 10 million of them).
+#
+# The last item is the only one that grows with the corpus, and slowly: memory does
+# not depend on how many bytes the corpus has, only on how many documents. Near
+# duplicates are not removed here: MinHash (above) keeps every kept document's band
+# keys and shingles, which grow with the corpus; at this scale, near deduplication is
+# a pass of its own before sharding, with band tables on disk.
+#
+# Validation documents cannot be "the first 10%" of a stream whose length is not
+# known, and the first files of a corpus are rarely a fair sample of it. So each
+# document's fingerprint decides: a document goes to validation when its fingerprint,
+# read as a number in [0, 2^64), is below `valid_fraction * 2^64`. That picks a
+# random-looking `valid_fraction` of the documents from everywhere in the corpus,
+# the same ones in every run, and a copy of a document always lands in the same
+# split as the original (the copy is dropped anyway).
+#
+# The tokenizer is one of three (`--tokenizer`): `bpe` trains ours on a bounded
+# sample, the first `--bpe-sample-mb` megabytes of the training documents (a short
+# first pass over the start of the corpus; validation documents are left out, as in
+# the lesson); `gpt2` is GPT-2's 50,257-token tokenizer, whose files tiktoken
+# downloads once into `data/tiktoken` (offline, without them, the run stops with one
+# sentence before writing anything); a file name loads a tokenizer saved by an
+# earlier run, so a second corpus can be sharded with the same ids. Whichever it is,
+# the shard set carries its file and its fingerprint.
+#
+# What is a document here: a `.txt` file given by itself is cut into paragraphs at
+# blank lines, exactly as in the lesson, but read a megabyte at a time (a cut is made
+# only at a blank line followed by a line of text, so it never splits what the
+# whole-text cut would keep together); in a folder, each `.txt` file is one document
+# (read whole: memory holds the largest file); in a `.jsonl` file, each line is a
+# JSON object whose "text" is one document, which is how web corpora (FineWeb-Edu,
+# for one) are exported. A file that is not valid UTF-8, or a `.jsonl` line that is
+# not such an object, is named in one line and the rest of that file skipped.
+
+# %%
+PIECE_CHARACTERS = 1 << 18     # characters read from a file at a time
+BATCH_CHARACTERS = 1 << 18     # characters of documents encoded as one batch
+# What cleaning empties a line of: spaces and tabs, exotic spaces, control characters.
+BLANK = r" \t\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000"
+# A run of blank lines, followed by a line with something visible on it.
+PARAGRAPH_BREAK = regex.compile(rf"\n(?:[{BLANK}]*\n)+(?=[{BLANK}]*[^\n{BLANK}])")
+
+
+def file_paragraphs(file, piece_characters=PIECE_CHARACTERS):
+    """The paragraphs of an open text file, as `split_paragraphs` of its whole text,
+    read `piece_characters` at a time."""
+    # `pending` is the text read but not yet cut: at most one piece plus the end of
+    # the paragraph that the last cut left open.
+    pending = ""
+    while piece := file.read(piece_characters):
+        pending += piece
+        last = None
+        for last in PARAGRAPH_BREAK.finditer(pending):
+            pass
+        if last is not None:
+            yield from split_paragraphs(pending[:last.start()])
+            pending = pending[last.end():]
+    yield from split_paragraphs(pending)
+
+
+def jsonl_documents(file, path):
+    """The cleaned "text" of each line of an open .jsonl file."""
+    for number, line in enumerate(file, 1):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line)["text"]
+        except (ValueError, KeyError, TypeError):
+            text = None
+        if not isinstance(text, str):   # a damaged file: its later lines are suspect too
+            print(f"note: skipping the rest of {path}: line {number} is not a JSON object "
+                  f"with a \"text\" string", file=sys.stderr)
+            return
+        document = clean_text(text)
+        if document.strip():
+            yield document
+
+
+def corpus_files(path):
+    """The files of the corpus at `path`: itself, or the .txt and .jsonl files in the
+    folder and its sub-folders, in sorted order."""
+    if os.path.isfile(path):
+        return [path]
+    found = sorted(os.path.join(folder, name) for folder, _, names in os.walk(path)
+                   for name in names if name.endswith((".txt", ".jsonl")))
+    if not found:
+        raise DataError(f"folder {path} holds no .txt or .jsonl files; nothing to shard")
+    return found
+
+
+def stream_documents(path, piece_characters=PIECE_CHARACTERS):
+    """The cleaned documents of the corpus at `path`, one at a time (see above)."""
+    alone = os.path.isfile(path)
+    for file_path in corpus_files(path):
+        try:
+            with open(file_path, encoding="utf-8") as file:
+                if file_path.endswith(".jsonl"):
+                    yield from jsonl_documents(file, file_path)
+                elif alone:
+                    yield from file_paragraphs(file, piece_characters)
+                else:
+                    document = clean_text(file.read())
+                    if document.strip():
+                        yield document
+        except UnicodeDecodeError:
+            print(f"note: skipping (the rest of) {file_path}: it is not valid UTF-8",
+                  file=sys.stderr)
+        except OSError as error:
+            print(f"note: skipping {file_path}: {error.strerror}", file=sys.stderr)
+
+
+def route_documents(documents, valid_fraction, counts):
+    """(split, document) for each document that is no exact copy of an earlier one
+    (short ones are always kept, as in `deduplicate`); split is "valid" when its
+    fingerprint is below `valid_fraction * 2**64`, else "train". Tallies documents,
+    their UTF-8 bytes and the duplicates dropped in the Counter `counts`."""
+    # The fingerprint is 8 bytes of BLAKE2b (fast, and stable across runs and
+    # machines, unlike Python's hash()), read as an integer in [0, 2**64).
+    seen, limit = set(), valid_fraction * 2**64
+    for document in documents:
+        data = document.encode("utf-8")
+        key = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+        counts["documents"] += 1
+        counts["bytes"] += len(data)
+        if not is_short(document):
+            if key in seen:
+                counts["exact_duplicates"] += 1
+                continue
+            seen.add(key)
+        yield ("valid" if key < limit else "train"), document
+
+
+def peak_memory_mb(who="self"):
+    """The peak resident memory of this process ("self") or of its largest finished
+    child ("children"), in MB; None where the resource module is missing (Windows).
+
+    On Linux, this process's own peak is read from /proc (VmHWM): `getrusage` there
+    also counts the memory of the process that started this one, up to its exec."""
+    if who == "self" and os.path.exists("/proc/self/status"):
+        with open("/proc/self/status") as file:
+            for line in file:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 2**10, 1)
+    try:
+        import resource
+    except ImportError:
+        return None
+    usage = resource.getrusage(resource.RUSAGE_SELF if who == "self" else
+                               resource.RUSAGE_CHILDREN)
+    return round(usage.ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
+# %%
+def shard_documents(documents, encoding, folder, shard_tokens, valid_fraction, workers=1,
+                    name="course-bpe"):
+    """Stream `documents` into a shard set in `folder`: exact copies dropped, each
+    document routed by `route_documents`, encoded in batches by `workers` processes,
+    and written as shards of `shard_tokens` as the tokens come (`ShardFolder`).
+    Returns the run's figures: documents, bytes, duplicates, tokens, MB/s."""
+    counts = Counter()
+
+    # Documents are gathered per split into batches of about BATCH_CHARACTERS, each
+    # encoded as one task; the two splits' shards grow side by side.
+    def batches():
+        groups, sizes = {"train": [], "valid": []}, {"train": 0, "valid": 0}
+        for split, document in route_documents(documents, valid_fraction, counts):
+            counts[split + "_documents"] += 1
+            groups[split].append(document)
+            sizes[split] += len(document)
+            if sizes[split] >= BATCH_CHARACTERS:
+                yield split, groups[split]
+                groups[split], sizes[split] = [], 0
+        yield from ((split, group) for split, group in groups.items() if group)
+
+    clock = time.perf_counter()
+    with ShardFolder(folder, encoding, shard_tokens, name) as shards:
+        for split, tokens in encode_batches(encoding, batches(), workers):
+            shards.add(split, tokens)
+            counts[split + "_tokens"] += len(tokens)
+        shards.details["documents"] = {key: counts[key] for key in
+                                       ("documents", "exact_duplicates", "valid_documents",
+                                        "train_documents")}
+    seconds = time.perf_counter() - clock
+    keys = ("documents", "bytes", "exact_duplicates", "valid_documents", "train_documents",
+            "valid_tokens", "train_tokens")
+    return {**{key: counts[key] for key in keys}, "train_shards": len(shards.files["train"]),
+            "valid_shards": len(shards.files["valid"]), "seconds": seconds,
+            "mb_s": counts["bytes"] / 1e6 / max(seconds, 1e-9)}
+
+
+def bpe_sample(documents, megabytes, valid_fraction):
+    """The training documents at the start of `documents`, up to `megabytes` of
+    UTF-8 text: what `--tokenizer bpe` trains on."""
+    sample, size, counts = [], 0, Counter()
+    for split, document in route_documents(documents, valid_fraction, counts):
+        if split == "train":
+            sample.append(document)
+            size += len(document.encode("utf-8"))
+            if size >= megabytes * 1e6:
+                break
+    return sample
+
+
+# %% [markdown]
+# ### The lesson's corpus, streamed
+#
+# The documents read at the start, before MinHash, go through `shard_documents` with
+# the tokenizer trained above, as if they were far too big for memory. The exact
+# duplicates it drops must be those the in-memory pass found, and its shards must
+# hold exactly the ids of encoding all its training documents at once. On a corpus
+# this small the speed is mostly start-up; `--shard-corpus` on a big one shows the
+# real rate (the README has the measurements).
+
+# %%
+if __name__ == "__main__" and MODE == "lesson":
+    streamed_folder = os.path.join(ARGS.out, "streamed-shards")
+    streamed = shard_documents(iter(documents), encoding, streamed_folder, ARGS.shard_tokens,
+                               ARGS.valid_fraction)
+    expected_train = [document for split, document in
+                      route_documents(documents, ARGS.valid_fraction, Counter())
+                      if split == "train"]
+    streamed_set = read_manifest(streamed_folder, encoding.n_vocab, tokenizer_digest(encoding))
+    streamed_exact = bool(np.array_equal(
+        np.concatenate([read_shard(path) for path in streamed_set["train"]]),
+        encode_documents(encoding, expected_train)))
+    print(f"streamed {streamed['documents']:,} documents ({streamed['bytes']:,} bytes) into "
+          f"{streamed_folder} at {streamed['mb_s']:.1f} MB/s: dropped "
+          f"{streamed['exact_duplicates']} exact duplicates (in memory: {len(exact)}); "
+          f"{streamed['valid_documents']} validation and {streamed['train_documents']} "
+          f"training documents, chosen by fingerprint")
+    print(f"  the training shards hold exactly the ids of encoding those documents at "
+          f"once: {streamed_exact}; peak memory of this process so far: "
+          f"{peak_memory_mb()} MB")
+    figures.update(streamed_exact=streamed_exact and
+                   streamed["exact_duplicates"] == len(exact))
+
+
+# %% [markdown]
+# ### `--shard-corpus PATH`: only the sharding
+#
+# With `--shard-corpus`, the run is this cell alone: it refuses an unusable output
+# folder or tokenizer before reading any text, trains or loads the tokenizer, shards
+# the corpus into `--out`/shards, checks every shard against the manifest, and
+# reports the speed (megabytes of text per second, reading, cleaning, deduplicating,
+# encoding and writing together) and the peak memory. `--workers` encoding processes
+# share the work; each reports its own peak too.
+
+# %%
+def corpus_tokenizer(args):
+    """(encoding, name) for `--shard-corpus`: GPT-2's, a saved file's, or a BPE trained
+    on the first `--bpe-sample-mb` of the corpus's training documents."""
+    if args.tokenizer == "gpt2":
+        encoding = gpt2_encoding()
+        if encoding is None:
+            raise DataError("GPT-2's tokenizer files are neither cached in data/tiktoken "
+                            "nor downloadable (offline?); go online once, or use "
+                            "--tokenizer bpe or a saved tokenizer file")
+        return encoding, "gpt2"
+    if args.tokenizer != "bpe":
+        name = os.path.splitext(os.path.basename(args.tokenizer))[0]
+        try:                            # beside shards: keep the name their manifest gives
+            with open(os.path.join(os.path.dirname(args.tokenizer), MANIFEST)) as file:
+                name = json.load(file)["tokenizer"]["name"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return load_tokenizer(args.tokenizer, name), name
+    sample = bpe_sample(stream_documents(args.shard_corpus), args.bpe_sample_mb,
+                        args.valid_fraction)
+    if not sample:
+        raise DataError(f"the corpus at {args.shard_corpus} has no training document to "
+                        f"train the tokenizer on; give it text")
+    return make_encoding(train_bpe(END_OF_TEXT.join(sample), args.vocab_size)), "course-bpe"
+
+
+def shard_corpus(args, started):
+    """The `--shard-corpus` run (see above); prints its own summary."""
+    # Everything that can be refused is refused before the long part: an output
+    # folder with foreign files, a folder with no text, an unavailable tokenizer.
+    folder = os.path.join(args.out, "shards")
+    check_replaceable(folder)
+    corpus_files(args.shard_corpus)
+    encoding, name = corpus_tokenizer(args)
+    tokenizer_seconds = time.perf_counter() - started
+    result = shard_documents(stream_documents(args.shard_corpus), encoding, folder,
+                             args.shard_tokens, args.valid_fraction, args.workers, name)
+    shard_set = read_manifest(folder, encoding.n_vocab, tokenizer_digest(encoding))
+    print(f"sharded {result['bytes'] / 1e6:,.1f} MB of text ({result['documents']:,} "
+          f"documents, {result['exact_duplicates']:,} exact duplicates dropped) with "
+          f"{name} ({encoding.n_vocab:,} tokens) into {folder}: {result['train_tokens']:,} "
+          f"training tokens in {result['train_shards']} shards, "
+          f"{result['valid_tokens']:,} validation tokens in {result['valid_shards']}")
+    print(f"  {result['mb_s']:.1f} MB/s with {args.workers} worker(s); peak memory "
+          f"{peak_memory_mb()} MB" + (f" (each worker up to {peak_memory_mb('children')} MB)"
+                                      if args.workers > 1 else "")
+          + f"; tokenizer ready in {tokenizer_seconds:.1f} s")
+    print_summary({"chapter": CHAPTER, "mode": "shard-corpus", "tokenizer": name,
+                   "vocab_size": encoding.n_vocab,
+                   "tokenizer_digest": shard_set["tokenizer"]["digest"],
+                   **{key: result[key] for key in
+                      ("documents", "bytes", "exact_duplicates", "train_documents",
+                       "valid_documents", "train_tokens", "valid_tokens", "train_shards",
+                       "valid_shards")},
+                   "shard_mb_s": round(result["mb_s"], 2), "peak_memory_mb": peak_memory_mb(),
+                   "worker_peak_memory_mb": peak_memory_mb("children") if args.workers > 1
+                   else None, "seconds": round(time.perf_counter() - started, 1)})
+
+
+if __name__ == "__main__" and MODE == "shard-corpus":
+    shard_corpus(ARGS, started)
 
 
 # %% [markdown]
@@ -1331,7 +2019,7 @@ class ShardLoader:
 # then produce exactly the batch the original produces next.
 
 # %%
-if __name__ == "__main__" and not ARGS.shards:
+if __name__ == "__main__" and MODE == "lesson":
     loaders = [ShardLoader(train_paths, ARGS.batch_size, ARGS.block_size, rank=rank,
                            world_size=2, seed=ARGS.seed) for rank in (0, 1)]
     first_batches = [loader.next_batch() for loader in loaders]
@@ -1352,37 +2040,42 @@ if __name__ == "__main__" and not ARGS.shards:
 # %% [markdown]
 # ### Shards written before (`--shards FOLDER`)
 #
-# The `--shards` run reads every shard in the folder, each checked (magic, version, id
-# size, length), and streams one batch from the training shards, the way chapter 13
-# reads them. It prints its own summary and is the whole of that run.
+# The `--shards` run reads the folder's manifest, checks every shard it lists (magic,
+# version, length, largest id, and the manifest's tokenizer: vocabulary and
+# fingerprint, also against the tokenizer file beside them), and streams one batch
+# from the training shards, the way chapter 13 reads them. It prints its own summary
+# and is the whole of that run.
 
 # %%
 def inspect_shards(folder, args, started):
-    """The `--shards` run: read every shard in `folder` (each is checked: magic,
-    version, id size, length), then stream one batch from the training shards."""
+    """The `--shards` run: check the shard set in `folder` (`read_manifest`) and its
+    tokenizer file, then stream one batch from the training shards."""
     if not os.path.isdir(folder):
         raise DataError(f"shard folder {folder} does not exist; write shards first with "
                         f"python 09_data.py --out DIR (they go to DIR/shards)")
-    names = sorted((name for name in os.listdir(folder) if name.endswith(".bin")),
-                   key=lambda name: name.rsplit("_", 1)[-1])     # by index: validation first
-    train_paths = [os.path.join(folder, name) for name in names if name.startswith("train_")]
-    if not train_paths:
-        raise DataError(f"shard folder {folder} holds no training shards (train_*.bin)")
+    shard_set = read_manifest(folder)
+    tokenizer = shard_set["tokenizer"]
+    if tokenizer_digest(load_tokenizer(tokenizer["file"])).hex() != tokenizer["digest"]:
+        raise DataError(f"{tokenizer['file']} is not the tokenizer the shards in {folder} "
+                        f"were written with (its fingerprint differs); write them again")
     counts = {}
-    for name in names:
-        tokens = read_shard(os.path.join(folder, name))
-        counts[name] = len(tokens)
-        print(f"{name}: {len(tokens):,} tokens as {tokens.dtype.name}")
-    loader = ShardLoader(train_paths, args.batch_size, args.block_size, seed=args.seed)
+    for path in shard_set["valid"] + shard_set["train"]:
+        tokens = read_shard(path)
+        counts[os.path.basename(path)] = len(tokens)
+        print(f"{os.path.basename(path)}: {len(tokens):,} tokens as {tokens.dtype.name}")
+    print(f"tokenizer {tokenizer['name']}: {tokenizer['vocab_size']:,} tokens, fingerprint "
+          f"{tokenizer['digest']}")
+    loader = ShardLoader(shard_set["train"], args.batch_size, args.block_size, seed=args.seed)
     inputs, targets = loader.next_batch()
     print(f"streamed a batch of shape {inputs.shape}; {loader.steps_per_epoch} batches "
           f"per epoch")
-    print_summary({"chapter": CHAPTER, "shards": len(names),
+    print_summary({"chapter": CHAPTER, "shards": len(counts),
                    "tokens": sum(counts.values()), "batch_shape": list(inputs.shape),
+                   "vocab_size": tokenizer["vocab_size"], "tokenizer_digest": tokenizer["digest"],
                    "seconds": round(time.perf_counter() - started, 1)})
 
 
-if __name__ == "__main__" and ARGS.shards:
+if __name__ == "__main__" and MODE == "inspect":
     inspect_shards(ARGS.shards, ARGS, started)
 
 
@@ -1397,7 +2090,7 @@ if __name__ == "__main__" and ARGS.shards:
 # Without matplotlib, the compression figures are printed as a small table instead.
 
 # %%
-if __name__ == "__main__" and not ARGS.shards:
+if __name__ == "__main__" and MODE == "lesson":
     plots = plot_results(ARGS.out, vocab_sizes, train_compression, valid_compression,
                          ARGS.threshold)
     if plots:
@@ -1407,11 +2100,12 @@ if __name__ == "__main__" and not ARGS.shards:
 # %% [markdown]
 # ## What comes next
 #
-# Chapter 13 carries `train_bpe`, `make_encoding`, `gpt2_encoding`, `read_shard` and
-# `ShardLoader` from this file unchanged. It trains its GPT on the shards written here
-# (`--data out/shards`), each of its processes asking the loader for its own rank's
-# batches, and saves the loader's position in every checkpoint so a resumed run sees
-# exactly the batches it would have seen.
+# Chapter 13 carries `train_bpe`, `make_encoding`, `gpt2_encoding`, the shard format
+# and `ShardLoader` from this file unchanged. It trains its GPT on a shard set
+# written here (`--data out/shards`), taking the splits from the manifest and
+# refusing shards whose tokenizer is not its own; each of its processes asks the
+# loader for its own rank's batches, and every checkpoint saves the loader's position
+# so a resumed run sees exactly the batches it would have seen.
 #
 # Things to try:
 #
@@ -1422,6 +2116,10 @@ if __name__ == "__main__" and not ARGS.shards:
 #   `--data` on the folder: one exact and one near duplicate should go.
 # * Time `--workers 1` against `--workers 4` on a bigger corpus; with a few hundred
 #   kilobytes, starting the processes costs more than it saves.
+# * Shard a big corpus with `--shard-corpus` twice, the second time ten times larger,
+#   and compare the two "peak memory" lines; then shard a second corpus with
+#   `--tokenizer OUT/shards/tokenizer.tiktoken` and check that both manifests carry
+#   the same fingerprint.
 #
 # The pieces that chapter 13 carries, to be kept textually identical there:
 #
@@ -1430,16 +2128,29 @@ if __name__ == "__main__" and not ARGS.shards:
 #   bpe_encode(text, mergeable_ranks)   -> list of ids (pure Python)
 #   make_encoding(mergeable_ranks, name="course-bpe") -> tiktoken.Encoding
 #   gpt2_encoding()                     -> GPT-2's tiktoken.Encoding, or None offline
-#   SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER
-#   write_shard(path, tokens, vocab_size=None), read_shard(path) -> numpy array
+#   SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER, ShardHeader, NO_DIGEST
+#   tokenizer_digest(encoding)          -> 16 bytes: the tokenizer's fingerprint
+#   shard_dtype(vocab_size)             -> uint16 up to 65,536 tokens, else uint32
+#   write_shard(path, tokens, vocab_size=None, digest=NO_DIGEST)
+#   read_shard_header(path)             -> ShardHeader(version, itemsize, count,
+#                                                      vocab_size, digest)
+#   read_shard(path, vocab_size=None, digest=None) -> numpy array (memory-mapped)
+#   check_shards(paths, vocab_size=None, digest=None) -> [ShardHeader, ...]
+#   MANIFEST, TOKENIZER_FILE, load_tokenizer(path, name="course-bpe")
+#   read_manifest(folder, vocab_size=None, digest=None)
+#       -> {"train": [paths], "valid": [paths], "tokenizer": {...}, "manifest": {...}}
+#   encode_documents(encoding, documents, workers=1) -> uint32 ids, END_OF_TEXT after
+#       each document (with start_worker, encode_batch, usable_workers,
+#       encode_batches and in_groups)
 #   ShardLoader(paths, batch_size, block_size, rank=0, world_size=1, seed=0)
 #       .next_batch() -> (inputs, targets), .state_dict(), .load_state_dict(state)
 #
-# They need DataError (carried from the earlier chapters) and the imports heapq,
-# os, struct, threading, collections.Counter and defaultdict, numpy, regex, tiktoken.
+# They need DataError (carried from the earlier chapters) and the imports base64,
+# hashlib, heapq, itertools, json, multiprocessing, os, struct, threading,
+# collections (Counter, defaultdict, deque, namedtuple), numpy, regex, tiktoken.
 
 # %%
 # The last line of every run: the headline figures of each step, gathered as they were
 # printed, and the time the whole pipeline took.
-if __name__ == "__main__" and not ARGS.shards:
+if __name__ == "__main__" and MODE == "lesson":
     print_summary({**figures, "seconds": round(time.perf_counter() - started, 1)})

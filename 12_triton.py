@@ -8,8 +8,9 @@ transformer's hot operations as Triton kernels that do more work per trip to mem
 - `add(x, y)`: the first kernel, to learn program ids, blocks and masks;
 - `softmax(x)`: a row-wise fused softmax with an online (running max and sum) loop for
   rows longer than one block, and its backward;
-- `layer_norm(x, weight, bias)` and `rms_norm(x, weight)`: forward and backward, with
-  the weight and bias gradients reduced across rows;
+- `layer_norm(x, weight, bias)` (bias may be None, as in `F.layer_norm`) and
+  `rms_norm(x, weight)`: forward and backward, with the weight and bias gradients
+  reduced across rows;
 - `gelu(x)` (tanh approximation) and `swiglu(a, b)`: fused activations, both directions;
 - `cross_entropy(logits, targets)`: the loss and its gradient in one kernel, streaming
   the vocabulary in chunks so a 50,257-wide softmax never sits in memory;
@@ -565,7 +566,7 @@ def torch_softmax(x):
 # %%
 @triton.jit
 def _norm_forward_kernel(x_ptr, weight_ptr, bias_ptr, y_ptr, mean_ptr, rstd_ptr, n_cols, eps,
-                         BLOCK: tl.constexpr, RMS: tl.constexpr):
+                         BLOCK: tl.constexpr, RMS: tl.constexpr, HAS_BIAS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -581,8 +582,9 @@ def _norm_forward_kernel(x_ptr, weight_ptr, bias_ptr, y_ptr, mean_ptr, rstd_ptr,
         # Masked lanes hold 0, and 0 - mean is not 0: zero them before the variance.
         centred = tl.where(mask, x - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / n_cols + eps)
-        bias = tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        y = centred * rstd * weight + bias
+        y = centred * rstd * weight
+        if HAS_BIAS:  # layer norm may come without a bias (GPT-2's layout with --no-bias)
+            y += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(mean_ptr + row, mean)
     tl.store(rstd_ptr + row, rstd)
     tl.store(y_ptr + row * n_cols + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -673,27 +675,28 @@ def norm_backward_layout(x, n_rows, block):
 
 
 class _Norm(torch.autograd.Function):
-    """Layer norm (bias given) or RMS norm (bias None) over the last dimension."""
+    """Layer norm (`rms` False, with a bias or without: `bias` None) or RMS norm (`rms`
+    True, never a bias) over the last dimension."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
+    def forward(ctx, x, weight, bias, eps, rms):
         x_rows = rows_of(x)
         n_rows, n_cols = x_rows.shape
         if n_cols > NORM_MAX_COLS:
             raise ValueError(f"the norm kernels keep a row in one tile: at most "
                              f"{NORM_MAX_COLS} features, got {n_cols}")
-        rms = bias is None
         block = triton.next_power_of_2(n_cols)
         y = torch.empty_like(x_rows)
         # Per-row statistics, kept in fp32 for the backward pass: 8 bytes a row.
         mean = torch.empty(n_rows, device=x.device, dtype=torch.float32)
         rstd = torch.empty(n_rows, device=x.device, dtype=torch.float32)
-        # RMS norm reads no bias: the weight stands in for the unused pointer.
-        _norm_forward_kernel[(n_rows,)](x_rows, weight, weight if rms else bias, y, mean, rstd,
-                                        n_cols, eps, BLOCK=block, RMS=rms,
-                                        num_warps=row_warps(block))
+        # Without a bias the kernel reads none: the weight stands in for the unused pointer.
+        has_bias = bias is not None and not rms
+        _norm_forward_kernel[(n_rows,)](x_rows, weight, bias if has_bias else weight, y, mean,
+                                        rstd, n_cols, eps, BLOCK=block, RMS=rms,
+                                        HAS_BIAS=has_bias, num_warps=row_warps(block))
         ctx.save_for_backward(x_rows, weight, mean, rstd)
-        ctx.rms = rms
+        ctx.rms, ctx.has_bias = rms, has_bias
         return y.view(x.shape)
 
     @staticmethod
@@ -711,9 +714,9 @@ class _Norm(torch.autograd.Function):
                                            rows_per_program, BLOCK=block, BLOCK_ROWS=block_rows,
                                            RMS=ctx.rms, num_warps=row_warps(block * block_rows))
         dweight = column_sum(weight_partial, weight)
-        dbias = None if ctx.rms else column_sum(bias_partial, weight)
-        # One gradient per input of forward: x, weight, bias, and None for eps.
-        return dx.view(dy.shape), dweight, dbias, None
+        dbias = column_sum(bias_partial, weight) if ctx.has_bias else None
+        # One gradient per input of forward: x, weight, bias, and None for eps and rms.
+        return dx.view(dy.shape), dweight, dbias, None, None
 
 
 def layer_norm(x, weight, bias, eps=1e-5):
@@ -721,7 +724,7 @@ def layer_norm(x, weight, bias, eps=1e-5):
     Triton."""
     if not triton_runs_on(x):
         return torch_layer_norm(x, weight, bias, eps)
-    return _Norm.apply(x, weight, bias, eps)
+    return _Norm.apply(x, weight, bias, eps, False)
 
 
 def rms_norm(x, weight, eps=1e-6):
@@ -729,7 +732,7 @@ def rms_norm(x, weight, eps=1e-6):
     and backward in Triton."""
     if not triton_runs_on(x):
         return torch_rms_norm(x, weight, eps)
-    return _Norm.apply(x, weight, None, eps)
+    return _Norm.apply(x, weight, None, eps, True)
 
 
 def torch_layer_norm(x, weight, bias, eps=1e-5):
@@ -958,7 +961,7 @@ class _CrossEntropy(torch.autograd.Function):
     log-softmax that eager PyTorch would have saved."""
 
     @staticmethod
-    def forward(ctx, logits, targets, ignore_index):
+    def forward(ctx, logits, targets, ignore_index, loss_dtype):
         logits = logits.contiguous()
         targets = targets.contiguous()
         n_rows, n_cols = logits.shape
@@ -977,9 +980,9 @@ class _CrossEntropy(torch.autograd.Function):
                                          num_warps=row_warps(block))
         if write_grad:
             ctx.save_for_backward(grad)
-        # The mean over the rows that count (each ignored row contributed 0). Returned in
-        # the logits' dtype, as F.cross_entropy does.
-        return (losses.sum() / valid_count).to(logits.dtype)
+        # The mean over the rows that count (each ignored row contributed 0), summed in
+        # fp32 and returned in `loss_dtype`.
+        return (losses.sum() / valid_count).to(loss_dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -987,7 +990,7 @@ class _CrossEntropy(torch.autograd.Function):
         # rule scales it by d(final)/d(loss), which is 1 unless the loss is scaled (for
         # example divided over gradient-accumulation steps).
         (grad,) = ctx.saved_tensors
-        return grad * grad_output, None, None
+        return grad * grad_output, None, None, None
 
 
 def cross_entropy(logits, targets, ignore_index=-100):
@@ -999,7 +1002,11 @@ def cross_entropy(logits, targets, ignore_index=-100):
                          f"got {tuple(logits.shape)} and {tuple(targets.shape)}")
     if not triton_runs_on(logits):
         return F.cross_entropy(logits, targets, ignore_index=ignore_index)
-    return _CrossEntropy.apply(logits, targets, ignore_index)
+    # The loss's dtype is F.cross_entropy's: float32 under autocast (which runs the loss
+    # in fp32), else the logits' own. A bf16 loss would be rounded to 3 digits.
+    autocast_on = torch.is_autocast_enabled(logits.device.type)
+    loss_dtype = torch.float32 if autocast_on else logits.dtype
+    return _CrossEntropy.apply(logits, targets, ignore_index, loss_dtype)
 
 
 # %% [markdown]
@@ -1795,6 +1802,8 @@ def correctness_cases(quick=False, large=False):
         ("softmax", [(6, 77)], softmax, torch_softmax, True, False),
         ("softmax (online)", [(3, 5, 300)], softmax, torch_softmax, True, False),
         ("layer_norm", [(3, 7, 77), (77,), (77,)], layer_norm, torch_layer_norm, True, False),
+        ("layer_norm (no bias)", [(3, 7, 77), (77,)], lambda x, weight: layer_norm(x, weight, None),
+         lambda x, weight: torch_layer_norm(x, weight, None), True, False),
         ("rms_norm", [(13, 77), (77,)], rms_norm, torch_rms_norm, True, False),
         ("gelu", [(7, 131)], gelu, torch_gelu, True, False),
         ("swiglu", [(7, 131), (7, 131)], swiglu, torch_swiglu, True, False),
@@ -1810,8 +1819,8 @@ def correctness_cases(quick=False, large=False):
         ("matmul", [(64, 100), (100, 48)], matmul, torch.matmul, True, True),
     ]
     if quick:  # one case per kernel, the flash one the smallest
-        keep = {"add", "softmax (online)", "layer_norm", "rms_norm", "gelu", "swiglu",
-                "cross_entropy", "flash_attention cross", "matmul"}
+        keep = {"add", "softmax (online)", "layer_norm", "layer_norm (no bias)", "rms_norm",
+                "gelu", "swiglu", "cross_entropy", "flash_attention cross", "matmul"}
         cases = [case for case in cases if case[0] in keep]
     if large:  # GPU sizes: GPT-2-small rows, vocabulary and attention
         cases += [

@@ -27,12 +27,15 @@ threads otherwise spend their time waiting for each other.
 
 
 import argparse
+import base64
 import contextlib
 import hashlib
 import heapq
 import inspect
+import itertools
 import json
 import math
+import multiprocessing
 import os
 import shlex
 import struct
@@ -42,7 +45,7 @@ import threading
 import time
 import urllib.request
 import warnings
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque, namedtuple
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -122,20 +125,29 @@ def tokenizer_from_dict(saved):
 
 
 def build_tokenizer(kind, vocab_size, train_text):
-    """The tokenizer for a new run: GPT-2's, or a BPE learned on the training text."""
-    if kind in ("gpt2", "auto"):
-        encoding = gpt2_encoding()
-        if encoding is not None:
-            return encoding
-        if kind == "gpt2":
-            raise DataError("GPT-2's tokenizer is neither cached in data/tiktoken nor "
-                            "downloadable; go online once or use --tokenizer bpe")
+    """The tokenizer for a new run: GPT-2's, or a BPE learned on the training text.
+    Under torchrun rank 0 decides and builds it, and the others receive it: deciding
+    for themselves, one rank might reach GPT-2's files in time and another not, and
+    they would train on different tokens without a word."""
+    if dist.is_initialized() and dist.get_rank() > 0:
+        received = [None]
+        dist.broadcast_object_list(received, src=0)
+        return tokenizer_from_dict(received[0])
+    encoding = gpt2_encoding() if kind in ("gpt2", "auto") else None
+    if encoding is None and kind == "gpt2":
+        raise DataError("GPT-2's tokenizer is neither cached in data/tiktoken nor "
+                        "downloadable; go online once or use --tokenizer bpe")
+    if encoding is None and kind == "auto":
         print(f"note: GPT-2's tokenizer is not available (offline?); training a BPE of "
               f"{vocab_size} tokens on the training text instead", file=sys.stderr)
-    return make_encoding(train_bpe(train_text, vocab_size), f"bpe{vocab_size}")
+    if encoding is None:
+        encoding = make_encoding(train_bpe(train_text, vocab_size), f"bpe{vocab_size}")
+    if dist.is_initialized():
+        dist.broadcast_object_list([tokenizer_to_dict(encoding)], src=0)
+    return encoding
 
 
-def bytes_per_token(encoding, table_size):
+def token_byte_counts(encoding, table_size):
     """How many UTF-8 bytes each token id stands for; special tokens and the unused
     ids that pad the embedding table count zero. This table turns a loss per token into
     a loss per byte (see `evaluate`)."""
@@ -634,10 +646,11 @@ END_OF_TEXT = "<|endoftext|>"   # the special token that separates documents
 
 
 def train_bpe(text, vocab_size):
-    """Learn byte-level BPE merges on `text` for a vocabulary of `vocab_size` tokens,
-    counting END_OF_TEXT: the 256 single bytes, `vocab_size - 257` merges, and the
-    special token, whose id (`vocab_size - 1`) comes after them. END_OF_TEXT in
-    `text` separates documents and is never merged into anything.
+    """Learn byte-level BPE merges on `text` for at most `vocab_size` tokens, counting
+    END_OF_TEXT: the 256 single bytes and up to `vocab_size - 257` merges, fewer when a
+    small text runs out of pairs. `make_encoding` gives END_OF_TEXT the next id,
+    `len(mergeable_ranks)`: `vocab_size - 1` only when every merge was learned.
+    END_OF_TEXT in `text` separates documents and is never merged into anything.
 
     Returns tiktoken's `mergeable_ranks`: a dict from each token's bytes to its id,
     the 256 single bytes first (id = byte value), then the merges in the order they
@@ -745,35 +758,59 @@ def gpt2_encoding(timeout=15.0):
 
 
 SHARD_MAGIC = b"Z2GTOKEN"
-SHARD_VERSION = 1
-SHARD_HEADER = struct.Struct("<8sIIQ")   # magic, version, bytes per token, token count
+SHARD_VERSION = 2
+# magic, version, bytes per id, token count, vocabulary size, tokenizer fingerprint
+SHARD_HEADER = struct.Struct("<8sIIQQ16s")
+ShardHeader = namedtuple("ShardHeader", "version itemsize count vocab_size digest")
+NO_DIGEST = bytes(16)    # "tokenizer unknown": for shards of made-up ids (tests, benchmarks)
 
 
-def write_shard(path, tokens, vocab_size=None):
-    """Write token ids to `path` as a shard: header, then uint16 ids when they fit
-    (all below 65,536, or `vocab_size` at most 65,536 when given, so every shard of one
-    corpus gets the same type), else uint32. Atomic: temporary file, then rename."""
+def tokenizer_digest(encoding):
+    """The tokenizer's 16-byte fingerprint: the start of the SHA-256 of its tokens,
+    each as "base64-bytes id" by id, then its special tokens as "special name id"."""
+    digest = hashlib.sha256()
+    for piece, rank in sorted(encoding._mergeable_ranks.items(), key=lambda item: item[1]):
+        digest.update(b"%s %d\n" % (base64.b64encode(piece), rank))
+    for name, token in sorted(encoding._special_tokens.items()):
+        digest.update(b"special %s %d\n" % (base64.b64encode(name.encode("utf-8")), token))
+    return digest.digest()[:16]
+
+
+def shard_dtype(vocab_size):
+    """The id type of a shard: uint16 for vocabularies of at most 65,536, else uint32."""
+    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
+
+
+def write_shard(path, tokens, vocab_size=None, digest=NO_DIGEST):
+    """Write token ids to `path` as a shard: the header, then the ids as uint16 or
+    uint32 (`shard_dtype`). `vocab_size` is the tokenizer's (every id must be below
+    it; default: the largest id + 1) and `digest` its `tokenizer_digest`. Atomic: a
+    temporary file, then a rename."""
     tokens = np.asarray(tokens)
-    largest = (vocab_size - 1) if vocab_size else (int(tokens.max()) if tokens.size else 0)
-    if tokens.size and (tokens.min() < 0 or tokens.max() > largest or largest >= 2**32):
-        raise DataError(f"token ids for shard {path} must lie in 0..{min(largest, 2**32 - 1)}")
-    dtype = np.dtype("<u2") if largest < 2**16 else np.dtype("<u4")   # little-endian
+    if vocab_size is None:
+        vocab_size = int(tokens.max()) + 1 if tokens.size else 1
+    if not 1 <= vocab_size <= 2**32 or len(digest) != 16:
+        raise DataError(f"shard {path}: vocabulary size {vocab_size} must lie in 1..2**32 "
+                        f"and the tokenizer digest must be 16 bytes")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise DataError(f"token ids for shard {path} must lie in 0..{vocab_size - 1}")
+    dtype = shard_dtype(vocab_size)
     temporary = path + ".part"
     try:
         with open(temporary, "wb") as file:
-            file.write(SHARD_HEADER.pack(SHARD_MAGIC, SHARD_VERSION,
-                                         dtype.itemsize, tokens.size))
-            file.write(tokens.astype(dtype).tobytes())
+            file.write(SHARD_HEADER.pack(SHARD_MAGIC, SHARD_VERSION, dtype.itemsize,
+                                         tokens.size, vocab_size, digest))
+            tokens.astype(dtype, copy=False).tofile(file)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
 
 
-def read_shard(path):
-    """The token ids of the shard at `path` as a read-only numpy array (memory-mapped:
-    pages are read from disk only when used). Raises DataError for a missing file, a
-    foreign file (bad magic), an unknown version or id size, or a wrong length."""
+def read_shard_header(path):
+    """The ShardHeader of the shard at `path`, checked: a DataError for a missing
+    file, a foreign file (bad magic), an unknown version, an id size that does not
+    fit the vocabulary, or a file length that disagrees with the token count."""
     if not os.path.isfile(path):
         raise DataError(f"token shard {path} does not exist; write shards with 09_data.py")
     size = os.path.getsize(path)
@@ -781,25 +818,190 @@ def read_shard(path):
         raise DataError(f"token shard {path} is truncated: {size} bytes, shorter than "
                         f"its {SHARD_HEADER.size}-byte header")
     with open(path, "rb") as file:
-        magic, version, itemsize, count = SHARD_HEADER.unpack(file.read(SHARD_HEADER.size))
+        magic, *fields = SHARD_HEADER.unpack(file.read(SHARD_HEADER.size))
+    header = ShardHeader(*fields)
     if magic != SHARD_MAGIC:
         raise DataError(f"{path} is not a token shard (bad magic {magic!r}, expected "
                         f"{SHARD_MAGIC!r})")
-    if version != SHARD_VERSION:
-        raise DataError(f"token shard {path} has format version {version}; this code "
-                        f"reads version {SHARD_VERSION}")
-    if itemsize not in (2, 4):
-        raise DataError(f"token shard {path} says each id takes {itemsize} bytes; "
-                        f"expected 2 or 4")
-    expected = SHARD_HEADER.size + count * itemsize
+    if header.version != SHARD_VERSION:
+        raise DataError(f"token shard {path} has format version {header.version}; this "
+                        f"code reads version {SHARD_VERSION}; write the shards again")
+    if not 1 <= header.vocab_size <= 2**32 or \
+            header.itemsize != shard_dtype(header.vocab_size).itemsize:
+        raise DataError(f"token shard {path} has a damaged header: {header.itemsize}-byte "
+                        f"ids for a vocabulary of {header.vocab_size}; write it again")
+    expected = SHARD_HEADER.size + header.count * header.itemsize
     if size != expected:
         raise DataError(f"token shard {path} has the wrong length: its header promises "
-                        f"{count} tokens ({expected} bytes) but the file has {size} bytes "
-                        f"(truncated or damaged; write it again)")
-    dtype = np.dtype("<u2" if itemsize == 2 else "<u4")
-    if count == 0:
+                        f"{header.count} tokens ({expected} bytes) but the file has {size} "
+                        f"bytes (truncated or damaged; write it again)")
+    return header
+
+
+def read_shard(path, vocab_size=None, digest=None):
+    """The token ids of the shard at `path` as a read-only numpy array (memory-mapped:
+    pages are read from disk only when used), after every check of
+    `read_shard_header`, a check that its largest id is below its vocabulary, and,
+    when given, that it was written with a tokenizer of `vocab_size` tokens and
+    fingerprint `digest`. Each failed check is a DataError."""
+    header = read_shard_header(path)
+    if ((vocab_size is not None and header.vocab_size != vocab_size) or
+            (digest is not None and header.digest != digest)):
+        raise DataError(f"token shard {path} was written with another tokenizer "
+                        f"({header.vocab_size} tokens, fingerprint {header.digest.hex()}) "
+                        f"than the one expected ({vocab_size} tokens, fingerprint "
+                        f"{digest.hex() if digest else 'any'}); shard the corpus again "
+                        f"with this tokenizer")
+    dtype = shard_dtype(header.vocab_size)
+    if header.count == 0:
         return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=SHARD_HEADER.size, shape=(count,))
+    tokens = np.memmap(path, dtype=dtype, mode="r", offset=SHARD_HEADER.size,
+                       shape=(header.count,))
+    largest = int(tokens.max())
+    if largest >= header.vocab_size:
+        raise DataError(f"token shard {path} holds id {largest}, not below its vocabulary "
+                        f"of {header.vocab_size} tokens (damaged); write it again")
+    return tokens
+
+
+def check_shards(paths, vocab_size=None, digest=None):
+    """The headers of the shards at `paths`, each read and checked by `read_shard` one
+    at a time; all must share one tokenizer: `vocab_size` and `digest` when given,
+    else those of the first shard."""
+    headers = []
+    for path in paths:
+        read_shard(path, vocab_size, digest)
+        headers.append(read_shard_header(path))
+        vocab_size, digest = headers[0].vocab_size, headers[0].digest
+    return headers
+
+
+worker_encoding = None   # the Encoding inside each worker process
+
+
+def start_worker(encoding):
+    """Pool initializer: keep the encoding for this worker's documents."""
+    global worker_encoding
+    worker_encoding = encoding
+
+
+def encode_batch(documents):
+    """One uint32 array: each document's tokens, then `<|endoftext|>`, in order."""
+    arrays = [np.array(worker_encoding.encode_ordinary(document)
+                       + [worker_encoding.eot_token], dtype=np.uint32) for document in documents]
+    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.uint32)
+
+
+def usable_workers(workers):
+    """`workers`, or 1 in a notebook that cannot start fresh worker processes."""
+    if workers > 1 and in_notebook() and multiprocessing.get_start_method() != "fork":
+        print(f"note: a notebook cannot start {workers} fresh worker processes on this "
+              f"system; encoding in this one")
+        return 1
+    return workers
+
+
+def encode_batches(encoding, batches, workers=1):
+    """For each (tag, documents) of `batches`, in order: (tag, `encode_batch` of the
+    documents), with `workers` processes (1: this one). At most 2 batches per worker
+    are out at a time, so `batches` may be a stream of any length."""
+    workers = usable_workers(workers)
+    if workers <= 1:
+        start_worker(encoding)
+        for tag, documents in batches:
+            yield tag, encode_batch(documents)
+        return
+    # `pending` is a queue of batches handed out, oldest first: results are taken in
+    # the order the batches were given, whichever worker finishes first.
+    with multiprocessing.Pool(workers, initializer=start_worker,
+                              initargs=(encoding,)) as pool:
+        pending = deque()
+        for tag, documents in batches:
+            pending.append((tag, pool.apply_async(encode_batch, (documents,))))
+            if len(pending) >= 2 * workers:
+                tag, result = pending.popleft()
+                yield tag, result.get()
+        while pending:
+            tag, result = pending.popleft()
+            yield tag, result.get()
+
+
+def in_groups(items, size):
+    """Lists of `size` consecutive items (the last one shorter)."""
+    items = iter(items)
+    while group := list(itertools.islice(items, size)):
+        yield group
+
+
+def encode_documents(encoding, documents, workers=1):
+    """The token ids of `documents` as one uint32 array, `<|endoftext|>` after each
+    document, encoded by `workers` processes."""
+    batches = (("", group) for group in in_groups(documents, 64))
+    return np.concatenate([np.zeros(0, dtype=np.uint32)] +
+                          [tokens for _, tokens in encode_batches(encoding, batches, workers)])
+
+
+MANIFEST = "manifest.json"
+TOKENIZER_FILE = "tokenizer.tiktoken"
+
+
+def load_tokenizer(path, name="course-bpe"):
+    """The tokenizer saved at `path` by `save_merges`, as a tiktoken Encoding with
+    END_OF_TEXT after its tokens. A file that is not one is a DataError."""
+    ranks = {}
+    try:
+        with open(path, "rb") as file:
+            for line in file:
+                if line.strip():
+                    piece, rank = line.split()
+                    ranks[base64.b64decode(piece, validate=True)] = int(rank)
+    except (OSError, ValueError):   # unreadable, not two fields, bad base64 or number
+        ranks = {}
+    if not ranks or sorted(ranks.values()) != list(range(len(ranks))) or \
+            any(bytes([value]) not in ranks for value in range(256)):
+        raise DataError(f"{path} is not a tokenizer file written by 09_data.py (one "
+                        f"\"base64-bytes id\" line per token, every byte a token)")
+    return make_encoding(ranks, name)
+
+
+def read_manifest(folder, vocab_size=None, digest=None):
+    """The shard set in `folder`, from its manifest, every shard checked: a dict with
+    "train" and "valid" (lists of shard paths, in order), "tokenizer" (the manifest's
+    record, its "file" made a path) and "manifest" (the whole manifest). Each shard
+    must exist, pass `read_shard`, hold the manifest's token count and carry the
+    manifest's tokenizer, which must be `vocab_size` and `digest` when given."""
+    path = os.path.join(folder, MANIFEST)
+    try:
+        with open(path) as file:
+            manifest = json.load(file)
+        tokenizer = manifest["tokenizer"]
+        listed = {split: [(entry["file"], int(entry["tokens"])) for entry in manifest[split]]
+                  for split in ("train", "valid")}
+        expected = int(tokenizer["vocab_size"]), bytes.fromhex(tokenizer["digest"])
+    except FileNotFoundError:
+        raise DataError(f"{folder} holds no {MANIFEST}; write shards there with "
+                        f"python 09_data.py --out DIR (they go to DIR/shards)")
+    except (OSError, ValueError, KeyError, TypeError):   # not JSON, a field missing
+        raise DataError(f"{path} is damaged (not the JSON manifest 09_data.py writes); "
+                        f"write the shards again")
+    if ((vocab_size is not None and expected[0] != vocab_size) or
+            (digest is not None and expected[1] != digest)):
+        raise DataError(f"the shards in {folder} were written with another tokenizer "
+                        f"({expected[0]} tokens, fingerprint {expected[1].hex()}); shard "
+                        f"the corpus again with this one")
+    # Each shard is checked against the manifest, not only against itself: a shard
+    # copied in from another set, or one left behind by an older run, would pass its
+    # own checks and still be the wrong data.
+    result = {"tokenizer": {**tokenizer, "file": os.path.join(folder, tokenizer["file"])},
+              "manifest": manifest}
+    for split, entries in listed.items():
+        result[split] = [os.path.join(folder, name) for name, _ in entries]
+        headers = check_shards(result[split], *expected)
+        for (name, count), header in zip(entries, headers):
+            if header.count != count:
+                raise DataError(f"shard {name} in {folder} holds {header.count} tokens, "
+                                f"its manifest says {count}; write the shards again")
+    return result
 
 
 class ShardLoader:
@@ -899,16 +1101,20 @@ class ShardLoader:
 # folder that disappears when the run ends, so text and shards go down the same road
 # from here on: chapter 09's `ShardLoader` streams batches from them.
 #
-# A folder of shards is already tokenized: the shards whose name contains "val" are
-# the validation set (else the last shard is), and the tokenizer is the one chapter 09
-# saved next to them (`course-bpe.tiktoken`), or GPT-2's.
+# A folder of chapter 09's shards is already tokenized. Its `manifest.json` names the
+# training and the validation shards and the tokenizer (saved beside them as
+# `tokenizer.tiktoken`, whether it is the course's BPE or GPT-2's); every shard's
+# header carries that tokenizer's vocabulary size and fingerprint. The trainer checks
+# all of it before it trains: a shard written with another tokenizer, or holding an id
+# the vocabulary does not have, would otherwise train the model on nonsense, with no
+# error, only a loss that never falls.
 
 
 # %%
 VALIDATION_FRACTION = 0.1
 
 
-def split_documents(documents):
+def hold_out_validation(documents):
     """(train documents, validation documents): the last VALIDATION_FRACTION of all
     characters go to validation, the cut moved to the nearest line break before it."""
     total = sum(len(document) for document in documents)
@@ -923,57 +1129,42 @@ def split_documents(documents):
 
 
 def read_text_folder(folder):
-    """Every `.txt` file under `folder`, in sorted order, as a list of documents."""
+    """Every `.txt` file under `folder`, in sorted order, as a list of documents. A file
+    that is not UTF-8 text is named and skipped, as chapter 09 does."""
     paths = sorted(os.path.join(root, name) for root, _, names in os.walk(folder)
                    for name in names if name.endswith(".txt"))
-    documents = [load_text(path)[0] for path in paths if os.path.getsize(path) > 0]
-    documents = [document for document in documents if document.strip()]
+    documents = []
+    for path in paths:
+        try:
+            documents.append(load_text(path)[0])
+        except DataError as error:   # not UTF-8, or empty
+            print(f"note: skipping a file: {error}", file=sys.stderr)
     if not documents:
-        raise DataError(f"folder {folder} holds no non-empty .txt file and no token "
-                        f"shards; point --data at text or at chapter 09's shards")
+        raise DataError(f"folder {folder} holds no usable .txt file ({len(paths)} found) "
+                        f"and no token shards; point --data at text or at chapter 09's "
+                        f"shards")
     return documents
 
 
-def encode_documents(encoding, documents):
-    """Token ids of the documents, END_OF_TEXT after each, as one numpy array."""
-    ids = []
-    for document in documents:
-        ids.extend(encoding.encode_ordinary(document))
-        ids.append(encoding.eot_token)
-    return np.array(ids, dtype=np.int64)
-
-
-def read_shard_folder(folder, shard_paths):
-    """(train shard paths, validation shard paths, tokenizer) of chapter 09's output:
-    `valid_*.bin` and `train_*.bin` shards, and the merges it saved in tiktoken's file
-    format (`course-bpe.tiktoken`) in the folder or the one above it."""
-    validation = [path for path in shard_paths if "val" in os.path.basename(path)]
-    train = [path for path in shard_paths if path not in validation]
-    if not validation:
-        if len(train) < 2:
-            raise DataError(f"folder {folder} has one token shard; validation needs a "
-                            f"second one (a shard with 'val' in its name)")
-        train, validation = train[:-1], train[-1:]
-    if not train:
-        raise DataError(f"folder {folder} has only validation shards; it needs training "
-                        f"shards too")
-    candidates = [os.path.join(place, name)
-                  for place in (folder, os.path.dirname(os.path.abspath(folder)))
-                  for name in sorted(os.listdir(place)) if name.endswith(".tiktoken")]
-    if candidates:
-        import tiktoken.load
-        try:
-            ranks = tiktoken.load.load_tiktoken_bpe(candidates[0])
-        except Exception:  # a damaged file: bad base64, a missing rank
-            raise DataError(f"{candidates[0]} is not a tokenizer file written by "
-                            f"chapter 09; write the shards again")
-        return train, validation, make_encoding(ranks, "course-bpe")
-    encoding = gpt2_encoding()
-    if encoding is None:
-        raise DataError(f"the shards in {folder} come without chapter 09's "
-                        f"course-bpe.tiktoken and GPT-2's tokenizer is not available "
-                        f"offline; copy the tokenizer file next to the shards")
-    return train, validation, encoding
+def read_shard_folder(folder, saved_tokenizer=None):
+    """(train shard paths, validation shard paths, tokenizer) of a shard set written by
+    chapter 09, every shard checked against its manifest. When resuming,
+    `saved_tokenizer` (the checkpoint's) must be the one the shards were written with."""
+    if saved_tokenizer:
+        encoding = tokenizer_from_dict(saved_tokenizer)
+        shard_set = read_manifest(folder, encoding.n_vocab, tokenizer_digest(encoding))
+        return shard_set["train"], shard_set["valid"], encoding
+    shard_set = read_manifest(folder)
+    if not shard_set["train"] or not shard_set["valid"]:
+        raise DataError(f"the shard set in {folder} needs training and validation shards; "
+                        f"shard the corpus with a --valid-fraction above 0")
+    record = shard_set["tokenizer"]
+    encoding = load_tokenizer(record["file"], record["name"])
+    if tokenizer_digest(encoding).hex() != record["digest"]:
+        raise DataError(f"{record['file']} is not the tokenizer the shards in {folder} "
+                        f"were written with (its fingerprint differs); shard the corpus "
+                        f"again")
+    return shard_set["train"], shard_set["valid"], encoding
 
 
 # The cpu preset sizes two settings to the corpus (a flag you give wins). Its 90
@@ -1004,22 +1195,19 @@ def load_corpus(data, tokenizer_kind, vocab_size, saved_tokenizer=None):
     if data and os.path.isdir(data):
         if os.path.isdir(os.path.join(data, "shards")):   # chapter 09's --out folder
             data = os.path.join(data, "shards")
-        shard_paths = sorted(os.path.join(data, name) for name in os.listdir(data)
-                             if name.endswith(".bin"))
-        if shard_paths:
-            train_paths, val_paths, encoding = read_shard_folder(data, shard_paths)
-            if saved_tokenizer:
-                encoding = tokenizer_from_dict(saved_tokenizer)
+        if os.path.isfile(os.path.join(data, MANIFEST)) or any(
+                name.endswith(".bin") for name in os.listdir(data)):
+            train_paths, val_paths, encoding = read_shard_folder(data, saved_tokenizer)
             train = [read_shard(path) for path in train_paths]
             return {"train_paths": train_paths, "val_paths": val_paths, "train": train,
                     "val": [read_shard(path) for path in val_paths], "encoding": encoding,
-                    "source": f"{len(shard_paths)} token shards in {data}",
+                    "source": f"{len(train_paths) + len(val_paths)} token shards in {data}",
                     "train_bytes": 4 * sum(len(array) for array in train), "workspace": None}
         documents, source = read_text_folder(data), f"text files in {data}"
     else:
         text, source = load_text(data)  # a missing or empty file is a DataError there
         documents = [text]
-    train_documents, val_documents = split_documents(documents)
+    train_documents, val_documents = hold_out_validation(documents)
     if not "".join(train_documents).strip() or not "".join(val_documents).strip():
         raise DataError(f"the corpus from {source} is too short to hold out validation "
                         f"text; give it at least a few lines")
@@ -1032,10 +1220,10 @@ def load_corpus(data, tokenizer_kind, vocab_size, saved_tokenizer=None):
     # again, and a run that reads a different text must never pick up stale ones.
     workspace = tempfile.TemporaryDirectory(prefix="gpt-tokens-")
     paths = {}
-    for split, split_documents_ in (("train", train_documents), ("val", val_documents)):
+    for split, split_of_documents in (("train", train_documents), ("val", val_documents)):
         paths[split] = os.path.join(workspace.name, f"{split}.bin")
-        write_shard(paths[split], encode_documents(encoding, split_documents_),
-                    vocab_size=encoding.n_vocab)
+        write_shard(paths[split], encode_documents(encoding, split_of_documents),
+                    vocab_size=encoding.n_vocab, digest=tokenizer_digest(encoding))
     return {"train_paths": [paths["train"]], "val_paths": [paths["val"]],
             "train": [read_shard(paths["train"])], "val": [read_shard(paths["val"])],
             "encoding": encoding, "source": source, "train_bytes": train_bytes,
@@ -1099,7 +1287,7 @@ if __name__ == "__main__":
         check_block_size(CORPUS, ARGS.block_size)
         ENCODING = CORPUS["encoding"]
         TABLE_SIZE = pad_vocabulary(ENCODING.n_vocab)
-        token_bytes = bytes_per_token(ENCODING, TABLE_SIZE)
+        token_bytes = token_byte_counts(ENCODING, TABLE_SIZE)
         validation = np.concatenate([np.asarray(array) for array in CORPUS["val"]])
         bytes_each = token_bytes[validation].sum() / len(validation)
         print(f"data: {CORPUS['source']}; tokenizer {ENCODING.name} ({ENCODING.n_vocab} "
@@ -1454,7 +1642,7 @@ def _row_max_and_sum(row_ptr, n_cols, BLOCK: tl.constexpr):
 # %% jupyter={"source_hidden": true}
 @triton.jit
 def _norm_forward_kernel(x_ptr, weight_ptr, bias_ptr, y_ptr, mean_ptr, rstd_ptr, n_cols, eps,
-                         BLOCK: tl.constexpr, RMS: tl.constexpr):
+                         BLOCK: tl.constexpr, RMS: tl.constexpr, HAS_BIAS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -1470,8 +1658,9 @@ def _norm_forward_kernel(x_ptr, weight_ptr, bias_ptr, y_ptr, mean_ptr, rstd_ptr,
         # Masked lanes hold 0, and 0 - mean is not 0: zero them before the variance.
         centred = tl.where(mask, x - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / n_cols + eps)
-        bias = tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        y = centred * rstd * weight + bias
+        y = centred * rstd * weight
+        if HAS_BIAS:  # layer norm may come without a bias (GPT-2's layout with --no-bias)
+            y += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(mean_ptr + row, mean)
     tl.store(rstd_ptr + row, rstd)
     tl.store(y_ptr + row * n_cols + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -1562,27 +1751,28 @@ def norm_backward_layout(x, n_rows, block):
 
 
 class _Norm(torch.autograd.Function):
-    """Layer norm (bias given) or RMS norm (bias None) over the last dimension."""
+    """Layer norm (`rms` False, with a bias or without: `bias` None) or RMS norm (`rms`
+    True, never a bias) over the last dimension."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
+    def forward(ctx, x, weight, bias, eps, rms):
         x_rows = rows_of(x)
         n_rows, n_cols = x_rows.shape
         if n_cols > NORM_MAX_COLS:
             raise ValueError(f"the norm kernels keep a row in one tile: at most "
                              f"{NORM_MAX_COLS} features, got {n_cols}")
-        rms = bias is None
         block = triton.next_power_of_2(n_cols)
         y = torch.empty_like(x_rows)
         # Per-row statistics, kept in fp32 for the backward pass: 8 bytes a row.
         mean = torch.empty(n_rows, device=x.device, dtype=torch.float32)
         rstd = torch.empty(n_rows, device=x.device, dtype=torch.float32)
-        # RMS norm reads no bias: the weight stands in for the unused pointer.
-        _norm_forward_kernel[(n_rows,)](x_rows, weight, weight if rms else bias, y, mean, rstd,
-                                        n_cols, eps, BLOCK=block, RMS=rms,
-                                        num_warps=row_warps(block))
+        # Without a bias the kernel reads none: the weight stands in for the unused pointer.
+        has_bias = bias is not None and not rms
+        _norm_forward_kernel[(n_rows,)](x_rows, weight, bias if has_bias else weight, y, mean,
+                                        rstd, n_cols, eps, BLOCK=block, RMS=rms,
+                                        HAS_BIAS=has_bias, num_warps=row_warps(block))
         ctx.save_for_backward(x_rows, weight, mean, rstd)
-        ctx.rms = rms
+        ctx.rms, ctx.has_bias = rms, has_bias
         return y.view(x.shape)
 
     @staticmethod
@@ -1600,9 +1790,9 @@ class _Norm(torch.autograd.Function):
                                            rows_per_program, BLOCK=block, BLOCK_ROWS=block_rows,
                                            RMS=ctx.rms, num_warps=row_warps(block * block_rows))
         dweight = column_sum(weight_partial, weight)
-        dbias = None if ctx.rms else column_sum(bias_partial, weight)
-        # One gradient per input of forward: x, weight, bias, and None for eps.
-        return dx.view(dy.shape), dweight, dbias, None
+        dbias = column_sum(bias_partial, weight) if ctx.has_bias else None
+        # One gradient per input of forward: x, weight, bias, and None for eps and rms.
+        return dx.view(dy.shape), dweight, dbias, None, None
 
 
 def layer_norm(x, weight, bias, eps=1e-5):
@@ -1610,7 +1800,7 @@ def layer_norm(x, weight, bias, eps=1e-5):
     Triton."""
     if not triton_runs_on(x):
         return torch_layer_norm(x, weight, bias, eps)
-    return _Norm.apply(x, weight, bias, eps)
+    return _Norm.apply(x, weight, bias, eps, False)
 
 
 def rms_norm(x, weight, eps=1e-6):
@@ -1618,7 +1808,7 @@ def rms_norm(x, weight, eps=1e-6):
     and backward in Triton."""
     if not triton_runs_on(x):
         return torch_rms_norm(x, weight, eps)
-    return _Norm.apply(x, weight, None, eps)
+    return _Norm.apply(x, weight, None, eps, True)
 
 
 def torch_layer_norm(x, weight, bias, eps=1e-5):
@@ -1847,7 +2037,7 @@ class _CrossEntropy(torch.autograd.Function):
     log-softmax that eager PyTorch would have saved."""
 
     @staticmethod
-    def forward(ctx, logits, targets, ignore_index):
+    def forward(ctx, logits, targets, ignore_index, loss_dtype):
         logits = logits.contiguous()
         targets = targets.contiguous()
         n_rows, n_cols = logits.shape
@@ -1866,9 +2056,9 @@ class _CrossEntropy(torch.autograd.Function):
                                          num_warps=row_warps(block))
         if write_grad:
             ctx.save_for_backward(grad)
-        # The mean over the rows that count (each ignored row contributed 0). Returned in
-        # the logits' dtype, as F.cross_entropy does.
-        return (losses.sum() / valid_count).to(logits.dtype)
+        # The mean over the rows that count (each ignored row contributed 0), summed in
+        # fp32 and returned in `loss_dtype`.
+        return (losses.sum() / valid_count).to(loss_dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -1876,7 +2066,7 @@ class _CrossEntropy(torch.autograd.Function):
         # rule scales it by d(final)/d(loss), which is 1 unless the loss is scaled (for
         # example divided over gradient-accumulation steps).
         (grad,) = ctx.saved_tensors
-        return grad * grad_output, None, None
+        return grad * grad_output, None, None, None
 
 
 def cross_entropy(logits, targets, ignore_index=-100):
@@ -1888,7 +2078,11 @@ def cross_entropy(logits, targets, ignore_index=-100):
                          f"got {tuple(logits.shape)} and {tuple(targets.shape)}")
     if not triton_runs_on(logits):
         return F.cross_entropy(logits, targets, ignore_index=ignore_index)
-    return _CrossEntropy.apply(logits, targets, ignore_index)
+    # The loss's dtype is F.cross_entropy's: float32 under autocast (which runs the loss
+    # in fp32), else the logits' own. A bf16 loss would be rounded to 3 digits.
+    autocast_on = torch.is_autocast_enabled(logits.device.type)
+    loss_dtype = torch.float32 if autocast_on else logits.dtype
+    return _CrossEntropy.apply(logits, targets, ignore_index, loss_dtype)
 
 
 # %% [markdown]
@@ -2854,7 +3048,7 @@ def learning_rate_at(step, progress, peak, warmup_iters):
 # It cannot compare two tokenizers: a tokenizer with bigger tokens has fewer, harder
 # predictions. Bits per byte can: add up the loss over the validation text, divide by
 # ln 2 to get bits, and divide by the number of UTF-8 bytes the predicted tokens stand
-# for (the `bytes_per_token` table). It is what the model would need to compress the
+# for (the `token_byte_counts` table). It is what the model would need to compress the
 # text. Special tokens stand for no bytes, so their loss is left out. On plain ASCII
 # text a byte is a character, so a character-level model reads the same scale.
 #
@@ -3216,12 +3410,16 @@ class Run:
 
     def __init__(self, args):
         """Everything that reads and checks: device, kernels, checkpoint (when
-        resuming), data, tokenizer, loader, configuration. Writes nothing."""
+        resuming), the process group, data, tokenizer, loader, configuration. Writes
+        nothing."""
         self.args = args
         self.world_size, self.rank, self.local_rank = distributed_environment()
         self.device = choose_device(args.device, self.local_rank)
         self.kernels = choose_kernels(args.kernels, self.device)
         self.autocast = autocast_for(self.device)
+        # The processes join here, before the data: rank 0 decides the tokenizer.
+        if self.world_size > 1:
+            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
         self.out_path = os.path.join(args.out, CHECKPOINT_NAME)
         restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
         # Under `torchrun --max-restarts`, a restarted job resumes by itself.
@@ -3255,17 +3453,20 @@ class Run:
             print(message, flush=True)
 
     def setup(self):
-        """Join the other processes, build the model and optimiser, restore them when
-        resuming, and wrap the model for compilation and DDP. The seed is set before
+        """Build the model and optimiser, restore them when resuming, and wrap the model for compilation and DDP. The seed is set before
         the model is built, so every rank starts from the same weights (DDP also
         copies rank 0's weights to the others when it wraps the model)."""
         args = self.args
-        if self.world_size > 1:
-            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
         torch.manual_seed(args.seed)
         self.model = GPT(self.model_config, self.kernels).to(self.device)
         self.optimizer = make_optimizer(self.model, args.learning_rate, args.weight_decay,
                                         self.device, args.beta1, args.beta2)
+        # The weights are alike on every rank; the dropout masks must not be, or every
+        # rank would drop the same units on its different data. Each rank after the
+        # first moves to a stream of its own (rank 0 keeps the one that built the
+        # model, so a one-process run is what it always was).
+        if self.rank > 0:
+            torch.manual_seed(args.seed + 1_000_003 * self.rank)
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
         self.history = {"steps": [], "train_loss": [], "val_steps": [], "val_loss": []}
         self.last_eval = None
@@ -3283,7 +3484,7 @@ class Run:
             self.training_model = DistributedDataParallel(
                 self.training_model,
                 device_ids=[self.local_rank] if self.device.type == "cuda" else None)
-        self.token_bytes = bytes_per_token(self.encoding, self.model_config.vocab_size)
+        self.token_bytes = token_byte_counts(self.encoding, self.model_config.vocab_size)
         self.flops_per_token = flops_per_token(self.model)
         self.peak = peak_flops(self.device, args.peak_tflops)
 
@@ -3335,10 +3536,12 @@ class Run:
     def evaluate(self, max_tokens):
         """Validation loss and bits per byte, logged and remembered for the plot."""
         args = self.args
+        # Evaluation takes the training step's micro-batches: a whole batch at once
+        # (512 windows of 1,024 tokens for GPT-2) would need tens of GB for the logits.
+        micro_batch = args.micro_batch or args.batch_size // self.world_size
         loss, bpb = evaluate(self.model, self.corpus["val"], self.token_bytes,
-                             args.block_size, max(args.batch_size // self.world_size, 1),
-                             max_tokens, self.device, self.autocast, self.rank,
-                             self.world_size)
+                             args.block_size, micro_batch, max_tokens, self.device,
+                             self.autocast, self.rank, self.world_size)
         # After going back to the best weights, their own step labels the result.
         step = self.best_step if self.restored_best else self.step
         self.history["val_steps"].append(step)
@@ -3670,8 +3873,10 @@ BENCH_WARMUP = 5
 # recipe, as the original GPT-2 and its open reproductions used it:
 #
 # 1. A corpus of good web text, about 10 billion tokens (for example a FineWeb-Edu
-#    sample), cleaned and sharded by chapter 09 with GPT-2's tokenizer
-#    (`python 09_data.py --data corpus/ --vocab-size ...` or GPT-2's own merges).
+#    sample, as `.jsonl` files with a "text" field per line), cleaned, deduplicated
+#    and sharded by chapter 09 with GPT-2's tokenizer, streaming: `python 09_data.py
+#    --shard-corpus corpus/ --tokenizer gpt2 --valid-fraction 0.01 --out out`. The
+#    tests run the same two commands at a CPU's size (`--tokenizer bpe`).
 # 2. `torchrun --standalone --nproc_per_node=8 13_gpt.py --preset gpt2 --data
 #    out/shards --compile`: 524,288 tokens a step (512 windows of 1,024), peak
 #    learning rate 6e-4 after 700 warm-up steps, cosine to 6e-5 over 19,073 steps,
@@ -3682,7 +3887,8 @@ BENCH_WARMUP = 5
 #    itself is on such text.
 # 4. Checkpoints every `eval_interval` steps and `torchrun --max-restarts 3` make the
 #    run survive a crashed process: the restarted job finds `ckpt.pt` and resumes
-#    from it by itself, at the exact batch where it stopped.
+#    from it by itself, from the last checkpoint (the steps after it are trained
+#    again, on the same batches: the loader's position is in the checkpoint).
 #
 # ## Things to try
 #

@@ -67,6 +67,16 @@ def test_layer_norm_forward_backward(shape):
     assert_matches(chapter.layer_norm, chapter.torch_layer_norm, inputs)
 
 
+def test_layer_norm_without_bias_is_layer_norm_not_rms_norm():
+    # GPT-2's layout with --no-bias: the mean is still removed, only the shift goes.
+    inputs = [draw(6, 77) + 1.0, draw(77, seed=1)]
+    assert_matches(lambda x, w: chapter.layer_norm(x, w, None),
+                   lambda x, w: F.layer_norm(x, (77,), w, None, 1e-5), inputs)
+    x, weight = inputs
+    rms = chapter.rms_norm(x, weight, eps=1e-5)
+    assert chapter.relative_error(chapter.layer_norm(x, weight, None), rms) > 0.1
+
+
 def test_rms_norm_forward_backward():
     inputs = [draw(13, 77) + 0.5, draw(77, seed=1)]
     assert_matches(chapter.rms_norm, chapter.torch_rms_norm, inputs)
@@ -88,6 +98,19 @@ def test_gelu_and_swiglu_forward_backward_including_large_inputs():
     assert_matches(chapter.gelu, chapter.torch_gelu, [x])
     assert_matches(chapter.swiglu, lambda a, b: F.silu(a) * b, [x, draw(7, 131, seed=1)])
     assert torch.isfinite(chapter.gelu(x)).all()
+
+
+def test_cross_entropy_loss_is_float32_under_autocast_like_pytorch():
+    # Under autocast F.cross_entropy runs in fp32; a bf16 loss would keep only 3 digits.
+    logits = draw(9, 301, scale=3.0).to(torch.bfloat16)
+    targets = torch.randint(0, 301, (9,), generator=torch.Generator().manual_seed(3))
+    targets = targets.to(DEVICE)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        loss = chapter.cross_entropy(logits, targets)
+        expected = F.cross_entropy(logits, targets)
+    assert loss.dtype == expected.dtype == torch.float32
+    assert abs(loss.item() - expected.item()) < 1e-4 * abs(expected.item())
+    assert chapter.cross_entropy(logits, targets).dtype == torch.bfloat16  # no autocast
 
 
 @pytest.mark.parametrize("ignore_index", [-100, 7])

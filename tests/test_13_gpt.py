@@ -65,14 +65,13 @@ def assert_same_weights(first, second, atol):
 
 
 def run_many(commands, env=None):
-    """Start several chapter runs at once (they mostly wait on imports) and return a
-    ChapterRun for each, in order."""
+    """Start several command lines at once (they mostly wait on imports) and return a
+    ChapterRun for each, in order. Each command is (argv, cwd, extra environment)."""
     full_env = {**os.environ, **OFFLINE_ENV, "PYTHONHASHSEED": "0",
                 "OMP_NUM_THREADS": "1", **(env or {})}
-    processes = [subprocess.Popen([sys.executable, str(ROOT / "13_gpt.py"), *map(str, args)],
-                                  cwd=cwd, env={**full_env, **extra_env},
+    processes = [subprocess.Popen(argv, cwd=cwd, env={**full_env, **extra_env},
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for args, cwd, extra_env in commands]
+                 for argv, cwd, extra_env in commands]
     runs = []
     for process in processes:
         stdout, stderr = process.communicate(timeout=300)
@@ -81,21 +80,34 @@ def run_many(commands, env=None):
     return runs
 
 
+def chapter(*args, cwd, env=None):
+    """The command line of a one-process run of the chapter."""
+    return [sys.executable, str(ROOT / "13_gpt.py"), *map(str, args)], cwd, env or {}
+
+
+def torchrun(out, *args):
+    """The command line of a 2-process (gloo) run of the tiny model, writing to `out`."""
+    return ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+             "--nproc_per_node=2", str(ROOT / "13_gpt.py"), *TINY, "--out", str(out),
+             *map(str, args)], out.parent, {})
+
+
 # --- data parallelism and resuming --------------------------------------------------
 
 def test_two_processes_match_one_with_the_same_global_batch(corpus, tmp_path):
     """torchrun with 2 gloo processes of 2 windows each = 1 process of 4 windows, and =
     1 process with 2 micro-batches of 2 (gradient accumulation)."""
-    steps = ["--max-iters", "3"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=2", str(ROOT / "13_gpt.py"), *TINY, "--data", corpus,
-               "--out", str(tmp_path / "ddp"), *steps]
-    ddp = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"})
+    # "auto" and offline: rank 0 alone decides (and says) that GPT-2's tokenizer is out
+    # of reach, trains the BPE and hands it to rank 1.
+    steps = ["--max-iters", "3", "--tokenizer", "auto"]
+    (ddp,) = run_many([torchrun(tmp_path / "ddp", "--data", corpus, *steps)])
     single = train(corpus, tmp_path / "single", *steps)
     accumulated = train(corpus, tmp_path / "accumulated", *steps, "--micro-batch", "2")
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    assert '"world_size": 2' in ddp.stdout
+    assert ddp.returncode == 0, ddp
+    assert ddp.summary["world_size"] == 2
+    # Said twice by rank 0 (the chapter's first look at the data, then the trainer),
+    # never by rank 1.
+    assert ddp.stderr.count("GPT-2's tokenizer is not available") == 2
     assert single["iterations"] == 3
     parallel = load_state(tmp_path / "ddp")
     assert parallel["loader_positions"][0]["world_size"] == 2
@@ -103,6 +115,62 @@ def test_two_processes_match_one_with_the_same_global_batch(corpus, tmp_path):
     assert_same_weights(parallel["model"], load_state(tmp_path / "single")["model"], 1e-5)
     assert_same_weights(load_state(tmp_path / "accumulated")["model"],
                         load_state(tmp_path / "single")["model"], 1e-5)
+    # Evaluation is sharded too (each rank its share of the windows, then summed):
+    # the same weights must score the same.
+    assert ddp.summary["val_loss"] == pytest.approx(single["val_loss"], abs=1e-4)
+
+
+def test_with_dropout_ranks_draw_their_own_masks_and_a_ddp_run_resumes_exactly(corpus,
+                                                                               tmp_path):
+    """Every rank must drop different units (a generator of its own), and 2 + 2 steps
+    with a resume in between must equal 4 steps straight, on both ranks."""
+    common = ["--data", corpus, "--dropout", "0.2", "--lr-decay-iters", "4"]
+    straight, halves = run_many(
+        [torchrun(tmp_path / "straight", *common, "--max-iters", "4"),
+         torchrun(tmp_path / "halves", *common, "--max-iters", "2")])
+    assert straight.returncode == 0 and halves.returncode == 0, (straight, halves)
+    halfway = load_state(tmp_path / "halves")
+    first, second = (state["torch"] for state in halfway["rng"])
+    assert not torch.equal(first, second)      # the ranks' generators differ
+    (resumed,) = run_many([torchrun(tmp_path / "halves", *common, "--max-iters", "4",
+                                    "--resume")])
+    assert resumed.returncode == 0, resumed
+    expected, got = load_state(tmp_path / "straight"), load_state(tmp_path / "halves")
+    for name in expected["model"]:
+        assert torch.equal(expected["model"][name], got["model"][name]), name
+    for mine, theirs in zip(expected["rng"], got["rng"]):
+        assert torch.equal(mine["torch"], theirs["torch"])
+    assert expected["last_eval"]["val_loss"] == got["last_eval"]["val_loss"]
+
+
+def test_the_gpt2_preset_trains_evaluates_resumes_and_samples_in_micro_batches(tmp_path,
+                                                                              monkeypatch):
+    """GPT-2's batch geometry (512 windows of 1,024 tokens a step, micro-batches of 32)
+    at a tiny width: evaluation must go through micro-batches too, never a whole batch
+    at once (on one GPU that would be about 50 GB of logits)."""
+    text = tmp_path / "corpus.txt"
+    docs = gpt.python_docs_text()[:400_000]
+    text.write_text("\n\n".join([docs] * 3), encoding="utf-8")  # 770,000 tokens of 300
+    rows_seen = {True: set(), False: set()}     # windows per forward pass, by model.training
+    forward = gpt.GPT.forward
+
+    def counting_forward(self, idx, *args, **kwargs):
+        rows_seen[self.training].add(idx.shape[0])
+        return forward(self, idx, *args, **kwargs)
+
+    monkeypatch.setattr(gpt.GPT, "forward", counting_forward)
+    tiny = ["--preset", "gpt2", "--n-layer", "1", "--n-head", "1", "--n-embd", "16",
+            "--tokenizer", "bpe", "--vocab-size", "300", "--eval-interval", "1",
+            "--eval-tokens", "65536", "--num-tokens", "8", "--data", str(text),
+            "--out", str(tmp_path / "out")]
+    summary = gpt.main([*tiny, "--max-iters", "1"])
+    assert summary["iterations"] == 1 and summary["tokens_seen"] == 512 * 1024
+    assert rows_seen[True] == {32}                      # 16 micro-batches a step
+    assert max(rows_seen[False] - {1}) == 32            # evaluation: micro-batches too
+    assert math.isfinite(summary["val_bpb"])
+    summary = gpt.main([*tiny, "--max-iters", "2", "--resume"])
+    assert summary["iterations"] == 2 and summary["weights_from_step"] == 2
+    assert max(rows_seen[False] - {1}) == 32
 
 
 def test_resume_continues_exactly(corpus, tmp_path):
@@ -137,7 +205,9 @@ def test_a_job_restarted_by_torchrun_resumes_by_itself(corpus, tmp_path, monkeyp
 
 @pytest.mark.parametrize("switches", [
     dict(),                                                         # GPT-2's layout
+    dict(bias=False),                                    # LayerNorm without a bias
     dict(rope=True, rmsnorm=True, swiglu=True, bias=False),         # the upgrades
+    dict(rope=True, rmsnorm=True, swiglu=False, bias=True),  # RMSNorm, biased layers
 ])
 def test_triton_kernels_match_pytorch_loss_and_every_gradient(switches):
     """The same tiny model on chapter 12's kernels (Triton's interpreter on the CPU) and
@@ -231,27 +301,65 @@ def test_tokenizer_survives_a_checkpoint_round_trip(tmp_path):
     assert loaded.decode(loaded.encode_ordinary(sample)) == sample
     assert loaded.n_vocab == 400 and loaded.eot_token == 399
     # The bytes table adds up to the text's length in UTF-8 bytes.
-    table = gpt.bytes_per_token(loaded, gpt.pad_vocabulary(loaded.n_vocab))
+    table = gpt.token_byte_counts(loaded, gpt.pad_vocabulary(loaded.n_vocab))
     assert table[loaded.encode_ordinary(sample)].sum() == len(sample.encode("utf-8"))
     assert table[loaded.eot_token] == 0
 
 
-def test_trains_on_a_folder_of_chapter_09_shards(tmp_path):
-    """Chapter 09 writes DIR/shards/valid_000000.bin, train_*.bin and DIR/course-bpe.tiktoken
-    (tiktoken's format: base64 of the token's bytes, then its rank, one per line)."""
-    text = gpt.python_docs_text()[:30_000]
-    ranks = gpt.train_bpe(text[:27_000], 300)
-    encoding = gpt.make_encoding(ranks, "course-bpe")
-    (tmp_path / "shards").mkdir()
-    for name, part in (("valid_000000.bin", text[27_000:]), ("train_000001.bin", text[:27_000])):
-        gpt.write_shard(str(tmp_path / "shards" / name),
-                        encoding.encode_ordinary(part) + [encoding.eot_token], 300)
-    with open(tmp_path / "course-bpe.tiktoken", "w") as file:
-        for piece, rank in sorted(ranks.items(), key=lambda item: item[1]):
-            file.write(f"{base64.b64encode(piece).decode()} {rank}\n")
-    summary = train(str(tmp_path / "shards"), tmp_path / "out", "--max-iters", "2")
+@pytest.fixture(scope="module")
+def shard_set(tmp_path_factory):
+    """A shard set written by chapter 09's streaming path, as the README's GPT-2 recipe
+    does (there with GPT-2's tokenizer; here, offline, the course's BPE)."""
+    folder = tmp_path_factory.mktemp("sharded")
+    (folder / "corpus.txt").write_text(gpt.python_docs_text()[:60_000], encoding="utf-8")
+    run = run_chapter("09_data", "--shard-corpus", folder / "corpus.txt", "--tokenizer", "bpe",
+                      "--vocab-size", "300", "--workers", "1", "--out", folder / "out",
+                      cwd=folder)
+    assert run.returncode == 0, run
+    return folder / "out"
+
+
+def test_trains_on_a_shard_set_of_chapter_09_and_resumes(shard_set, tmp_path):
+    summary = train(str(shard_set), tmp_path / "out", "--max-iters", "2")
     assert summary["tokenizer"] == "course-bpe" and summary["iterations"] == 2
-    assert math.isfinite(summary["val_bpb"])
+    assert math.isfinite(summary["val_bpb"]) and summary["val_bpb"] < 8.5
+    summary = train(str(shard_set / "shards"), tmp_path / "out", "--max-iters", "3",
+                    "--resume")
+    assert summary["iterations"] == 3
+
+
+def test_refuses_shards_of_another_tokenizer_or_without_a_manifest(shard_set, corpus,
+                                                                   tmp_path):
+    # The shards' own tokenizer file swapped for another BPE's: the fingerprint differs.
+    import shutil
+    copied = tmp_path / "copied"
+    shutil.copytree(shard_set / "shards", copied)
+    other = gpt.make_encoding(gpt.train_bpe(gpt.python_docs_text()[:5_000], 300))
+    with open(copied / "tokenizer.tiktoken", "w") as file:
+        for piece, rank in sorted(other._mergeable_ranks.items(), key=lambda item: item[1]):
+            file.write(f"{base64.b64encode(piece).decode()} {rank}\n")
+    assert_clean_error(run_chapter("13_gpt", *TINY, "--data", copied, "--out", tmp_path / "a",
+                                   cwd=tmp_path), "fingerprint")
+    # Resuming a run of one tokenizer on the shards of another.
+    train(corpus, tmp_path / "b", "--max-iters", "1")
+    assert_clean_error(run_chapter("13_gpt", *TINY, "--data", shard_set, "--out",
+                                   tmp_path / "b", "--resume", "--max-iters", "2",
+                                   cwd=tmp_path), "another tokenizer")
+    # Shards without their manifest: which are for validation is not guessed from names.
+    (copied / "manifest.json").unlink()
+    assert_clean_error(run_chapter("13_gpt", *TINY, "--data", copied, "--out", tmp_path / "c",
+                                   cwd=tmp_path), "manifest")
+
+
+def test_a_folder_of_text_skips_a_file_that_is_not_utf8(tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text(gpt.python_docs_text()[:20_000], encoding="utf-8")
+    (folder / "b.txt").write_bytes(b"caf\xe9 " * 100)     # Latin-1, not UTF-8
+    run = run_chapter("13_gpt", *TINY, "--data", folder, "--out", tmp_path / "out",
+                      "--max-iters", "1", cwd=tmp_path)
+    assert run.returncode == 0, run
+    assert "skipping a file" in run.stderr and "b.txt" in run.stderr
 
 
 def test_bench_reports_speed_only(tmp_path):
@@ -293,7 +401,7 @@ def test_every_bad_input_is_one_clear_error_and_the_checkpoint_survives(corpus, 
         ([*base, "--beta1", "-0.1"], {}, ["--beta1", "[0, 1)"]),
         ([*base, "--patience", "-1"], {}, ["--patience", "negative"]),
     ]
-    runs = run_many([(arguments, tmp_path, env) for arguments, env, _ in cases])
+    runs = run_many([chapter(*arguments, cwd=tmp_path, env=env) for arguments, env, _ in cases])
     for (arguments, _, words), run in zip(cases, runs):
         assert_clean_error(run, *words)
     assert checkpoint.read_bytes() == original
