@@ -1330,21 +1330,26 @@ def _flash_backward_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, d
 # applied as a function call, not with `@`, so that the plain kernels above stay
 # available (and readable) on their own. The first candidate of each list is a modest
 # tile that fits every head size and dtype: with ZERO_TO_GPT_AUTOTUNE=0 it is the one used.
-def flash_configs(tiles, interpreter_tile, swap=False):
-    """Autotuning candidates from (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples.
+def flash_config(tile, swap=False):
+    """The autotuning candidate of a (BLOCK_M, BLOCK_N, num_warps, num_stages) tuple.
     `swap` exchanges the two block sizes: for the kernel that owns keys and walks
     queries, the mirror image of one that owns queries and walks keys."""
-    def config(block_m, block_n, warps, stages):
-        if swap:
-            block_m, block_n = block_n, block_m
-        return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps,
-                             num_stages=stages)
-    return tuning_configs([config(*tile) for tile in tiles], config(*interpreter_tile))
+    block_m, block_n, warps, stages = tile
+    if swap:
+        block_m, block_n = block_n, block_m
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps,
+                         num_stages=stages)
 
 
-FLASH_FORWARD_CONFIGS = flash_configs(
-    [(64, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
-     (64, 32, 4, 2)], (32, 16, 4, 1))
+def flash_configs(tiles, interpreter_tile, swap=False):
+    """The autotuning candidates of a kernel, from its tiles (`flash_config`)."""
+    return tuning_configs([flash_config(tile, swap) for tile in tiles],
+                          flash_config(interpreter_tile, swap))
+
+
+FLASH_FORWARD_TILES = [(64, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
+                       (64, 64, 4, 3), (64, 32, 4, 2)]
+FLASH_FORWARD_CONFIGS = flash_configs(FLASH_FORWARD_TILES, (32, 16, 4, 1))
 # The dQ kernel owns a block of queries (BLOCK_M) and walks the keys (BLOCK_N); the
 # dK/dV kernel owns a block of keys and walks the queries. The usual choice (Triton's
 # own tutorial makes it) is the owned block large and the walked one small, so the dQ
@@ -1496,21 +1501,23 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
+MATMUL_CANDIDATES = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4,
+                  num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8,
+                  num_stages=3),
+    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8,
+                  num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8,
+                  num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4,
+                  num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4,
+                  num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4,
+                  num_stages=4)]
 MATMUL_CONFIGS = tuning_configs(
-    [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4,
-                   num_stages=3),
-     triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8,
-                   num_stages=3),
-     triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8,
-                   num_stages=3),
-     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8,
-                   num_stages=4),
-     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4,
-                   num_stages=4),
-     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4,
-                   num_stages=4),
-     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4,
-                   num_stages=4)],
+    MATMUL_CANDIDATES,
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4,
                   num_stages=1))
 # Tuned once per (M, N, K): the first call at a new shape times every candidate (seconds),

@@ -2406,21 +2406,26 @@ def _flash_backward_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, d
 # applied as a function call, not with `@`, so that the plain kernels above stay
 # available (and readable) on their own. The first candidate of each list is a modest
 # tile that fits every head size and dtype: with ZERO_TO_GPT_AUTOTUNE=0 it is the one used.
-def flash_configs(tiles, interpreter_tile, swap=False):
-    """Autotuning candidates from (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples.
+def flash_config(tile, swap=False):
+    """The autotuning candidate of a (BLOCK_M, BLOCK_N, num_warps, num_stages) tuple.
     `swap` exchanges the two block sizes: for the kernel that owns keys and walks
     queries, the mirror image of one that owns queries and walks keys."""
-    def config(block_m, block_n, warps, stages):
-        if swap:
-            block_m, block_n = block_n, block_m
-        return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps,
-                             num_stages=stages)
-    return tuning_configs([config(*tile) for tile in tiles], config(*interpreter_tile))
+    block_m, block_n, warps, stages = tile
+    if swap:
+        block_m, block_n = block_n, block_m
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps,
+                         num_stages=stages)
 
 
-FLASH_FORWARD_CONFIGS = flash_configs(
-    [(64, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
-     (64, 32, 4, 2)], (32, 16, 4, 1))
+def flash_configs(tiles, interpreter_tile, swap=False):
+    """The autotuning candidates of a kernel, from its tiles (`flash_config`)."""
+    return tuning_configs([flash_config(tile, swap) for tile in tiles],
+                          flash_config(interpreter_tile, swap))
+
+
+FLASH_FORWARD_TILES = [(64, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
+                       (64, 64, 4, 3), (64, 32, 4, 2)]
+FLASH_FORWARD_CONFIGS = flash_configs(FLASH_FORWARD_TILES, (32, 16, 4, 1))
 # The dQ kernel owns a block of queries (BLOCK_M) and walks the keys (BLOCK_N); the
 # dK/dV kernel owns a block of keys and walks the queries. The usual choice (Triton's
 # own tutorial makes it) is the owned block large and the walked one small, so the dQ
@@ -3171,7 +3176,9 @@ RESUME_MUST_MATCH = ("tokenizer", "vocab_size", "batch_size", "seed")
 
 
 def save_checkpoint(path, state):
-    """Write `state` to `path` atomically: temporary file, fsync, rename."""
+    """Write `state` to `path` (a str or a pathlib.Path) atomically: temporary file,
+    fsync, rename."""
+    path = os.fspath(path)
     temporary = path + ".tmp"
     with open(temporary, "wb") as file:
         torch.save(state, file)
@@ -3185,7 +3192,9 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(path):
-    """The checkpoint at `path`, checked to be whole; DataError when it is not."""
+    """The checkpoint at `path` (a str or a pathlib.Path), checked to be whole;
+    DataError when it is not."""
+    path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"there is no checkpoint {path} to resume or sample from; train "
                         f"first, or point --out at the folder that holds {CHECKPOINT_NAME}")
@@ -3376,10 +3385,15 @@ def apply_step(optimizer, step, grad_norm, out_path):
 
 # %%
 def autocast_for(device):
-    """bf16 autocast on GPUs: matmuls in bfloat16 (twice the speed, half the memory),
-    sums and the loss kept in float32. On the CPU: full float32."""
-    if device.type == "cuda":
+    """bf16 autocast on GPUs that have bf16 (Ampere and later): matmuls in bfloat16
+    (twice the speed, half the memory), sums and the loss kept in float32. Elsewhere,
+    full float32, said once: fp16 on older GPUs (T4, V100) would need a gradient
+    scaler, since its small range turns small gradients into zeros."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cuda" and distributed_environment()[1] == 0:
+        print(f"note: {torch.cuda.get_device_name(device)} has no bfloat16; training in "
+              f"float32 (slower, same results)", file=sys.stderr)
     return contextlib.nullcontext()
 
 
