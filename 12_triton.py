@@ -74,10 +74,10 @@ CHAPTER = "12_triton"
 # | registers, private to each thread | 256 KB per SM | faster still |
 #
 # Arithmetic is cheap by comparison: about 990 TFLOP/s of bf16 matrix multiply. Divide
-# one by the other: the chip can do about 300 floating-point operations in the time it
-# takes to read one 2-byte number from HBM. An operation that does fewer than that many
-# operations per byte it moves is *memory bound*: its speed is set by HBM bandwidth, not
-# by arithmetic. Almost everything in a transformer except the big matrix multiplies is
+# one by the other: 990e12 / 3.35e12 is about 300 floating-point operations in the time
+# it takes to read one byte from HBM, about 600 per 2-byte number. An operation that
+# does fewer than about 300 operations per byte it moves is *memory bound*: its speed
+# is set by HBM bandwidth, not by arithmetic. Almost everything in a transformer except the big matrix multiplies is
 # memory bound: adding, normalising, activation functions, softmax, the loss.
 #
 # PyTorch's eager mode runs one operation at a time. `torch.softmax(x)` reads `x` from
@@ -2249,9 +2249,11 @@ if __name__ == "__main__" and not ARGS.bench:
 #   the forward.
 #
 # `triton.testing.do_bench` runs a function repeatedly, flushing the L2 cache between
-# runs so no input is served from cache, and returns the median time. (The GPU runs
-# asynchronously: Python only queues the kernels, so timing with `time.time()` around a
-# call measures the queueing. do_bench records CUDA events on the GPU's own clock.)
+# runs so no input is served from cache, and returns the mean time unless asked for
+# quantiles: `median_ms` below asks for the median, which one slow run (a clock
+# change, another process) cannot move. (The GPU runs asynchronously: Python only
+# queues the kernels, so timing with `time.time()` around a call measures the
+# queueing. do_bench records CUDA events on the GPU's own clock.)
 #
 # What to expect, and why:
 # - element-wise kernels and softmax: near the HBM peak, and faster than eager
