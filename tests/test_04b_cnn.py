@@ -1,6 +1,7 @@
 """Tests of 04b_cnn.py: convolution (loops and im2col) and max pooling, forward and
 backward, against each other, finite differences and PyTorch; the whole network's
-gradients; the generated digits; the MNIST idx reader; bad inputs; the quick run."""
+gradients; the dense baseline and the shifted digits; the generated digits; the MNIST
+idx reader; bad inputs; the quick run."""
 import gzip
 import os
 import sys
@@ -144,6 +145,35 @@ def test_dense_backward_without_input_gradient_is_chapter_04s():
                                rtol=1e-6, atol=1e-8)
 
 
+def test_a_network_without_convolutions_is_chapter_04s_dense_network():
+    rng = np.random.default_rng(7)
+    dense = chapter.init_cnn([], 5, [6], rng, image_size=8)
+    assert dense[0] == [] and [weight.shape for weight, _ in dense[1]] == [(64, 6), (6, 10)]
+    images = rng.random((3, 1, 8, 8))
+    logits, cache = chapter.cnn_forward(dense, images)
+    expected, _ = chapter.dense_forward(dense[1], images.reshape(3, 64))
+    np.testing.assert_array_equal(logits, expected)
+    targets = chapter.one_hot(np.array([1, 4, 9]), 10)
+    conv_grads, head_grads = chapter.cnn_backward(dense, cache,
+                                                  chapter.cross_entropy_grad(logits, targets))
+    assert conv_grads == [] and chapter.cnn_gradient_error(dense, images, targets) < 1e-6
+
+
+def test_shifted_digits_move_by_the_stated_pixels():
+    image = np.zeros((1, 1, 6, 6))
+    image[0, 0, 2, 3] = 1.0
+    assert np.argwhere(chapter.shift_images(image, 2, 0)[0, 0]).tolist() == [[4, 3]]
+    assert np.argwhere(chapter.shift_images(image, 0, -3)[0, 0]).tolist() == [[2, 0]]
+    # Ink pushed past the edge is lost, and what comes in is blank paper.
+    assert not chapter.shift_images(image, 0, 3).any()
+    np.testing.assert_array_equal(chapter.shift_images(image, 0, 0), image)
+    images = np.repeat(image, 8, axis=0)
+    shifted = chapter.shifted_test_set(images, pixels=2)
+    where = [tuple(np.argwhere(shifted[index, 0])[0]) for index in range(8)]
+    assert where == [(4, 3), (0, 3), (2, 5), (2, 1)] * 2   # down, up, right, left
+    assert shifted.shape == images.shape and shifted.sum() == 8
+
+
 def test_generated_digits_are_deterministic_balanced_and_mnist_shaped():
     images, labels = chapter.generate_digits(200, (7, 0))
     again, labels_again = chapter.generate_digits(200, (7, 0))
@@ -260,13 +290,25 @@ def test_bad_inputs_exit_cleanly(tmp_path):
 
 def test_quick_run_reads_digits(tmp_path):
     # One BLAS thread: the matrices are small, and extra threads only wait on a busy CPU.
-    run = run_chapter("04b_cnn", "--quick", "--out", tmp_path / "out", cwd=tmp_path,
-                      env={"OMP_NUM_THREADS": "1"})
+    # 4,000 training digits rather than --quick's 2,000: with 2,000 the two networks'
+    # drops on shifted digits are only 3 to 8 points apart (seeds 0-2), too close to
+    # hold a claim by; with 4,000 they are 9 to 15 apart.
+    run = run_chapter("04b_cnn", "--quick", "--train-size", "4000", "--out", tmp_path / "out",
+                      cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run
     summary = run.summary
     assert summary["chapter"] == "04b_cnn" and summary["source"] == "generated"
-    # A stated figure: 2,000 generated digits, 3 epochs, scored on 500 held-out ones.
-    assert summary["test_accuracy"] > 0.9, run
+    # A stated figure: 4,000 generated digits, 3 epochs, scored on 500 held-out ones
+    # (measured 95.0-96.4% over seeds 0-2).
+    assert summary["test_accuracy"] > 0.93, run
+    # The chapter's thesis, measured: chapter 04's dense network, trained the same
+    # way, scores lower (86-90% measured), and loses more on digits shifted by 2
+    # pixels (drops of 22-27 points, against 11-16 for the convolutional network).
+    assert summary["dense_test_accuracy"] < summary["test_accuracy"] - 0.03, run
+    cnn_drop = summary["test_accuracy"] - summary["cnn_shifted_accuracy"]
+    dense_drop = summary["dense_test_accuracy"] - summary["dense_shifted_accuracy"]
+    assert cnn_drop < dense_drop - 0.05, run
+    assert summary["cnn_shifted_accuracy"] > summary["dense_shifted_accuracy"] + 0.1, run
     assert summary["conv_difference"] < 1e-10 and summary["gradient_error"] < 1e-6
     assert "confusion matrix" in run.stdout
     if has_matplotlib():
