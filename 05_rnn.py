@@ -711,6 +711,76 @@ def rnn_backward(params, cache, output_grad, with_input_grad=False):
 
 
 # %% [markdown]
+# ### The unrolled network, drawn
+#
+# The picture of the two sections above: the RNN unrolled over its days, the same
+# `W_x` and `W_h` at every step, the read-out `W_y` on the last state only. The red
+# arrows are the backward pass: `delta_N` starts at the prediction and walks back
+# through every `h_t`, picking up one factor `J_t` per day; each day also leaves its
+# share of the gradients of the shared weights, which add up. Without matplotlib the
+# same picture is printed as text.
+
+
+# %% jupyter={"source_hidden": true}
+def draw_unrolled_rnn(path, days=4):
+    """Draw the RNN unrolled over `days` steps, forward in black, backpropagation through
+    time in red, to `path`; without matplotlib, print the same picture as text."""
+    names = [str(t) for t in range(1, days + 1)]
+    if plt is None:
+        print(f"the RNN unrolled over N = {days} days (matplotlib is not installed, so "
+              f"as text); forward on the third line, backward (BPTT) on the fourth:")
+        print((" " * 15 + "".join(f"{'x_' + name:<13}" for name in names)).rstrip())
+        print((" " * 15 + f"{'v W_x':<13}" * days).rstrip())
+        print("  h_0" + "".join(f" --W_h--> h_{name}" for name in names) + " --W_y--> prediction")
+        print("  h_0" + "".join(f" <-delta- h_{name}" for name in names) + " <---g--- loss")
+        print("  W_x, W_h and b are shared by every step: their gradients add up over t")
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    figure, axes = plt.subplots(figsize=(11, 4.2))
+    boxes = dict(boxstyle="round,pad=0.4", fc="#e8f0fe", ec="#3b6fb6")
+    weights = dict(ha="center", va="center", fontsize=9, color="#3b6fb6")
+    forward = dict(arrowstyle="-|>", color="black", shrinkA=16, shrinkB=16)
+    backward = dict(arrowstyle="-|>", color="#c0392b", shrinkA=16, shrinkB=16,
+                    connectionstyle="arc3,rad=0.45")
+    axes.text(0, 2, "$h_0$", ha="center", va="center", bbox=boxes)
+    for column, name in enumerate(names, start=1):
+        x = 2 * column
+        axes.text(x, 0, f"$x_{{{name}}}$", ha="center", va="center",
+                  bbox=dict(boxstyle="round,pad=0.4", fc="#fdf2e9", ec="#d35400"))
+        axes.text(x, 2, f"$h_{{{name}}}$", ha="center", va="center", bbox=boxes)
+        axes.annotate("", xy=(x, 2), xytext=(x, 0), arrowprops=forward)
+        axes.text(x + 0.3, 1, "$W_x$", **weights)
+        axes.annotate("", xy=(x, 2), xytext=(x - 2, 2), arrowprops=forward)
+        axes.text(x - 1, 1.75, "$W_h$", **weights)
+        axes.annotate("", xy=(x - 2, 2.15), xytext=(x, 2.15), arrowprops=backward)
+        axes.text(x - 1, 2.95, f"$\\delta_{column - 1} = \\delta_{column} J_{column}$",
+                  ha="center", fontsize=9, color="#c0392b")
+    end = 2 * days
+    axes.text(end + 2.2, 2, "prediction\n$h_N W_y + b_y$", ha="center", va="center",
+              bbox=dict(boxstyle="round,pad=0.4", fc="#eafaf1", ec="#1e8449"))
+    axes.annotate("", xy=(end + 1.4, 2), xytext=(end, 2), arrowprops=forward)
+    axes.text(end + 0.7, 1.75, "$W_y$", **weights)
+    axes.annotate("", xy=(end, 2.15), xytext=(end + 1.4, 2.15),
+                  arrowprops={**backward, "shrinkA": 4})
+    axes.text(end + 0.7, 2.95, f"$\\delta_{days} = g W_y^T$", ha="center", fontsize=9,
+              color="#c0392b")
+    axes.text(days + 1, -1.0, "the same $W_x$, $W_h$, $b$ at every step: "
+              "their gradients add up over $t$", ha="center", fontsize=10, color="#3b6fb6")
+    axes.text(days + 1, 3.6, f"an RNN unrolled over N = {days} days: forward left to "
+              "right (black), backpropagation through time right to left (red)",
+              ha="center", fontsize=10)
+    axes.set(xlim=(-1, end + 3.5), ylim=(-1.4, 4.0))
+    axes.axis("off")
+    show_figure(figure, path)
+    plt.close(figure)
+
+
+# %%
+if __name__ == "__main__":
+    draw_unrolled_rnn(os.path.join(ARGS.out, f"{CHAPTER}_unrolled.png"))
+
+
+# %% [markdown]
 # ## Checking the gradients
 #
 # A backward pass written by hand is easy to get subtly wrong, and a wrong gradient

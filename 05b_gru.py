@@ -723,6 +723,76 @@ def rnn_backward(params, cache, output_grad, with_input_grad=False):
 
 
 # %% [markdown]
+# ### The unrolled network, drawn
+#
+# The picture of the two sections above: the RNN unrolled over its days, the same
+# `W_x` and `W_h` at every step, the read-out `W_y` on the last state only. The red
+# arrows are the backward pass: `delta_N` starts at the prediction and walks back
+# through every `h_t`, picking up one factor `J_t` per day; each day also leaves its
+# share of the gradients of the shared weights, which add up. Without matplotlib the
+# same picture is printed as text.
+
+
+# %% jupyter={"source_hidden": true}
+def draw_unrolled_rnn(path, days=4):
+    """Draw the RNN unrolled over `days` steps, forward in black, backpropagation through
+    time in red, to `path`; without matplotlib, print the same picture as text."""
+    names = [str(t) for t in range(1, days + 1)]
+    if plt is None:
+        print(f"the RNN unrolled over N = {days} days (matplotlib is not installed, so "
+              f"as text); forward on the third line, backward (BPTT) on the fourth:")
+        print((" " * 15 + "".join(f"{'x_' + name:<13}" for name in names)).rstrip())
+        print((" " * 15 + f"{'v W_x':<13}" * days).rstrip())
+        print("  h_0" + "".join(f" --W_h--> h_{name}" for name in names) + " --W_y--> prediction")
+        print("  h_0" + "".join(f" <-delta- h_{name}" for name in names) + " <---g--- loss")
+        print("  W_x, W_h and b are shared by every step: their gradients add up over t")
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    figure, axes = plt.subplots(figsize=(11, 4.2))
+    boxes = dict(boxstyle="round,pad=0.4", fc="#e8f0fe", ec="#3b6fb6")
+    weights = dict(ha="center", va="center", fontsize=9, color="#3b6fb6")
+    forward = dict(arrowstyle="-|>", color="black", shrinkA=16, shrinkB=16)
+    backward = dict(arrowstyle="-|>", color="#c0392b", shrinkA=16, shrinkB=16,
+                    connectionstyle="arc3,rad=0.45")
+    axes.text(0, 2, "$h_0$", ha="center", va="center", bbox=boxes)
+    for column, name in enumerate(names, start=1):
+        x = 2 * column
+        axes.text(x, 0, f"$x_{{{name}}}$", ha="center", va="center",
+                  bbox=dict(boxstyle="round,pad=0.4", fc="#fdf2e9", ec="#d35400"))
+        axes.text(x, 2, f"$h_{{{name}}}$", ha="center", va="center", bbox=boxes)
+        axes.annotate("", xy=(x, 2), xytext=(x, 0), arrowprops=forward)
+        axes.text(x + 0.3, 1, "$W_x$", **weights)
+        axes.annotate("", xy=(x, 2), xytext=(x - 2, 2), arrowprops=forward)
+        axes.text(x - 1, 1.75, "$W_h$", **weights)
+        axes.annotate("", xy=(x - 2, 2.15), xytext=(x, 2.15), arrowprops=backward)
+        axes.text(x - 1, 2.95, f"$\\delta_{column - 1} = \\delta_{column} J_{column}$",
+                  ha="center", fontsize=9, color="#c0392b")
+    end = 2 * days
+    axes.text(end + 2.2, 2, "prediction\n$h_N W_y + b_y$", ha="center", va="center",
+              bbox=dict(boxstyle="round,pad=0.4", fc="#eafaf1", ec="#1e8449"))
+    axes.annotate("", xy=(end + 1.4, 2), xytext=(end, 2), arrowprops=forward)
+    axes.text(end + 0.7, 1.75, "$W_y$", **weights)
+    axes.annotate("", xy=(end, 2.15), xytext=(end + 1.4, 2.15),
+                  arrowprops={**backward, "shrinkA": 4})
+    axes.text(end + 0.7, 2.95, f"$\\delta_{days} = g W_y^T$", ha="center", fontsize=9,
+              color="#c0392b")
+    axes.text(days + 1, -1.0, "the same $W_x$, $W_h$, $b$ at every step: "
+              "their gradients add up over $t$", ha="center", fontsize=10, color="#3b6fb6")
+    axes.text(days + 1, 3.6, f"an RNN unrolled over N = {days} days: forward left to "
+              "right (black), backpropagation through time right to left (red)",
+              ha="center", fontsize=10)
+    axes.set(xlim=(-1, end + 3.5), ylim=(-1.4, 4.0))
+    axes.axis("off")
+    show_figure(figure, path)
+    plt.close(figure)
+
+
+# %%
+if __name__ == "__main__":
+    draw_unrolled_rnn(os.path.join(ARGS.out, f"{CHAPTER}_unrolled.png"))
+
+
+# %% [markdown]
 # ## The gated recurrent unit (GRU)
 #
 # The plain RNN rewrites its whole hidden state at every step, `h_t = tanh(...)`, so
@@ -812,6 +882,79 @@ def gru_forward(params, sequences):
     predictions = hidden @ params["output_weight"] + params["output_bias"]
     return predictions, {"sequences": sequences, "hiddens": hiddens, "updates": updates,
                          "resets": resets, "candidates": candidates}
+
+
+# %% [markdown]
+# ### The GRU cell, drawn
+#
+# The four lines above as a picture of one step. The green line along the top is the
+# path that makes the difference: `h_{t-1}` reaches `h_t` through a single elementwise
+# product with `1 - z_t`, with no weight matrix and no tanh on the way, so where the
+# update gate is near 0 a value (and, going back, its gradient) crosses the day
+# untouched. Everything else is small RNNs: the two gates and the candidate each read
+# the day `x_t` and the old state, the candidate only through the reset gate. Without
+# matplotlib the same cell is printed as text.
+
+
+# %% jupyter={"source_hidden": true}
+def draw_gru_cell(path):
+    """Draw one step of the GRU (its gates, the candidate and the blend) to `path`;
+    without matplotlib, print the cell as text."""
+    if plt is None:
+        print("one step of the GRU (matplotlib is not installed, so as text):")
+        print("  h_{t-1} ---------- * (1 - z_t) ---------- + ----> h_t   (the keep path)")
+        print("     |  z_t = sigmoid(x_t W_xz + h_{t-1} W_hz + b_z)    ^")
+        print("     |  r_t = sigmoid(x_t W_xr + h_{t-1} W_hr + b_r)    |")
+        print("     +-> r_t * h_{t-1} -> n_t = tanh(x_t W_xn + (r_t * h_{t-1}) W_hn + b_n)"
+              " -> * z_t")
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    figure, axes = plt.subplots(figsize=(10, 5.5))
+    style = {"state": ("#e8f0fe", "#3b6fb6"), "input": ("#fdf2e9", "#d35400"),
+             "gate": ("#fef9e7", "#b7950b"), "op": ("#ffffff", "#555555"),
+             "keep": ("#eafaf1", "#1e8449")}
+    nodes = {  # name: (x, y, text, kind)
+        "h_prev": (0, 4, "$h_{t-1}$", "state"), "x": (0, 0, "$x_t$", "input"),
+        "r": (2.5, 2.4, "reset gate\n$r_t = \\sigma(\\cdot)$", "gate"),
+        "reset": (4.3, 2.4, "$r_t * h_{t-1}$", "op"),
+        "z": (6.5, 2.9, "update gate\n$z_t = \\sigma(\\cdot)$", "gate"),
+        "n": (6.5, 0.7, "candidate\n$n_t = \\tanh(\\cdot)$", "gate"),
+        "keep": (6.5, 4, "$* (1 - z_t)$", "keep"), "take": (9, 2.0, "$* z_t$", "op"),
+        "plus": (9, 4, "$+$", "keep"), "h": (10.6, 4, "$h_t$", "state"),
+    }
+    boxes = {}
+    for name, (x, y, text, kind) in nodes.items():
+        face, edge = style[kind]
+        boxes[name] = axes.text(x, y, text, ha="center", va="center", fontsize=10,
+                                bbox=dict(boxstyle="round,pad=0.4", fc=face, ec=edge))
+    green, gold = "#1e8449", "#b7950b"
+    edges = [("h_prev", "keep", green), ("keep", "plus", green), ("plus", "h", green),
+             ("h_prev", "z", "black"), ("h_prev", "r", "black"), ("h_prev", "reset", "black"),
+             ("x", "z", "black"), ("x", "r", "black"), ("x", "n", "black"),
+             ("r", "reset", "black"), ("reset", "n", "black"), ("n", "take", "black"),
+             ("take", "plus", "black"), ("z", "keep", gold), ("z", "take", gold)]
+    for start, end, colour in edges:
+        # patchA and patchB clip each arrow at the edges of the two boxes it joins.
+        axes.annotate("", xy=nodes[end][:2], xytext=nodes[start][:2],
+                      arrowprops=dict(arrowstyle="-|>", color=colour, shrinkA=2, shrinkB=2,
+                                      patchA=boxes[start].get_bbox_patch(),
+                                      patchB=boxes[end].get_bbox_patch(),
+                                      lw=2.5 if colour == green else 1))
+    axes.text(5.3, 5.0, "$h_t = (1 - z_t) * h_{t-1} + z_t * n_t$: the green path has no "
+              "weights and no tanh", ha="center", fontsize=11, color=green)
+    axes.text(-0.4, -1.0, "z_t = sigmoid(x_t W_xz + h_{t-1} W_hz + b_z)\n"
+              "r_t = sigmoid(x_t W_xr + h_{t-1} W_hr + b_r)\n"
+              "n_t = tanh(x_t W_xn + (r_t * h_{t-1}) W_hn + b_n)", va="top",
+              family="monospace", fontsize=9)
+    axes.set(xlim=(-0.6, 11.2), ylim=(-2.2, 5.4))
+    axes.axis("off")
+    show_figure(figure, path)
+    plt.close(figure)
+
+
+# %%
+if __name__ == "__main__":
+    draw_gru_cell(os.path.join(ARGS.out, f"{CHAPTER}_cell.png"))
 
 
 # %% [markdown]

@@ -1484,6 +1484,91 @@ if __name__ == "__main__" and not ARGS.bench:
 
 
 # %% [markdown]
+# ### The worked example, drawn from its own graph
+#
+# The example of "Using it", `loss = ((x @ w - 3) ** 2).mean()`, drawn by walking the
+# graph that the engine recorded, not drawn by hand: `draw_graph` takes the nodes
+# from `topological_order(loss)` and puts each one in the column of its depth, the
+# length of the longest path that reaches it from a leaf, so every arrow points
+# right, from an input to the operation that used it. Each box shows the node's
+# operation (or a leaf's name), its value and, on its last line, the gradient that
+# `backward()` left in it: read the gradients from right to left and you follow the
+# backward pass, `1` at the loss, `-9` at `x @ w`, `[-9, -18]` at `w`. The
+# constants `x` and `3` have no gradient, since nothing asked for one. Without
+# matplotlib the same graph is printed as `show_graph`'s text.
+
+
+# %% jupyter={"source_hidden": true}
+def draw_graph(root, out_dir, name="graph"):
+    """Draw the graph that produced `root` (each node's operation, value and gradient,
+    laid out by depth) as a PNG in `out_dir`; without matplotlib, print `show_graph`'s
+    text view instead. Returns the files written."""
+    try:
+        import matplotlib
+        if not in_notebook():
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed, so no drawing; the graph as text instead:")
+        print(show_graph(root))
+        return []
+    order = topological_order(root)
+    depth = {}
+    for node in order:  # parents come first, so their depths are already known
+        depth[node] = 1 + max((depth[parent] for parent in node._parents), default=-1)
+    columns = {}
+    for node in order:
+        columns.setdefault(depth[node], []).append(node)
+
+    def numbers(array):
+        return (np.array2string(array.ravel(), precision=3, separator=", ")
+                if array.size <= 2 else f"shape {array.shape}")
+
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{CHAPTER}_{name}.png")
+    figure, axes = plt.subplots(figsize=(2.3 * len(columns) + 1, 4.5))
+    boxes, places = {}, {}
+    for column, nodes in columns.items():
+        for row, node in enumerate(nodes):
+            places[node] = (column, (len(nodes) - 1) / 2 - row)
+            leaf = node._backward is None
+            label = node._op if not leaf else node.name or (
+                "weight" if node.requires_grad else "constant")
+            grad = "grad -" if node.grad is None else f"grad {numbers(node.grad)}"
+            boxes[node] = axes.text(*places[node], f"{label}\n{numbers(node.data)}\n{grad}",
+                                    ha="center", va="center", fontsize=9,
+                                    bbox=dict(boxstyle="round,pad=0.4",
+                                              fc="#fdf2e9" if leaf else "#e8f0fe",
+                                              ec="#d35400" if leaf else "#3b6fb6"))
+    for node in order:
+        for parent in node._parents:
+            axes.annotate("", xy=places[node], xytext=places[parent],
+                          arrowprops=dict(arrowstyle="-|>", shrinkA=2, shrinkB=2,
+                                          patchA=boxes[parent].get_bbox_patch(),
+                                          patchB=boxes[node].get_bbox_patch()))
+    rows = max(len(nodes) for nodes in columns.values())
+    axes.set(xlim=(-0.6, len(columns) - 0.4), ylim=(-rows / 2 - 0.2, rows / 2 + 0.2),
+             title=f"the engine's graph of {len(order)} nodes: inputs on the left, "
+                   "the loss on the right, gradients after backward()")
+    axes.axis("off")
+    show_figure(figure, path)
+    plt.close(figure)
+    return [path]
+
+
+# %%
+if __name__ == "__main__" and not ARGS.bench:
+    x = Tensor([[1.0, 2.0]], name="x")
+    w = Tensor([[0.5], [-1.0]], requires_grad=True, name="w")
+    example_loss = ((x @ w - 3) ** 2).mean()
+    example_loss.backward()
+    print(f"the worked example: loss {example_loss.item():g}, w.grad "
+          f"{w.grad.ravel().tolist()}")
+    for path in draw_graph(example_loss, ARGS.out, "example_graph"):
+        print(f"saved {path}")
+
+
+# %% [markdown]
 # ## Same weights, same gradients
 #
 # The engine is only useful if it is right. The test: give the hand-written network

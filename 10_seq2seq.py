@@ -818,6 +818,84 @@ if __name__ == "__main__":
 
 
 # %% [markdown]
+# ## Attention, drawn
+#
+# Before training, one step of the additive attention above as a picture. The encoder
+# has left one vector `h_j` per source word; the decoder brings its state `s`. Each
+# pair is scored by the same small network, `e_j = v^T tanh(W s + U h_j)`; a softmax
+# over the source turns the scores into weights `a_j` that sum to one (a padded
+# position's score is `-inf`, its weight 0); and the context is the weighted sum
+# `c = sum_j a_j h_j`. The grey bars under the weights are made up for the picture:
+# the attention maps at the end show what a trained model really does. Without
+# matplotlib the same step is printed as text.
+
+
+# %% jupyter={"source_hidden": true}
+def draw_attention(model, out_dir, words=("twenty", "-", "one", "<eos>")):
+    """Draw one step of `model`'s additive attention (encoder states, decoder state,
+    scores, softmax, weighted sum) as a PNG in `out_dir` (or print it as text); returns
+    the path, or None."""
+    size = next(module.score.in_features for module in model.modules()
+                if isinstance(module, AdditiveAttention))
+    try:
+        import matplotlib
+        if not in_notebook():
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed; one step of additive attention as text:")
+        print("    h_1 .. h_S (encoder, one per source word), s (decoder state)")
+        print("    e_j = v^T tanh(W s + U h_j) -> a = softmax(e) -> c = sum_j a_j h_j"
+              f" -> decoder GRU   (W s and U h_j: {size} numbers each)")
+        return None
+    weights = np.array([0.15, 0.05, 0.7, 0.1])[:len(words)]  # for the picture only
+    figure, axes = plt.subplots(figsize=(10, 5))
+    box = dict(ha="center", va="center", fontsize=10)
+    last = 2 * len(words)
+    state = axes.text(last + 0.6, 1.6, "$s$\ndecoder state", bbox=dict(
+        boxstyle="round,pad=0.4", fc="#fdf2e9", ec="#d35400"), **box)
+    context = axes.text(last + 0.6, 4.2, "context\n$c = \\sum_j a_j h_j$", bbox=dict(
+        boxstyle="round,pad=0.4", fc="#eafaf1", ec="#1e8449"), **box)
+    for j, (word, weight) in enumerate(zip(words, weights)):
+        x = 2 * j
+        source = axes.text(x, 0, f"{word}\n$h_{j + 1}$", bbox=dict(
+            boxstyle="round,pad=0.4", fc="#e8f0fe", ec="#3b6fb6"), **box)
+        score = axes.text(x, 1.6, f"$e_{j + 1}$", bbox=dict(
+            boxstyle="round,pad=0.4", fc="#fef9e7", ec="#b7950b"), **box)
+        arrow = dict(arrowstyle="-|>", shrinkA=2, shrinkB=2)
+        axes.annotate("", xy=(x, 1.6), xytext=(x, 0), arrowprops=dict(
+            **arrow, color="#3b6fb6", patchA=source.get_bbox_patch(),
+            patchB=score.get_bbox_patch()))
+        axes.annotate("", xy=(x, 1.6), xytext=state.get_position(), arrowprops=dict(
+            **arrow, color="#d35400", ls="--", connectionstyle="arc3,rad=-0.2",
+            patchA=state.get_bbox_patch(), patchB=score.get_bbox_patch()))
+        axes.bar(x, weight, bottom=2.6, width=0.6, color="#999999")
+        axes.text(x + 0.4, 2.65, f"$a_{j + 1} = {weight:g}$", fontsize=9, va="bottom")
+        axes.annotate("", xy=context.get_position(), xytext=(x, 2.62 + weight),
+                      arrowprops=dict(**arrow, color="#1e8449", alpha=0.25 + weight,
+                                      patchB=context.get_bbox_patch()))
+    axes.text(-0.9, 2.25, "softmax over the source:  $a_j = e^{e_j} / \\sum_k e^{e_k}$",
+              fontsize=9, color="#b7950b")
+    axes.text(len(words) - 1, 4.75, "one decoder step: the same network scores every "
+              f"pair, $e_j = v^T \\tanh(W s + U h_j)$, {size} hidden units", ha="center",
+              fontsize=11)
+    axes.set(xlim=(-1, last + 1.6), ylim=(-0.6, 5.0))
+    axes.axis("off")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{CHAPTER}_attention_step.png")
+    show_figure(figure, path)
+    plt.close(figure)
+    return path
+
+
+# %%
+if __name__ == "__main__":
+    path = draw_attention(model, ARGS.out)
+    if path:
+        print(f"attention drawn in {path}")
+
+
+# %% [markdown]
 # ## Training for a fixed time
 #
 # The loss is the cross-entropy of chapter 04 between the logits at each target

@@ -1029,6 +1029,87 @@ if __name__ == "__main__":
 
 
 # %% [markdown]
+# ## Attention, drawn
+#
+# Before training, the path that one multi-head attention layer takes, as a picture
+# of the sections on scaled dot-product and multi-head attention above. Three linear
+# layers make `Q`, `K` and `V`; `split_heads` cuts each into `heads` slices of
+# `d = model_size / heads` numbers; inside the dashed box, every head on its own
+# scores its queries against its keys (`Q K^T / sqrt(d)`), sets the forbidden scores
+# to `-inf` (the mask), turns each row into weights with a softmax and averages its
+# values with them; the heads' outputs are put side by side again and mixed by the
+# output layer. The dashed box is `scaled_dot_product_attention`, the one function
+# chapter 12 swaps for a fused kernel. Without matplotlib the same flow is printed
+# as text.
+
+
+# %% jupyter={"source_hidden": true}
+def draw_attention(model, out_dir):
+    """Draw the flow of `model`'s multi-head attention (projections, the core of each
+    head, the concatenation) as a PNG in `out_dir` (or print it as text); returns the
+    path, or None."""
+    heads = next(module.heads for module in model.modules()
+                 if isinstance(module, MultiHeadAttention))
+    try:
+        import matplotlib
+        if not in_notebook():
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import FancyBboxPatch
+    except ImportError:
+        print("matplotlib is not installed; multi-head attention as text:")
+        print("    queries     --W_Q--> Q --+")
+        print("    keys_values --W_K--> K --+--> Q K^T / sqrt(d) -> mask: -inf -> softmax"
+              " --+--> x V -> concat heads -> W_O -> output")
+        print("    keys_values --W_V--> V -----------------------------------------------+")
+        print(f"    (Q, K and V are cut into {heads} heads; the middle runs once per head)")
+        return None
+    figure, axes = plt.subplots(figsize=(12, 4))
+    nodes = {  # name: (x, y, text, colour)
+        "queries": (0, 2, "queries", "#e8f0fe"), "kv": (0, 0.5, "keys_values", "#e8f0fe"),
+        "q": (1.8, 2, "$Q = $ queries $W_Q$", "#fdf2e9"),
+        "k": (1.8, 1, "$K = $ keys_values $W_K$", "#fdf2e9"),
+        "v": (1.8, 0, "$V = $ keys_values $W_V$", "#fdf2e9"),
+        "scores": (3.8, 1.5, "$Q K^T / \\sqrt{d}$", "#fef9e7"),
+        "mask": (5.3, 1.5, "mask:\nforbidden $\\to -\\infty$", "#fef9e7"),
+        "softmax": (7.05, 1.5, "softmax\nalong each row", "#fef9e7"),
+        "times_v": (8.4, 0.75, "$\\times V$", "#fef9e7"),
+        "concat": (9.8, 0.75, f"concatenate\nthe {heads} heads", "#eafaf1"),
+        "output": (11.3, 0.75, "$\\cdot W_O$\noutput", "#eafaf1"),
+    }
+    boxes = {name: axes.text(x, y, text, ha="center", va="center", fontsize=9,
+                             bbox=dict(boxstyle="round,pad=0.4", fc=colour, ec="#555555"))
+             for name, (x, y, text, colour) in nodes.items()}
+    for start, end in [("queries", "q"), ("kv", "k"), ("kv", "v"), ("q", "scores"),
+                       ("k", "scores"), ("scores", "mask"), ("mask", "softmax"),
+                       ("softmax", "times_v"), ("v", "times_v"), ("times_v", "concat"),
+                       ("concat", "output")]:
+        axes.annotate("", xy=nodes[end][:2], xytext=nodes[start][:2],
+                      arrowprops=dict(arrowstyle="-|>", shrinkA=2, shrinkB=2,
+                                      patchA=boxes[start].get_bbox_patch(),
+                                      patchB=boxes[end].get_bbox_patch()))
+    axes.add_patch(FancyBboxPatch((3.0, -0.35), 5.95, 2.55, boxstyle="round,pad=0.05",
+                                  fill=False, ls="--", ec="#b7950b"))
+    axes.text(5.97, 2.4, f"each of the {heads} heads, on its own d = model_size / {heads} "
+              "numbers: scaled_dot_product_attention", ha="center", fontsize=9,
+              color="#b7950b")
+    axes.set(xlim=(-0.7, 12), ylim=(-0.6, 2.8))
+    axes.axis("off")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{CHAPTER}_attention_flow.png")
+    show_figure(figure, path)
+    plt.close(figure)
+    return path
+
+
+# %%
+if __name__ == "__main__":
+    path = draw_attention(model, ARGS.out)
+    if path:
+        print(f"attention drawn in {path}")
+
+
+# %% [markdown]
 # ## Training for a fixed time
 #
 # The loss is the cross-entropy of chapter 04 between the logits at each target

@@ -1582,10 +1582,11 @@ def matmul(a, b):
 # absorbs.
 #
 # The chapter's command line: `--seed` for the random inputs, `--quick` for a run of a few
-# seconds (used by the tests), `--out` for where the results are written as JSON, and
-# `--bench` to time the kernels on a GPU instead of checking them. (This chapter reads no
-# data set: its inputs are random tensors and chapter 11's model.) The last line of output
-# is `summary:` and a line of JSON with the headline figures.
+# seconds (used by the tests), `--out` for where the results are written as JSON (and the
+# picture of flash attention's tiles as a PNG), and `--bench` to time the kernels on a GPU
+# instead of checking them. (This chapter reads no data set: its inputs are random
+# tensors and chapter 11's model.) The last line of output is `summary:` and a line of
+# JSON with the headline figures.
 
 
 # %% jupyter={"source_hidden": true}
@@ -1628,6 +1629,14 @@ def chapter_args():
     return parse_args()
 
 
+def show_figure(figure, path):
+    """Save a matplotlib figure as a PNG at `path`; in a notebook, also show it here."""
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    if in_notebook():
+        from IPython.display import Image, display
+        display(Image(filename=path))
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1635,7 +1644,8 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="a run of a few seconds, for tests and a first look")
     parser.add_argument("--out", default="out",
-                        help="folder for the results, as JSON (default out/)")
+                        help="folder for the results, as JSON, and the tiles picture, as PNG "
+                             "(default out/)")
     parser.add_argument("--bench", action="store_true",
                         help="time every kernel against PyTorch on a CUDA GPU instead of "
                              "checking correctness (without a GPU: a message, nothing timed)")
@@ -1691,6 +1701,95 @@ if __name__ == "__main__":
     device = torch.device("cuda" if on_gpu else "cpu")
     dtypes = [torch.float32, torch.bfloat16, torch.float16] if on_gpu else [torch.float32]
     figures = {"chapter": CHAPTER}
+
+
+# %% [markdown]
+# ## Flash attention's tiles, drawn
+#
+# Section 6's loop bounds as a picture. The score matrix `S` of one head has a row per
+# query and a column per key; flash attention never stores it, but it does cut it into
+# tiles of `BLOCK_M` queries by `BLOCK_N` keys, and each program walks one row of
+# tiles. `flash_tile_plan` works out, with the same arithmetic as `_key_blocks`, what
+# the causal forward kernel does with every tile: the tiles left of the diagonal, seen
+# in full by every query of the block, run the loop without a mask; the tiles that the
+# diagonal crosses run the masked loop; the tiles above it are never loaded at all,
+# which is where the causal kernel saves half the work. One program's row is outlined.
+# The sizes here are small on purpose (128 queries and keys, tiles of 32 by 16, the
+# interpreter's tile) so every tile is visible; a GPU runs tiles of 64 or 128. Without
+# matplotlib the plan is printed as a grid of characters.
+
+
+# %% jupyter={"source_hidden": true}
+def flash_tile_plan(q_len, kv_len, block_m, block_n, causal=True):
+    """For each block of queries, what the forward kernel does with each block of keys:
+    "full" (no mask), "masked" or "skipped", from the loop bounds of `_key_blocks`."""
+    plan = []
+    for first_row in range(0, q_len, block_m):
+        if causal:
+            seen_by_all = min(first_row + 1, kv_len)
+            end = min(first_row + block_m, kv_len)
+        else:
+            seen_by_all, end = kv_len, kv_len
+        full_end = (seen_by_all // block_n) * block_n
+        plan.append(["full" if start < full_end else "masked" if start < end else "skipped"
+                     for start in range(0, kv_len, block_n)])
+    return plan
+
+
+def draw_flash_tiles(out_dir, q_len=128, kv_len=128, block_m=32, block_n=16, program=2):
+    """Draw the causal forward kernel's tiles (`flash_tile_plan`) with one program's row
+    outlined, as a PNG in `out_dir` (or print them as text); returns the path, or None."""
+    plan = flash_tile_plan(q_len, kv_len, block_m, block_n)
+    try:
+        import matplotlib
+        if not in_notebook():
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch, Rectangle
+    except ImportError:
+        print(f"matplotlib is not installed; the tiles as text ({block_m} queries x "
+              f"{block_n} keys each; # no mask, m masked, . skipped):")
+        for row, tiles in enumerate(plan):
+            marks = "".join({"full": "#", "masked": "m", "skipped": "."}[tile] for tile in tiles)
+            print(f"    queries {row * block_m:>4}-{min(q_len, (row + 1) * block_m) - 1:<4} "
+                  f"{marks}" + (f"  <- program {program}" if row == program else ""))
+        return None
+    colours = {"full": "#5b8dd6", "masked": "#f0b27a", "skipped": "#eeeeee"}
+    figure, axes = plt.subplots(figsize=(6.5, 6))
+    for row, tiles in enumerate(plan):
+        for column, tile in enumerate(tiles):
+            axes.add_patch(Rectangle((column * block_n, row * block_m), block_n, block_m,
+                                     fc=colours[tile], ec="white", lw=1.5))
+    # The causal boundary itself: query i sees keys 0 .. i, left of this line.
+    axes.plot([0, min(q_len, kv_len)], [0, min(q_len, kv_len)], color="black", lw=1)
+    axes.add_patch(Rectangle((0, program * block_m), kv_len, block_m, fill=False,
+                             ec="#c0392b", lw=3))
+    counts = {kind: plan[program].count(kind) for kind in colours}
+    axes.text(kv_len + 2, (program + 0.5) * block_m,
+              f"program {program}:\n{counts['full']} tiles unmasked\n"
+              f"{counts['masked']} masked\n{counts['skipped']} skipped",
+              va="center", fontsize=9, color="#c0392b")
+    axes.set(xlim=(0, kv_len), ylim=(q_len, 0), xlabel="key position (BLOCK_N = "
+             f"{block_n})", ylabel=f"query position (BLOCK_M = {block_m})",
+             title="causal flash attention: which tiles of S each program computes")
+    axes.legend(handles=[Patch(fc=colours["full"], label="every query sees every key: "
+                               "no mask"),
+                         Patch(fc=colours["masked"], label="on the diagonal: masked"),
+                         Patch(fc=colours["skipped"], ec="#999999",
+                               label="above the diagonal: never loaded")],
+                loc="upper center", bbox_to_anchor=(0.5, -0.1), fontsize=9)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{CHAPTER}_flash_tiles.png")
+    show_figure(figure, path)
+    plt.close(figure)
+    return path
+
+
+# %%
+if __name__ == "__main__" and not ARGS.bench:
+    path = draw_flash_tiles(ARGS.out)
+    if path:
+        print(f"flash attention's tiles saved to {path}")
 
 
 # %% [markdown]

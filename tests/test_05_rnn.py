@@ -131,6 +131,8 @@ def test_quick_run_reaches_its_figures(tmp_path):
     assert figures["rnn_first_day_gradient"] < 0.2  # the gradient fades with the lag
     if has_matplotlib():
         assert (tmp_path / "05_rnn_clipping.png").stat().st_size > 0
+        # The unrolled network with its backward arrows, drawn right after BPTT's prose.
+        assert (tmp_path / "05_rnn_unrolled.png").stat().st_size > 0
     else:
         assert "matplotlib is not installed" in run.stdout
 
@@ -154,6 +156,8 @@ def test_without_matplotlib_the_numbers_are_the_view(tmp_path):
     assert "matplotlib is not installed" in run.stdout, run
     assert run.summary["rnn_test_mae"] < run.summary["persistence_mae"]
     assert not list(tmp_path.glob("*.png"))
+    # The unrolled network as text: forward and backward through every hidden state.
+    assert "h_0 --W_h--> h_1" in run.stdout and " <-delta- h_1" in run.stdout, run
 
 
 def test_window_longer_than_the_data_is_a_clean_error(tmp_path):

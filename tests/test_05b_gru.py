@@ -146,6 +146,9 @@ def test_quick_run_reaches_its_figures(tmp_path):
     assert figures["fresh_gru_first_day_gradient"] > 100 * figures["fresh_rnn_first_day_gradient"]
     if has_matplotlib():
         assert (tmp_path / "05b_gru_memory.png").stat().st_size > 0
+        # The diagrams: chapter 05's unrolled RNN, carried, and the GRU cell's gates.
+        assert (tmp_path / "05b_gru_unrolled.png").stat().st_size > 0
+        assert (tmp_path / "05b_gru_cell.png").stat().st_size > 0
     else:
         assert "matplotlib is not installed" in run.stdout
 
@@ -157,6 +160,9 @@ def test_without_matplotlib_the_numbers_are_the_view(tmp_path):
     assert "matplotlib is not installed" in run.stdout, run
     assert run.summary["gru_test_mae"] < run.summary["persistence_mae"]
     assert not list(tmp_path.glob("*.png"))
+    # Both diagrams as text: the unrolled RNN, and the GRU cell with its keep path.
+    assert "h_0 --W_h--> h_1" in run.stdout, run
+    assert "* (1 - z_t)" in run.stdout and "(the keep path)" in run.stdout, run
 
 
 def test_bad_inputs_are_clean_errors(tmp_path):

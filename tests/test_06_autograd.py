@@ -333,6 +333,8 @@ def test_quick_run_reaches_its_figures(tmp_path):
     assert "graph of" in run.stdout
     if has_matplotlib():
         assert (tmp_path / "06_autograd_training.png").stat().st_size > 0
+        # The worked example's graph, drawn from the engine's own nodes.
+        assert (tmp_path / "06_autograd_example_graph.png").stat().st_size > 0
     else:
         assert "matplotlib is not installed" in run.stdout
 
@@ -344,6 +346,8 @@ def test_without_matplotlib_the_numbers_are_the_view(tmp_path):
     assert "matplotlib is not installed" in run.stdout, run
     assert "dense by hand:" in run.stdout and "recurrent engine:" in run.stdout, run
     assert not list(tmp_path.glob("*.png"))
+    # The worked example's graph as show_graph's text: 7 nodes, w's gradient -9.
+    assert "no drawing; the graph as text instead:\ngraph of 7 nodes" in run.stdout, run
 
 
 def test_a_run_stops_at_a_window_longer_than_the_data(tmp_path, monkeypatch):

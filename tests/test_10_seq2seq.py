@@ -252,6 +252,8 @@ def test_quick_run_learns_to_translate_numbers(tmp_path):
     assert run.summary["exact_match"] >= 0.8, run
     if has_matplotlib():
         assert (tmp_path / "out" / "10_seq2seq_attention.png").exists()
+        # One step of additive attention, drawn before training.
+        assert (tmp_path / "out" / "10_seq2seq_attention_step.png").stat().st_size > 0
     else:
         assert "attention maps as text" in run.stdout
 
@@ -262,3 +264,6 @@ def test_without_matplotlib_attention_maps_are_printed_as_text(tmp_path):
     assert run.returncode == 0, run
     assert "attention maps as text" in run.stdout, run
     assert not list((tmp_path / "out").glob("*.png"))
+    # One step of additive attention as text: scores, softmax, weighted sum.
+    assert "one step of additive attention as text:" in run.stdout, run
+    assert "-> a = softmax(e) -> c = sum_j a_j h_j" in run.stdout, run

@@ -197,6 +197,8 @@ def test_quick_run_learns_to_translate_numbers(tmp_path):
     assert run.summary["exact_match"] >= 0.3, run
     if has_matplotlib():
         assert (tmp_path / "out" / "11_transformer_attention.png").exists()
+        # Multi-head attention's flow, drawn before training.
+        assert (tmp_path / "out" / "11_transformer_attention_flow.png").stat().st_size > 0
     else:
         assert "attention maps as text" in run.stdout
 
@@ -207,3 +209,7 @@ def test_without_matplotlib_attention_maps_are_printed_as_text(tmp_path):
     assert run.returncode == 0, run
     assert "attention maps as text" in run.stdout, run
     assert not list((tmp_path / "out").glob("*.png"))
+    # The flow of multi-head attention as text, with the default 4 heads.
+    assert "multi-head attention as text:" in run.stdout, run
+    assert "Q K^T / sqrt(d) -> mask: -inf -> softmax" in run.stdout, run
+    assert "cut into 4 heads" in run.stdout, run

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, assert_clean_error, load_chapter, run_as_script, run_chapter
+from conftest import (ROOT, assert_clean_error, has_matplotlib, load_chapter, run_as_script,
+                      run_chapter)
 
 chapter = load_chapter("12_triton")
 # The interpreter computes with numpy, which warns when exp overflows to inf or a masked
@@ -243,6 +244,45 @@ def test_quick_run_prints_a_passing_table(tmp_path):
     assert run.summary["worst_fp32_error"] < DOT
     assert run.summary["model_gradient_error"] < DOT
     assert (tmp_path / "12_triton_checks.json").exists()
+    if has_matplotlib():
+        assert (tmp_path / "12_triton_flash_tiles.png").stat().st_size > 0
+    else:
+        assert "the tiles as text" in run.stdout
+
+
+@pytest.mark.parametrize("q_len, kv_len, block_m, block_n",
+                         [(128, 128, 32, 16), (100, 100, 32, 16), (64, 96, 16, 32),
+                          (96, 40, 32, 32)])
+def test_flash_tile_plan_matches_the_causal_mask(q_len, kv_len, block_m, block_n):
+    # The diagram's plan, tile by tile, against the mask itself: a skipped tile holds no
+    # visible (query, key) pair, an unmasked one only visible pairs, and every visible
+    # pair lies in a tile that the kernel computes.
+    rows = torch.arange(q_len)[:, None]
+    cols = torch.arange(kv_len)[None, :]
+    visible = cols <= rows
+    plan = chapter.flash_tile_plan(q_len, kv_len, block_m, block_n)
+    assert len(plan) == -(-q_len // block_m) and len(plan[0]) == -(-kv_len // block_n)
+    for row, tiles in enumerate(plan):
+        for column, tile in enumerate(tiles):
+            block = visible[row * block_m:(row + 1) * block_m,
+                            column * block_n:(column + 1) * block_n]
+            if tile == "skipped":
+                assert not block.any(), (row, column)
+            if tile == "full":
+                # Whole key blocks only (rows past the end are never stored anyway).
+                assert block.all() and block.shape[1] == block_n, (row, column)
+    assert chapter.flash_tile_plan(64, 64, 16, 16, causal=False) == [["full"] * 4] * 4
+
+
+def test_flash_tiles_without_matplotlib_are_a_grid_of_characters(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails
+    assert chapter.draw_flash_tiles("unused") is None
+    lines = capsys.readouterr().out.splitlines()
+    assert "matplotlib is not installed" in lines[0]
+    assert lines[1:] == ["    queries    0-31   mm......",
+                         "    queries   32-63   ##mm....",
+                         "    queries   64-95   ####mm..  <- program 2",
+                         "    queries   96-127  ######mm"]
 
 
 def test_out_path_that_is_a_file_is_a_clean_error(tmp_path):
