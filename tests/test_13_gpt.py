@@ -504,9 +504,10 @@ def test_cpu_preset_sizes_vocabulary_and_dropout_to_the_corpus(tmp_path):
     size = len(path.read_bytes())
     assert 0.85 * size < corpus["train_bytes"] < 0.95 * size   # the 90% kept for training
     args = gpt.parse_args(["--preset", "cpu", "--data", str(path), "--dropout", "0.05"])
-    run = gpt.Run(args)
-    assert (args.vocab_size, args.dropout) == (512, 0.05)
-    assert run.model_config.dropout == 0.05
+    run = gpt.read_and_check(args, gpt.join_processes(args))
+    assert gpt.settings(args, corpus["train_bytes"]) == (512, 0.05)
+    assert run.config["vocab_size"] == 512 and run.model_config.dropout == 0.05
+    assert (args.vocab_size, args.dropout) == (None, 0.05)   # the flags are left as given
 
 
 def test_betas_reach_adamw():
