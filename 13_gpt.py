@@ -76,16 +76,27 @@ CHAPTER = "13_gpt"
 # The file is long because a trainer has many small duties; each section below is one
 # of them and can be read on its own. In order:
 #
-# 1. the tokenizer of this run and how it travels with the model, then (folded away)
-#    the set-up: flags, presets and the code carried from chapters 01 and 09;
-# 2. the data: text split into training and validation, written as token shards;
+# 1. the tokenizer of this run and how it travels with the model
+#    (`tokenizer_to_dict`, `build_tokenizer`, `token_byte_counts`), then (folded away)
+#    the set-up: flags and presets (`PRESETS`, `FLAGS`, `check_args`) and the code
+#    carried from chapter 09 (BPE, token shards and their manifest, `ShardLoader`);
+# 2. the data: text split into training and validation (`hold_out_validation`),
+#    encoded and written as token shards, or chapter 09's shards read and checked
+#    (`load_corpus`);
 # 3. the two kernel sets, PyTorch's and chapter 12's Triton kernels (carried, folded
-#    away), behind one interface;
-# 4. the model: `GPTConfig`, attention with rotary positions and a KV cache, the MLP,
-#    the block, the GPT and its sampler;
-# 5. the machinery of training: processes (DDP), the optimiser and its schedule,
-#    evaluation in bits per byte, checkpoints, FLOPs, one training step;
-# 6. the run itself, sampling and benchmarking; the last cell trains.
+#    away), behind one interface (`TorchKernels`, `TritonKernels`);
+# 4. the model: `GPTConfig`, attention with rotary positions and a KV cache
+#    (`CausalSelfAttention`), the `MLP`, the `Block`, the `GPT` and its sampler;
+# 5. the machinery of training: processes (`join_processes`, DDP), the optimiser and
+#    its schedule (`make_optimizer`, `learning_rate_at`), evaluation in bits per byte
+#    (`evaluate`) and the text scoreboard shared with chapters 00 and 04,
+#    checkpoints (`save_checkpoint`), FLOPs, one training step (`train_step`);
+# 6. the run itself: set-up (`read_and_check`, `settings`, `build_model`), the loop
+#    (`train`, on one screen), the end (`finish`); sampling (`run_sampling`) and
+#    benchmarking (`run_bench`); the last cell trains.
+#
+# To find the training loop, search for `def train(`: everything it calls is defined
+# above it, and reading it top to bottom is reading one step of training.
 #
 # Along the way a few cells look at the pieces at this run's size: the tokens, the
 # rotary positions, the model and its first loss.
@@ -1109,8 +1120,9 @@ def load_corpus(data, tokenizer_kind, vocab_size, saved_tokenizer=None):
     """Everything the trainer needs from the data, as a dict: `train_paths` and
     `val_paths` (token shards), `train` and `val` (their token arrays), `encoding`,
     `source` (a phrase for the log), `train_bytes` (the training text's size, estimated
-    at 4 bytes a token for shards) and `workspace` (the temporary folder that holds
-    the shards of a text corpus; it is deleted with the dict). `saved_tokenizer`, from
+    at 4 bytes a token for shards), `workspace` (the temporary folder that holds the
+    shards of a text corpus; it is deleted with the dict) and, for a text corpus,
+    `texts` (the training and the held-out text, for the scoreboard). `saved_tokenizer`, from
     a checkpoint being resumed, is used instead of building a new tokenizer; a
     `vocab_size` of None is chosen by `corpus_settings`."""
     if data and os.path.isdir(data):
@@ -1148,7 +1160,8 @@ def load_corpus(data, tokenizer_kind, vocab_size, saved_tokenizer=None):
     return {"train_paths": [paths["train"]], "val_paths": [paths["val"]],
             "train": [read_shard(paths["train"])], "val": [read_shard(paths["val"])],
             "encoding": encoding, "source": source, "train_bytes": train_bytes,
-            "workspace": workspace}
+            "workspace": workspace,
+            "texts": ("".join(train_documents), "".join(val_documents))}
 
 
 # A window needs block_size + 1 consecutive tokens (inputs and the targets shifted by
@@ -2889,7 +2902,7 @@ def evaluate(model, arrays, token_bytes, block_size, batch_size, max_tokens, dev
 # Add-one smoothing: every token's count starts at 1 instead of 0. A token that the
 # training text never contains would otherwise get probability 0 and, should the
 # validation text contain it, an infinite loss.
-def unigram_baseline(train_arrays, val_arrays, token_bytes, max_tokens=10_000_000):
+def token_unigram_baseline(train_arrays, val_arrays, token_bytes, max_tokens=10_000_000):
     """(loss, bits per byte) of predicting each validation token by its frequency in
     the training tokens (add-one smoothing, so no token has probability zero)."""
     counts = np.ones(len(token_bytes), dtype=np.float64)
@@ -2901,6 +2914,94 @@ def unigram_baseline(train_arrays, val_arrays, token_bytes, max_tokens=10_000_00
     targets = targets[token_bytes[targets] > 0]
     nats = -log_p[targets].sum()
     return nats / len(targets), nats / math.log(2) / token_bytes[targets].sum()
+
+
+# %% [markdown]
+# ## The text scoreboard: every model of the course on the same held-out bytes
+#
+# Chapter 00 counted characters (a unigram and a bigram model) and chapter 04 trained
+# a network on the previous few characters; both scored themselves in bits per byte
+# on the last 10% of the same text, cut the same way (`hold_out_validation`). This
+# chapter's validation text is that same 10%, so its GPT joins their ladder. Bits
+# per byte is the one measure that a character model and a token model share: each
+# needs some number of bits to encode the held-out text, whatever its pieces are,
+# and the text has a fixed number of bytes.
+#
+# The counting models are cheap, so the trainer recomputes them on its own text with
+# chapter 00's functions, carried unchanged, rather than trusting a figure printed by
+# another chapter on another day. (The GPT's figure covers the held-out tokens in
+# whole windows of `block_size`: the first token of each window and a tail shorter
+# than a window go unscored, a few bytes in a thousand.) A folder of token shards has
+# no text to count characters in, so there the ladder has only the token unigram and
+# the GPT. Chapter 04's network is not re-trained here; the README's table has its
+# figure beside these.
+#
+# What to expect from the default run on the offline text (the Python documentation):
+# uniform guessing 6.67 bits per byte, chapter 00's unigram 4.66 and bigram 3.35,
+# chapter 04's network on three characters of context 2.39, the token unigram about
+# 3.4, and this chapter's GPT about 1.68 after 90 seconds on a 2-core CPU: half the
+# bigram's bits, from a context of 128 tokens instead of one character.
+
+
+# %%
+def encode(text, vocabulary):
+    """The text as an array of character numbers, positions in `vocabulary`."""
+    index = {character: number for number, character in enumerate(vocabulary)}
+    return np.array([index[character] for character in text], dtype=np.int64)
+
+
+def bigram_probabilities(ids, vocab_size, alpha):
+    """The (vocab_size, vocab_size) table P[a, b] = probability that character b
+    follows character a, from the counts of pairs in `ids`, add-alpha smoothed."""
+    pairs = ids[:-1] * vocab_size + ids[1:]   # one number per (previous, next) pair
+    counts = np.bincount(pairs, minlength=vocab_size * vocab_size).reshape(vocab_size, vocab_size)
+    smoothed = counts + alpha
+    return smoothed / smoothed.sum(axis=1, keepdims=True)
+
+
+def bits(nats):
+    """A loss in nats expressed in bits."""
+    return nats / math.log(2)
+
+
+def bigram_nats(probabilities, ids):
+    """Average -log P(next | previous), in nats, over every pair of neighbours in ids."""
+    return float(-np.mean(np.log(probabilities[ids[:-1], ids[1:]])))
+
+
+def unigram_nats(train_ids, test_ids, vocab_size, alpha):
+    """Average -log P(character), in nats, over test_ids, with P the add-alpha
+    smoothed character frequencies of train_ids."""
+    counts = np.bincount(train_ids, minlength=vocab_size) + alpha
+    return float(-np.mean(np.log((counts / counts.sum())[test_ids])))
+
+
+def bits_per_byte(bits_per_character, text):
+    """A character model's score on `text` in bits per byte: its total bits (the
+    average per character times the characters) over the text's UTF-8 bytes."""
+    return bits_per_character * len(text) / len(text.encode("utf-8"))
+
+
+def scoreboard(rungs):
+    """The text scoreboard as lines: one (model, bits per byte) rung a line, from
+    the worst score to the best."""
+    return [f"  {name:<36} {score:.3f}"
+            for name, score in sorted(rungs, key=lambda rung: -rung[1])]
+
+
+def character_ladder(train_text, held_out):
+    """Chapter 00's rungs of the text scoreboard, (model, bits per byte), counted on
+    `train_text` and scored on `held_out`, add-one smoothed as chapter 00 does."""
+    vocabulary = sorted(set(train_text + held_out))
+    ids = encode(train_text + held_out, vocabulary)
+    end = len(train_text)
+    unigram = bits(unigram_nats(ids[:end], ids[end:], len(vocabulary), 1.0))
+    # ids[end - 1:] pairs every held-out character with the one before it.
+    bigram = bits(bigram_nats(bigram_probabilities(ids[:end], len(vocabulary), 1.0),
+                              ids[end - 1:]))
+    return [("uniform guessing (00)", bits_per_byte(math.log2(len(vocabulary)), held_out)),
+            ("unigram frequencies (00)", bits_per_byte(unigram, held_out)),
+            ("bigram counts (00)", bits_per_byte(bigram, held_out))]
 
 
 # %% [markdown]
@@ -3141,8 +3242,8 @@ def apply_step(optimizer, step, grad_norm, out_path):
 # 2. The loop, `train`: set the learning rate, take a step, log now and then,
 #    evaluate and save now and then, until `max_iters` steps or `time_budget` seconds,
 #    or until `--patience` runs out.
-# 3. The end, `finish`: a full evaluation, a final checkpoint, the unigram baseline,
-#    the plot, a sample, and the summary line.
+# 3. The end, `finish`: a full evaluation, a final checkpoint, the unigram baseline
+#    and the text scoreboard, the plot, a sample, and the summary line.
 #
 # What changes while the run goes is in one small object, `Progress`: the step, the
 # tokens seen, the time spent, the history of losses, and, with `--patience`, the
@@ -3150,9 +3251,18 @@ def apply_step(optimizer, step, grad_norm, out_path):
 #
 # Repeatability. Every source of randomness is seeded by `--seed`: the weights (the
 # seed is set right before the model is built), the order of the windows (chapter
-# 09's loader shuffles by seed and epoch), the sample (its own generator). On a CPU
-# the same flags give bit-for-bit the same run, and the tests rely on it: a resumed
-# run must match a straight one exactly, and two processes must match one. On GPUs
+# 09's loader shuffles by seed and epoch), the dropout masks, the sample (its own
+# generator). The dropout masks need care under DDP. Every rank builds the model from
+# the same seed, so that all start from the same weights; if they then went on
+# drawing from that same stream, every rank would drop the same units on its own,
+# different, data, and the four ranks of a 4-GPU run would together draw only one
+# rank's worth of masks. So after the model is built each rank but the first moves
+# to a stream of its own, and every checkpoint stores each rank's generator state,
+# so that a resumed run draws the masks the uninterrupted run would have drawn.
+#
+# On a CPU the same flags give bit-for-bit the same run, and the tests rely on it: a
+# resumed run must match a straight one exactly, with dropout on and under DDP too,
+# and two processes must match one (at dropout 0, where no mask is drawn). On GPUs
 # some kernels add in a different order from run to run, so runs agree to a few
 # decimals instead of every bit; training under a time budget is not repeatable
 # either, since the number of steps depends on the speed of the machine.
@@ -3407,6 +3517,10 @@ def train(args, run, progress):
         lr = learning_rate_at(progress.step, fraction, args.learning_rate, args.warmup_iters)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
+        # One optimiser step over `batch_size` windows: each rank takes its share of
+        # them in micro-batches whose gradients add up (gradient accumulation), and
+        # DDP averages the ranks' gradients, so the step is the same whatever the
+        # number of processes and the size of the micro-batches.
         loss, grad_norm = train_step(run.training_model, model, run.optimizer, run.loader,
                                      micro_batch, place.device, place.autocast,
                                      args.grad_clip)
@@ -3501,9 +3615,14 @@ def finish(args, run, progress, speed, started):
         save(args, run, progress)
     if run.place.rank != 0:
         return None
-    base_loss, base_bpb = unigram_baseline(run.corpus["train"], run.corpus["val"],
-                                           run.token_bytes)
+    base_loss, base_bpb = token_unigram_baseline(run.corpus["train"], run.corpus["val"],
+                                                 run.token_bytes)
     print(f"unigram baseline: loss {base_loss:.4f}, {base_bpb:.4f} bits per byte")
+    rungs = [("token unigram (13)", base_bpb), ("GPT (13)", val_bpb)]
+    if run.corpus.get("texts"):
+        rungs = character_ladder(*run.corpus["texts"]) + rungs
+    print("the text scoreboard, bits per byte on the held-out text:")
+    print("\n".join(scoreboard(rungs)))
     plot = plot_history(progress.history, args.out, base_loss)
     if plot:
         print(f"saved {plot}")

@@ -441,6 +441,18 @@ def test_quick_run_beats_the_unigram_baseline_and_samples(tmp_path):
     assert summary["val_loss"] < summary["unigram_loss"] - 0.3, summary
     assert summary["val_bpb"] < 4.3, summary
     assert "sample" in run.stdout
+    # The scoreboard: chapter 00's rungs, recounted here on the same held-out 10% of
+    # the documentation, must be 00's own figures (its summary: uniform 6.674,
+    # unigram 4.662, bigram 3.346 bits per byte), and the GPT must sit below the
+    # token unigram.
+    board = run.stdout[run.stdout.index("the text scoreboard"):].splitlines()[1:7]
+    rungs = {line.rsplit(None, 1)[0].strip(): float(line.split()[-1]) for line in board
+             if line.startswith("  ")}
+    assert rungs["uniform guessing (00)"] == pytest.approx(6.674, abs=1e-3)
+    assert rungs["unigram frequencies (00)"] == pytest.approx(4.662, abs=1e-3)
+    assert rungs["bigram counts (00)"] == pytest.approx(3.346, abs=1e-3)
+    assert rungs["GPT (13)"] == pytest.approx(summary["val_bpb"], abs=1e-3)
+    assert rungs["GPT (13)"] < rungs["token unigram (13)"]
     # The looks at the pieces print before the trainer, each under its own cell.
     for words in ("bytes per token", "distance 3", "first loss", "a uniform guess"):
         assert words in run.stdout, words
