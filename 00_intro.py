@@ -389,10 +389,12 @@ def encode(text, vocabulary):
 def bigram_probabilities(ids, vocab_size, alpha):
     """The (vocab_size, vocab_size) table P[a, b] = probability that character b
     follows character a, from the counts of pairs in `ids`, add-alpha smoothed."""
+    # exercise: count the character pairs, then turn each row of counts into smoothed probabilities
     pairs = ids[:-1] * vocab_size + ids[1:]   # one number per (previous, next) pair
     counts = np.bincount(pairs, minlength=vocab_size * vocab_size).reshape(vocab_size, vocab_size)
     smoothed = counts + alpha
     return smoothed / smoothed.sum(axis=1, keepdims=True)
+    # end exercise
 
 
 if __name__ == "__main__":
@@ -517,12 +519,14 @@ if __name__ == "__main__":
 def sample_bigram(probabilities, vocabulary, first, length, rng):
     """`length` characters drawn one at a time from the bigram probabilities,
     starting after the character `first`."""
+    # exercise: draw each next character from the probability row of the one before it
     current = vocabulary.index(first)
     drawn = []
     for _ in range(length):
         current = int(rng.choice(len(vocabulary), p=probabilities[current]))
         drawn.append(vocabulary[current])
     return "".join(drawn)
+    # end exercise
 
 
 def save_plot(out_dir, probabilities, vocabulary, ids):

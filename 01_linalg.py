@@ -383,7 +383,9 @@ def dot(a, b):
     """The dot product written out: the sum of a[i] * b[i]."""
     if len(a) != len(b):
         raise ValueError(f"a dot product needs two vectors of one length, not {len(a)} and {len(b)}")
+    # exercise: the sum of a[i] * b[i] over every position
     return sum(float(x) * float(y) for x, y in zip(a, b))
+    # end exercise
 
 
 if __name__ == "__main__":
@@ -430,12 +432,14 @@ def matmul_by_loops(a, b):
     rows, inner = a.shape
     if b.shape[0] != inner:
         raise ValueError(f"cannot multiply shapes {a.shape} and {b.shape}: inner sizes differ")
+    # exercise: out[i, j] = sum over k of a[i, k] * b[k, j], with three loops
     out = np.zeros((rows, b.shape[1]))
     for i in range(rows):
         for j in range(b.shape[1]):
             for k in range(inner):
                 out[i, j] += a[i, k] * b[k, j]
     return out
+    # end exercise
 
 
 if __name__ == "__main__":
@@ -525,7 +529,9 @@ if __name__ == "__main__":
 # %%
 def slope(function, x, step=1e-5):
     """The slope of `function` at `x`, measured by central finite differences."""
+    # exercise: the slope of `function` at `x` by central finite differences
     return (function(x + step) - function(x - step)) / (2 * step)
+    # end exercise
 
 
 if __name__ == "__main__":
@@ -587,9 +593,11 @@ def mae(predictions, targets):
 def least_squares_line(inputs, targets):
     """The weights and bias with the smallest squared error on these rows: a column
     of ones is appended to `inputs` so that its weight is the bias."""
+    # exercise: the least-squares weights and bias, with a column of ones for the bias
     with_ones = np.column_stack([inputs, np.ones(len(inputs))])
     solution = np.linalg.lstsq(with_ones, targets, rcond=None)[0]
     return solution[:-1], solution[-1]
+    # end exercise
 
 
 def hand_set_model(pull, average):

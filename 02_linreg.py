@@ -92,7 +92,9 @@ def mae(predictions, targets):
 
 def mse_grad(predictions, targets):
     """The gradient of `mse` with respect to each prediction: 2 (p - t) / n."""
+    # exercise: the gradient of the MSE with respect to each prediction
     return 2 * (predictions - targets) / predictions.size
+    # end exercise
 
 
 # %% [markdown]
@@ -180,8 +182,10 @@ def linear_backward(layers, cache, output_grad):
     """Gradients of the loss with respect to the weight and bias, given the cache of
     `linear_forward` and `output_grad`, the loss's gradient with respect to each
     prediction (rows, 1). Returns a list of one (weight_grad, bias_grad) pair."""
+    # exercise: the gradients of the loss with respect to the weight and the bias
     inputs = cache
     return [(inputs.T @ output_grad, output_grad.sum(axis=0, keepdims=True))]
+    # end exercise
 
 
 # %% [markdown]
@@ -619,6 +623,7 @@ def train(layers, train_set, valid_set, learning_rate, epochs, batch_size, rng):
         # A learning rate that is too large makes the numbers overflow on purpose in
         # the experiments below; we detect that from the loss, without warnings.
         with np.errstate(over="ignore", invalid="ignore"):
+            # exercise: forward, backward and a gradient step for every mini-batch
             for start in range(0, len(inputs), batch_size):
                 batch = order[start:start + batch_size]
                 # Forward: predict this batch and keep what the backward pass needs.
@@ -630,6 +635,7 @@ def train(layers, train_set, valid_set, learning_rate, epochs, batch_size, rng):
                 # arrays are made, so a model passed in is never changed.
                 layers = [(weight - learning_rate * weight_grad, bias - learning_rate * bias_grad)
                           for (weight, bias), (weight_grad, bias_grad) in zip(layers, gradients)]
+            # end exercise
             history.append((mse(linear_forward(layers, inputs)[0], targets),
                             evaluate(layers, *valid_set)))
         if diverged(history[-1][0]):

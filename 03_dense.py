@@ -92,7 +92,9 @@ def mae(predictions, targets):
 
 def mse_grad(predictions, targets):
     """The gradient of `mse` with respect to each prediction: 2 (p - t) / n."""
+    # exercise: the gradient of the MSE with respect to each prediction
     return 2 * (predictions - targets) / predictions.size
+    # end exercise
 
 
 # %% [markdown]
@@ -180,9 +182,11 @@ def init_dense(layer_sizes, rng):
     (weight, bias) pairs: weight (inputs, outputs) drawn from a normal distribution
     with standard deviation sqrt(2 / inputs) (He initialisation), bias (1, outputs)
     zeros."""
+    # exercise: weights drawn with He initialisation, biases zero, one pair a layer
     return [(rng.normal(0.0, np.sqrt(2.0 / inputs), size=(inputs, outputs)),
              np.zeros((1, outputs)))
             for inputs, outputs in zip(layer_sizes[:-1], layer_sizes[1:])]
+    # end exercise
 
 
 def start_from_mean(layers, targets):
@@ -210,6 +214,7 @@ def start_from_mean(layers, targets):
 def dense_forward(layers, inputs):
     """Run `inputs` (rows, features) through the network. Returns the outputs (rows,
     last layer size) and the cache: one (layer input, pre-activation) pair a layer."""
+    # exercise: linear then ReLU each layer (linear only at the end), caching what backward needs
     cache = []
     activations = inputs
     for index, (weight, bias) in enumerate(layers):
@@ -218,6 +223,7 @@ def dense_forward(layers, inputs):
         is_last = index == len(layers) - 1
         activations = pre_activation if is_last else relu(pre_activation)
     return activations, cache
+    # end exercise
 
 
 # %% [markdown]
@@ -251,6 +257,7 @@ def dense_backward(layers, cache, output_grad):
     """Backpropagation: given `cache` from `dense_forward` and `output_grad`, the
     loss's gradient with respect to the network's outputs, return one (weight_grad,
     bias_grad) pair per layer, in the order of `layers`."""
+    # exercise: backpropagation: each layer's weight and bias gradients, last layer first
     gradients = []
     grad = output_grad
     for index in reversed(range(len(layers))):
@@ -261,6 +268,7 @@ def dense_backward(layers, cache, output_grad):
         gradients.append((layer_inputs.T @ grad, grad.sum(axis=0, keepdims=True)))
         grad = grad @ weight.T                       # on to the layer below
     return gradients[::-1]
+    # end exercise
 
 
 # %% [markdown]

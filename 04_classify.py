@@ -131,9 +131,11 @@ def init_dense(layer_sizes, rng):
     (weight, bias) pairs: weight (inputs, outputs) drawn from a normal distribution
     with standard deviation sqrt(2 / inputs) (He initialisation), bias (1, outputs)
     zeros."""
+    # exercise: weights drawn with He initialisation, biases zero, one pair a layer
     return [(rng.normal(0.0, np.sqrt(2.0 / inputs), size=(inputs, outputs)),
              np.zeros((1, outputs)))
             for inputs, outputs in zip(layer_sizes[:-1], layer_sizes[1:])]
+    # end exercise
 
 
 # %% [markdown]
@@ -153,6 +155,7 @@ def init_dense(layer_sizes, rng):
 def dense_forward(layers, inputs):
     """Run `inputs` (rows, features) through the network. Returns the outputs (rows,
     last layer size) and the cache: one (layer input, pre-activation) pair a layer."""
+    # exercise: linear then ReLU each layer (linear only at the end), caching what backward needs
     cache = []
     activations = inputs
     for index, (weight, bias) in enumerate(layers):
@@ -161,6 +164,7 @@ def dense_forward(layers, inputs):
         is_last = index == len(layers) - 1
         activations = pre_activation if is_last else relu(pre_activation)
     return activations, cache
+    # end exercise
 
 
 # %% [markdown]
@@ -194,6 +198,7 @@ def dense_backward(layers, cache, output_grad):
     """Backpropagation: given `cache` from `dense_forward` and `output_grad`, the
     loss's gradient with respect to the network's outputs, return one (weight_grad,
     bias_grad) pair per layer, in the order of `layers`."""
+    # exercise: backpropagation: each layer's weight and bias gradients, last layer first
     gradients = []
     grad = output_grad
     for index in reversed(range(len(layers))):
@@ -204,6 +209,7 @@ def dense_backward(layers, cache, output_grad):
         gradients.append((layer_inputs.T @ grad, grad.sum(axis=0, keepdims=True)))
         grad = grad @ weight.T                       # on to the layer below
     return gradients[::-1]
+    # end exercise
 
 
 # %% [markdown]
@@ -299,7 +305,9 @@ def binary_cross_entropy(logits, labels):
 def binary_cross_entropy_grad(logits, labels):
     """The gradient of `binary_cross_entropy` with respect to each logit:
     (sigmoid(z) - y) / n."""
+    # exercise: the gradient of the binary cross-entropy with respect to each logit
     return (sigmoid(logits) - labels) / logits.size
+    # end exercise
 
 
 def accuracy(predicted_classes, true_classes):
@@ -749,9 +757,11 @@ def one_hot(indices, classes):
 def softmax(logits):
     """Probabilities from logits along the last axis, shifted by the largest logit
     so that exp never overflows."""
+    # exercise: softmax along the last axis, shifted by the largest logit so exp never overflows
     shifted = logits - logits.max(axis=-1, keepdims=True)
     exponentials = np.exp(shifted)
     return exponentials / exponentials.sum(axis=-1, keepdims=True)
+    # end exercise
 
 
 # %% [markdown]
@@ -786,7 +796,9 @@ def cross_entropy(logits, targets):
 def cross_entropy_grad(logits, targets):
     """The gradient of `cross_entropy` with respect to each logit:
     (softmax(logits) - targets) / rows."""
+    # exercise: the gradient of softmax and cross-entropy with respect to each logit
     return (softmax(logits) - targets) / len(logits)
+    # end exercise
 
 
 def gradient_error(layers, inputs, targets, loss, loss_grad):
@@ -1086,10 +1098,12 @@ if __name__ == "__main__":
 def bigram_probabilities(ids, vocab_size, alpha):
     """The (vocab_size, vocab_size) table P[a, b] = probability that character b
     follows character a, from the counts of pairs in `ids`, add-alpha smoothed."""
+    # exercise: count the character pairs, then turn each row of counts into smoothed probabilities
     pairs = ids[:-1] * vocab_size + ids[1:]   # one number per (previous, next) pair
     counts = np.bincount(pairs, minlength=vocab_size * vocab_size).reshape(vocab_size, vocab_size)
     smoothed = counts + alpha
     return smoothed / smoothed.sum(axis=1, keepdims=True)
+    # end exercise
 
 
 def bigram_nats(probabilities, ids):

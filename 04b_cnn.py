@@ -235,8 +235,10 @@ def conv_forward(images, weight, bias):
     batch, _, height, width = images.shape
     filters, _, kernel_h, kernel_w = weight.shape
     out_h, out_w = height - kernel_h + 1, width - kernel_w + 1
+    # exercise: the convolution as one matrix multiply of im2col patches by the filters
     outputs = im2col(images, kernel_h, kernel_w) @ weight.reshape(filters, -1).T + bias
     return outputs.reshape(batch, out_h, out_w, filters).transpose(0, 3, 1, 2)
+    # end exercise
 
 
 def conv_backward(images, weight, output_grad):
@@ -244,6 +246,7 @@ def conv_backward(images, weight, output_grad):
     weight_grad, bias_grad)."""
     filters, channels, kernel_h, kernel_w = weight.shape
     batch, _, out_h, out_w = output_grad.shape
+    # exercise: convolution's backward: weight and bias gradients, and col2im for the images
     grad_rows = output_grad.transpose(0, 2, 3, 1).reshape(-1, filters)
     weight_grad = (grad_rows.T @ im2col(images, kernel_h, kernel_w)).reshape(weight.shape)
     bias_grad = grad_rows.sum(axis=0)
@@ -255,6 +258,7 @@ def conv_backward(images, weight, output_grad):
             images_grad[:, :, i:i + out_h, j:j + out_w] += \
                 cols_grad[:, :, :, :, i, j].transpose(0, 3, 1, 2)
     return images_grad, weight_grad, bias_grad
+    # end exercise
 
 
 
@@ -831,6 +835,7 @@ def max_pool_forward(inputs, size=2):
 def max_pool_backward(inputs, output_grad, size=2):
     """d loss / d inputs of `max_pool_forward(inputs, size)`, given d loss / d outputs:
     each output's gradient goes to its square's first maximum in reading order."""
+    # exercise: each output's gradient goes to the first maximum of its square
     pooled = max_pool_forward(inputs, size)
     inputs_grad = np.zeros(inputs.shape)
     taken = np.zeros(pooled.shape, dtype=bool)       # squares whose winner is found
@@ -839,6 +844,7 @@ def max_pool_backward(inputs, output_grad, size=2):
         grad_view[...] = np.where(wins, output_grad, 0.0)   # writes into inputs_grad
         taken |= wins
     return inputs_grad
+    # end exercise
 
 
 
@@ -876,14 +882,17 @@ def init_dense(layer_sizes, rng):
     (weight, bias) pairs: weight (inputs, outputs) drawn from a normal distribution
     with standard deviation sqrt(2 / inputs) (He initialisation), bias (1, outputs)
     zeros."""
+    # exercise: weights drawn with He initialisation, biases zero, one pair a layer
     return [(rng.normal(0.0, np.sqrt(2.0 / inputs), size=(inputs, outputs)),
              np.zeros((1, outputs)))
             for inputs, outputs in zip(layer_sizes[:-1], layer_sizes[1:])]
+    # end exercise
 
 
 def dense_forward(layers, inputs):
     """Run `inputs` (rows, features) through the network. Returns the outputs (rows,
     last layer size) and the cache: one (layer input, pre-activation) pair a layer."""
+    # exercise: linear then ReLU each layer (linear only at the end), caching what backward needs
     cache = []
     activations = inputs
     for index, (weight, bias) in enumerate(layers):
@@ -892,6 +901,7 @@ def dense_forward(layers, inputs):
         is_last = index == len(layers) - 1
         activations = pre_activation if is_last else relu(pre_activation)
     return activations, cache
+    # end exercise
 
 
 
@@ -924,9 +934,11 @@ def one_hot(indices, classes):
 def softmax(logits):
     """Probabilities from logits along the last axis, shifted by the largest logit
     so that exp never overflows."""
+    # exercise: softmax along the last axis, shifted by the largest logit so exp never overflows
     shifted = logits - logits.max(axis=-1, keepdims=True)
     exponentials = np.exp(shifted)
     return exponentials / exponentials.sum(axis=-1, keepdims=True)
+    # end exercise
 
 
 def cross_entropy(logits, targets):
@@ -940,7 +952,9 @@ def cross_entropy(logits, targets):
 def cross_entropy_grad(logits, targets):
     """The gradient of `cross_entropy` with respect to each logit:
     (softmax(logits) - targets) / rows."""
+    # exercise: the gradient of softmax and cross-entropy with respect to each logit
     return (softmax(logits) - targets) / len(logits)
+    # end exercise
 
 
 

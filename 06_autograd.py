@@ -292,7 +292,9 @@ class Tensor:
         # gradient is the output's gradient times the *other* input. The closure keeps
         # both inputs alive until the backward pass needs them.
         def backward(grad):
+            # exercise: the product rule: each input gets the gradient times the other input
             return grad * other.data, grad * self.data
+            # end exercise
 
         return Tensor.result(self.data * other.data, (self, other), "*", backward)
 
@@ -350,6 +352,7 @@ class Tensor:
         # swapaxes(-1, -2) is the transpose of the last two axes, so the same two
         # lines serve plain matrices (n, k) and batches of them (batch, n, k).
         def backward(grad):
+            # exercise: the gradients of a @ b for both inputs, matrices and batches
             grad_a = grad @ b.swapaxes(-1, -2) if self.requires_grad else None
             grad_b = None
             if other.requires_grad:
@@ -362,6 +365,7 @@ class Tensor:
                 else:
                     grad_b = a.swapaxes(-1, -2) @ grad
             return grad_a, grad_b
+            # end exercise
 
         return Tensor.result(a @ b, (self, other), "@", backward)
 
@@ -475,7 +479,9 @@ class Tensor:
         value = np.tanh(self.data)
 
         def backward(grad):
+            # exercise: tanh's backward rule, written with its output
             return (grad * (1 - value * value),)
+            # end exercise
 
         return Tensor.result(value, (self,), "tanh", backward)
 
@@ -537,6 +543,7 @@ class Tensor:
             if node._backward is not None:
                 node.grad = None   # gradients of intermediate results start afresh
         self.grad = np.ones_like(self.data)
+        # exercise: the chain rule: visit nodes in reverse topological order, adding into parents
         for node in reversed(order):
             if node._backward is None:
                 continue           # a leaf: a weight or a constant, nothing to pass on
@@ -556,6 +563,7 @@ class Tensor:
                     parent.grad = np.array(grad)
                 else:
                     parent.grad = grad
+        # end exercise
 
 
 # %% [markdown]
@@ -594,6 +602,7 @@ class Tensor:
 # %%
 def topological_order(root):
     """Every tensor `root` was computed from, parents before children, root last."""
+    # exercise: every tensor the root came from, parents before children, without recursion
     order, seen = [], set()
     stack = [(root, False)]
     while stack:
@@ -609,6 +618,7 @@ def topological_order(root):
             if parent not in seen:
                 stack.append((parent, False))
     return order
+    # end exercise
 
 
 # %% [markdown]
@@ -1107,7 +1117,9 @@ def mae(predictions, targets):
 
 def mse_grad(predictions, targets):
     """The gradient of `mse` with respect to each prediction: 2 (p - t) / n."""
+    # exercise: the gradient of the MSE with respect to each prediction
     return 2 * (predictions - targets) / predictions.size
+    # end exercise
 
 
 def standardise(train, *others):
@@ -1131,9 +1143,11 @@ def init_dense(layer_sizes, rng):
     (weight, bias) pairs: weight (inputs, outputs) drawn from a normal distribution
     with standard deviation sqrt(2 / inputs) (He initialisation), bias (1, outputs)
     zeros."""
+    # exercise: weights drawn with He initialisation, biases zero, one pair a layer
     return [(rng.normal(0.0, np.sqrt(2.0 / inputs), size=(inputs, outputs)),
              np.zeros((1, outputs)))
             for inputs, outputs in zip(layer_sizes[:-1], layer_sizes[1:])]
+    # end exercise
 
 
 def start_from_mean(layers, targets):
@@ -1154,6 +1168,7 @@ def fresh_model(train_set, hidden_sizes, rng):
 def dense_forward(layers, inputs):
     """Run `inputs` (rows, features) through the network. Returns the outputs (rows,
     last layer size) and the cache: one (layer input, pre-activation) pair a layer."""
+    # exercise: linear then ReLU each layer (linear only at the end), caching what backward needs
     cache = []
     activations = inputs
     for index, (weight, bias) in enumerate(layers):
@@ -1162,12 +1177,14 @@ def dense_forward(layers, inputs):
         is_last = index == len(layers) - 1
         activations = pre_activation if is_last else relu(pre_activation)
     return activations, cache
+    # end exercise
 
 
 def dense_backward(layers, cache, output_grad):
     """Backpropagation: given `cache` from `dense_forward` and `output_grad`, the
     loss's gradient with respect to the network's outputs, return one (weight_grad,
     bias_grad) pair per layer, in the order of `layers`."""
+    # exercise: backpropagation: each layer's weight and bias gradients, last layer first
     gradients = []
     grad = output_grad
     for index in reversed(range(len(layers))):
@@ -1178,6 +1195,7 @@ def dense_backward(layers, cache, output_grad):
         gradients.append((layer_inputs.T @ grad, grad.sum(axis=0, keepdims=True)))
         grad = grad @ weight.T                       # on to the layer below
     return gradients[::-1]
+    # end exercise
 
 
 def diverged(loss):
@@ -1234,11 +1252,13 @@ def rnn_forward(params, sequences):
     state h_0 .. h_N."""
     batch, steps, _ = sequences.shape
     input_part = sequences @ params["input_weight"] + params["hidden_bias"]
+    # exercise: the recurrence h_t = tanh(x_t W_x + b + h_{t-1} W_h), from h_0 = 0
     hidden = np.zeros((batch, params["hidden_weight"].shape[0]))
     hiddens = [hidden]
     for step in range(steps):
         hidden = np.tanh(input_part[:, step] + hidden @ params["hidden_weight"])
         hiddens.append(hidden)
+    # end exercise
     predictions = hidden @ params["output_weight"] + params["output_bias"]
     return predictions, {"sequences": sequences, "hiddens": hiddens}
 
@@ -1257,12 +1277,14 @@ def rnn_backward(params, cache, output_grad, with_input_grad=False):
     hidden_grad = output_grad @ params["output_weight"].T         # delta_N
     preactivation_grads = np.zeros(sequences.shape[:2] + hidden_grad.shape[1:])
     hidden_weight_grad = np.zeros_like(params["hidden_weight"])
+    # exercise: backpropagation through time, from the last step back to the first
     for step in reversed(range(steps)):
         # hiddens[step + 1] is h_t and hiddens[step] is h_{t-1} for this step.
         preactivation_grad = hidden_grad * (1 - hiddens[step + 1] ** 2)
         preactivation_grads[:, step] = preactivation_grad
         hidden_weight_grad += hiddens[step].T @ preactivation_grad
         hidden_grad = preactivation_grad @ params["hidden_weight"].T    # delta_{t-1}
+    # end exercise
     grads["hidden_weight"] = hidden_weight_grad
     # The sums over time of x_t^T (d loss / d a_t), in one product over (batch, time).
     flat_inputs = sequences.reshape(-1, sequences.shape[2])
@@ -1290,11 +1312,13 @@ def global_norm(grads):
 def clip_by_global_norm(grads, max_norm):
     """Scale `grads` in place so their global norm is at most `max_norm` (no clipping
     when max_norm is None or 0). Returns the norm before clipping."""
+    # exercise: scale the gradients in place to a global norm of at most max_norm
     norm = global_norm(grads)
     if max_norm and norm > max_norm:
         for grad in parameter_list(grads):
             grad *= max_norm / norm
     return norm
+    # end exercise
 
 
 def train(params, forward, backward, train_set, valid_set, learning_rate, epochs,

@@ -524,7 +524,9 @@ def mae(predictions, targets):
 
 def mse_grad(predictions, targets):
     """The gradient of `mse` with respect to each prediction: 2 (p - t) / n."""
+    # exercise: the gradient of the MSE with respect to each prediction
     return 2 * (predictions - targets) / predictions.size
+    # end exercise
 
 
 def standardise(train, *others):
@@ -548,9 +550,11 @@ def init_dense(layer_sizes, rng):
     (weight, bias) pairs: weight (inputs, outputs) drawn from a normal distribution
     with standard deviation sqrt(2 / inputs) (He initialisation), bias (1, outputs)
     zeros."""
+    # exercise: weights drawn with He initialisation, biases zero, one pair a layer
     return [(rng.normal(0.0, np.sqrt(2.0 / inputs), size=(inputs, outputs)),
              np.zeros((1, outputs)))
             for inputs, outputs in zip(layer_sizes[:-1], layer_sizes[1:])]
+    # end exercise
 
 
 def start_from_mean(layers, targets):
@@ -564,6 +568,7 @@ def start_from_mean(layers, targets):
 def dense_forward(layers, inputs):
     """Run `inputs` (rows, features) through the network. Returns the outputs (rows,
     last layer size) and the cache: one (layer input, pre-activation) pair a layer."""
+    # exercise: linear then ReLU each layer (linear only at the end), caching what backward needs
     cache = []
     activations = inputs
     for index, (weight, bias) in enumerate(layers):
@@ -572,12 +577,14 @@ def dense_forward(layers, inputs):
         is_last = index == len(layers) - 1
         activations = pre_activation if is_last else relu(pre_activation)
     return activations, cache
+    # end exercise
 
 
 def dense_backward(layers, cache, output_grad):
     """Backpropagation: given `cache` from `dense_forward` and `output_grad`, the
     loss's gradient with respect to the network's outputs, return one (weight_grad,
     bias_grad) pair per layer, in the order of `layers`."""
+    # exercise: backpropagation: each layer's weight and bias gradients, last layer first
     gradients = []
     grad = output_grad
     for index in reversed(range(len(layers))):
@@ -588,6 +595,7 @@ def dense_backward(layers, cache, output_grad):
         gradients.append((layer_inputs.T @ grad, grad.sum(axis=0, keepdims=True)))
         grad = grad @ weight.T                       # on to the layer below
     return gradients[::-1]
+    # end exercise
 
 
 def train(layers, train_set, valid_set, learning_rate, epochs, batch_size, rng):
@@ -672,11 +680,13 @@ def rnn_forward(params, sequences):
     state h_0 .. h_N."""
     batch, steps, _ = sequences.shape
     input_part = sequences @ params["input_weight"] + params["hidden_bias"]
+    # exercise: the recurrence h_t = tanh(x_t W_x + b + h_{t-1} W_h), from h_0 = 0
     hidden = np.zeros((batch, params["hidden_weight"].shape[0]))
     hiddens = [hidden]
     for step in range(steps):
         hidden = np.tanh(input_part[:, step] + hidden @ params["hidden_weight"])
         hiddens.append(hidden)
+    # end exercise
     predictions = hidden @ params["output_weight"] + params["output_bias"]
     return predictions, {"sequences": sequences, "hiddens": hiddens}
 
@@ -695,12 +705,14 @@ def rnn_backward(params, cache, output_grad, with_input_grad=False):
     hidden_grad = output_grad @ params["output_weight"].T         # delta_N
     preactivation_grads = np.zeros(sequences.shape[:2] + hidden_grad.shape[1:])
     hidden_weight_grad = np.zeros_like(params["hidden_weight"])
+    # exercise: backpropagation through time, from the last step back to the first
     for step in reversed(range(steps)):
         # hiddens[step + 1] is h_t and hiddens[step] is h_{t-1} for this step.
         preactivation_grad = hidden_grad * (1 - hiddens[step + 1] ** 2)
         preactivation_grads[:, step] = preactivation_grad
         hidden_weight_grad += hiddens[step].T @ preactivation_grad
         hidden_grad = preactivation_grad @ params["hidden_weight"].T    # delta_{t-1}
+    # end exercise
     grads["hidden_weight"] = hidden_weight_grad
     # The sums over time of x_t^T (d loss / d a_t), in one product over (batch, time).
     flat_inputs = sequences.reshape(-1, sequences.shape[2])
@@ -797,12 +809,14 @@ class DenseNet(nn.Module):
     def forward(self, inputs):
         # Each operation below records a node in the graph, so `loss.backward()`
         # later finds its way back to every weight and bias.
+        # exercise: the dense network's forward pass: linear layers with ReLU between
         activations = inputs
         for index, (weight, bias) in enumerate(zip(self.weights, self.biases)):
             pre_activation = activations @ weight + bias
             is_last = index == len(self.weights) - 1
             activations = pre_activation if is_last else torch.relu(pre_activation)
         return activations
+        # end exercise
 
 
 def dense_net_from_layers(layers):
@@ -1109,6 +1123,7 @@ def train_torch(model, loader, optimizer, epochs, train_set, valid_set, device):
     history = []
     for _ in range(epochs):
         model.train()  # predict() below switches to eval mode; switch back each epoch
+        # exercise: for every batch: the loss, zero the gradients, backward, an optimiser step
         for inputs, targets in loader:
             # The loader gives CPU tensors; the model may live on a GPU.
             inputs, targets = inputs.to(device), targets.to(device)
@@ -1116,6 +1131,7 @@ def train_torch(model, loader, optimizer, epochs, train_set, valid_set, device):
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+        # end exercise
         history.append((mse(predict(model, train_set[0], device), train_set[1]),
                         mae(predict(model, valid_set[0], device), valid_set[1])))
         if diverged(history[-1][0]):

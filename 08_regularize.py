@@ -653,8 +653,10 @@ def dropout(inputs, p, training):
     the rest by 1 / (1 - p); in evaluation, return `inputs` unchanged."""
     if not training or p == 0:
         return inputs
+    # exercise: zero each entry with probability p and scale the rest by 1 / (1 - p)
     keep = torch.rand_like(inputs) >= p
     return inputs * keep / (1 - p)
+    # end exercise
 
 
 class HandDropout(nn.Module):
@@ -715,16 +717,19 @@ class HandDropout(nn.Module):
 def layer_norm_forward(inputs, weight, bias, eps=1e-5):
     """Normalise each row (the last dimension) of `inputs` to mean 0 and spread 1, then
     scale by `weight` and shift by `bias`. Returns (outputs, cache)."""
+    # exercise: normalise each row to mean 0 and spread 1, then scale and shift
     mean = inputs.mean(dim=-1, keepdim=True)
     variance = ((inputs - mean) ** 2).mean(dim=-1, keepdim=True)
     inverse_std = 1 / torch.sqrt(variance + eps)
     normalised = (inputs - mean) * inverse_std
     return normalised * weight + bias, (normalised, inverse_std, weight)
+    # end exercise
 
 
 def layer_norm_backward(output_grad, cache):
     """The gradients (input_grad, weight_grad, bias_grad) of layer norm, from the
     loss's gradient with respect to its outputs, as derived above."""
+    # exercise: layer norm's input, weight and bias gradients
     normalised, inverse_std, weight = cache
     rows_dims = tuple(range(output_grad.dim() - 1))  # every dimension but the units
     bias_grad = output_grad.sum(dim=rows_dims)
@@ -733,6 +738,7 @@ def layer_norm_backward(output_grad, cache):
     input_grad = inverse_std * (h - h.mean(dim=-1, keepdim=True)
                                 - normalised * (h * normalised).mean(dim=-1, keepdim=True))
     return input_grad, weight_grad, bias_grad
+    # end exercise
 
 
 # %% [markdown]

@@ -823,6 +823,7 @@ def train_bpe(text, vocab_size):
             new_id = id_of_bytes[merged_bytes] = len(token_bytes)
             token_bytes.append(merged_bytes)
         changed = set()
+        # exercise: rewrite each chunk holding the pair; update the pair counts and their chunks
         for index in pair_words.pop(pair):
             word, count = words[index], counts[index]
             merged, position = [], 0                   # replace the pair, left to right:
@@ -843,6 +844,7 @@ def train_bpe(text, vocab_size):
                 pair_words[new].add(index)
                 changed.add(new)
             words[index] = merged
+        # end exercise
         for changed_pair in changed:
             count = pair_counts[changed_pair]
             if count > 0:
@@ -866,6 +868,7 @@ def bpe_encode(text, mergeable_ranks):
     for chunk in regex.findall(GPT2_SPLIT_PATTERN, text):
         if chunk not in remembered:
             parts = [bytes([value]) for value in chunk.encode("utf-8")]
+            # exercise: merge the neighbouring pair of lowest rank until no pair is a token
             while len(parts) > 1:
                 best_rank, best_position = None, None
                 for position in range(len(parts) - 1):
@@ -876,6 +879,7 @@ def bpe_encode(text, mergeable_ranks):
                     break                              # no neighbouring pair is a token
                 parts[best_position:best_position + 2] = [parts[best_position]
                                                           + parts[best_position + 1]]
+            # end exercise
             remembered[chunk] = [mergeable_ranks[part] for part in parts]
         ids.extend(remembered[chunk])
     return ids

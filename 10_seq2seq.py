@@ -208,6 +208,7 @@ class Encoder(nn.Module):
     def forward(self, source):
         """source (batch, source length) -> outputs (batch, source length,
         2 * hidden), the decoder's first hidden state (batch, hidden)."""
+        # exercise: embed, run the packed bidirectional GRU, bridge both final states
         lengths = (source != PAD).sum(dim=1)  # padding comes last, so this is the length
         embedded = self.dropout(self.embedding(source))  # (batch, length, embed size)
         packed = nn.utils.rnn.pack_padded_sequence(embedded, lengths.cpu(), batch_first=True,
@@ -219,6 +220,7 @@ class Encoder(nn.Module):
         # they summarise all of it, and the bridge turns them into the decoder's size.
         hidden = torch.tanh(self.bridge(torch.cat([final[0], final[1]], dim=1)))
         return outputs, hidden
+        # end exercise
 
 
 # %% [markdown]
@@ -254,12 +256,14 @@ class AdditiveAttention(nn.Module):
         Returns the context (batch, key size) and the weights (batch, source length)."""
         # W s is (batch, attention size); [:, None, :] lines it up with every source
         # position of U h, (batch, source length, attention size), by broadcasting.
+        # exercise: scores v tanh(W s + U h), padding masked, softmax, weighted sum of keys
         scores = self.score(torch.tanh(self.query(query)[:, None, :] + projected_keys))
         scores = scores.squeeze(-1).masked_fill(~mask, float("-inf"))  # e^-inf = 0
         weights = torch.softmax(scores, dim=-1)
         # (batch, 1, source length) @ (batch, source length, key size): the weighted sum
         context = torch.bmm(weights[:, None, :], keys).squeeze(1)
         return context, weights
+        # end exercise
 
 
 # %% [markdown]

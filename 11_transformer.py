@@ -210,8 +210,10 @@ def collate(examples, indices, device):
 def attention_weights(q, k, mask):
     """softmax(q kᵀ / √d) with forbidden scores set to -inf: (batch, heads, queries,
     keys). `mask` is True where a query may see a key and broadcasts to that shape."""
+    # exercise: softmax(q kᵀ / √d) with the scores the mask forbids set to -inf
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
     return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    # end exercise
 
 
 def scaled_dot_product_attention(q, k, v, mask):
@@ -262,12 +264,14 @@ class MultiHeadAttention(nn.Module):
     def forward(self, queries, keys_values, mask, need_weights=False):
         """Returns the output (batch, query length, model size) and, if asked, the
         attention weights averaged over the heads (batch, query length, key length)."""
+        # exercise: project and split into heads, attend, merge the heads, project out
         q = self.split_heads(self.query(queries))
         k = self.split_heads(self.key(keys_values))
         v = self.split_heads(self.value(keys_values))
         mixed = self.attend(q, k, v, mask)
         batch, heads, length, head_size = mixed.shape
         output = self.output(mixed.transpose(1, 2).reshape(batch, length, heads * head_size))
+        # end exercise
         weights = attention_weights(q, k, mask).mean(dim=1) if need_weights else None
         return output, weights
 
@@ -489,8 +493,10 @@ class Transformer(nn.Module):
         """Logits (batch, target length, vocabulary) for every target position, and
         the last layer's cross-attention weights if asked."""
         length = target_input.shape[1]
+        # exercise: the decoder's mask: each position sees itself and earlier ones, no padding
         causal = torch.ones(length, length, dtype=torch.bool, device=target_input.device).tril()
         target_mask = causal[None, None] & (target_input != PAD)[:, None, None, :]
+        # end exercise
         y = self.embed(self.target_embedding, target_input)
         for number, layer in enumerate(self.decoder_layers):
             last = number == len(self.decoder_layers) - 1

@@ -422,6 +422,7 @@ def _softmax_forward_kernel(x_ptr, y_ptr, n_cols, BLOCK: tl.constexpr, ONE_BLOCK
     y_row = y_ptr + row * n_cols
     if ONE_BLOCK:
         # The whole row fits in one tile: read once, write once.
+        # exercise: softmax of a row that fits in one tile: load, subtract max, exp, divide, store
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
         x = tl.load(x_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
@@ -430,8 +431,10 @@ def _softmax_forward_kernel(x_ptr, y_ptr, n_cols, BLOCK: tl.constexpr, ONE_BLOCK
         numerator = tl.exp(x - tl.max(x, axis=0))
         y = numerator / tl.sum(numerator, axis=0)
         tl.store(y_row + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+        # end exercise
     else:
         # Sweep 1: running max and sum. Sweep 2: normalise and write.
+        # exercise: a row wider than a tile: running max and sum, then normalise and write
         row_max, row_sum = _row_max_and_sum(x_row, n_cols, BLOCK)
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
@@ -439,6 +442,7 @@ def _softmax_forward_kernel(x_ptr, y_ptr, n_cols, BLOCK: tl.constexpr, ONE_BLOCK
             x = tl.load(x_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
             y = tl.exp(x - row_max) / row_sum
             tl.store(y_row + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+        # end exercise
 
 
 @triton.jit
@@ -1134,6 +1138,7 @@ def _attend_to_blocks(acc, row_sum, row_max, q, k_base, v_base, q_rows, dims, st
     `start` to `end`. With MASKED false every key is visible to every query, and the
     mask's arithmetic is compiled out."""
     for start_n in range(start, end, BLOCK_N):
+        # exercise: the online softmax over one key block: scores, mask, new max, rescale, accumulate
         kv_cols = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, kv_cols, kv_len, dims, HEAD_DIM, BLOCK_D)
         v = _load_rows(v_base, kv_cols, kv_len, dims, HEAD_DIM, BLOCK_D)
@@ -1154,6 +1159,7 @@ def _attend_to_blocks(acc, row_sum, row_max, q, k_base, v_base, q_rows, dims, st
         # multiply, as every flash attention does; the sum stays fp32.
         acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
         row_max = new_max
+        # end exercise
     return acc, row_sum, row_max
 
 
@@ -1488,6 +1494,7 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk
     a_ptrs = a_ptr + rows[:, None] * stride_am + inner[None, :] * stride_ak
     b_ptrs = b_ptr + inner[:, None] * stride_bk + cols[None, :] * stride_bn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # exercise: along K: load both tiles with masks, accumulate their product, slide on
     for step in range(0, tl.cdiv(K, BLOCK_K)):
         # The last step may run past K: masked loads give 0, which adds nothing.
         k_left = K - step * BLOCK_K
@@ -1497,6 +1504,7 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk
         # Slide both tiles BLOCK_K further along the shared dimension.
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
+    # end exercise
     c_ptrs = c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
 
@@ -2046,8 +2054,10 @@ PAD, BOS, EOS, UNK = 0, 1, 2, 3
 def attention_weights(q, k, mask):
     """softmax(q kᵀ / √d) with forbidden scores set to -inf: (batch, heads, queries,
     keys). `mask` is True where a query may see a key and broadcasts to that shape."""
+    # exercise: softmax(q kᵀ / √d) with the scores the mask forbids set to -inf
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
     return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    # end exercise
 
 
 def scaled_dot_product_attention(q, k, v, mask):
@@ -2075,12 +2085,14 @@ class MultiHeadAttention(nn.Module):
     def forward(self, queries, keys_values, mask, need_weights=False):
         """Returns the output (batch, query length, model size) and, if asked, the
         attention weights averaged over the heads (batch, query length, key length)."""
+        # exercise: project and split into heads, attend, merge the heads, project out
         q = self.split_heads(self.query(queries))
         k = self.split_heads(self.key(keys_values))
         v = self.split_heads(self.value(keys_values))
         mixed = self.attend(q, k, v, mask)
         batch, heads, length, head_size = mixed.shape
         output = self.output(mixed.transpose(1, 2).reshape(batch, length, heads * head_size))
+        # end exercise
         weights = attention_weights(q, k, mask).mean(dim=1) if need_weights else None
         return output, weights
 
@@ -2199,8 +2211,10 @@ class Transformer(nn.Module):
         """Logits (batch, target length, vocabulary) for every target position, and
         the last layer's cross-attention weights if asked."""
         length = target_input.shape[1]
+        # exercise: the decoder's mask: each position sees itself and earlier ones, no padding
         causal = torch.ones(length, length, dtype=torch.bool, device=target_input.device).tril()
         target_mask = causal[None, None] & (target_input != PAD)[:, None, None, :]
+        # end exercise
         y = self.embed(self.target_embedding, target_input)
         for number, layer in enumerate(self.decoder_layers):
             last = number == len(self.decoder_layers) - 1

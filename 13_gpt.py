@@ -631,6 +631,7 @@ def train_bpe(text, vocab_size):
             new_id = id_of_bytes[merged_bytes] = len(token_bytes)
             token_bytes.append(merged_bytes)
         changed = set()
+        # exercise: rewrite each chunk holding the pair; update the pair counts and their chunks
         for index in pair_words.pop(pair):
             word, count = words[index], counts[index]
             merged, position = [], 0                   # replace the pair, left to right:
@@ -651,6 +652,7 @@ def train_bpe(text, vocab_size):
                 pair_words[new].add(index)
                 changed.add(new)
             words[index] = merged
+        # end exercise
         for changed_pair in changed:
             count = pair_counts[changed_pair]
             if count > 0:
@@ -1992,6 +1994,7 @@ def _attend_to_blocks(acc, row_sum, row_max, q, k_base, v_base, q_rows, dims, st
     `start` to `end`. With MASKED false every key is visible to every query, and the
     mask's arithmetic is compiled out."""
     for start_n in range(start, end, BLOCK_N):
+        # exercise: the online softmax over one key block: scores, mask, new max, rescale, accumulate
         kv_cols = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, kv_cols, kv_len, dims, HEAD_DIM, BLOCK_D)
         v = _load_rows(v_base, kv_cols, kv_len, dims, HEAD_DIM, BLOCK_D)
@@ -2012,6 +2015,7 @@ def _attend_to_blocks(acc, row_sum, row_max, q, k_base, v_base, q_rows, dims, st
         # multiply, as every flash attention does; the sum stays fp32.
         acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
         row_max = new_max
+        # end exercise
     return acc, row_sum, row_max
 
 
@@ -2953,10 +2957,12 @@ def encode(text, vocabulary):
 def bigram_probabilities(ids, vocab_size, alpha):
     """The (vocab_size, vocab_size) table P[a, b] = probability that character b
     follows character a, from the counts of pairs in `ids`, add-alpha smoothed."""
+    # exercise: count the character pairs, then turn each row of counts into smoothed probabilities
     pairs = ids[:-1] * vocab_size + ids[1:]   # one number per (previous, next) pair
     counts = np.bincount(pairs, minlength=vocab_size * vocab_size).reshape(vocab_size, vocab_size)
     smoothed = counts + alpha
     return smoothed / smoothed.sum(axis=1, keepdims=True)
+    # end exercise
 
 
 def bits(nats):

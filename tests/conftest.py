@@ -4,6 +4,11 @@
 Chapter files start with digits (`02_linreg.py`), which `import` cannot name, so
 `load_chapter("02_linreg")` loads the file by path. Loading runs no training: every
 chapter keeps its run behind `if __name__ == "__main__":`.
+
+`--chapter PATH` grades another file in place of the chapter its name gives
+(`pytest tests/test_02_linreg.py --chapter exercises/02_linreg.py`): every helper here
+finds a chapter through `chapter_path`, and a failing test says which exercise of
+tools/exercises.py it reached.
 """
 import importlib.util
 import json
@@ -37,12 +42,18 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("ZERO_TO_GPT_AUTOTUNE", "0")
 
 _loaded = {}
+_chapter_paths = {}  # chapter name -> the file `--chapter` puts in its place
+
+
+def chapter_path(name):
+    """The file that stands for chapter `name`: the chapter, unless --chapter swapped it."""
+    return _chapter_paths.get(name, ROOT / f"{name}.py")
 
 
 def load_chapter(name):
-    """Import `ROOT/<name>.py` (e.g. "02_linreg") as a module, once per test session."""
+    """Import chapter `name` (e.g. "02_linreg") as a module, once per test session."""
     if name not in _loaded:
-        path = ROOT / f"{name}.py"
+        path = chapter_path(name)
         spec = importlib.util.spec_from_file_location(f"chapter_{name}", path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module  # dataclasses and pickling look modules up here
@@ -72,7 +83,7 @@ def run_as_script(name, *args):
     """Run chapter `name` in this process as `python <name>.py *args` would: its cells
     run top to bottom under `__name__ == "__main__"`. A DataError reaches the caller
     (pytest.raises) instead of ending the process; returns the run's globals."""
-    path = str(ROOT / f"{name}.py")
+    path = str(chapter_path(name))
     saved_argv, saved_hook = sys.argv, sys.excepthook
     sys.argv = [path, *map(str, args)]
     try:
@@ -99,11 +110,88 @@ def has_matplotlib():
 def run_chapter(name, *args, cwd=None, timeout=300, env=None):
     """Run `python <name>.py *args` in `cwd` (a temporary folder, so `data/` and `out/`
     start empty) and return a ChapterRun."""
-    command = [sys.executable, str(ROOT / f"{name}.py"), *map(str, args)]
+    command = [sys.executable, str(chapter_path(name)), *map(str, args)]
     full_env = {**os.environ, **OFFLINE_ENV, "PYTHONHASHSEED": "0", **(env or {})}
     completed = subprocess.run(command, cwd=cwd or ROOT, env=full_env, capture_output=True,
                                text=True, timeout=timeout)
     return ChapterRun(completed)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--chapter", action="append", default=[], metavar="PATH",
+                     help="test the file PATH in place of the chapter its name gives "
+                          "(exercises/02_linreg.py stands for 02_linreg.py); repeatable")
+
+
+def pytest_configure(config):
+    """Swap the chapters named by --chapter before any test module loads one."""
+    for given in config.getoption("chapter"):
+        path = Path(given).resolve()
+        if not path.is_file() or not (ROOT / path.name).is_file():
+            raise pytest.UsageError(f"--chapter {given}: not a copy of a chapter (the file "
+                                    f"must exist and be named like one, e.g. 02_linreg.py)")
+        _chapter_paths[path.stem] = path
+
+
+def _exercises_tool():
+    """tools/exercises.py, loaded by path (it is a tool, not a package)."""
+    if "exercises_tool" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("exercises_tool",
+                                                      ROOT / "tools" / "exercises.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["exercises_tool"]
+
+
+def exercises_reached(report, excinfo):
+    """The exercises a failure points at: a stub's message in the traceback names its
+    exercise; otherwise a traceback line inside an exercise region of a swapped file;
+    otherwise the exercises whose designated test this is."""
+    tool = _exercises_tool()
+    text = report.longreprtext
+    named = [name for name in tool.STUB_MESSAGE.findall(text) if "." in name]
+    if named:
+        return list(dict.fromkeys(named))
+    found = []
+    for chapter, path in _chapter_paths.items():
+        try:
+            regions = tool.find_regions(chapter, path.read_text(encoding="utf-8"))
+        except (OSError, tool.ExerciseError):
+            continue
+        for entry in excinfo.traceback if excinfo else []:
+            if Path(str(entry.path)).resolve() == path:
+                found += [region.name for region in regions
+                          if region.start <= entry.lineno <= region.end]
+    if found:
+        return list(dict.fromkeys(found))
+    test = report.location[2].split("[")[0]
+    module = Path(report.location[0]).stem
+    return [name for name, designated in tool.TESTS.items()
+            if designated == test and module == f"test_{name.split('.')[0]}"]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under --chapter, a failing test says which exercise it reached."""
+    outcome = yield
+    report = outcome.get_result()
+    if not _chapter_paths or not report.failed:
+        return
+    names = exercises_reached(report, call.excinfo)
+    if names:
+        report.sections.append(("exercise", "this test checks exercise "
+                                + ", ".join(names)))
+        item.config.stash.setdefault(_REACHED, {}).update(dict.fromkeys(names))
+
+
+_REACHED = pytest.StashKey()
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    reached = config.stash.get(_REACHED, {})
+    if reached:
+        terminalreporter.write_line("exercises behind the failures: " + ", ".join(reached))
 
 
 @pytest.fixture(autouse=True)

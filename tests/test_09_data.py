@@ -59,6 +59,8 @@ def test_train_bpe_reproduces_hand_worked_merges():
     encoding = chapter.make_encoding(ranks)
     assert encoding.eot_token == 261 and encoding.n_vocab == 262
     assert encoding.encode_ordinary(" the bat") == [ranks[b" the"], ranks[b" b"], ranks[b"at"]]
+    # The pure-Python encoder applies the same merges, earliest learned first.
+    assert chapter.bpe_encode(" the bat", ranks) == [ranks[b" the"], ranks[b" b"], ranks[b"at"]]
 
 
 def test_train_bpe_layout_and_special_token_text():

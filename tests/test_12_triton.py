@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (ROOT, assert_clean_error, has_matplotlib, load_chapter, run_as_script,
-                      run_chapter)
+from conftest import (assert_clean_error, chapter_path, has_matplotlib, load_chapter,
+                      run_as_script, run_chapter)
 
 chapter = load_chapter("12_triton")
 # The interpreter computes with numpy, which warns when exp overflows to inf or a masked
@@ -216,7 +216,8 @@ def test_pytorch_path_without_triton(monkeypatch):
     to PyTorch's operation."""
     monkeypatch.setitem(sys.modules, "triton", None)
     monkeypatch.setitem(sys.modules, "triton.language", None)
-    spec = importlib.util.spec_from_file_location("chapter_12_no_triton", ROOT / "12_triton.py")
+    spec = importlib.util.spec_from_file_location("chapter_12_no_triton",
+                                                  chapter_path("12_triton"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert not module.HAS_TRITON and "not installed" in module.backend_name()
