@@ -441,6 +441,17 @@ def show_figure(figure, path):
         display(Image(filename=path))
 
 
+def save_figure(figure, out_dir, name):
+    """Save `figure` as `out_dir/<chapter>_<name>.png` (shown inline in a notebook),
+    close it, and return the path."""
+    import matplotlib.pyplot as plt
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{CHAPTER}_{name}.png")
+    show_figure(figure, path)
+    plt.close(figure)
+    return path
+
+
 # %% [markdown]
 # ## The data: sentence pairs
 #
@@ -885,11 +896,7 @@ def draw_attention(model, out_dir, words=("twenty", "-", "one", "<eos>")):
               fontsize=11)
     axes.set(xlim=(-1, last + 1.6), ylim=(-0.6, 5.0))
     axes.axis("off")
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{CHAPTER}_attention_step.png")
-    show_figure(figure, path)
-    plt.close(figure)
-    return path
+    return save_figure(figure, out_dir, "attention_step")
 
 
 # %%
@@ -1158,11 +1165,7 @@ def show_attention(maps, out_dir):
         axis.set_yticks(range(len(output_tokens)), output_tokens)
     figure.suptitle(f"{CHAPTER}: attention of each output token over the source")
     figure.tight_layout()
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{CHAPTER}_attention.png")
-    show_figure(figure, path)
-    plt.close(figure)
-    return path
+    return save_figure(figure, out_dir, "attention")
 
 
 if __name__ == "__main__":

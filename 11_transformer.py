@@ -665,6 +665,17 @@ def show_figure(figure, path):
         display(Image(filename=path))
 
 
+def save_figure(figure, out_dir, name):
+    """Save `figure` as `out_dir/<chapter>_<name>.png` (shown inline in a notebook),
+    close it, and return the path."""
+    import matplotlib.pyplot as plt
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{CHAPTER}_{name}.png")
+    show_figure(figure, path)
+    plt.close(figure)
+    return path
+
+
 # %% [markdown]
 # ## The data: sentence pairs
 #
@@ -1101,11 +1112,7 @@ def draw_attention(model, out_dir):
               color="#b7950b")
     axes.set(xlim=(-0.7, 12), ylim=(-0.6, 2.8))
     axes.axis("off")
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{CHAPTER}_attention_flow.png")
-    show_figure(figure, path)
-    plt.close(figure)
-    return path
+    return save_figure(figure, out_dir, "attention_flow")
 
 
 # %%
@@ -1348,11 +1355,7 @@ def show_attention(maps, out_dir):
         axis.set_yticks(range(len(output_tokens)), output_tokens)
     figure.suptitle(f"{CHAPTER}: attention of each output token over the source")
     figure.tight_layout()
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{CHAPTER}_attention.png")
-    show_figure(figure, path)
-    plt.close(figure)
-    return path
+    return save_figure(figure, out_dir, "attention")
 
 
 if __name__ == "__main__":

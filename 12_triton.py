@@ -1509,25 +1509,19 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
-MATMUL_CANDIDATES = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4,
-                  num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8,
-                  num_stages=3),
-    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8,
-                  num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8,
-                  num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4,
-                  num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4,
-                  num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4,
-                  num_stages=4)]
-MATMUL_CONFIGS = tuning_configs(
-    MATMUL_CANDIDATES,
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4,
-                  num_stages=1))
+def matmul_config(tile):
+    """The autotuning candidate of a (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps,
+    num_stages) tuple."""
+    block_m, block_n, block_k, group_m, warps, stages = tile
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
+                          "GROUP_M": group_m}, num_warps=warps, num_stages=stages)
+
+
+MATMUL_CANDIDATES = [matmul_config(tile) for tile in [
+    (64, 64, 32, 8, 4, 3), (128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3),
+    (128, 128, 64, 8, 8, 4), (128, 128, 32, 8, 4, 4), (128, 64, 32, 8, 4, 4),
+    (64, 128, 32, 8, 4, 4)]]
+MATMUL_CONFIGS = tuning_configs(MATMUL_CANDIDATES, matmul_config((32, 32, 16, 2, 4, 1)))
 # Tuned once per (M, N, K): the first call at a new shape times every candidate (seconds),
 # later calls reuse the winner. The first candidate is small enough for fp32 inputs (4
 # bytes a number: 128 x 256 tiles with three stages would need 288 KB of shared memory,
