@@ -581,15 +581,12 @@ END_OF_TEXT = "<|endoftext|>"   # the special token that separates documents
 
 def train_bpe(text, vocab_size):
     """Learn byte-level BPE merges on `text` for at most `vocab_size` tokens, counting
-    END_OF_TEXT: the 256 single bytes and up to `vocab_size - 257` merges, fewer when a
-    small text runs out of pairs. `make_encoding` gives END_OF_TEXT the next id,
-    `len(mergeable_ranks)`: `vocab_size - 1` only when every merge was learned.
-    END_OF_TEXT in `text` separates documents and is never merged into anything.
-
-    Returns tiktoken's `mergeable_ranks`: a dict from each token's bytes to its id,
-    the 256 single bytes first (id = byte value), then the merges in the order they
-    were learned. Ties between equally frequent pairs go to the pair of smaller ids,
-    so training is deterministic.
+    END_OF_TEXT (which separates documents and is never merged): tiktoken's
+    `mergeable_ranks`, each token's bytes -> its id, the 256 single bytes first, then
+    up to `vocab_size - 257` merges in the order learned (fewer when a small text runs
+    out of pairs; ties go to the pair of smaller ids, so training is deterministic).
+    `make_encoding` gives END_OF_TEXT the next id, `len(mergeable_ranks)`: that is
+    `vocab_size - 1` only when every merge was learned.
 
     Speed comes from two ideas. (1) Count each distinct chunk once: " the" occurs
     thousands of times but is one entry with a count. (2) Never recount: keep every
