@@ -615,6 +615,22 @@ if __name__ == "__main__":
 #   at a time and change things between cells;
 # * compare it with the chapter before, `diff 02_linreg.py 03_dense.py`: the code
 #   a chapter carries over stays textually identical, so the diff is the lesson.
+#
+# ### Exercises
+# `python tools/exercises.py make 00_intro` cuts these out of a copy, and
+# `python tools/exercises.py check 00_intro` grades it:
+#
+# * `bigram_probabilities`: count the character pairs, then turn each row of counts
+#   into smoothed probabilities.
+# * `sample_bigram`: draw each next character from the probability row of the one
+#   before it.
+#
+# To think about: Why add `alpha` to every count before normalising? What would a
+# held-out text cost with `alpha = 0`?
+#
+# Answers. A pair never seen in training would get probability 0, and one such pair in
+# the held-out text costs -log2(0), infinitely many bits; smoothing keeps every pair
+# possible for a little probability taken from the seen ones.
 
 
 # %%

@@ -701,6 +701,22 @@ if __name__ == "__main__":
 #   chose by reasoning; least squares, with every weight chosen from the data, does
 #   a little better still (3.56 °F). Chapter 02 lets the slope choose all the
 #   weights and lands on least squares' answer.
+#
+# ### Exercises
+# `python tools/exercises.py make 01_linalg` cuts these out of a copy, and
+# `python tools/exercises.py check 01_linalg` grades it:
+#
+# * `dot`: the sum of a[i] * b[i] over every position.
+# * `matmul_by_loops`: out[i, j] = sum over k of a[i, k] * b[k, j], with three loops.
+# * `slope`: the slope of `function` at `x` by central finite differences.
+# * `least_squares_line`: the least-squares weights and bias, with a column of ones
+#   for the bias.
+#
+# To think about: The slope is measured on the training days and the error on the test
+# days. Why not choose the pull by its test error?
+#
+# Answers. A pull chosen by its test error makes the test days part of training, so
+# their error no longer tells how the forecast does on days it never saw.
 
 
 # %%

@@ -805,6 +805,24 @@ if __name__ == "__main__":
 #   steps, which a smaller learning rate at the end would shrink (chapter 08).
 #
 # A straight line can only go so far: chapter 03 adds hidden layers.
+#
+# ### Exercises
+# `python tools/exercises.py make 02_linreg` cuts these out of a copy, and
+# `python tools/exercises.py check 02_linreg` grades it:
+#
+# * `mse_grad`: the gradient of the MSE with respect to each prediction.
+# * `linear_backward`: the gradients of the loss with respect to the weight and the
+#   bias.
+# * `train`: forward, backward and a gradient step for every mini-batch.
+#
+# To think about: Why do raw features leave only the smallest learning rate usable?
+# Why does gradient descent end near least squares' answer but not on it?
+#
+# Answers. Each weight's gradient scales with its feature: temperatures in tens of °F
+# give steps so large that only a tiny rate is stable, and at that rate the rain
+# weight and the bias hardly move. The end is mini-batch noise: each batch's gradient
+# points a little off, so a constant rate keeps the weights jittering around the
+# minimum; a rate that decays (chapter 08) or full batches would settle.
 
 
 # %%

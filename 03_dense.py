@@ -892,6 +892,26 @@ if __name__ == "__main__":
 #
 # Chapter 04 keeps this network and changes what it predicts: a yes/no answer (will
 # it rain tomorrow?) and then one of many characters, the job a GPT does.
+#
+# ### Exercises
+# `python tools/exercises.py make 03_dense` cuts these out of a copy, and
+# `python tools/exercises.py check 03_dense` grades it:
+#
+# * `init_dense`: weights drawn with He initialisation, biases zero, one pair a layer.
+# * `dense_forward`: linear then ReLU each layer (linear only at the end), caching
+#   what backward needs.
+# * `dense_backward`: backpropagation: each layer's weight and bias gradients, last
+#   layer first.
+#
+# To think about: Why does He initialisation draw weights with spread sqrt(2 /
+# fan_in), not sqrt(1 / fan_in)? Why does a network with thousands of weights only tie
+# a straight line here?
+#
+# Answers. ReLU zeroes about half of its inputs, halving the mean square of what it
+# passes on; the factor 2 restores it, so the spread stays near 1 at every layer, as
+# the chapter's half and double scales show. The tie is the data's: tomorrow's high
+# depends on today's weather almost linearly, and the bends are worth less than
+# training's noise.
 
 
 # %%

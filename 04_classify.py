@@ -1176,6 +1176,25 @@ if __name__ == "__main__":
 # by epoch, against the constant-probability baseline on the same days; and the
 # character model's loss on its training batches, averaged over stretches of
 # steps, against the unigram and bigram baselines on the held-out text.
+#
+# ### Exercises
+# `python tools/exercises.py make 04_classify` cuts these out of a copy, and
+# `python tools/exercises.py check 04_classify` grades it:
+#
+# * `binary_cross_entropy_grad`: the gradient of the binary cross-entropy with respect
+#   to each logit.
+# * `softmax`: softmax along the last axis, shifted by the largest logit so exp never
+#   overflows.
+# * `cross_entropy_grad`: the gradient of softmax and cross-entropy with respect to
+#   each logit.
+#
+# To think about: Why subtract the largest logit before `exp` in softmax, and why is
+# that allowed?
+#
+# Answers. Adding one constant to every logit multiplies numerator and denominator by
+# the same factor, so the probabilities do not change. Unshifted, exp(1000) overflows
+# to inf and inf / inf is NaN; shifted, the largest term is exp(0) = 1, so nothing
+# overflows and the sum is never 0.
 
 
 # %% jupyter={"source_hidden": true}

@@ -1450,6 +1450,27 @@ if __name__ == "__main__":
 # The last line gathers the run's headline figures, the checks, the accuracies and
 # the final training loss, as `summary:` and one line of JSON, so that scripts and
 # tests read them without parsing the prose above.
+#
+# ### Exercises
+# `python tools/exercises.py make 04b_cnn` cuts these out of a copy, and
+# `python tools/exercises.py check 04b_cnn` grades it:
+#
+# * `conv_forward`: the convolution as one matrix multiply of im2col patches by the
+#   filters.
+# * `conv_backward`: convolution's backward: weight and bias gradients, and col2im for
+#   the images.
+# * `max_pool_backward`: each output's gradient goes to the first maximum of its
+#   square.
+#
+# To think about: im2col copies each pixel up to k^2 times, yet the convolution gets
+# faster. Why? And why does max pooling send each gradient to one position only?
+#
+# Answers. The copies turn many small loops into one large matrix multiply, which BLAS
+# runs close to the machine's peak; memory is the price. Near a point where one input
+# is strictly the largest, the max equals that input, so its derivative is 1 there and
+# 0 for the rest; at a tie it is not differentiable, and picking the first maximum (as
+# PyTorch does, which the tests compare with) keeps the total gradient equal to the
+# upstream one.
 
 # %%
 if __name__ == "__main__":

@@ -1143,6 +1143,25 @@ if __name__ == "__main__":
 #
 # The validation loss of both networks, the gradient norms with and without
 # clipping, the gradient's reach, and the last 120 test days.
+#
+# ### Exercises
+# `python tools/exercises.py make 05_rnn` cuts these out of a copy, and
+# `python tools/exercises.py check 05_rnn` grades it:
+#
+# * `rnn_forward`: the recurrence h_t = tanh(x_t W_x + b + h_{t-1} W_h), from h_0 = 0.
+# * `rnn_backward`: backpropagation through time, from the last step back to the
+#   first.
+# * `clip_by_global_norm`: scale the gradients in place to a global norm of at most
+#   max_norm.
+#
+# To think about: Why clip by the global norm of all gradients instead of clipping
+# each entry? Why do gradients through time explode or vanish?
+#
+# Answers. Scaling every gradient by the same factor keeps the step's direction and
+# only shortens it; clipping entries one by one changes the direction. Backpropagation
+# through time multiplies by W_h (and by tanh', at most 1) once per step, so over many
+# steps the product grows or shrinks roughly geometrically; the chapter's plot of the
+# gradient's reach shows how few steps back it stays useful.
 
 
 # %%

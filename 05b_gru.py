@@ -1501,6 +1501,21 @@ if __name__ == "__main__":
 #
 # The validation loss of both networks, the gradient norms with and without
 # clipping, the gradient's reach, and the last 120 test days.
+#
+# ### Exercises
+# `python tools/exercises.py make 05b_gru` cuts these out of a copy, and
+# `python tools/exercises.py check 05b_gru` grades it:
+#
+# * `gru_forward`: one GRU step: update and reset gates, candidate, new hidden state.
+# * `gru_backward`: one step back through the GRU's gates, the candidate and h_{t-1}.
+#
+# To think about: Why can a GRU carry a value over many more steps than the plain
+# recurrent network of chapter 05?
+#
+# Answers. Where the update gate is near 0 the new state is almost the old one, so h_t
+# ≈ h_{t-1} and the derivative of h_t with respect to h_{t-1} is near the identity:
+# the gradient passes back through that step almost unchanged instead of being
+# multiplied by W_h and tanh' each time.
 
 
 # %%

@@ -2060,6 +2060,29 @@ if __name__ == "__main__" and not ARGS.bench:
 # trained weights (rounding-sized), and the size of the long graph with its
 # agreement with finite differences. With `--bench` it holds the benchmark's
 # milliseconds and ratios instead.
+#
+# ### Exercises
+# `python tools/exercises.py make 06_autograd` cuts these out of a copy, and
+# `python tools/exercises.py check 06_autograd` grades it:
+#
+# * `Tensor.__mul__.backward`: the product rule: each input gets the gradient times
+#   the other input.
+# * `Tensor.__matmul__.backward`: the gradients of a @ b for both inputs, matrices and
+#   batches.
+# * `Tensor.tanh.backward`: tanh's backward rule, written with its output.
+# * `Tensor.backward`: the chain rule: visit nodes in reverse topological order,
+#   adding into parents.
+# * `topological_order`: every tensor the root came from, parents before children,
+#   without recursion.
+#
+# To think about: Why must `backward` visit the nodes in reverse topological order,
+# and why does each node add to `.grad` instead of setting it?
+#
+# Answers. A node may pass its gradient on only once it is complete, that is after
+# every node that used it has added its share; reverse topological order guarantees
+# that. Adding is the multivariable chain rule: a value used twice (x * x, or a weight
+# shared by every time step) gets one contribution from each use, and the sum is its
+# gradient.
 
 # %%
 if __name__ == "__main__":

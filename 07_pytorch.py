@@ -1435,6 +1435,24 @@ if __name__ == "__main__":
 # of its own, since it scales each parameter's step by the running size of its
 # gradient, and usually falls faster in the first epochs. Where the curves end is
 # what the summary's test MAEs report.
+#
+# ### Exercises
+# `python tools/exercises.py make 07_pytorch` cuts these out of a copy, and
+# `python tools/exercises.py check 07_pytorch` grades it:
+#
+# * `DenseNet.forward`: the dense network's forward pass: linear layers with ReLU
+#   between.
+# * `train_torch`: for every batch: the loss, zero the gradients, backward, an
+#   optimiser step.
+#
+# To think about: What goes wrong if the loop leaves out `optimizer.zero_grad()`? Why
+# is numpy faster than PyTorch on the small network?
+#
+# Answers. PyTorch's `backward` adds into `.grad`, as chapter 06's engine does, so
+# without zeroing each step would follow the sum of every gradient so far, and the
+# replay would no longer match numpy. On a 32 x 32 network PyTorch's bookkeeping per
+# operation costs more than the arithmetic; on the large one the arithmetic dominates
+# and PyTorch wins.
 
 # %%
 if __name__ == "__main__":

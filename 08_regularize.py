@@ -1225,6 +1225,23 @@ if __name__ == "__main__":
 # printed below). No cure's strength is universal: `--weight-decay`, `--dropout` and
 # `--patience` are knobs to tune on the validation set, as every other choice in
 # this course.
+#
+# ### Exercises
+# `python tools/exercises.py make 08_regularize` cuts these out of a copy, and
+# `python tools/exercises.py check 08_regularize` grades it:
+#
+# * `dropout`: zero each entry with probability p and scale the rest by 1 / (1 - p).
+# * `layer_norm_forward`: normalise each row to mean 0 and spread 1, then scale and
+#   shift.
+# * `layer_norm_backward`: layer norm's input, weight and bias gradients.
+#
+# To think about: Why does dropout scale the entries it keeps by 1 / (1 - p)? Why do
+# all the cures together still not beat 'tomorrow = today' on the test days?
+#
+# Answers. With the scaling, each entry's expected value during training equals its
+# value at evaluation, when dropout is off, so nothing needs rescaling afterwards. The
+# cures limit the damage of fitting 143,000 weights to 500 examples, but they cannot
+# add the information those 500 examples lack; more data or a smaller model would.
 
 
 # %%

@@ -2149,6 +2149,24 @@ if __name__ == "__main__" and MODE == "lesson":
 # They need DataError (carried from the earlier chapters) and the imports base64,
 # hashlib, heapq, itertools, json, multiprocessing, os, struct, threading,
 # collections (Counter, defaultdict, deque, namedtuple), numpy, regex, tiktoken.
+#
+# ### Exercises
+# `python tools/exercises.py make 09_data` cuts these out of a copy, and
+# `python tools/exercises.py check 09_data` grades it:
+#
+# * `train_bpe`: rewrite each chunk holding the pair; update the pair counts and their
+#   chunks.
+# * `bpe_encode`: merge the neighbouring pair of lowest rank until no pair is a token.
+#
+# To think about: Why does `train_bpe` update only the chunks that hold the merged
+# pair instead of counting all pairs again? Why must `bpe_encode` merge the
+# lowest-rank pair first?
+#
+# Answers. A merge changes only the pairs that overlap an occurrence of the merged
+# pair; recounting the whole corpus at every merge costs the corpus size times the
+# number of merges. Ranks are the order in which training learned the merges, and
+# applying them in that order rebuilds the tokens training made; another order can
+# give different tokens for the same text.
 
 # %%
 # The last line of every run: the headline figures of each step, gathered as they were

@@ -1189,6 +1189,23 @@ if __name__ == "__main__":
 # untrained model (try `--steps 2`) spreads every row evenly: it has not yet learned
 # where to look. Chapter 11's transformer draws the same picture from its attention
 # heads, without a recurrent network to carry the position along.
+#
+# ### Exercises
+# `python tools/exercises.py make 10_seq2seq` cuts these out of a copy, and
+# `python tools/exercises.py check 10_seq2seq` grades it:
+#
+# * `Encoder.forward`: embed, run the packed bidirectional GRU, bridge both final
+#   states.
+# * `AdditiveAttention.forward`: scores v tanh(W s + U h), padding masked, softmax,
+#   weighted sum of keys.
+#
+# To think about: Why must the attention mask out padding, and what would a test of
+# 'padding changes nothing' catch without it?
+#
+# Answers. Padded positions are not source words. Without the mask some weight goes to
+# them and a sentence's translation would depend on how long the other sentences in
+# its batch were; packing the GRU and masking the scores make the outputs the same
+# with or without padding, which is what the tests check.
 
 
 # %%

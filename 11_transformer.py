@@ -1314,6 +1314,26 @@ if __name__ == "__main__":
 # "quatre - vingt - dix", and at "thousand" while writing "mille": an alignment between
 # the languages that nobody taught it. Without matplotlib the same grid is printed with
 # characters, darker characters for larger weights.
+#
+# ### Exercises
+# `python tools/exercises.py make 11_transformer` cuts these out of a copy, and
+# `python tools/exercises.py check 11_transformer` grades it:
+#
+# * `attention_weights`: softmax(q kᵀ / √d) with the scores the mask forbids set to
+#   -inf.
+# * `MultiHeadAttention.forward`: project and split into heads, attend, merge the
+#   heads, project out.
+# * `Transformer.decode`: the decoder's mask: each position sees itself and earlier
+#   ones, no padding.
+#
+# To think about: Why are the scores divided by √d? Why are forbidden scores set to
+# -inf before the softmax, not their weights to 0 after it?
+#
+# Answers. The dot product of two d-dimensional vectors with unit-variance entries has
+# variance d, so without the division wide heads give scores that drive softmax to
+# near one-hot, where its gradients vanish. exp(-inf) = 0, so the allowed weights
+# still sum to 1; zeroing weights after the softmax leaves rows that sum to less than
+# 1.
 
 
 # %%

@@ -2580,6 +2580,28 @@ if __name__ == "__main__" and ARGS.bench:
 # Chapter 13 carries the kernel section of this file unchanged and trains a GPT on it:
 # RMS norm, SwiGLU, flash attention and the fused cross-entropy on a GPU, PyTorch's
 # operations on a CPU, with a test that the two paths agree.
+#
+# ### Exercises
+# `python tools/exercises.py make 12_triton` cuts these out of a copy, and
+# `python tools/exercises.py check 12_triton` grades it:
+#
+# * `_softmax_forward_kernel`: softmax of a row that fits in one tile: load, subtract
+#   max, exp, divide, store.
+# * `_softmax_forward_kernel.2`: a row wider than a tile: running max and sum, then
+#   normalise and write.
+# * `_attend_to_blocks`: the online softmax over one key block: scores, mask, new max,
+#   rescale, accumulate.
+# * `_matmul_kernel`: along K: load both tiles with masks, accumulate their product,
+#   slide on.
+#
+# To think about: How can a softmax that sees a row one tile at a time give the same
+# answer as one that sees it whole?
+#
+# Answers. It keeps a running maximum m and a running sum s of exp(x - m). When a
+# later tile raises the maximum to m', the sum so far is multiplied by exp(m - m'),
+# which turns every earlier term into exp(x - m'); at the end s is exactly the sum
+# over the row with its true maximum, up to rounding. Flash attention rescales its
+# output the same way.
 
 
 # %%

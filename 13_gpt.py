@@ -2421,10 +2421,12 @@ def apply_rope(x, cos, sin):
     (a, b) -> (a cos - b sin, a sin + b cos). The tables are fp32, so under bf16
     autocast the products come out in fp32: the result goes back to x's dtype, or
     queries and keys would no longer match the values' dtype that attention expects."""
+    # exercise: turn each pair (x[i], x[i + d/2]) by its angle, and keep x's dtype
     half = x.shape[-1] // 2
     first, second = x[..., :half], x[..., half:]
     rotated = torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
     return rotated.to(x.dtype)
+    # end exercise
 
 
 # %%
@@ -2488,10 +2490,12 @@ class CausalSelfAttention(nn.Module):
             cos, sin = (table[past:past + time_steps] for table in rope)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
+            # exercise: put the cached keys and values before the new ones, and keep all of them in the cache
             if past:
                 k = torch.cat([cache["k"], k], dim=2)
                 v = torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
+            # end exercise
         if past == 0:
             y = kernels.attention(q, k, v)          # causal over the whole window
         else:
@@ -3198,6 +3202,7 @@ class TrainingDiverged(DataError):
 def train_step(training_model, model, optimizer, loader, micro_batch, device, autocast,
                grad_clip):
     """One optimiser step; returns (mean loss on this rank, gradient norm) as floats."""
+    # exercise: split the batch into micro-batches, backpropagate each loss scaled by their count, then clip
     inputs, targets = (torch.from_numpy(array) for array in loader.next_batch())
     micro_steps = inputs.shape[0] // micro_batch
     total = torch.zeros((), device=device)
@@ -3214,6 +3219,7 @@ def train_step(training_model, model, optimizer, loader, micro_batch, device, au
         total += loss.detach()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     return total.item() / micro_steps, norm.item()
+    # end exercise
 
 
 def apply_step(optimizer, step, grad_norm, out_path):
@@ -3852,6 +3858,26 @@ def print_summary(figures):
 # punctuation, the shape of the documentation (indented code examples, ">>>" prompts)
 # and common phrases, but not meaning. That takes a thousand times more compute: the
 # `gpt2` preset.
+#
+# ### Exercises
+# `python tools/exercises.py make 13_gpt` cuts these out of a copy, and
+# `python tools/exercises.py check 13_gpt` grades it:
+#
+# * `apply_rope`: turn each pair (x[i], x[i + d/2]) by its angle, and keep x's dtype.
+# * `CausalSelfAttention.forward`: put the cached keys and values before the new ones,
+#   and keep all of them in the cache.
+# * `train_step`: split the batch into micro-batches, backpropagate each loss scaled
+#   by their count, then clip.
+#
+# To think about: Why does `train_step` divide each micro-batch's loss by the number
+# of micro-batches? Why can the cache keep keys already rotated?
+#
+# Answers. The backward calls add into `.grad`, so the division makes the sum the mean
+# over the whole batch: the same step as one pass over all windows (the test checks
+# it), and a learning rate that means the same at any micro-batch size. A key's
+# rotation depends only on its own position, fixed once it is computed, and each new
+# query is turned by its own position, continuing after the cached ones; the score
+# depends only on the difference.
 #
 # The cell below is the whole trainer: `main` reads this run's flags and trains,
 # evaluates, saves, plots and samples (or, with `--sample` or `--bench`, only samples

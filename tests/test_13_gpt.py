@@ -270,6 +270,33 @@ def test_kv_cache_gives_the_same_logits_as_a_full_pass(rope):
     assert out.shape == (1, 28) and int(out[0, 3:].max()) < 40
 
 
+def test_a_step_in_micro_batches_matches_one_step_on_the_whole_batch():
+    """train_step with 2 micro-batches of 2 windows: the same mean loss and the same
+    gradient as one pass over all 4 windows, the gradient norm measured before clipping
+    and the gradient clipped to `grad_clip` afterwards."""
+    config = gpt.GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    torch.manual_seed(2)
+    model = gpt.GPT(config)
+    reference = copy.deepcopy(model)
+    rng = np.random.default_rng(0)
+    batch = rng.integers(0, 50, (4, 8)), rng.integers(0, 50, (4, 8))
+
+    class OneBatch:
+        def next_batch(self):
+            return batch
+
+    _, loss = reference(*(torch.from_numpy(array) for array in batch))
+    loss.backward()
+    norm = torch.sqrt(sum((p.grad ** 2).sum() for p in reference.parameters())).item()
+    grad_clip = norm / 2                                   # so clipping halves it
+    mean_loss, grad_norm = gpt.train_step(model, model, None, OneBatch(), 2, "cpu",
+                                          gpt.contextlib.nullcontext(), grad_clip)
+    assert mean_loss == pytest.approx(loss.item(), rel=1e-5)
+    assert grad_norm == pytest.approx(norm, rel=1e-4)
+    for (name, mine), theirs in zip(model.named_parameters(), reference.parameters()):
+        assert torch.allclose(mine.grad, theirs.grad / 2, atol=1e-6, rtol=1e-4), name
+
+
 def test_bits_per_byte_of_a_model_that_knows_nothing():
     """A model whose logits are all zero predicts uniformly: ln(vocab) nats per token,
     and bits per byte = tokens * ln(vocab) / (ln 2 * bytes), special tokens left out."""
