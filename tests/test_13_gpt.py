@@ -184,6 +184,60 @@ def test_a_time_budget_stops_every_rank_at_the_same_step(corpus, tmp_path):
     assert 0 < run.summary["iterations"] < 1000000
 
 
+def test_newton_schulz_orthogonalises_like_the_svd():
+    """Five quintic rounds bring every singular value that is not tiny near 1 (0.7 to
+    1.2 is the design), whatever its size before, and point the same way as U V^T."""
+    generator = torch.Generator().manual_seed(0)
+    for shape in [(64, 64), (48, 128), (128, 32)]:
+        rank = min(shape)
+        u, _ = torch.linalg.qr(torch.randn(shape[0], rank, generator=generator))
+        v, _ = torch.linalg.qr(torch.randn(shape[1], rank, generator=generator))
+        spread = torch.logspace(0, -2, rank)      # a dominant direction, a hundredfold range
+        gradient = 7.0 * u @ torch.diag(spread) @ v.T
+        result = gpt.newton_schulz(gradient)
+        assert result.shape == gradient.shape
+        values = torch.linalg.svdvals(result)
+        assert values.min() > 0.6 and values.max() < 1.25, values
+        u, _, vh = torch.linalg.svd(gradient, full_matrices=False)
+        exact = u @ vh
+        cosine = (result * exact).sum() / (result.norm() * exact.norm())
+        assert cosine > 0.95, cosine
+
+
+def test_muon_steps_vectors_exactly_as_adamw_does():
+    """The groups Muon leaves to AdamW get torch's AdamW step, to rounding."""
+    torch.manual_seed(0)
+    first = torch.nn.Parameter(torch.randn(10))
+    second = torch.nn.Parameter(first.detach().clone())
+    mine = gpt.Muon([{"params": [first], "weight_decay": 0.1}], lr=1e-2, betas=(0.8, 0.99))
+    theirs = torch.optim.AdamW([second], lr=1e-2, betas=(0.8, 0.99), eps=1e-8,
+                               weight_decay=0.1)
+    for step in range(3):
+        gradient = torch.randn(10)
+        first.grad, second.grad = gradient.clone(), gradient.clone()
+        mine.step()
+        theirs.step()
+    assert torch.allclose(first, second, atol=1e-7, rtol=0)
+
+
+def test_muon_trains_and_resumes_exactly(corpus, tmp_path):
+    """With --optimizer muon: 4 steps straight = 2, save, resume, 2 more (the momentum
+    is in the checkpoint); and the loss falls. Resuming with the other optimiser is
+    refused in one sentence."""
+    muon = ["--optimizer", "muon", "--lr-decay-iters", "4"]
+    straight = train(corpus, tmp_path / "straight", "--max-iters", "4", *muon)
+    train(corpus, tmp_path / "halves", "--max-iters", "2", *muon)
+    train(corpus, tmp_path / "halves", "--max-iters", "4", *muon, "--resume")
+    expected, got = load_state(tmp_path / "straight"), load_state(tmp_path / "halves")
+    for name in expected["model"]:
+        assert torch.equal(expected["model"][name], got["model"][name]), name
+    assert any("momentum" in state for state in got["optimizer"]["state"].values())
+    assert straight["val_loss"] < math.log(320)
+    assert_clean_error(run_chapter("13_gpt", *TINY, "--data", corpus, "--out",
+                                   tmp_path / "halves", "--resume", "--max-iters", "5",
+                                   cwd=tmp_path), "optimizer")
+
+
 def test_resume_continues_exactly(corpus, tmp_path):
     """4 steps straight = 2 steps, save, resume, 2 more steps: identical weights and
     optimiser state (the schedule spans 4 steps in both). With dropout, so the random
