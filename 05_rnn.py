@@ -389,6 +389,18 @@ def mae(predictions, targets):
     return float(np.mean(np.abs(predictions - targets)))
 
 
+def least_squares(inputs, targets):
+    """The exact MSE-minimising linear model, as a list of one (weight, bias) pair."""
+    # At the lowest point of the bowl every gradient is zero. With X the inputs
+    # plus a column of ones and w the weights plus the bias, the gradient of the
+    # MSE is (2/n) X.T @ (X @ w - t), so the best w solves X.T @ X @ w = X.T @ t.
+    # lstsq finds that w without forming X.T @ X, which would square the rounding
+    # errors.
+    with_ones = np.hstack([inputs, np.ones((len(inputs), 1))])
+    solution = np.linalg.lstsq(with_ones, targets, rcond=None)[0]
+    return [(solution[:-1], solution[-1:])]
+
+
 def mse_grad(predictions, targets):
     """The gradient of `mse` with respect to each prediction: 2 (p - t) / n."""
     # exercise: the gradient of the MSE with respect to each prediction
@@ -590,9 +602,8 @@ if __name__ == "__main__":
     # Chapter 02's straight line, least squares on the last day of each window (with a
     # column of ones for the bias), fitted on the training windows: the yardstick every
     # weather chapter reports beside its own figure.
-    last_day = lambda windows: np.column_stack([windows[:, -1], np.ones(len(windows))])
-    line = np.linalg.lstsq(last_day(train_inputs), train_targets, rcond=None)[0]
-    closed_form_mae = mae(last_day(test_inputs) @ line, test_targets)
+    [(weight, bias)] = least_squares(train_inputs[:, -1], train_targets)
+    closed_form_mae = mae(test_inputs[:, -1] @ weight + bias, test_targets)
     print(f"test MAE of 'tomorrow = today': {persistence_mae:.2f} °F; of least squares "
           f"on the last day: {closed_form_mae:.2f} °F")
 

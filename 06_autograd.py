@@ -1115,6 +1115,18 @@ def mae(predictions, targets):
     return float(np.mean(np.abs(predictions - targets)))
 
 
+def least_squares(inputs, targets):
+    """The exact MSE-minimising linear model, as a list of one (weight, bias) pair."""
+    # At the lowest point of the bowl every gradient is zero. With X the inputs
+    # plus a column of ones and w the weights plus the bias, the gradient of the
+    # MSE is (2/n) X.T @ (X @ w - t), so the best w solves X.T @ X @ w = X.T @ t.
+    # lstsq finds that w without forming X.T @ X, which would square the rounding
+    # errors.
+    with_ones = np.hstack([inputs, np.ones((len(inputs), 1))])
+    solution = np.linalg.lstsq(with_ones, targets, rcond=None)[0]
+    return [(solution[:-1], solution[-1:])]
+
+
 def mse_grad(predictions, targets):
     """The gradient of `mse` with respect to each prediction: 2 (p - t) / n."""
     # exercise: the gradient of the MSE with respect to each prediction
@@ -1453,9 +1465,8 @@ if __name__ == "__main__":
         # networks' figures at the end: "tomorrow = today", and chapter 02's
         # least-squares line (a column of ones for the bias).
         persistence_mae = mae(test_raw[:, :1], test_targets)
-        with_ones = lambda rows: np.column_stack([rows, np.ones(len(rows))])
-        line = np.linalg.lstsq(with_ones(train_inputs), train_targets, rcond=None)[0]
-        closed_form_mae = mae(with_ones(test_inputs) @ line, test_targets)
+        [(weight, bias)] = least_squares(train_inputs, train_targets)
+        closed_form_mae = mae(test_inputs @ weight + bias, test_targets)
         figures.update(persistence_mae=round(persistence_mae, 3),
                        closed_form_mae=round(closed_form_mae, 3))
         splits = split_data(*make_sequences(table, ARGS.window))

@@ -363,6 +363,18 @@ def mae(predictions, targets):
     return float(np.mean(np.abs(predictions - targets)))
 
 
+def least_squares(inputs, targets):
+    """The exact MSE-minimising linear model, as a list of one (weight, bias) pair."""
+    # At the lowest point of the bowl every gradient is zero. With X the inputs
+    # plus a column of ones and w the weights plus the bias, the gradient of the
+    # MSE is (2/n) X.T @ (X @ w - t), so the best w solves X.T @ X @ w = X.T @ t.
+    # lstsq finds that w without forming X.T @ X, which would square the rounding
+    # errors.
+    with_ones = np.hstack([inputs, np.ones((len(inputs), 1))])
+    solution = np.linalg.lstsq(with_ones, targets, rcond=None)[0]
+    return [(solution[:-1], solution[-1:])]
+
+
 def standardise(train, *others):
     """Scale every column of `train` to mean 0 and standard deviation 1, and apply the
     same shift and scale (measured on `train` only) to each array in `others`.
@@ -619,9 +631,9 @@ if __name__ == "__main__":
     (train_rows, train_scaled), _, (test_rows, test_scaled) = data[:3]
     test_truth = test_scaled * target_spread + target_mean
     persistence_mae = mae(split_data(today[:, None], today[:, None])[2][0], test_truth)
-    last_day = lambda rows: np.column_stack([rows[:, -3:], np.ones(len(rows))])
-    line = np.linalg.lstsq(last_day(train_rows), train_scaled, rcond=None)[0]
-    closed_form_mae = mae(last_day(test_rows) @ line * target_spread + target_mean, test_truth)
+    [(weight, bias)] = least_squares(train_rows[:, -3:], train_scaled)
+    closed_form_mae = mae((test_rows[:, -3:] @ weight + bias) * target_spread + target_mean,
+                          test_truth)
     print(f"test MAE of 'tomorrow = today': {persistence_mae:.2f} °F; of least squares on "
           f"the last day: {closed_form_mae:.2f} °F")
 
