@@ -298,7 +298,9 @@ PRESETS = {
 # What a preset leaves unset.
 DEFAULTS = dict(micro_batch=None, time_budget=None, lr_decay_iters=None, weight_decay=0.1,
                 grad_clip=1.0, dropout=0.0, num_tokens=200, patience=0, beta1=0.9,
-                optimizer="adamw",
+                optimizer="adamw", relu2=False, qk_norm=False, softcap=0.0,
+                value_embeddings=False,
+                schedule="cosine", cooldown=0.4,
                 beta2=0.95, seed=0, out="out", kernels="auto", device="auto",
                 temperature=0.8, top_k=40, bench_iters=20)
 
@@ -326,6 +328,13 @@ FLAGS = [
     ("model", "--rope", "switch", "rotary positions instead of learned ones"),
     ("model", "--rmsnorm", "switch", "RMSNorm instead of LayerNorm"),
     ("model", "--swiglu", "switch", "SwiGLU MLP instead of GELU"),
+    ("model", "--relu2", "switch", "ReLU-squared MLP (4x wide, two matrices) instead of "
+                                   "GELU or SwiGLU"),
+    ("model", "--qk-norm", "switch", "RMS-normalise each head's queries and keys"),
+    ("model", "--softcap", float, "squash the logits into (-S, S) with S tanh(z / S) "
+                                  "(0: off)"),
+    ("model", "--value-embeddings", "switch", "a token embedding per block, added to its "
+                                              "attention's values"),
     ("model", "--bias", "switch", "biases in linear layers and LayerNorm (GPT-2 has them)"),
     ("model", "--kernels", ["auto", "triton", "torch"],
      "attention, norms, activations and loss from chapter 12's Triton kernels or from "
@@ -345,6 +354,10 @@ FLAGS = [
     ("training", "--warmup-iters", int, "steps of linear warm-up"),
     ("training", "--lr-decay-iters", int, "steps over which the cosine decays (default "
                                           "--max-iters)"),
+    ("training", "--schedule", ["cosine", "wsd"],
+     "learning rate after warm-up: cosine down to a tenth, or wsd: constant, then a "
+     "linear decay to zero over the last --cooldown of the run"),
+    ("training", "--cooldown", float, "wsd's share of the run spent decaying (default 0.4)"),
     ("training", "--optimizer", ["adamw", "muon"], "adamw (default), or Muon for the "
                                                    "blocks' matrices and AdamW for the rest"),
     ("training", "--weight-decay", float, "AdamW weight decay (matrices)"),
@@ -436,7 +449,7 @@ def check_args(args):
         ("n_layer n_head n_embd block_size batch_size eval_interval eval_tokens log_interval "
          "lr_decay_iters bench_iters learning_rate grad_clip temperature",
          lambda value: value > 0, "must be positive"),
-        ("max_iters warmup_iters num_tokens top_k weight_decay patience",
+        ("max_iters warmup_iters num_tokens top_k weight_decay patience softcap",
          lambda value: value >= 0, "must not be negative"),
         ("beta1 beta2", lambda value: 0 <= value < 1, "must be in [0, 1)")]
     for names, test, must in ranges:
@@ -447,6 +460,8 @@ def check_args(args):
     if args.time_budget is not None and not args.time_budget >= 0:
         raise DataError(f"--time-budget must be a number of seconds (0: no limit), not "
                         f"{args.time_budget}")
+    if not 0 < args.cooldown <= 1:
+        raise DataError(f"--cooldown must be in (0, 1], not {args.cooldown}")
     if args.dropout is not None and not 0 <= args.dropout < 1:   # None: from the corpus
         raise DataError(f"--dropout must be in [0, 1), not {args.dropout}")
     if args.n_embd % args.n_head:
@@ -2360,6 +2375,26 @@ def flash_attention(q, k, v, causal=True, scale=None):
 #   GPU's tiles: 2,048 at GPT-2's width 768 (exactly 8 C^2), but 384 = 3 C at the cpu
 #   preset's width 128, so there the MLP costs 9 C^2 instead of 8 C^2.
 # * `bias=False`: no bias vectors in linear layers and norms; they help little.
+#
+# And three from the speed-runs that train GPT-2 small in minutes, off by default
+# (the README has what each one did here, at equal time over three seeds):
+#
+# * `relu2`: the MLP's non-linearity becomes max(0, x)^2, at GPT-2's 4x width with
+#   two matrices. Squared, the ReLU is smooth at 0 (its slope 2 max(0, x) has no
+#   jump) and still exactly zero for half of the inputs; one matrix fewer than
+#   SwiGLU makes a step cheaper.
+# * `qk_norm`: each head's queries and keys are divided by their root mean square
+#   before the scores, so every q has length sqrt(head_size), every k too, and a
+#   score q . k / sqrt(head_size) can never exceed sqrt(head_size). Without it, a
+#   high learning rate can grow q and k until the softmax puts all its weight on one
+#   position and its gradient vanishes.
+# * `softcap`: the logits z become S tanh(z / S): unchanged near 0, never beyond
+#   +-S. A logit can then only approach S, so the model cannot reach extreme
+#   confidence in a token and pay an unbounded loss when it is wrong.
+# * `value_embeddings`: each block gets a table of its own, one row per token, and
+#   adds the current token's row to the values its attention mixes. What a position
+#   passes on to later ones then need not survive the residual stream's layers: the
+#   token's identity reaches every block directly, for a lookup's cost (no multiply).
 
 
 # %%
@@ -2375,6 +2410,10 @@ class GPTConfig:
     rope: bool = False         # rotary positions instead of learned ones
     rmsnorm: bool = False      # RMSNorm instead of LayerNorm
     swiglu: bool = False       # SwiGLU MLP instead of GELU
+    relu2: bool = False        # ReLU-squared MLP instead of GELU or SwiGLU
+    qk_norm: bool = False      # RMS-normalised queries and keys
+    softcap: float = 0.0       # logits squashed into (-softcap, softcap); 0: off
+    value_embeddings: bool = False   # a token table per block, added to its values
     bias: bool = True          # biases in linear layers and LayerNorm
     dropout: float = 0.0
 
@@ -2385,6 +2424,8 @@ def model_config_from(args, vocab_size, dropout):
     return GPTConfig(vocab_size=vocab_size, block_size=args.block_size,
                      n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                      rope=args.rope, rmsnorm=args.rmsnorm, swiglu=args.swiglu,
+                     relu2=args.relu2, qk_norm=args.qk_norm, softcap=args.softcap,
+                     value_embeddings=args.value_embeddings,
                      bias=args.bias, dropout=dropout)
 
 
@@ -2471,21 +2512,26 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.n_head, self.n_embd = config.n_head, config.n_embd
+        self.n_head, self.n_embd, self.qk_norm = config.n_head, config.n_embd, config.qk_norm
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.proj.residual = True   # marks a projection into the residual stream (init)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, kernels, rope=None, cache=None):
+    def forward(self, x, kernels, rope=None, cache=None, value_embedding=None):
         """x (batch, time, width) -> the same shape. `rope` holds the (cos, sin)
         tables when positions are rotary; `cache` is this block's KV cache, a dict
-        that is filled on the first call and extended on each later one."""
+        that is filled on the first call and extended on each later one;
+        `value_embedding` (batch, time, width), when given, is added to the values."""
         batch, time_steps, width = x.shape
         q, k, v = self.qkv(x).split(width, dim=2)
+        if value_embedding is not None:
+            v = v + value_embedding
         # (batch, time, width) -> (batch, heads, time, head_size)
         q, k, v = (t.view(batch, time_steps, self.n_head, -1).transpose(1, 2)
                    for t in (q, k, v))
+        if self.qk_norm:   # every query and key of length sqrt(head_size): see above
+            q, k = F.rms_norm(q, (q.shape[-1],)), F.rms_norm(k, (k.shape[-1],))
         past = 0 if cache is None or cache.get("k") is None else cache["k"].shape[2]
         # Rotary positions turn queries and keys (never values) by the angles of their
         # absolute positions, which continue after the cached ones.
@@ -2512,12 +2558,12 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """The per-position feed-forward network: GELU (GPT-2) or SwiGLU."""
+    """The per-position feed-forward network: GELU (GPT-2), SwiGLU or ReLU squared."""
 
     def __init__(self, config):
         super().__init__()
-        self.swiglu = config.swiglu
-        if config.swiglu:
+        self.swiglu, self.relu2 = config.swiglu and not config.relu2, config.relu2
+        if self.swiglu:
             hidden = 64 * math.ceil(8 * config.n_embd / 3 / 64)
             self.up = nn.Linear(config.n_embd, 2 * hidden, bias=config.bias)  # gate, up
         else:
@@ -2530,7 +2576,9 @@ class MLP(nn.Module):
     def forward(self, x, kernels):
         """Widen, apply the non-linearity (or the gate), narrow back to the width."""
         h = self.up(x)
-        if self.swiglu:
+        if self.relu2:
+            h = F.relu(h).square()    # PyTorch's operations in both kernel sets
+        elif self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = kernels.swiglu(gate, up)
         else:
@@ -2547,8 +2595,8 @@ class Block(nn.Module):
         self.norm1, self.attention = Norm(config), CausalSelfAttention(config)
         self.norm2, self.mlp = Norm(config), MLP(config)
 
-    def forward(self, x, kernels, rope=None, cache=None):
-        x = x + self.attention(self.norm1(x, kernels), kernels, rope, cache)
+    def forward(self, x, kernels, rope=None, cache=None, value_embedding=None):
+        x = x + self.attention(self.norm1(x, kernels), kernels, rope, cache, value_embedding)
         return x + self.mlp(self.norm2(x, kernels), kernels)
 
 
@@ -2563,6 +2611,9 @@ class GPT(nn.Module):
                                    nn.Embedding(config.block_size, config.n_embd))
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.value_embeddings = (nn.ModuleList(nn.Embedding(config.vocab_size, config.n_embd)
+                                               for _ in self.blocks)
+                                 if config.value_embeddings else None)
         self.norm = Norm(config)
         if config.rope:
             cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head)
@@ -2607,9 +2658,13 @@ class GPT(nn.Module):
         rope = (self.rope_cos, self.rope_sin) if self.config.rope else None
         x = self.dropout(x)
         for index, block in enumerate(self.blocks):
-            x = block(x, self.kernels, rope, None if caches is None else caches[index])
+            value = (self.value_embeddings[index](idx)
+                     if self.value_embeddings is not None else None)
+            x = block(x, self.kernels, rope, None if caches is None else caches[index], value)
         x = self.norm(x, self.kernels)
         logits = F.linear(x, self.token_embedding.weight)   # tied output embedding
+        if self.config.softcap:
+            logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
         if targets is None:
             return logits, None
         loss = self.kernels.cross_entropy(logits.view(-1, logits.shape[-1]),
@@ -2692,10 +2747,13 @@ if __name__ == "__main__" and LOOK:
     for part, count in by_part.items():
         print(f"  {part:20s} {count:>12,}")
     mlp = look_model.blocks[0].mlp.down.in_features     # the hidden width H
-    per_block = 4 * width ** 2 + (3 if look_config.swiglu else 2) * width * mlp
+    matrices = 3 if look_model.blocks[0].mlp.swiglu else 2   # SwiGLU's gate is the third
+    per_block = 4 * width ** 2 + matrices * width * mlp
+    values = (f", L V C = {layers * TABLE_SIZE * width:,} for the value embeddings"
+              if look_config.value_embeddings else "")
     print(f"the formula: V C = {TABLE_SIZE * width:,} for the embedding, L (4 C^2 + "
-          f"{'3' if look_config.swiglu else '2'} C H) = {layers * per_block:,} for the "
-          f"blocks (H = {mlp}), the norms' gains and biases the rest")
+          f"{matrices} C H) = {layers * per_block:,} for the blocks (H = {mlp}){values}, "
+          f"the norms' gains and biases the rest")
     text = max(CORPUS["train"], key=len)
     window = torch.from_numpy(np.asarray(text[:ARGS.block_size + 1]).astype(np.int64))[None]
     with torch.no_grad():
@@ -2809,8 +2867,15 @@ def gather_from_ranks(value):
 #
 # It stays near the peak for a while (fast progress), then glides down; the last
 # stretch at a small learning rate averages out the noise of the mini-batches, which
-# is where much of the final improvement comes from. Schedules with a constant rate
-# and a short decay at the end work as well; the point is to end low.
+# is where much of the final improvement comes from.
+#
+# `--schedule wsd` (warm-up, stable, decay) keeps the peak until the last `cooldown`
+# of the run, then falls in a straight line to zero:
+#
+#     lr(p) = lr_max * min(1, (1 - p) / cooldown)
+#
+# Its stable part learns at full speed for longer, and its decay ends lower than the
+# cosine's tenth; the point of both is to end low.
 
 # %%
 def make_optimizer(model, learning_rate, weight_decay, device, beta1=0.9, beta2=0.95):
@@ -2915,12 +2980,15 @@ def make_muon(model, learning_rate, weight_decay, beta1=0.9, beta2=0.95):
 MUON_LR_SCALE = 5.0   # Muon's rate over AdamW's: 0.02 against the cpu preset's 4e-3
 
 
-def learning_rate_at(step, progress, peak, warmup_iters):
-    """Linear warm-up over `warmup_iters` steps, then cosine from `peak` to peak / 10
-    as `progress` goes from 0 to 1."""
+def learning_rate_at(step, progress, peak, warmup_iters, schedule="cosine", cooldown=0.4):
+    """Linear warm-up over `warmup_iters` steps, then, as `progress` goes from 0 to 1,
+    cosine from `peak` to peak / 10, or (`wsd`) `peak` until the last `cooldown` of
+    the run and a straight line down to 0 over it."""
     if step < warmup_iters:
         return peak * (step + 1) / warmup_iters
     progress = min(max(progress, 0.0), 1.0)
+    if schedule == "wsd":
+        return peak * min(1.0, (1 - progress) / cooldown)
     return peak / 10 + 0.5 * (peak - peak / 10) * (1 + math.cos(math.pi * progress))
 
 
@@ -3138,7 +3206,8 @@ def character_ladder(train_text, held_out):
 # `weights_only=True` accepts.
 CHECKPOINT_NAME = "ckpt.pt"
 # Settings that must match to resume: the model, the tokenizer, the batch geometry.
-RESUME_MUST_MATCH = ("tokenizer", "vocab_size", "batch_size", "seed", "optimizer")
+RESUME_MUST_MATCH = ("tokenizer", "vocab_size", "batch_size", "seed", "optimizer",
+                     "schedule", "cooldown")
 
 
 def save_checkpoint(path, state):
@@ -3178,7 +3247,8 @@ def load_checkpoint(path):
 
 def check_same_configuration(saved, current, path):
     """Refuse to resume a checkpoint whose model or data settings differ from now."""
-    pairs = [(f"model {key}", saved["model"].get(key), value)
+    model_defaults = asdict(GPTConfig())
+    pairs = [(f"model {key}", saved["model"].get(key, model_defaults[key]), value)
              for key, value in current["model"].items()]
     # A checkpoint older than a setting holds its default (all were AdamW's).
     pairs += [(key, saved.get(key, DEFAULTS.get(key)), current[key])
@@ -3244,11 +3314,13 @@ def peak_flops(device, override_tflops):
 
 
 def flops_per_token(model):
-    """6 N + 12 L C T: the training FLOPs for one token (N without position table)."""
+    """6 N + 12 L C T: the training FLOPs for one token (N without the tables that are
+    only looked up: positions and value embeddings)."""
     config = model.config
     parameters = sum(p.numel() for p in model.parameters())
-    if model.position_embedding is not None:
-        parameters -= model.position_embedding.weight.numel()
+    for table in (model.position_embedding, model.value_embeddings):
+        if table is not None:
+            parameters -= sum(p.numel() for p in table.parameters())
     return 6 * parameters + 12 * config.n_layer * config.n_embd * config.block_size
 
 
@@ -3430,7 +3502,8 @@ def read_and_check(args, place):
     config = {"model": asdict(model_config), "tokenizer": args.tokenizer,
               "vocab_size": vocab_size, "batch_size": args.batch_size, "seed": args.seed,
               "learning_rate": args.learning_rate, "beta1": args.beta1, "beta2": args.beta2,
-              "optimizer": args.optimizer,
+              "optimizer": args.optimizer, "schedule": args.schedule,
+              "cooldown": args.cooldown,
               "warmup_iters": args.warmup_iters, "weight_decay": args.weight_decay,
               "grad_clip": args.grad_clip, "data": corpus["source"]}
     if checkpoint:
@@ -3621,7 +3694,8 @@ def train(args, run, progress):
         fraction = progress.step / args.lr_decay_iters
         if args.time_budget:
             fraction = max(fraction, progress.elapsed() / args.time_budget)
-        lr = learning_rate_at(progress.step, fraction, args.learning_rate, args.warmup_iters)
+        lr = learning_rate_at(progress.step, fraction, args.learning_rate, args.warmup_iters,
+                              args.schedule, args.cooldown)
         for group in run.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         # One optimiser step over `batch_size` windows: each rank takes its share of

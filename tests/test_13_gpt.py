@@ -96,11 +96,18 @@ def torchrun(out, *args):
 
 def test_two_processes_match_one_with_the_same_global_batch(corpus, tmp_path):
     """torchrun with 2 gloo processes of 2 windows each = 1 process of 4 windows, and =
-    1 process with 2 micro-batches of 2 (gradient accumulation)."""
+    1 process with 2 micro-batches of 2 (gradient accumulation); with AdamW and with
+    Muon (which orthogonalises the gradient that DDP has averaged)."""
     # "auto" and offline: rank 0 alone decides (and says) that GPT-2's tokenizer is out
     # of reach, trains the BPE and hands it to rank 1.
     steps = ["--max-iters", "3", "--tokenizer", "auto"]
-    (ddp,) = run_many([torchrun(tmp_path / "ddp", "--data", corpus, *steps)])
+    muon = [*steps, "--optimizer", "muon"]
+    ddp, ddp_muon = run_many([torchrun(tmp_path / "ddp", "--data", corpus, *steps),
+                              torchrun(tmp_path / "ddp_muon", "--data", corpus, *muon)])
+    assert ddp_muon.returncode == 0, ddp_muon
+    train(corpus, tmp_path / "single_muon", *muon)
+    assert_same_weights(load_state(tmp_path / "ddp_muon")["model"],
+                        load_state(tmp_path / "single_muon")["model"], 1e-5)
     single = train(corpus, tmp_path / "single", *steps)
     accumulated = train(corpus, tmp_path / "accumulated", *steps, "--micro-batch", "2")
     assert ddp.returncode == 0, ddp
@@ -273,6 +280,8 @@ def test_a_job_restarted_by_torchrun_resumes_by_itself(corpus, tmp_path, monkeyp
     dict(bias=False),                                    # LayerNorm without a bias
     dict(rope=True, rmsnorm=True, swiglu=True, bias=False),         # the upgrades
     dict(rope=True, rmsnorm=True, swiglu=False, bias=True),  # RMSNorm, biased layers
+    dict(rope=True, rmsnorm=True, relu2=True, qk_norm=True, softcap=15.0, bias=False,
+         value_embeddings=True),
 ])
 def test_triton_kernels_match_pytorch_loss_and_every_gradient(switches):
     """The same tiny model on chapter 12's kernels (Triton's interpreter on the CPU) and
@@ -306,8 +315,11 @@ def test_triton_kernels_match_pytorch_loss_and_every_gradient(switches):
 
 @pytest.mark.parametrize("rope", [False, True])
 def test_kv_cache_gives_the_same_logits_as_a_full_pass(rope):
+    # With rotary positions, also the speed-run switches: QK-norm, ReLU^2, soft-capping.
     config = gpt.GPTConfig(vocab_size=50, block_size=12, n_layer=2, n_head=2, n_embd=16,
-                           rope=rope, rmsnorm=rope, swiglu=rope, bias=not rope)
+                           rope=rope, rmsnorm=rope, swiglu=rope, bias=not rope,
+                           qk_norm=rope, relu2=rope, softcap=10.0 if rope else 0.0,
+                           value_embeddings=rope)
     torch.manual_seed(1)
     model = gpt.GPT(config).eval()
     tokens = torch.randint(0, 50, (1, 12))
@@ -621,3 +633,111 @@ def test_without_matplotlib_the_losses_are_printed_as_a_table(corpus, tmp_path, 
     printed = capsys.readouterr().out
     assert "matplotlib is not installed; validation loss by step" in printed
     assert not list(tmp_path.glob("*.png"))
+
+
+# --- the speed-run switches ------------------------------------------------------------
+
+def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys():
+    """With --qk-norm, multiplying the query and key weights by 10 changes nothing (each
+    head's q and k are brought to unit root mean square); without it, it changes the
+    output."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 32)
+    outputs = {}
+    for qk_norm in (True, False):
+        config = gpt.GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=32,
+                               qk_norm=qk_norm, bias=False, rope=True)
+        attention = gpt.CausalSelfAttention(config)
+        tables = gpt.rope_tables(8, 16)
+        before = attention(x, gpt.TorchKernels, tables)
+        with torch.no_grad():
+            attention.qkv.weight[:64] *= 10       # the query and key rows of qkv
+        outputs[qk_norm] = (before, attention(x, gpt.TorchKernels, tables))
+    assert torch.allclose(*outputs[True], atol=1e-5)
+    assert not torch.allclose(*outputs[False], atol=1e-2)
+
+
+def test_relu2_mlp_is_two_matrices_and_a_squared_relu():
+    config = gpt.GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16,
+                           relu2=True, swiglu=True, bias=False)     # relu2 wins over swiglu
+    mlp = gpt.MLP(config)
+    assert mlp.up.weight.shape == (64, 16) and mlp.down.weight.shape == (16, 64)
+    x = torch.randn(3, 16)
+    expected = torch.clamp(x @ mlp.up.weight.T, min=0) ** 2 @ mlp.down.weight.T
+    assert torch.allclose(mlp(x, gpt.TorchKernels), expected, atol=1e-5)
+
+
+def test_softcap_bounds_the_logits_and_leaves_small_ones_alone():
+    torch.manual_seed(0)
+    config = gpt.GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16,
+                           bias=False)
+    plain = gpt.GPT(config)
+    with torch.no_grad():
+        plain.token_embedding.weight.mul_(40)     # logits far beyond the cap
+    capped = copy.deepcopy(plain)
+    capped.config = gpt.GPTConfig(**{**gpt.asdict(config), "softcap": 5.0})
+    tokens = torch.randint(0, 50, (2, 8))
+    raw, _ = plain(tokens)
+    squashed, _ = capped(tokens)
+    assert raw.abs().max() > 20 and squashed.abs().max() <= 5.0
+    assert torch.allclose(squashed, 5.0 * torch.tanh(raw / 5.0), atol=1e-4)
+    small = raw.abs() < 0.5
+    assert torch.allclose(squashed[small], raw[small], atol=0.01)
+
+
+def test_value_embeddings_reach_the_values_and_start_from_the_plain_model():
+    """Zeroed value tables give exactly the model without them; trained (non-zero)
+    ones change the logits. They are lookups: not counted in the FLOPs per token."""
+    torch.manual_seed(0)
+    config = gpt.GPTConfig(vocab_size=50, block_size=8, n_layer=2, n_head=2, n_embd=16,
+                           bias=False, rope=True)
+    plain = gpt.GPT(config)
+    with_tables = gpt.GPT(gpt.GPTConfig(**{**gpt.asdict(config), "value_embeddings": True}))
+    missing, _ = with_tables.load_state_dict(plain.state_dict(), strict=False)
+    assert missing and all(name.startswith("value_embeddings.") for name in missing)
+    assert gpt.flops_per_token(with_tables) == gpt.flops_per_token(plain)
+    tokens = torch.randint(0, 50, (2, 8))
+    with torch.no_grad():
+        for table in with_tables.value_embeddings:
+            table.weight.zero_()
+        assert torch.allclose(with_tables(tokens)[0], plain(tokens)[0], atol=1e-6)
+        with_tables.value_embeddings[1].weight.normal_()
+        assert not torch.allclose(with_tables(tokens)[0], plain(tokens)[0], atol=1e-3)
+
+
+def test_wsd_holds_the_peak_then_falls_in_a_line_to_zero():
+    rate = gpt.learning_rate_at
+    assert rate(0, 0.0, 1.0, 10, "wsd") == rate(0, 0.0, 1.0, 10) == 0.1     # warm-up alike
+    assert rate(50, 0.3, 1.0, 10, "wsd", 0.4) == 1.0
+    assert rate(50, 0.6, 1.0, 10, "wsd", 0.4) == 1.0
+    assert math.isclose(rate(50, 0.8, 1.0, 10, "wsd", 0.4), 0.5)
+    assert rate(50, 1.0, 1.0, 10, "wsd", 0.4) == 0.0
+    assert math.isclose(rate(50, 1.0, 1.0, 10), 0.1)                 # the cosine ends at a tenth
+
+
+def test_switches_train_resume_exactly_and_must_match_on_resume(corpus, tmp_path):
+    """The speed-run switches and the wsd schedule: 2 + 2 steps with a resume equal 4
+    straight; a resume with the schedule or a switch changed is refused; a checkpoint
+    written before a switch existed resumes as its default."""
+    switches = ["--relu2", "--qk-norm", "--softcap", "15", "--value-embeddings",
+                "--schedule", "wsd", "--lr-decay-iters", "4"]
+    train(corpus, tmp_path / "straight", "--max-iters", "4", *switches)
+    train(corpus, tmp_path / "halves", "--max-iters", "2", *switches)
+    train(corpus, tmp_path / "halves", "--max-iters", "4", *switches, "--resume")
+    expected, got = load_state(tmp_path / "straight"), load_state(tmp_path / "halves")
+    for name in expected["model"]:
+        assert torch.equal(expected["model"][name], got["model"][name]), name
+    for changed, word in ((["--schedule", "cosine"], "schedule"), (["--no-qk-norm"], "qk_norm")):
+        without = [flag for flag in switches if flag not in ("--qk-norm",)] \
+            if word == "qk_norm" else switches
+        assert_clean_error(run_chapter("13_gpt", *TINY, "--data", corpus, "--out",
+                                       tmp_path / "halves", "--resume", "--max-iters", "5",
+                                       *without, *changed, cwd=tmp_path), word)
+    old = copy.deepcopy(expected["config"])
+    for key in ("relu2", "qk_norm", "softcap", "value_embeddings"):
+        del old["model"][key]
+    del old["schedule"], old["cooldown"]
+    current = copy.deepcopy(old)
+    current["model"].update(relu2=False, qk_norm=False, softcap=0.0, value_embeddings=False)
+    current.update(schedule="cosine", cooldown=0.4)
+    gpt.check_same_configuration(old, current, "ckpt.pt")     # no error: the defaults
