@@ -623,6 +623,7 @@ def test_betas_reach_adamw():
     cpu, gpt2 = gpt.parse_args(["--preset", "cpu"]), gpt.parse_args(["--preset", "gpt2"])
     assert (cpu.beta1, cpu.beta2) == (0.8, 0.99)
     assert (gpt2.beta1, gpt2.beta2) == (0.9, 0.95)
+    assert (cpu.schedule, gpt2.schedule) == ("wsd", "cosine")   # measured on the cpu preset only
     assert gpt.parse_args(["--preset", "cpu", "--beta1", "0.85"]).beta1 == 0.85
 
 
