@@ -267,7 +267,7 @@ def chapter_argv():
 #   is `wsd`, the peak rate held until the last 40% of the run and then a straight
 #   line to zero: it beat the cosine on every one of five seeds but one (a tie), by
 #   0.027 bits per byte on average, at equal time on plays that are not the
-#   evaluation text.
+#   evaluation text (on the evaluation plays the two were within noise).
 # * `gpu` (the default with a GPU): a 6-layer, width-384 model trained for up to 5
 #   minutes, with dropout 0.2 and `--patience 3`, since 10M parameters memorise a 1 MB
 #   corpus in well under a minute on a modern GPU.
