@@ -33,12 +33,15 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-# A tiny model and a short run: 2 layers, width 32, context 16, 4 windows a step.
+# A tiny model and a short run: 2 layers, width 32, context 16, 4 windows a step. In
+# float32, whatever the CPU: the comparisons below go to the last bits, which
+# bfloat16's rounding (the default on CPUs with AMX) would blur; the bfloat16 path has
+# tests of its own, with tolerances of its size.
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16",
         "--batch-size", "4", "--tokenizer", "bpe", "--vocab-size", "300",
         "--eval-interval", "1000", "--eval-tokens", "256", "--log-interval", "1",
         "--num-tokens", "5", "--warmup-iters", "2", "--learning-rate", "3e-3",
-        "--dropout", "0"]
+        "--dropout", "0", "--precision", "float32"]
 
 
 @pytest.fixture(scope="module")
@@ -396,6 +399,73 @@ def test_on_a_gpu_triton_and_pytorch_kernels_train_alike_under_bf16(corpus, tmp_
     for figure in figures[1:]:
         assert figure["val_loss"] == pytest.approx(figures[0]["val_loss"], abs=5e-3)
     assert start - figures[0]["val_loss"] > 0.1
+
+
+# --- precision ----------------------------------------------------------------------
+
+def test_precision_auto_is_bfloat16_only_where_the_chip_multiplies_it(tmp_path, monkeypatch):
+    """AMX in /proc/cpuinfo's flags (not AVX-512's bf16 instructions alone) makes auto
+    bfloat16 on a CPU with PyTorch's kernels; Triton's interpreter keeps float32 and
+    refuses bfloat16 with a clear error; an explicit choice is kept."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n")
+    assert gpt.cpu_has_amx(cpuinfo)
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n")
+    assert not gpt.cpu_has_amx(cpuinfo)
+    assert not gpt.cpu_has_amx(tmp_path / "missing")
+    cpu = torch.device("cpu")
+    for amx, auto in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(gpt, "cpu_has_amx", lambda: amx)
+        assert gpt.choose_precision("auto", cpu, gpt.TorchKernels) == auto
+        assert gpt.choose_precision("auto", cpu, gpt.TritonKernels) == "float32"
+        for explicit in ("float32", "bfloat16"):
+            assert gpt.choose_precision(explicit, cpu, gpt.TorchKernels) == explicit
+    with pytest.raises(gpt.DataError, match="needs a GPU"):
+        gpt.choose_precision("bfloat16", cpu, gpt.TritonKernels)
+
+
+def test_on_a_cpu_bfloat16_queries_and_keys_are_attended_in_float32():
+    """PyTorch's bfloat16 attention is the slower one on a CPU: the kernel set widens
+    the inputs and gives float32 attention's result, under autocast too."""
+    q, k, v = torch.randn(3, 2, 2, 12, 8).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = gpt.TorchKernels.attention(q, k, v)
+    expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(),
+                                                                v.float(), is_causal=True)
+    assert output.dtype == torch.float32
+    assert torch.allclose(output, expected, atol=1e-6)
+
+
+def test_bfloat16_on_the_cpu_learns_as_float32_does_resumes_exactly_and_runs_ddp(
+        corpus, tmp_path):
+    """`--precision bfloat16` on the CPU (what auto picks on a CPU with AMX): 20 steps
+    end where float32's end, to within bfloat16's rounding, far less than what the
+    steps moved the loss; resuming is bit-exact; 2 processes match 1 to within the
+    rounding of their differently split gradient sums."""
+    bfloat16 = ["--precision", "bfloat16"]
+    plain = train(corpus, tmp_path / "float32", "--max-iters", "20")
+    rounded = train(corpus, tmp_path / "bfloat16", "--max-iters", "20", *bfloat16)
+    assert (plain["precision"], rounded["precision"]) == ("float32", "bfloat16")
+    assert rounded["val_loss"] == pytest.approx(plain["val_loss"], abs=0.03)
+    assert math.log(320) - rounded["val_loss"] > 0.5
+    train(corpus, tmp_path / "straight", "--max-iters", "4", *bfloat16)
+    train(corpus, tmp_path / "halves", "--max-iters", "2", "--lr-decay-iters", "4", *bfloat16)
+    train(corpus, tmp_path / "halves", "--max-iters", "4", "--lr-decay-iters", "4", *bfloat16,
+          "--resume")
+    straight, resumed = load_state(tmp_path / "straight"), load_state(tmp_path / "halves")
+    for name in straight["model"]:
+        assert torch.equal(straight["model"][name], resumed["model"][name]), name
+    (ddp,) = run_many([torchrun(tmp_path / "ddp", "--data", corpus, "--max-iters", "3",
+                                *bfloat16)])
+    assert ddp.returncode == 0 and ddp.summary["precision"] == "bfloat16", ddp
+    train(corpus, tmp_path / "single", "--max-iters", "3", *bfloat16)
+    parallel, single = load_state(tmp_path / "ddp"), load_state(tmp_path / "single")
+    torch.manual_seed(0)                      # the weights both runs started from
+    start = gpt.GPT(gpt.GPTConfig(**single["config"]["model"])).state_dict()
+    for name, weight in single["model"].items():
+        moved = (weight - start[name]).norm().item()
+        gap = (parallel["model"][name] - weight).norm().item()
+        assert gap <= 0.05 * moved, name                 # measured: 1-2%
 
 
 # --- tokens -------------------------------------------------------------------------
