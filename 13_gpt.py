@@ -3301,8 +3301,8 @@ def check_same_configuration(saved, current, path):
 # float32 on a CPU, where PyTorch's bfloat16 attention is the slower one. Yet a fifth
 # more steps did not buy a better model: over three seeds in 85 s the bfloat16 runs
 # ended 0.01 bits per byte worse on the evaluation plays, and within noise of float32
-# on the tuning plays (README). The rounding of the gradients to 8 bits of mantissa
-# costs about what the extra steps give, at this size and this learning rate, so on a
+# on the tuning plays (README). Rounding every product to 8 bits of mantissa seems to
+# cost about what the extra steps give, at this size and this learning rate, so on a
 # CPU `--precision auto` stays with float32; on a GPU, where the products are most of
 # a step, bfloat16 is twice the speed and the trade is an easy one.
 #
