@@ -3541,6 +3541,19 @@ def join_processes(args):
     return place
 
 
+def leave_process_group(finished):
+    """Leave the process group, if this process joined one. After a `finished` run
+    every rank first waits for the others: rank 0 ends a run alone (the checkpoint,
+    the plot, the sample), and a rank that has left already, its connections closed,
+    can make gloo abort rank 0 on its way out. After an error, no waiting: the other
+    ranks may never come."""
+    if not dist.is_initialized():
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def settings(args, train_bytes):
     """The two settings that the cpu preset leaves to the corpus, resolved once for the
     run: (vocab_size, dropout), each the flag's (or the preset's) value when there is
@@ -3895,8 +3908,10 @@ def finish(args, run, progress, speed, started):
 
 def run_training(args, started):
     """Set up, train, finish; return the summary (None on ranks other than 0)."""
-    run = read_and_check(args, join_processes(args))   # every check, nothing written
+    place = join_processes(args)
+    finished = False
     try:
+        run = read_and_check(args, place)   # every check, nothing written
         run.model, run.optimizer, run.training_model = build_model(args, run.place,
                                                                    run.model_config)
         progress = restore(args, run) if run.checkpoint else Progress()
@@ -3910,10 +3925,11 @@ def run_training(args, started):
                  f"{run.place.precision}, device {run.place.device}, "
                  f"{run.place.world_size} process(es)")
         speed = train(args, run, progress)
-        return finish(args, run, progress, speed, started)
+        summary = finish(args, run, progress, speed, started)
+        finished = True
+        return summary
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_process_group(finished)
 
 
 # %% [markdown]
@@ -3965,6 +3981,7 @@ def run_bench(args, started):
     """`--bench`: tokens per second and MFU of training steps on random tokens, with
     the model, the optimiser and the processes set up as for training."""
     place = join_processes(args)
+    finished = False
     try:
         # No corpus to size the cpu preset's settings by: those of a large one.
         vocab_size, dropout = settings(args, SMALL_CORPUS_BYTES)
@@ -3997,23 +4014,22 @@ def run_bench(args, started):
         speed = args.bench_iters * args.batch_size * args.block_size / seconds
         peak = peak_flops(place.device, args.peak_tflops)
         mfu = flops_per_token(model) * speed / (peak * place.world_size) if peak else None
-        if place.rank != 0:
-            return None
         name = (torch.cuda.get_device_name(place.device) if place.device.type == "cuda"
                 else "CPU")
-        print(f"bench: {args.bench_iters} steps of {args.batch_size * args.block_size:,} "
-              f"tokens on {place.world_size} x {name}, kernels {place.kernels.name}, "
-              f"{place.precision}: {speed:,.0f} tokens/s, MFU "
-              f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'}")
-        return {"chapter": CHAPTER, "tokens_per_second": round(speed),
+        if place.rank == 0:
+            print(f"bench: {args.bench_iters} steps of {args.batch_size * args.block_size:,} "
+                  f"tokens on {place.world_size} x {name}, kernels {place.kernels.name}, "
+                  f"{place.precision}: {speed:,.0f} tokens/s, MFU "
+                  f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'}")
+        finished = True
+        return None if place.rank else {"chapter": CHAPTER, "tokens_per_second": round(speed),
                 "mfu": None if mfu is None else round(mfu, 4), "iterations": args.bench_iters,
                 "parameters": sum(p.numel() for p in model.parameters()), "device": name,
                 "world_size": place.world_size, "kernels": place.kernels.name,
                 "precision": place.precision,
                 "seconds": round(time.perf_counter() - started, 1)}
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_process_group(finished)
 
 
 # Five warm-up steps; what `--preset gpt2 --bench` reaches on an H100 is in the README.

@@ -150,6 +150,32 @@ def test_with_dropout_ranks_draw_their_own_masks_and_a_ddp_run_resumes_exactly(c
     assert expected["last_eval"]["val_loss"] == got["last_eval"]["val_loss"]
 
 
+def test_a_finished_run_waits_for_every_rank_before_leaving_the_group(corpus, tmp_path,
+                                                                    monkeypatch):
+    """Rank 0 ends a run alone (checkpoint, plot, sample): the other ranks must wait at a
+    barrier before the group is torn down, or a rank that left early can make gloo
+    abort rank 0. After an error nobody waits (the other ranks may never come)."""
+    calls = []
+    monkeypatch.setattr(gpt.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(gpt.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(gpt.dist, "destroy_process_group", lambda: calls.append("leave"))
+    gpt.leave_process_group(True)
+    gpt.leave_process_group(False)
+    assert calls == ["barrier", "leave", "leave"]
+    monkeypatch.undo()
+    left = []
+    monkeypatch.setattr(gpt, "leave_process_group", left.append)
+    train(corpus, tmp_path / "finished", "--max-iters", "1")
+    gpt.main(["--bench", "--bench-iters", "1", *TINY])
+    with pytest.raises(gpt.DataError):
+        train(corpus, tmp_path / "finished", "--max-iters", "1", "--resume",
+              "--batch-size", "8")              # another configuration: refused
+    monkeypatch.setattr(gpt, "train", lambda *args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        train(corpus, tmp_path / "broken", "--max-iters", "1")
+    assert left == [True, True, False, False]
+
+
 def test_the_gpt2_preset_trains_evaluates_resumes_and_samples_in_micro_batches(tmp_path,
                                                                               monkeypatch):
     """GPT-2's batch geometry (512 windows of 1,024 tokens a step, micro-batches of 32)
