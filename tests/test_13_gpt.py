@@ -67,8 +67,9 @@ def assert_same_weights(first, second, atol):
 def run_many(commands, env=None):
     """Start several command lines at once (they mostly wait on imports) and return a
     ChapterRun for each, in order. Each command is (argv, cwd, extra environment)."""
+    # PYTHONFAULTHANDLER: a process that dies of a signal prints its Python stack.
     full_env = {**os.environ, **OFFLINE_ENV, "PYTHONHASHSEED": "0",
-                "OMP_NUM_THREADS": "1", **(env or {})}
+                "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env or {})}
     processes = [subprocess.Popen(argv, cwd=cwd, env={**full_env, **extra_env},
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for argv, cwd, extra_env in commands]
