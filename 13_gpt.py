@@ -3450,7 +3450,8 @@ def apply_step(optimizer, step, grad_norm, out_path):
 #    evaluate and save now and then, until `max_iters` steps or `time_budget` seconds,
 #    or until `--patience` runs out.
 # 3. The end, `finish`: a full evaluation, a final checkpoint, the unigram baseline
-#    and the text scoreboard, the plot, a sample, and the summary line.
+#    and the text scoreboard, the plot, a sample, and the summary line. Rank 0 does
+#    the last five alone while the other ranks wait for it (`leave_process_group`).
 #
 # What changes while the run goes is in one small object, `Progress`: the step, the
 # tokens seen, the time spent, the history of losses, and, with `--patience`, the
