@@ -2414,6 +2414,11 @@ def flash_attention(q, k, v, causal=True, scale=None):
 #   adds the current token's row to the values its attention mixes. What a position
 #   passes on to later ones then need not survive the residual stream's layers: the
 #   token's identity reaches every block directly, for a lookup's cost (no multiply).
+#
+# Three more from the speed-runs were tried here and left out, none better than the
+# noise (the README has the figures): skips that add the first blocks' outputs to the
+# last blocks' inputs, U-net fashion; a context that starts short and grows; and a
+# batch that starts small and grows.
 
 
 # %%
