@@ -4020,15 +4020,16 @@ def run_bench(args, started):
         speed = args.bench_iters * args.batch_size * args.block_size / seconds
         peak = peak_flops(place.device, args.peak_tflops)
         mfu = flops_per_token(model) * speed / (peak * place.world_size) if peak else None
+        finished = True                 # every rank has timed its steps
+        if place.rank != 0:
+            return None
         name = (torch.cuda.get_device_name(place.device) if place.device.type == "cuda"
                 else "CPU")
-        if place.rank == 0:
-            print(f"bench: {args.bench_iters} steps of {args.batch_size * args.block_size:,} "
-                  f"tokens on {place.world_size} x {name}, kernels {place.kernels.name}, "
-                  f"{place.precision}: {speed:,.0f} tokens/s, MFU "
-                  f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'}")
-        finished = True
-        return None if place.rank else {"chapter": CHAPTER, "tokens_per_second": round(speed),
+        print(f"bench: {args.bench_iters} steps of {args.batch_size * args.block_size:,} "
+              f"tokens on {place.world_size} x {name}, kernels {place.kernels.name}, "
+              f"{place.precision}: {speed:,.0f} tokens/s, MFU "
+              f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'}")
+        return {"chapter": CHAPTER, "tokens_per_second": round(speed),
                 "mfu": None if mfu is None else round(mfu, 4), "iterations": args.bench_iters,
                 "parameters": sum(p.numel() for p in model.parameters()), "device": name,
                 "world_size": place.world_size, "kernels": place.kernels.name,
